@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _shared_data():
+    env = os.environ.get("SES_DATA")
+    for cand in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data"]:
+        if (cand / "cifar-10-batches-py").is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    """The real (shortened) data sets; tests that need them skip when they are absent."""
+    root = _shared_data()
+    if root is None:
+        pytest.skip("real data not found: set SES_DATA to a folder holding cifar-10-batches-py/ "
+                    "(CI uses ../shared/data)")
+    return root
