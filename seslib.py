@@ -7,19 +7,39 @@ Sections: utilities | SES | data | models | corruptions | train | results & repo
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
+import datetime
+import difflib
+import gc
+import importlib.util
 import json
 import math
 import os
+import pickle
+import platform
 import random
 import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm.auto import tqdm
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 # utilities
@@ -495,11 +515,3549 @@ class ActivationCollector:
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-# parts built in parallel: inlined here before landing
+# data
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-for _part in ("_wip_data_train", "_wip_corruptions", "_wip_runner"):
-    if (Path(__file__).with_name(_part + ".py")).exists():
-        exec(f"from {_part} import *")
+
+# Per-channel pixel statistics of each training set (in [0, 1] units, as torchvision Normalize).
+DATASETS = {
+    "cifar10": {"num_classes": 10, "img_size": 32, "folder": "cifar-10-batches-py",
+                "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
+    "cifar100": {"num_classes": 100, "img_size": 32, "folder": "cifar-100-python",
+                 "mean": (0.5071, 0.4867, 0.4408), "std": (0.2675, 0.2565, 0.2761)},
+    "tinyimagenet": {"num_classes": 200, "img_size": 64, "folder": "tiny-imagenet-200",
+                     "mean": (0.4802, 0.4481, 0.3975), "std": (0.2770, 0.2691, 0.2821)},
+}
+# files whose presence identifies each official layout
+_LAYOUT = {"cifar10": ("data_batch_1", "test_batch"), "cifar100": ("train", "test"),
+           "tinyimagenet": ("wnids.txt", "train", "val/val_annotations.txt")}
+_KAGGLE_HINT = {"cifar10": "a CIFAR-10 python-version dataset", "cifar100": "a CIFAR-100 python-version dataset",
+                "tinyimagenet": "a Tiny-ImageNet-200 dataset (the official tiny-imagenet-200/ folder)"}
+_IMG_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def dataset_info(name) -> dict:
+    """num_classes, img_size, mean, std (and the official folder name) of a known dataset."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return dict(DATASETS[name])
+
+
+def _has_layout(name, folder: Path) -> bool:
+    return all((folder / f).exists() for f in _LAYOUT[name])
+
+
+def _search(name, base: Path, max_depth: int):
+    """The folder under base (base/<official name>, base itself, then up to max_depth levels) with the layout."""
+    if not base.is_dir():
+        return None
+    for d in (base / DATASETS[name]["folder"], base):
+        if _has_layout(name, d):
+            return d
+    for dirpath, dirnames, _ in os.walk(base, followlinks=True):  # depth-capped, so link cycles end
+        dirnames.sort()
+        if _has_layout(name, Path(dirpath)):
+            return Path(dirpath)
+        if len(Path(dirpath).relative_to(base).parts) >= max_depth:
+            dirnames[:] = []
+    return None
+
+
+def _candidate_roots(root):
+    """(label, path, search depth) in resolution order: argument, SES_DATA, Kaggle inputs, ./data."""
+    cands = []
+    if root is not None:
+        cands.append(("data_root argument", Path(root).expanduser(), 2))
+    if os.environ.get("SES_DATA"):
+        cands.append(("SES_DATA", Path(os.environ["SES_DATA"]).expanduser(), 2))
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        cands.append(("Kaggle inputs", Path("/kaggle/input"), 4))  # attached datasets nest a level or two
+    cands.append(("./data", Path("data").resolve(), 2))
+    return cands
+
+
+def resolve_data_dir(name, root=None, download=True) -> Path:
+    """The folder holding `name`'s official layout, searched in order: root, $SES_DATA, /kaggle/input/**
+    (on Kaggle), ./data. CIFAR is downloaded with torchvision when found nowhere; otherwise a
+    FileNotFoundError names every place tried and how to provide the data. Never falls back to fake data."""
+    dataset_info(name)
+    tried = []
+    for label, base, depth in _candidate_roots(root):
+        found = _search(name, base, depth)
+        if found is not None:
+            return found
+        tried.append(f"{label}: {base}")
+    folder = DATASETS[name]["folder"]
+    how = (f"Provide it with SES_DATA=/path/holding/{folder}/ (or its parent), the data_root=... argument/"
+           f"notebook parameter, or on Kaggle by attaching {_KAGGLE_HINT[name]} to the notebook.")
+    if name in ("cifar10", "cifar100") and download:
+        target = Path(root).expanduser() if root is not None else Path("data").resolve()
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            for train in (True, False):
+                cls(root=str(target), train=train, download=True)
+        except Exception as e:  # no network, disk full, bad checksum...
+            raise FileNotFoundError(f"{name} not found in: {'; '.join(tried)}; downloading it into {target} "
+                                    f"failed ({type(e).__name__}: {e}). {how}") from e
+        if _has_layout(name, target / folder):
+            return target / folder
+        tried.append(f"download target: {target}")
+    raise FileNotFoundError(f"{name} ({folder}/) not found in: {'; '.join(tried)}. {how}")
+
+
+def _load_cifar(name, d: Path, split):
+    if name == "cifar10":
+        files, key = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]), "labels"
+    else:
+        files, key = (["train"] if split == "train" else ["test"]), "fine_labels"
+    xs, ys = [], []
+    for f in files:
+        if not (d / f).exists():
+            raise FileNotFoundError(f"{name}: {d / f} is missing (incomplete copy of {d.name}/?)")
+        with open(d / f, "rb") as fh:  # the official pickles, read directly: no md5 check on shortened copies
+            entry = pickle.load(fh, encoding="latin1")
+        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(entry[key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def tinyimagenet_classes(d) -> list:
+    """The wnids in class-index order: sorted, as torchvision ImageFolder (and Tiny-ImageNet-C folders) order them."""
+    return sorted(w.strip() for w in (Path(d) / "wnids.txt").read_text().split() if w.strip())
+
+
+def _decode_rgb(path):
+    # PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29 in favour of TorchCodec)
+    from PIL import Image
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # greyscale JPEGs -> 3 channels
+
+
+def _load_tinyimagenet(d: Path, split, subset=None):
+    wnids = tinyimagenet_classes(d)
+    index = {w: i for i, w in enumerate(wnids)}
+    if split == "train":
+        per_class = [sorted(p for p in (d / "train" / w / "images").glob("*") if p.suffix.lower() in _IMG_SUFFIXES)
+                     for w in wnids]
+        # round-robin over classes (1st image of every class, then the 2nd, ...): every prefix, e.g. a
+        # smoke subset or the erank batch, is class-balanced instead of holding class 0 only
+        order = sorted((j, c) for c, files in enumerate(per_class) for j in range(len(files)))
+        paths, labels = [per_class[c][j] for j, c in order], [c for _, c in order]
+    else:  # the labelled val split is the test set (the official test/ folder has no labels)
+        rows = [ln.split("\t") for ln in (d / "val" / "val_annotations.txt").read_text().splitlines() if ln.strip()]
+        paths = [d / "val" / "images" / r[0] for r in rows]
+        labels = [index[r[1]] for r in rows]
+    paths, labels = paths[:subset], labels[:subset]  # decode only what is used
+    if not paths:
+        raise FileNotFoundError(f"tinyimagenet: no {split} images under {d}")
+    # PIL releases the GIL while decoding: threads cut the ~100k-image train set's load time
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
+        imgs = list(ex.map(_decode_rgb, paths))
+    bad = [str(p) for p, im in zip(paths, imgs) if tuple(im.shape) != (3, 64, 64)]
+    if bad:
+        raise ValueError(f"tinyimagenet: {len(bad)} images are not 64x64, e.g. {bad[0]}")
+    return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_dataset(name, root=None, split="train", download=True, subset=None):
+    """(uint8 images [N, 3, H, W], int64 labels [N]) of cifar10 | cifar100 | tinyimagenet, split train | test
+    ("val" = "test" for Tiny-ImageNet, whose labelled val set is the test set); subset: the first n images.
+    Order: CIFAR as in the official batches; Tiny-ImageNet train round-robin over the classes (sorted wnids),
+    val as in val_annotations.txt. See resolve_data_dir for how root is found."""
+    dataset_info(name)
+    if subset is not None and (not isinstance(subset, int) or isinstance(subset, bool) or subset < 1):
+        raise ValueError(f"subset must be None or an int >= 1; got {subset!r}")
+    if split == "val" and name == "tinyimagenet":
+        split = "test"
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    d = resolve_data_dir(name, root, download)
+    if name == "tinyimagenet":
+        return _load_tinyimagenet(d, split, subset)
+    x, y = _load_cifar(name, d, split)
+    return x[:subset], y[:subset]
+
+
+def random_crop_flip(x, oy, ox, flip, pad=4):
+    """Per-sample random crop (zero padding, as torchvision RandomCrop(size, padding=pad)) + horizontal flip
+    of a uint8 batch [B, C, H, W], vectorised. oy, ox in [0, 2*pad]: crop offsets in the padded image;
+    flip: bool [B]. unfold makes a [B, C, 2p+1, 2p+1, H, W] view of every possible crop (no copy); one
+    advanced-indexing gather picks each sample's own (10x faster on CPU than gathering pixel indices)."""
+    B, C, H, W = x.shape
+    crops = F.pad(x, (pad, pad, pad, pad)).unfold(2, H, 1).unfold(3, W, 1)
+    out = crops[torch.arange(B, device=x.device), :, oy, ox]
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+class BatchRandAugment:
+    """RandAugment(num_ops, magnitude) drawn PER IMAGE for a uint8 batch [B, C, H, W], on its device.
+
+    torchvision's v2.RandAugment draws one op for a whole batched tensor, and calling it image by image is
+    a Python loop of B x num_ops small ops (slow: see bench/data_pipeline.py). Here each image draws its
+    own (op, sign) for every slot, exactly as v2.RandAugment does per call, and the images that drew the
+    same (op, sign) go through torchvision's own op implementation together (<= 23 calls per slot): same
+    ops, magnitudes and per-image distribution, far fewer launches. If this torchvision lacks the
+    (private) per-op entry point, it falls back to the per-image loop."""
+
+    def __init__(self, num_ops=2, magnitude=9):
+        from torchvision.transforms import v2
+        self.ra = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+        self.ops = list(self.ra._AUGMENTATION_SPACE.items())
+        self.signed = torch.tensor([int(signed) for _, (_, signed) in self.ops])
+        self.grouped = hasattr(self.ra, "_apply_image_or_video_transform")
+
+    def draw(self, n, generator):
+        """(op index, sign) per slot and image: two int tensors [num_ops, n] (CPU)."""
+        return (torch.randint(len(self.ops), (self.ra.num_ops, n), generator=generator),
+                torch.randint(2, (self.ra.num_ops, n), generator=generator))
+
+    def apply_op(self, x, k, negative=False):
+        """Op k of the RandAugment table at the set magnitude (negated if negative and the op is signed)."""
+        name, (mags_fn, signed) = self.ops[k]
+        mags = mags_fn(self.ra.num_magnitude_bins, x.shape[-2], x.shape[-1])
+        m = float(mags[self.ra.magnitude]) if mags is not None and mags.ndim > 0 else 0.0
+        m = -m if (signed and negative) else m
+        return self.ra._apply_image_or_video_transform(x, name, m, interpolation=self.ra.interpolation,
+                                                       fill=self.ra._fill)
+
+    def __call__(self, x, ops, signs):
+        if not self.grouped:  # per-image loop (torch's global RNG draws the ops then)
+            return torch.stack([self.ra(img) for img in x])
+        x = x.clone()
+        for slot in range(len(ops)):
+            key = ops[slot] * 2 + signs[slot] * self.signed[ops[slot]]  # unsigned ops ignore the sign
+            for g in key.unique().tolist():
+                idx = (key == g).nonzero().flatten().to(x.device)
+                x[idx] = self.apply_op(x.index_select(0, idx), g // 2, bool(g % 2))
+        return x
+
+
+class DeviceLoader:
+    """Batches from a uint8 dataset kept whole on the training device.
+
+    Per batch, on the device: random crop (pad 4, zero fill) + horizontal flip with per-sample randomness,
+    optional RandAugment(2, 9) drawn per image (BatchRandAugment), normalisation to float32. Every random
+    draw (shuffle, crops, flips, RandAugment ops) comes from one seeded CPU torch.Generator (identical on
+    every device, checkpointable via state_dict). Training: shuffled, drop_last; eval (train=False): in
+    order, no augmentation, last partial batch kept.
+
+    Ready for data parallelism: batch_size is the GLOBAL batch; with world_size > 1 each rank takes its
+    contiguous slice of every global batch of the shared permutation, and the augmentation draws are
+    made for the whole global batch, so the union over ranks equals the single-process batch.
+    """
+
+    def __init__(self, images, labels, batch_size, *, mean, std, device="cpu", train=True, augment="standard",
+                 pad=4, seed=0, max_steps=None, rank=0, world_size=1):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W]; got {images.dtype} {tuple(images.shape)}")
+        if augment not in ("standard", "randaugment", "none"):
+            raise ValueError(f"augment must be 'standard', 'randaugment' or 'none'; got {augment!r}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        self.device = torch.device(device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.batch_size, self.train, self.pad, self.max_steps = batch_size, train, pad, max_steps
+        self.augment = augment if train else "none"
+        self.rank, self.world_size = rank, world_size
+        m, s = (torch.tensor(v, device=self.device, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+        self.scale, self.bias = 1.0 / (255.0 * s), -m / s  # (x/255 - mean)/std = x * scale + bias
+        self.generator = torch.Generator().manual_seed(seed)
+        self._randaug = BatchRandAugment(2, 9) if self.augment == "randaugment" else None
+        if len(self) == 0:
+            raise ValueError(f"{len(images)} images give no full batch of {batch_size} (drop_last)")
+
+    def __len__(self):
+        n, b = len(self.images), self.batch_size
+        steps = n // b if self.train else -(-n // b)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def normalize(self, x_uint8):
+        return x_uint8.float().mul_(self.scale).add_(self.bias)  # in place: one pass less than (x - m) / s
+
+    def __iter__(self):
+        n, b = len(self.images), self.batch_size
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        for s in range(len(self)):
+            idx = order[s * b:(s + 1) * b]
+            if self.augment != "none":  # draws for the whole global batch, then sliced: rank-count invariant
+                off = torch.randint(0, 2 * self.pad + 1, (2, len(idx)), generator=self.generator)
+                flip = torch.rand(len(idx), generator=self.generator) < 0.5
+            if self._randaug is not None:
+                ra_ops, ra_signs = self._randaug.draw(len(idx), self.generator)
+            lo, hi = self.rank * len(idx) // self.world_size, (self.rank + 1) * len(idx) // self.world_size
+            sl = slice(lo, hi)
+            i = idx[sl].to(self.device, non_blocking=True)
+            x, y = self.images.index_select(0, i), self.labels.index_select(0, i)
+            if self.augment != "none":
+                x = random_crop_flip(x, off[0, sl].to(self.device), off[1, sl].to(self.device),
+                                     flip[sl].to(self.device), self.pad)
+            if self._randaug is not None:  # per-image op draws (v2.RandAugment on a batch would pick one op)
+                x = self._randaug(x, ra_ops[:, sl], ra_signs[:, sl])
+            yield self.normalize(x), y
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# models
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+
+MODELS = ("resnet18", "resnet50", "wrn28_10", "vit_tiny", "vit_small", "mlp_toy")
+CNN_MODELS = ("resnet18", "resnet50", "wrn28_10")
+VIT_MODELS = ("vit_tiny", "vit_small")
+
+
+class WideBasic(nn.Module):
+    """Pre-activation wide block (BN-ReLU-conv x2) as in the SES reference WRN (stride on conv2, 1x1 shortcut)."""
+
+    def __init__(self, in_planes, planes, stride=1, dropout=0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = self.dropout(self.conv1(F.relu(self.bn1(x))))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + self.shortcut(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k for CIFAR (Zagoruyko & Komodakis): 3 stages of (depth-4)/6 WideBasic blocks, 16/16k/32k/64k."""
+
+    def __init__(self, depth=28, widen_factor=10, num_classes=100, dropout=0.0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4; got {depth}")
+        n, k = (depth - 4) // 6, widen_factor
+        widths = [16, 16 * k, 32 * k, 64 * k]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.layer1 = self._stage(widths[0], widths[1], n, 1, dropout)
+        self.layer2 = self._stage(widths[1], widths[2], n, 2, dropout)
+        self.layer3 = self._stage(widths[2], widths[3], n, 2, dropout)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _stage(cin, cout, n, stride, dropout):
+        return nn.Sequential(*[WideBasic(cin if i == 0 else cout, cout, stride if i == 0 else 1, dropout)
+                               for i in range(n)])
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = self.avgpool(F.relu(self.bn1(x)))  # a real module call: SES hooks it ("blocks+pool")
+        return self.fc(torch.flatten(x, 1))
+
+
+class ToyMLP(nn.Module):
+    """The toy 2-D study's MLP: `depth` hidden layers of `width` units, each Linear + activation, then a head.
+    The paper only says "5-layer MLP (16 hidden neurons per layer)"; tanh (smooth, so the input Jacobian
+    and its condition number are well defined everywhere) is our choice, selectable."""
+
+    ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+
+    def __init__(self, in_dim=2, num_classes=3, width=16, depth=5, activation="tanh"):
+        super().__init__()
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {', '.join(self.ACTIVATIONS)}")
+        act = self.ACTIVATIONS[activation]
+        self.hidden = nn.ModuleList(nn.Sequential(nn.Linear(in_dim if i == 0 else width, width), act())
+                                    for i in range(depth))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        for layer in self.hidden:
+            x = layer(x)
+        return self.head(x)
+
+
+def _cifar_resnet(name, num_classes):
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # CIFAR stem
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _vit(name, num_classes, img_size):
+    from timm.models.vision_transformer import VisionTransformer
+    if img_size % 4:
+        raise ValueError(f"ViT patch size 4 needs img_size divisible by 4; got {img_size}")
+    dim, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6)}[name]
+    # the SES reference ViT/4: depth 12, mlp 4x, qkv bias, no dropout, stochastic depth 0.1, CLS-token head
+    return VisionTransformer(img_size=img_size, patch_size=4, num_classes=num_classes, embed_dim=dim, depth=12,
+                             num_heads=heads, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, drop_path_rate=0.1,
+                             global_pool="token")
+
+
+def _apply_spectral_norm(model):
+    from torch.nn.utils.parametrizations import spectral_norm as sn
+    for m in [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
+        sn(m)
+    return model
+
+
+def build_model(name, num_classes, img_size=32, spectral_norm=False):
+    """resnet18 | resnet50 (torchvision, CIFAR stem) | wrn28_10 | vit_tiny | vit_small (timm, patch 4) | mlp_toy.
+    spectral_norm=True wraps every Conv2d and Linear in torch.nn.utils.parametrizations.spectral_norm."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
+    if name in ("resnet18", "resnet50"):
+        model = _cifar_resnet(name, num_classes)
+    elif name == "wrn28_10":
+        model = WideResNet(depth=28, widen_factor=10, num_classes=num_classes)
+    elif name in VIT_MODELS:
+        model = _vit(name, num_classes, img_size)
+    else:
+        model = ToyMLP(num_classes=num_classes)
+    return _apply_spectral_norm(model) if spectral_norm else model
+
+
+def count_params(model, trainable_only=False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# train
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+
+ROBUSTNESS_PRESETS = ("all15", "paper5")
+# MultiStep milestones as fractions of the epochs: the reference's [20, 35, 45] of 50 (CIFAR) and
+# [25, 40, 52] of 60 (Tiny-ImageNet); gamma 0.2 as in every reference script.
+_MILESTONE_FRACTIONS = {"tinyimagenet": (25 / 60, 40 / 60, 52 / 60)}
+_DEFAULT_FRACTIONS = (0.4, 0.7, 0.9)
+
+_BASE_CONFIG = {
+    "model": "resnet18", "dataset": "cifar10", "data_root": None,
+    "epochs": 50, "batch_size": 256, "eval_batch_size": None,
+    "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "schedule": "multistep", "milestones": None, "lr_gamma": 0.2, "warmup_epochs": 0, "min_lr": 1e-5,
+    "grad_clip": None,
+    "seed": 42, "device": "auto", "amp": "auto",
+    "augment": "standard", "mix": "none", "mix_alpha": 1.0, "spectral_norm": False,
+    "ses": False, "ses_lambda": 0.01, "ses_beta": 0.7, "ses_beta_schedule": None,
+    "ses_layers": "auto", "ses_targets": ["block"], "ses_every_k": 1,
+    "ses_scope": "global", "sync_bn": None,  # multi-GPU (torchrun) only; see the "distributed" section
+    "drop_path": None,  # ViTs: stochastic-depth rate (None: the recipe's 0.1)
+    "erank_batch": 512,
+    "out_dir": None, "resume": False, "keep_checkpoint": True,
+    "train_subset": None, "test_subset": None, "max_steps_per_epoch": None, "val_split": 0.0,
+    "robustness": None, "robustness_severities": [1, 2, 3, 4, 5], "robustness_subset": None,
+    "log": "auto",
+}
+
+_CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("multistep", "cosine", "constant"),
+            "amp": ("auto", "fp16", "bf16", "off"), "augment": ("standard", "randaugment", "none"),
+            "mix": ("none", "mixup", "cutmix"), "log": ("auto", "tqdm", "plain", "none"),
+            "ses_scope": ("global", "local")}
+
+
+def default_config(model="resnet18", dataset="cifar10") -> dict:
+    """The reference recipe for (model, dataset) as a full cfg dict ("Setup tecnico di riferimento").
+    CNNs: SGD lr 0.1 mom 0.9 wd 5e-4, MultiStep x0.2 at 40/70/90% (Tiny-ImageNet: [25,40,52] of 60), batch 256.
+    ViTs: AdamW lr 1e-3 wd 0.05, 5 warm-up epochs + cosine to 1e-5, grad clip 1.0, batch 512."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    dataset_info(dataset)
+    cfg = dict(_BASE_CONFIG, model=model, dataset=dataset, ses_targets=["block"],
+               robustness_severities=[1, 2, 3, 4, 5])
+    if dataset == "tinyimagenet":
+        cfg["epochs"] = 60
+    if model in VIT_MODELS:
+        cfg.update(optimizer="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=5,
+                   grad_clip=1.0, batch_size=512)
+    return cfg
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(cond, key, value, want):
+    if not cond:
+        raise ValueError(f"config {key!r} must be {want}; got {value!r}")
+
+
+def validate_config(cfg) -> dict:
+    """The full cfg (defaults of default_config(model, dataset) filled in), or ValueError naming the bad key.
+    Runs before any data is touched."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"cfg must be a dict; got {type(cfg).__name__}")
+    unknown = [k for k in cfg if k not in _BASE_CONFIG]
+    if unknown:
+        hints = {k: difflib.get_close_matches(str(k), _BASE_CONFIG, n=1) for k in unknown}
+        raise ValueError("unknown config key(s): " + ", ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+    model, dataset = cfg.get("model", "resnet18"), cfg.get("dataset", "cifar10")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if model == "mlp_toy":
+        raise ValueError("model 'mlp_toy' is the toy 2-D study's network: it does not train on image datasets")
+    c = dict(default_config(model, dataset), **cfg)
+    for k, opts in _CHOICES.items():
+        _check(c[k] in opts, k, c[k], "one of " + ", ".join(map(repr, opts)))
+    for k in ("epochs", "batch_size", "ses_every_k", "erank_batch"):
+        _check(_is_int(c[k]) and c[k] >= 1, k, c[k], "an int >= 1")
+    _check(c["batch_size"] >= 2, "batch_size", c["batch_size"], "an int >= 2")
+    for k in ("eval_batch_size", "train_subset", "test_subset", "max_steps_per_epoch", "robustness_subset"):
+        _check(c[k] is None or (_is_int(c[k]) and c[k] >= 1), k, c[k], "None or an int >= 1")
+    _check(_is_int(c["seed"]), "seed", c["seed"], "an int")
+    _check(_is_int(c["warmup_epochs"]) and c["warmup_epochs"] >= 0, "warmup_epochs", c["warmup_epochs"], "an int >= 0")
+    _check(_is_num(c["lr"]) and c["lr"] > 0, "lr", c["lr"], "a number > 0")
+    _check(_is_num(c["min_lr"]) and 0 <= c["min_lr"] <= c["lr"], "min_lr", c["min_lr"], "a number in [0, lr]")
+    _check(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "weight_decay", c["weight_decay"], "a number >= 0")
+    _check(_is_num(c["momentum"]) and 0 <= c["momentum"] < 1, "momentum", c["momentum"], "a number in [0, 1)")
+    _check(_is_num(c["lr_gamma"]) and c["lr_gamma"] > 0, "lr_gamma", c["lr_gamma"], "a number > 0")
+    _check(c["grad_clip"] is None or (_is_num(c["grad_clip"]) and c["grad_clip"] > 0), "grad_clip",
+           c["grad_clip"], "None or a number > 0")
+    _check(_is_num(c["mix_alpha"]) and c["mix_alpha"] > 0, "mix_alpha", c["mix_alpha"], "a number > 0")
+    _check(_is_num(c["ses_lambda"]) and c["ses_lambda"] >= 0, "ses_lambda", c["ses_lambda"], "a number >= 0")
+    _check(_is_num(c["ses_beta"]) and 0 < c["ses_beta"] < 1, "ses_beta", c["ses_beta"], "a number in (0, 1)")
+    _check(_is_num(c["val_split"]) and 0 <= c["val_split"] < 1, "val_split", c["val_split"], "a number in [0, 1)")
+    ms = c["milestones"]
+    _check(ms is None or (isinstance(ms, (list, tuple)) and all(_is_int(m) and m >= 1 for m in ms)
+                          and list(ms) == sorted(set(ms))), "milestones", ms,
+           "None (40/70/90% of epochs) or an increasing list of epochs >= 1")
+    c["milestones"] = None if ms is None else list(ms)
+    for k in ("spectral_norm", "ses", "resume", "keep_checkpoint"):
+        _check(isinstance(c[k], bool), k, c[k], "True or False")
+    _check(c["sync_bn"] is None or isinstance(c["sync_bn"], bool), "sync_bn", c["sync_bn"],
+           "None (auto: on under multi-GPU DDP), True or False")
+    _check(c["drop_path"] is None or (c["model"] in VIT_MODELS and _is_num(c["drop_path"]) and 0 <= c["drop_path"] < 1),
+           "drop_path", c["drop_path"], "None, or for a ViT a number in [0, 1)")
+    _check(isinstance(c["device"], str), "device", c["device"], "a string ('auto', 'cpu', 'cuda', 'cuda:1', ...)")
+    try:
+        torch.device("cpu" if c["device"] == "auto" else c["device"])
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"config 'device' is not a torch device: {c['device']!r} ({e})") from None
+    for k in ("data_root", "out_dir"):
+        _check(c[k] is None or isinstance(c[k], (str, os.PathLike)), k, c[k], "None or a path")
+        c[k] = None if c[k] is None else str(c[k])
+    _check(not c["resume"] or c["out_dir"] is not None, "resume", c["resume"], "False when out_dir is None")
+    if c["ses_beta_schedule"] is not None:
+        _check(isinstance(c["ses_beta_schedule"], (str, dict, float)), "ses_beta_schedule",
+               c["ses_beta_schedule"], "None, a spec string ('linear:0.3:0.9') or a dict")
+        try:
+            BetaSchedule.parse(c["ses_beta_schedule"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config 'ses_beta_schedule' {c['ses_beta_schedule']!r}: {e}") from None
+    layers = c["ses_layers"]
+    _check(isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(s, str) for s in layers)),
+           "ses_layers", layers, "a preset name or a list of module names")
+    c["ses_layers"] = layers if isinstance(layers, str) else list(layers)
+    t = c["ses_targets"]
+    _check(isinstance(t, (list, tuple)) and t and all(isinstance(s, str) for s in t), "ses_targets", t,
+           'a non-empty list like ["block"]')
+    c["ses_targets"] = list(t)
+    r = c["robustness"]
+    _check(r is None or r in ROBUSTNESS_PRESETS or (isinstance(r, (list, tuple)) and r
+                                                    and all(isinstance(s, str) for s in r)),
+           "robustness", r, "None, 'all15', 'paper5' or a list of corruption names")
+    c["robustness"] = list(r) if isinstance(r, (list, tuple)) else r
+    sev = c["robustness_severities"]
+    _check(isinstance(sev, (list, tuple)) and sev and all(_is_int(s) and 1 <= s <= 5 for s in sev),
+           "robustness_severities", sev, "a non-empty list of ints in 1..5")
+    c["robustness_severities"] = list(sev)
+    if c["mix"] != "none":
+        _check(c["batch_size"] % 2 == 0, "batch_size", c["batch_size"], "even with mixup/cutmix (timm Mixup)")
+    if c["train_subset"] is not None:
+        _check(c["train_subset"] >= c["batch_size"], "train_subset", c["train_subset"],
+               f">= batch_size ({c['batch_size']}): training drops the last partial batch")
+    return c
+
+
+# ── pieces of the loop ───────────────────────────────────────────────────────────────────────────
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+def _amp_dtype(amp, device):
+    """None (fp32) | torch.float16 (with GradScaler) | torch.bfloat16."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None  # CPU: fp32 (CPU autocast is slower than fp32 for these convs)
+        # compute capability, not is_bf16_supported(): that one reports True on a T4 through emulation
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def _milestones(c):
+    if c["milestones"] is not None:
+        return c["milestones"]
+    fr = _MILESTONE_FRACTIONS.get(c["dataset"], _DEFAULT_FRACTIONS)
+    return sorted({max(1, round(f * c["epochs"])) for f in fr})
+
+
+def _lr_factor(c):
+    """Per-epoch LR multiplier (LambdaLR), as the reference schedules step once per epoch."""
+    E, w, ms, g = c["epochs"], c["warmup_epochs"], _milestones(c), c["lr_gamma"]
+    floor = c["min_lr"] / c["lr"]
+
+    def factor(e):
+        if e < w:
+            return (e + 1) / w  # linear warm-up: base * (e+1)/w, as ses_vit_experiment.py
+        if c["schedule"] == "cosine":
+            t = (e - w) / max(1, E - w)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        if c["schedule"] == "multistep":
+            return g ** sum(e >= m for m in ms)
+        return 1.0
+    return factor
+
+
+def _set_drop_path(model, rate):
+    """Stochastic depth of a timm ViT at max rate `rate`, spaced linearly over the blocks as timm does."""
+    from timm.layers import DropPath
+    n = len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        p = rate * i / max(1, n - 1)
+        blk.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        blk.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+
+
+def _make_optimizer(model, c):
+    if c["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
+    return torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+
+
+def _peak_mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process-lifetime peak RSS
+
+
+def _cpu_name():
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _env_info(device, c):
+    import timm
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "cuda": torch.version.cuda, "seed": c["seed"], "hostname": socket.gethostname(),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "threads": torch.get_num_threads(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _rng_state(loader):
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # numpy's MT state as a tensor + primitives, so torch.load(weights_only=True) accepts it
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+            "python": random.getstate(), "loader": loader.state_dict()}
+
+
+def _set_rng_state(s, loader):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, internal, gauss_next = s["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    loader.load_state_dict(s["loader"])
+
+
+# config keys that may differ between a run and its resumption (they don't change what is computed)
+_RESUME_FREE = ("resume", "log", "data_root", "out_dir", "device", "keep_checkpoint", "robustness",
+                "robustness_severities", "robustness_subset", "eval_batch_size")
+
+
+def _check_same_run(c, saved, path):
+    diff = sorted(k for k in set(c) | set(saved)  # a key added since `saved` was written counts at its default
+                  if k not in _RESUME_FREE and c.get(k) != saved.get(k, _BASE_CONFIG.get(k)))
+    if diff:
+        raise ValueError(f"cannot resume from {path}: its config differs in {diff} (use another out_dir, "
+                         "or resume=False to start over)")
+
+
+def _log_mode(mode):
+    mode = os.environ.get("SES_LOG", mode) if mode == "auto" else mode
+    if mode != "auto":
+        return mode
+    return "tqdm" if (sys.stderr.isatty() or "ipykernel" in sys.modules) else "plain"
+
+
+def _erank_pass(model, collector, x, beta, device):
+    """Per-layer effective rank on one fixed batch of (unaugmented) train images, in train mode as SES sees
+    them, grad off. BatchNorm running stats and spectral-norm vectors are restored afterwards and the RNG
+    is forked, so this measurement changes nothing in the training run (resume stays exact)."""
+    bufs = [b.detach().clone() for b in model.buffers()]
+    devices = [device] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        collector.clear()
+        model(x)
+        stats = layer_erank_stats(collector, beta)
+        collector.clear()
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), bufs):
+            b.copy_(saved)
+    return stats
+
+
+@torch.no_grad()
+def _evaluate(model, loader, amp_dtype, collector, dd=None):
+    """(accuracy %, mean loss) over the loader; under DDP each rank scores its shard and the sums are reduced.
+    `model` is the unwrapped module: eval needs no gradient sync (and eval-mode BatchNorm no collective)."""
+    model.eval()
+    device = loader.device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # hits, loss sum, samples
+    with collector.paused() if collector else contextlib.nullcontext():
+        for x, y in loader:
+            if len(y) == 0:  # a rank's share of the last partial batch can be empty
+                continue
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = model(x)
+            sums[0] += (out.argmax(1) == y).sum()
+            sums[1] += F.cross_entropy(out.float(), y, reduction="sum").double()
+            sums[2] += len(y)
+    model.train()
+    correct, loss_sum, n = _all_reduce_sum(sums, dd).tolist() if dd else sums.tolist()
+    return 100.0 * correct / n, loss_sum / n
+
+
+def _check_finite(pending, epoch, step0, steps, ckpt_note, dd=None):
+    vals = torch.stack(pending)
+    if dd is not None:  # a NaN on any rank reaches every rank: all stop at the same step, none hangs
+        vals = _all_reduce_sum(vals, dd)
+    bad = ~torch.isfinite(vals)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise NonFiniteLossError(f"non-finite training loss ({vals[i].item()}) at epoch {epoch + 1}, step "
+                                 f"{step0 + i + 1}/{steps}; stopped. {ckpt_note}")
+
+
+# ── distributed: one run over many GPUs / nodes (torchrun + DistributedDataParallel) ──────────────
+# Launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment), train() joins the process
+# group itself (NCCL on CUDA, gloo on CPU), one process per GPU on cuda:LOCAL_RANK. What is global, what per rank:
+#   batch_size is the GLOBAL batch: rank r trains on the r-th contiguous slice of every global batch of the
+#     shared seeded permutation (DeviceLoader(rank, world_size)), augmentation drawn for the whole global batch;
+#   gradients: DDP's all-reduce (mean over ranks); SES with ses_scope="global" sees the whole batch (below);
+#   BatchNorm: per-rank batch statistics unless sync_bn (SyncBatchNorm: CUDA only, torch has no CPU kernel);
+#   metrics: per-rank sums all-reduced; test/val evaluation sharded over the ranks and reduced; the erank pass
+#     (one fixed batch) runs whole on every rank (SyncBatchNorm needs every rank in its forward);
+#   rank 0 alone logs, writes checkpoint.pt / result.json and evaluates robustness; it returns the result,
+#     the other ranks return None (they do not wait for rank 0's robustness pass);
+#   the checkpoint holds the unwrapped model and the global loader/RNG state: any world size resumes it.
+# With torchrun over several nodes, out_dir must be a folder every node sees (rank 0 writes, all read).
+
+@dataclasses.dataclass
+class DistInfo:
+    """This process's place in the run: rank 0 of 1 when not distributed."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # None: no process group (plain single-process training)
+    created: bool = False  # train() initialised the group, so train() destroys it
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_env() -> dict | None:
+    """{rank, world_size, local_rank} set by torchrun (or any env:// launcher), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]),
+                "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
+    except ValueError:
+        raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
+
+
+def _dist_device(spec, local_rank) -> torch.device:
+    """One process per GPU: cuda:LOCAL_RANK ("auto" / "cuda"), or the CPU ("cpu"; "auto" without CUDA)."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if spec not in ("auto", "cuda"):
+        raise ValueError(f"config 'device' must be 'auto', 'cuda' or 'cpu' under torchrun (each rank uses "
+                         f"cuda:LOCAL_RANK); got {spec!r}")
+    if not local_rank < torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) visible: "
+                         "give torchrun --nproc_per_node <= the number of GPUs")
+    return torch.device("cuda", local_rank)
+
+
+def _has_batchnorm(model) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def dist_setup(c) -> tuple[DistInfo, torch.device]:
+    """(DistInfo, device) for validated cfg c; joins the process group under torchrun. The cfg is checked
+    against the world size (global batch divisible, ...) before the group is created."""
+    import torch.distributed as dist
+    env = torchrun_env()
+    if dist.is_available() and dist.is_initialized():  # the caller built the group: use it, leave it alone
+        info = DistInfo(dist.get_rank(), dist.get_world_size(), env["local_rank"] if env else 0, dist.get_backend())
+    elif env is not None:
+        info = DistInfo(**env)
+    else:
+        return DistInfo(), pick_device(c["device"])
+    device = _dist_device(c["device"], info.local_rank)
+    R, B = info.world_size, c["batch_size"]
+    _check(B % R == 0, "batch_size", B, f"divisible by the number of ranks ({R}): it is the global batch")
+    _check(B // R >= 2, "batch_size", B, f">= 2 x the number of ranks ({R}): each rank needs 2 samples")
+    ebs = c["eval_batch_size"] or 2 * B
+    _check(ebs % R == 0, "eval_batch_size", ebs, f"divisible by the number of ranks ({R})")
+    if c["mix"] != "none":
+        _check(B // R % 2 == 0, "batch_size", B, f"an even number per rank with mixup/cutmix ({R} ranks)")
+    _check(not (c["sync_bn"] and device.type == "cpu"), "sync_bn", c["sync_bn"],
+           "False or None on CPU (torch's SyncBatchNorm runs on GPUs only)")
+    if info.backend is None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        info.backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(info.backend)  # env:// rendezvous: torchrun's MASTER_ADDR / MASTER_PORT
+        info.created = True
+    return info, device
+
+
+def dist_teardown(info: DistInfo):
+    import torch.distributed as dist
+    if info.created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _use_sync_bn(c, model, device, info) -> bool:
+    """SyncBatchNorm when asked, or by default under DDP on CUDA for models with BatchNorm: without it each
+    rank normalises by its own B/R samples, so R ranks do not compute what one process on the batch would."""
+    if not info.enabled or not _has_batchnorm(model):
+        return False
+    if c["sync_bn"] is None and device.type == "cpu" and info.world_size > 1 and info.is_main:
+        warnings.warn(f"{c['model']} has BatchNorm and SyncBatchNorm needs GPUs: on CPU each of the "
+                      f"{info.world_size} ranks normalises with its own batch statistics", stacklevel=3)
+    return c["sync_bn"] if c["sync_bn"] is not None else device.type == "cuda"
+
+
+def gather_activations(acts_list) -> list:
+    """Each rank's pooled [B/R, d_l] activations -> the global [B, d_l] ones (rank order = the single-process
+    batch order, as DeviceLoader slices it), differentiably: torch.distributed.nn.functional.all_gather.
+
+    Gradient: every rank computes the same SES value S on the gathered batch; all_gather's backward SUMS
+    the R ranks' gradients for rank r's slice (reduce-scatter), so rank r's activations receive R * dS/dA_r;
+    DDP then AVERAGES the parameter gradients over the R ranks: (1/R) sum_r R dS/dA_r dA_r/dtheta = dS/dtheta,
+    exactly the single-process gradient. So no rescaling: the sum and the mean cancel. (Task loss: each
+    rank's mean over B/R, averaged over R = the mean over B.) One collective for all layers per step."""
+    from torch.distributed.nn.functional import all_gather
+    dims = [a.shape[1] for a in acts_list]
+    # half -> float32 before the collective (ses_loss would upcast anyway; the gradient exchange stays fp32)
+    flat = torch.cat([a.float() if a.dtype in (torch.float16, torch.bfloat16) else a for a in acts_list], dim=1)
+    with warnings.catch_warnings():  # 2.x marks it deprecated for a private successor; it is the public, documented one
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+        parts = all_gather(flat)
+    return list(torch.cat(parts, dim=0).split(dims, dim=1))
+
+
+def _rank_seed(seed, epoch, rank) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _same_on_all_ranks(value, info: DistInfo, what: str):
+    """Fail clearly (not hang) when ranks disagree on a decision, e.g. out_dir not shared between nodes."""
+    if not info.enabled:
+        return value
+    import torch.distributed as dist
+    seen = [None] * info.world_size
+    dist.all_gather_object(seen, value)
+    if any(v != seen[0] for v in seen):
+        raise RuntimeError(f"ranks disagree on {what}: {seen} (with several nodes, out_dir must be a shared folder)")
+    return value
+
+
+def train_torchrun(cfg: dict, nproc="auto", log=print) -> dict:
+    """train(cfg) as ONE run over `nproc` local processes: `torchrun --standalone --nproc_per_node nproc
+    seslib.py train --config {out_dir}/config.json`; returns its result.json. nproc: "auto" (every visible
+    GPU) or an int (CPU ranks when there is no GPU). Needs cfg["out_dir"]. Output streams through `log`."""
+    c = validate_config(cfg)
+    if c["out_dir"] is None:
+        raise ValueError("train_torchrun needs cfg['out_dir'] (the run's config and result travel through it)")
+    if nproc == "auto":
+        nproc = torch.cuda.device_count()
+        if nproc == 0:
+            raise ValueError("torchrun='auto' found no GPU; give a number of (CPU) processes instead")
+    if isinstance(nproc, str) and nproc.isdigit():
+        nproc = int(nproc)
+    if not _is_int(nproc) or nproc < 1:
+        raise ValueError(f"torchrun must be 'auto' or an int >= 1; got {nproc!r}")
+    _check(c["batch_size"] % nproc == 0, "batch_size", c["batch_size"], f"divisible by torchrun={nproc}")
+    out = Path(c["out_dir"])
+    atomic_write_json(out / "config.json", c)  # the validated cfg: also the run's record of what it ran
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), "train", "--config", str(out / "config.json")]
+    log(f"[torchrun] {' '.join(cmd[2:])}")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:  # streamed, so a notebook cell shows the run live
+            log(line.rstrip())
+    if proc.returncode != 0 or not _result_ok(out / "result.json"):
+        raise RuntimeError(f"torchrun run failed (exit {proc.returncode}); see the output above. Command: {' '.join(cmd)}")
+    return json.loads((out / "result.json").read_text())
+
+
+# ── train ────────────────────────────────────────────────────────────────────────────────────────
+
+def train(cfg: dict) -> dict | None:
+    """Train one run (model, dataset, recipe, SES options in cfg; see default_config / validate_config) and
+    return {config, env, history, final}. With out_dir: checkpoint.pt every epoch (atomic), result.json at
+    completion (atomic); resume=True continues from the checkpoint (or returns the finished result).
+
+    Under torchrun it runs as one DDP run over all ranks (see the "distributed" notes above): rank 0
+    returns the result and writes the files, the other ranks return None. ses_scope="global" (default):
+    SES on the activations of the whole global batch, gathered from every rank: loss and gradients equal
+    one process on the batch. "local": each rank's SES on its own B/R samples, averaged over ranks (no
+    gather, but the reachable effective rank is capped at B/R - 1 instead of B - 1). sync_bn: None (auto:
+    SyncBatchNorm for BatchNorm models on CUDA), True, False."""
+    c = validate_config(cfg)
+    dd, device = dist_setup(c)  # checks c against the world size before joining the group
+    try:
+        return _train(c, dd, device)
+    finally:
+        dist_teardown(dd)
+
+
+def _train(c, dd: DistInfo, device):
+    out_dir = Path(c["out_dir"]) if c["out_dir"] else None
+    ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
+    finished, has_ckpt = _same_on_all_ranks(
+        (bool(c["resume"] and (out_dir / "result.json").exists()), bool(c["resume"] and ckpt_path.exists())),
+        dd, "whether out_dir holds a finished result / a checkpoint")
+    if finished:  # finished already: hand back its result
+        done = json.loads((out_dir / "result.json").read_text())
+        _check_same_run(c, done["config"], out_dir / "result.json")
+        return done if dd.is_main else None
+    amp_dtype = _amp_dtype(c["amp"], device)
+    info = dataset_info(c["dataset"])
+    set_seed(c["seed"])  # the same on every rank: identical init (DDP also broadcasts rank 0's weights)
+    t_start = time.time()
+
+    # model + hooks first: a bad layer preset fails here, before any data is read
+    net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"])
+    if c["drop_path"] is not None:
+        _set_drop_path(net, c["drop_path"])
+    sync_bn = _use_sync_bn(c, net, device, dd)
+    if sync_bn:  # same parameter/buffer names as BatchNorm: checkpoints stay interchangeable
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    if c["model"] in VIT_MODELS and "attn_weights" in c["ses_targets"]:
+        use_attention_weights(net)
+    collector = ActivationCollector(net, c["ses_layers"], targets=c["ses_targets"])
+    beta_sched = BetaSchedule.parse(c["ses_beta_schedule"]) if c["ses_beta_schedule"] is not None else None
+    gather = dd.enabled and c["ses_scope"] == "global"
+    model = loader = evals = optimizer = scheduler = scaler = erank_x = None
+    try:
+        # data
+        # subsets are cut at load time (Tiny-ImageNet then decodes only those), after the val split if any
+        xtr, ytr = load_dataset(c["dataset"], c["data_root"], "train",
+                                subset=c["train_subset"] if not c["val_split"] else None)
+        xte, yte = load_dataset(c["dataset"], c["data_root"], "test", subset=c["test_subset"])
+        xval = yval = None
+        if c["val_split"] > 0:  # fixed holdout (seed-independent) so every run selects on the same images
+            perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(20240229))
+            nv = int(round(c["val_split"] * len(xtr)))
+            vi, ti = perm[:nv].sort().values, perm[nv:].sort().values
+            xval, yval, xtr, ytr = xtr[vi], ytr[vi], xtr[ti], ytr[ti]
+        if c["train_subset"]:
+            xtr, ytr = xtr[:c["train_subset"]], ytr[:c["train_subset"]]
+        if len(xtr) < c["batch_size"]:
+            raise ValueError(f"{len(xtr)} training images < batch_size {c['batch_size']}")
+        # every rank holds the whole (uint8) set and takes its slice of each global batch
+        norm = {"mean": info["mean"], "std": info["std"], "device": device, "rank": dd.rank,
+                "world_size": dd.world_size}
+        ebs = c["eval_batch_size"] or 2 * c["batch_size"]
+        loader = DeviceLoader(xtr, ytr, c["batch_size"], train=True, augment=c["augment"], seed=c["seed"],
+                              max_steps=c["max_steps_per_epoch"], **norm)
+        evals = {"test": DeviceLoader(xte, yte, ebs, train=False, **norm)}
+        if xval is not None:
+            evals["val"] = DeviceLoader(xval, yval, ebs, train=False, **norm)
+        # the fixed erank batch: the first train images, unaugmented (identical for every run, epoch and rank)
+        erank_x = loader.normalize(loader.images[:min(c["erank_batch"], len(xtr))])
+        del xtr, ytr, xte, yte, xval, yval
+
+        mixer = criterion = None
+        if c["mix"] != "none":  # under DDP the pairs are mixed within each rank's slice (numpy RNG: same lam)
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+            a = c["mix_alpha"]
+            mixer = Mixup(mixup_alpha=a if c["mix"] == "mixup" else 0.0,
+                          cutmix_alpha=a if c["mix"] == "cutmix" else 0.0,
+                          label_smoothing=0.0, num_classes=info["num_classes"])
+            criterion = SoftTargetCrossEntropy()
+        optimizer = _make_optimizer(net, c)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(c))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+        history, start_epoch = [], 0
+        if has_ckpt:  # every rank loads the same global state (saved from rank 0 by any number of ranks)
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            _check_same_run(c, ck["config"], ckpt_path)
+            net.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            _set_rng_state(ck["rng"], loader)
+            history, start_epoch = ck["history"], ck["epoch"]
+            del ck
+        if dd.enabled:  # after loading: DDP broadcasts rank 0's state at construction
+            model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            model = net
+        log = _log_mode(c["log"]) if dd.is_main else "none"
+        tag = (f"{c['dataset']}/{c['model']}{'+SES' if c['ses'] else ''} seed {c['seed']}"
+               + (f" x{dd.world_size} ranks" if dd.world_size > 1 else ""))
+        ckpt_note = (f"Last good checkpoint kept: {ckpt_path} (epoch {start_epoch})" if ckpt_path else
+                     "No checkpoint (out_dir=None).")
+        steps = len(loader)
+        if log in ("plain", "tqdm") and start_epoch:
+            print(f"[{tag}] resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
+
+        for epoch in range(start_epoch, c["epochs"]):
+            beta = beta_sched.value(epoch, c["epochs"]) if beta_sched else c["ses_beta"]
+            lr = optimizer.param_groups[0]["lr"]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # DDP: in-model randomness (drop path, dropout) from its own stream per rank (equal streams would drop
+            # the same slots on every rank), seeded by (seed, epoch, rank) so a resume at any world size is exact
+            if dd.enabled:
+                torch.manual_seed(_rank_seed(c["seed"], epoch, dd.rank))
+            t0 = time.time()
+            model.train()
+            # loss sum, SES sum, hits, samples, SES steps: this rank's share, summed over ranks after the epoch
+            sums = torch.zeros(5, device=device, dtype=torch.float64)
+            pending, step0 = [], 0
+            bar = None
+            if log == "tqdm":
+                from tqdm.auto import tqdm
+                bar = tqdm(total=steps, desc=f"{tag} ep {epoch + 1}/{c['epochs']}", leave=True)
+            for step, (x, y) in enumerate(loader):
+                target = y
+                if mixer is not None:
+                    x, target = mixer(x, y)  # soft targets [B, C]
+                do_ses = c["ses"] and ses_active(epoch * steps + step, c["ses_every_k"])
+                collector.clear()
+                with contextlib.nullcontext() if do_ses else collector.paused():
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        out = model(x)
+                        task = criterion(out, target) if criterion else F.cross_entropy(out, target)
+                    loss = task.float()
+                    if do_ses:  # float32, outside autocast (ses_loss upcasts); scaled with the rest below
+                        acts = collector.activations
+                        reg = ses_loss(gather_activations(acts) if gather else acts, beta)
+                        loss = loss + c["ses_lambda"] * reg  # no 1/R or R: see gather_activations
+                        sums[1] += reg.detach().double()
+                        sums[4] += 1
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                collector.clear()
+                if c["grad_clip"]:  # DDP's gradients are already averaged: every rank clips the same norm
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), c["grad_clip"])
+                scaler.step(optimizer)
+                scaler.update()
+                with torch.no_grad():
+                    pred = out.argmax(1)
+                    # with mixed targets: the lam-weighted hit rate sum_i t_i[pred_i] (the reference's metric)
+                    hits = target.gather(1, pred[:, None]).sum() if mixer is not None else (pred == y).sum()
+                    sums[2] += hits.double()
+                    sums[0] += task.detach().double() * len(y)
+                    sums[3] += len(y)
+                pending.append(loss.detach())
+                if len(pending) == 16 or step == steps - 1:  # one host sync per 16 steps, not per step
+                    _check_finite(pending, epoch, step0, steps, ckpt_note, dd)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{pending[-1].item():.3f}")
+                    step0, pending = step + 1, []
+                if bar is not None:
+                    bar.update()
+            train_seconds = time.time() - t0
+            loss_sum, reg_sum, correct, n_seen, n_reg = _all_reduce_sum(sums, dd).tolist()
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / n_seen,
+                   "train_acc": 100.0 * correct / n_seen, "ses_loss": reg_sum / n_reg if n_reg else None}
+            for split, ev in evals.items():
+                row[f"{split}_acc"], row[f"{split}_loss"] = _evaluate(net, ev, amp_dtype, collector, dd)
+            row["gap"] = row["train_acc"] - row["test_acc"]
+            row["erank"] = _erank_pass(net, collector, erank_x, beta, device)
+            row.update(beta=beta, lr=lr, steps=steps, train_seconds=train_seconds,
+                       epoch_seconds=time.time() - t0, peak_mem_mb=_peak_mem_mb(device))
+            history.append(row)
+            scheduler.step()
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{row['test_acc']:.2f}", gap=f"{row['gap']:.1f}")
+                bar.close()
+            elif log == "plain":
+                print(f"[{tag}] ep {epoch + 1}/{c['epochs']} loss {row['train_loss']:.4f} "
+                      f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% gap {row['gap']:.2f} "
+                      f"lr {lr:.3g} beta {beta:.2f} {row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB", flush=True)
+            if ckpt_path and dd.is_main:
+                atomic_torch_save({"format": 1, "epoch": epoch + 1, "config": c, "model": net.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "scaler": scaler.state_dict(), "rng": _rng_state(loader), "history": history},
+                                  ckpt_path)
+                ckpt_note = f"Last good checkpoint kept: {ckpt_path} (epoch {epoch + 1})"
+
+        if not dd.is_main:  # rank 0 alone evaluates robustness and writes the result
+            return None
+        final = _final_metrics(history, c, net, device, evals, collector, log)
+        final["total_seconds"] = time.time() - t_start
+        env = _env_info(device, c)
+        env["distributed"] = ({"world_size": dd.world_size, "backend": dd.backend, "ses_scope": c["ses_scope"],
+                               "sync_bn": sync_bn, "nodes": int(os.environ.get("GROUP_WORLD_SIZE", 0)) or None}
+                              if dd.enabled else None)
+        result = {"config": c, "env": env, "history": history, "final": final}
+        if out_dir:
+            atomic_write_json(out_dir / "result.json", result)
+            if not c["keep_checkpoint"] and ckpt_path.exists():
+                ckpt_path.unlink()
+        return result
+    finally:  # free the device between runs (reference bug 2), also when the run fails: drop every reference
+        collector.remove()  # (rebinding, not del: a traceback keeps this frame and its locals alive)
+        net = model = collector = loader = evals = optimizer = scheduler = scaler = erank_x = None  # noqa: F841
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _final_metrics(history, c, model, device, evals, collector, log):
+    last = history[-1]
+    best = max(history, key=lambda r: r["test_acc"])
+    final = {"test_acc": last["test_acc"],  # the headline: the FINAL epoch's test accuracy
+             "train_acc": last["train_acc"], "gap": last["gap"], "test_loss": last["test_loss"],
+             # selected on the test set (what the published reference reports as best_acc): never a headline
+             "best_test_acc_over_epochs": best["test_acc"], "best_test_epoch": best["epoch"],
+             "params_m": count_params(model) / 1e6,
+             "epoch_seconds_mean": float(np.mean([r["epoch_seconds"] for r in history])),
+             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in history])),
+             "peak_mem_mb": max(r["peak_mem_mb"] for r in history),
+             "erank": last["erank"], "epochs_run": len(history)}
+    if "val_acc" in last:  # honest model selection: the epoch with the best held-out val accuracy
+        sel = max(history, key=lambda r: r["val_acc"])
+        final.update(val_acc=last["val_acc"], best_val_epoch=sel["epoch"], test_acc_at_best_val=sel["test_acc"])
+    final["robustness"] = None
+    if c["robustness"]:
+        import seslib  # the corruptions section (another part of seslib); imported late on purpose
+        test = evals["test"]
+        n = c["robustness_subset"] or len(test.images)
+        d = resolve_data_dir(c["dataset"], c["data_root"])
+        info = dataset_info(c["dataset"])
+        final["robustness"] = seslib.evaluate_corruptions(
+            model, test.images[:n], test.labels[:n], corruptions=c["robustness"],
+            severities=c["robustness_severities"], batch_size=c["eval_batch_size"] or 2 * c["batch_size"],
+            normalize=(info["mean"], info["std"]), device=device, data_root=d.parent, dataset=c["dataset"],
+            seed=c["seed"], collector=collector, amp=c["amp"] != "off", progress=log == "tqdm",
+            classes=tinyimagenet_classes(d) if c["dataset"] == "tinyimagenet" else None)
+    return final
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# corruptions
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# The CIFAR-10-C / Tiny-ImageNet-C protocol of Hendrycks & Dietterich (hendrycks/robustness,
+# ImageNet-C/create_c/make_cifar_c.py for 32 px, make_tinyimagenet_c.py for 64 px), re-implemented as
+# batched torch ops on uint8 [N, 3, H, W] so a whole test set is corrupted on the device in one go.
+# The original works per PIL image in float64 and writes np.uint8(clip(x, 0, 1) * 255), i.e. it
+# TRUNCATES: so do we (float -> uint8 casts truncate in torch too). Exact vs approximate, per name:
+#   exact formula (float32 instead of float64, so rare 1-level truncation flips): gaussian/shot/impulse/
+#     speckle noise, contrast, brightness, saturate, gaussian_blur, defocus_blur, zoom_blur, fog, frost,
+#     glass_blur (the sequential pixel-swap loop is reproduced exactly, run as a wavefront, see below)
+#   exact up to the codec/rounding: pixelate (PIL BOX weights + PIL's per-pass uint8 rounding),
+#     jpeg_compression (libjpeg through torchvision, per image on CPU; nvjpeg on CUDA)
+#   re-implemented from another library: motion_blur, snow (ImageMagick's MotionBlurImage kernel),
+#     elastic_transform (cv2.warpAffine + scipy map_coordinates), spatter (cv2 Canny/distanceTransform/
+#     equalizeHist): same algorithms, small numeric differences documented at each function.
+# Random draws come from torch (not numpy's stream), so images match the official files in
+# distribution, not pixel for pixel; the official files are used when present (evaluate_corruptions).
+
+
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+               "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+               "elastic_transform", "pixelate", "jpeg_compression")
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+# The published SES evaluation (ses_kaggle_dual_gpu.py / ses_phase3.py, evaluate_robustness) used these 5,
+# at severities 1, 3, 5 on normalised tensors; here they run with the standard pixel-space parameters.
+PAPER5 = ("gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise")
+
+# Per-severity parameters, copied from make_cifar_c.py (32) and make_tinyimagenet_c.py (64).
+_ZOOMS = [np.arange(1, e, 0.01) for e in (1.06, 1.11, 1.16, 1.21, 1.26)]  # float arange: 7,12,16,21,26 factors
+
+
+def _elastic(s, rows):
+    return [(s * a, s * b, s * c) for a, b, c in rows]
+
+
+_PARAMS = {
+    32: dict(
+        gaussian_noise=[0.04, 0.06, .08, .09, .10],
+        shot_noise=[500, 250, 100, 75, 50],
+        impulse_noise=[.01, .02, .03, .05, .07],
+        speckle_noise=[.06, .1, .12, .16, .2],
+        gaussian_blur=[.4, .6, 0.7, .8, 1],
+        glass_blur=[(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
+        defocus_blur=[(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+        motion_blur=[(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
+        zoom_blur=_ZOOMS,
+        fog=[(.2, 3), (.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
+        frost=[(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)],
+        snow=[(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+              (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)],
+        spatter=[(0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
+                 (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)],
+        contrast=[.75, .5, .4, .3, 0.15],
+        brightness=[.05, .1, .15, .2, .3],
+        saturate=[(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
+        jpeg_compression=[80, 65, 58, 50, 40],
+        pixelate=[0.95, 0.9, 0.85, 0.75, 0.65],
+        elastic_transform=_elastic(32, [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06),
+                                        (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)]),
+    ),
+    64: dict(
+        gaussian_noise=[0.04, 0.08, .12, .15, .18],
+        shot_noise=[250, 100, 50, 30, 15],
+        impulse_noise=[.01, .02, .05, .08, .14],
+        speckle_noise=[.15, .2, 0.25, 0.3, 0.35],
+        gaussian_blur=[.5, .75, 1, 1.25, 1.5],
+        glass_blur=[(0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2)],
+        defocus_blur=[(0.5, 0.6), (1, 0.1), (1.5, 0.1), (2.5, 0.01), (3, 0.1)],
+        motion_blur=[(10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)],
+        zoom_blur=_ZOOMS,
+        fog=[(.4, 3), (.7, 3), (1, 2.5), (1.5, 2), (2, 1.75)],
+        frost=[(1, 0.3), (0.9, 0.4), (0.8, 0.45), (0.75, 0.5), (0.7, 0.55)],
+        snow=[(0.1, 0.2, 1, 0.6, 8, 3, 0.8), (0.1, 0.2, 1, 0.5, 10, 4, 0.8), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.7),
+              (0.25, 0.3, 2.25, 0.6, 12, 6, 0.65), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.6)],
+        spatter=[(0.62, 0.1, 0.7, 0.7, 0.6, 0), (0.65, 0.1, 0.8, 0.7, 0.6, 0), (0.65, 0.3, 1, 0.69, 0.6, 0),
+                 (0.65, 0.1, 0.7, 0.68, 0.6, 1), (0.65, 0.1, 0.5, 0.67, 0.6, 1)],
+        contrast=[.4, .3, .2, .1, 0.05],
+        brightness=[.1, .2, .3, .4, .5],
+        saturate=[(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (30, 0.2)],
+        jpeg_compression=[65, 58, 50, 40, 25],
+        pixelate=[0.9, 0.8, 0.7, 0.6, 0.5],
+        elastic_transform=_elastic(64, [(0, 0, 0.08), (0.05, 0.3, 0.06), (0.1, 0.08, 0.06),
+                                        (0.1, 0.03, 0.03), (0.16, 0.03, 0.02)]),
+    ),
+}
+_FROST_SCALE = {32: 0.2, 64: 0.3}  # the generators shrink the frost photos before cropping
+
+
+def corruption_params(name, severity, size):
+    """The generator's per-severity parameter `c` for an image side of 32 or 64 px."""
+    _check_name_severity(name, severity)
+    if size not in _PARAMS:
+        raise ValueError(f"no standard parameters for {size} px images (only 32 = CIFAR-C, 64 = Tiny-ImageNet-C); "
+                         "pass params= explicitly")
+    return _PARAMS[size][name][severity - 1]
+
+
+def _check_name_severity(name, severity):
+    valid = CORRUPTIONS + EXTRA_CORRUPTIONS
+    if name not in valid:
+        raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(valid)}")
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
+        raise ValueError(f"severity must be an integer in 1..5 (valid: 1, 2, 3, 4, 5), got {severity!r}")
+
+
+# ─── small helpers: random draws, float <-> uint8, padding, separable filters ─────────────────────
+def _dev(g, dev):  # draw on the generator's device (a torch.Generator is tied to one), then move
+    return g.device if g is not None else dev
+
+
+def _rand(shape, g, dev):
+    return torch.rand(shape, generator=g, device=_dev(g, dev)).to(dev)
+
+
+def _randn(shape, g, dev):
+    return torch.randn(shape, generator=g, device=_dev(g, dev)).to(dev)
+
+
+def _uniform(lo, hi, shape, g, dev):
+    return lo + (hi - lo) * _rand(shape, g, dev)
+
+
+def _randint(lo, hi, shape, g, dev):  # high exclusive, like np.random.randint
+    return torch.randint(lo, hi, shape, generator=g, device=_dev(g, dev)).to(dev)
+
+
+def _f(img):
+    return img.float() / 255.0
+
+
+def _u8(x):  # np.uint8(np.clip(x, 0, 1) * 255): truncation, as the generator writes its files
+    return (x.clamp(0, 1) * 255).to(torch.uint8)
+
+
+def _pad_index(n, p, mode, device):
+    """Source indices for padding a length-n axis by p each side.
+    replicate = scipy 'nearest'; reflect101 = cv2 BORDER_REFLECT_101 (dcb|abcd|cba);
+    symmetric = scipy 'reflect' (cba|abcd|dcb)."""
+    i = torch.arange(-p, n + p, device=device)
+    if mode == "replicate" or n == 1:
+        return i.clamp(0, n - 1)
+    if mode == "reflect101":
+        per = 2 * n - 2
+        i = i.abs() % per
+        return torch.where(i >= n, per - i, i)
+    per = 2 * n
+    i = i % per
+    return torch.where(i >= n, per - 1 - i, i)
+
+
+def _pad(x, p, mode):
+    """Pad the last two dims of a 4-D float tensor (F.pad's fast kernels where they apply)."""
+    H, W = x.shape[-2:]
+    if p == 0:
+        return x
+    if mode == "replicate":
+        return F.pad(x, (p, p, p, p), mode="replicate")
+    if mode == "reflect101" and p < min(H, W):
+        return F.pad(x, (p, p, p, p), mode="reflect")
+    if mode == "symmetric" and p <= min(H, W):
+        x = torch.cat([x[..., :p, :].flip(-2), x, x[..., H - p:, :].flip(-2)], -2)
+        return torch.cat([x[..., :p].flip(-1), x, x[..., W - p:].flip(-1)], -1)
+    return x.index_select(-2, _pad_index(H, p, mode, x.device)).index_select(-1, _pad_index(W, p, mode, x.device))
+
+
+def _gauss_kernel(sigma, truncate=4.0):  # scipy.ndimage.gaussian_filter1d's kernel
+    r = int(truncate * float(sigma) + 0.5)
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * t ** 2 / float(sigma) ** 2)
+    return k / k.sum()
+
+
+def _filter_matrix(n, k, mode):
+    """Correlation with the 1-D kernel k along an axis of length n, border handled by `mode`, as an [n, n]
+    matrix (out = M @ x): a separable filter becomes two small GEMMs, much faster than conv2d on CPU."""
+    r = (len(k) - 1) // 2
+    M = np.zeros((n, n))
+    cols = _pad_index(n, r, mode, "cpu").numpy()  # padded position i + t -> source index
+    for i in range(n):
+        np.add.at(M[i], cols[i:i + len(k)], k)
+    return M
+
+
+def _sep_filter(x, k, mode):
+    """Separable correlation of each channel of x [..., H, W] with the 1-D kernel k on both axes."""
+    H, W = x.shape[-2:]
+    key = tuple(np.round(k, 12))
+    Mh, Mw = (_cached(("filt", n, key, mode, x.dtype, str(x.device)),
+                      lambda n=n: torch.as_tensor(_filter_matrix(n, k, mode), dtype=x.dtype, device=x.device))
+              for n in (H, W))
+    return Mh @ x @ Mw.T
+
+
+def _gaussian(x, sigma, mode="replicate", truncate=4.0):
+    """skimage.filters.gaussian(x, sigma, channel_axis=...) (scipy gaussian_filter per channel; default
+    mode 'nearest' = replicate, truncate 4)."""
+    if sigma <= 1e-15:  # scipy skips such axes
+        return x
+    return _sep_filter(x, _gauss_kernel(sigma, truncate), mode)
+
+
+def _box3(x, mode="reflect101"):  # cv2.blur(x, (3, 3)), float result
+    return _sep_filter(x, np.full(3, 1 / 3), mode)
+
+
+def _rgb_to_hsv(x):
+    """skimage.color.rgb2hsv for [N, 3, H, W] in [0, 1] (H in [0, 1), 0 for greys; S = 0 where V = 0)."""
+    r, g, b = x.unbind(1)
+    v, _ = x.max(1)
+    delta = v - x.min(1).values
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    s = torch.where(v > 0, delta / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    h = torch.where(b == v, 4 + (r - g) / safe, torch.where(g == v, 2 + (b - r) / safe, (g - b) / safe))
+    h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
+    return torch.stack([h, s, v], 1)
+
+
+def _hsv_to_rgb(x):
+    """skimage.color.hsv2rgb for [N, 3, H, W], in the closed form channel = v - v*s*clip(min(k, 4 - k), 0, 1),
+    k = (n + 6h) mod 6 with n = 5, 3, 1 for R, G, B (the same sextant table, without materialising it)."""
+    h6, s, v = x[:, :1] * 6, x[:, 1:2], x[:, 2:3]
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) + h6) % 6
+    return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def _zoom_matrix(n, z, dtype, device):
+    """clipped_zoom along one axis as an [n, n] matrix: centre crop of ceil(n/z) px, scipy.ndimage.zoom
+    (order 1, grid_mode=False: corners aligned) to round(crop*z) px, centre trim back to n."""
+    ch = int(np.ceil(n / z))
+    top = (n - ch) // 2
+    out = int(round(ch * z))
+    trim = (out - n) // 2
+    M = np.zeros((n, n))
+    scale = (ch - 1) / (out - 1) if out > 1 else 0.0
+    for j in range(n):
+        src = (j + trim) * scale
+        i0 = min(int(np.floor(src)), ch - 1)
+        fr = src - i0
+        M[j, top + i0] += 1 - fr
+        if fr > 0:
+            M[j, top + min(i0 + 1, ch - 1)] += fr
+    return torch.as_tensor(M, dtype=dtype, device=device)
+
+
+# ─── the corruptions: f(img uint8 [N,3,H,W], c, generator) -> uint8 ───────────────────────────────
+def _gaussian_noise(img, c, g):
+    x = _f(img)
+    return _u8(x + c * _randn(x.shape, g, x.device))
+
+
+def _shot_noise(img, c, g):
+    x = _f(img)
+    rate = (x * c).to(_dev(g, x.device))
+    return _u8(torch.poisson(rate, generator=g).to(x.device) / c)
+
+
+def _impulse_noise(img, c, g):  # skimage random_noise(mode='s&p', amount=c): per element, salt/pepper 50/50
+    x = _f(img)
+    flipped = _rand(x.shape, g, x.device) <= c
+    salted = _rand(x.shape, g, x.device) <= 0.5
+    x = torch.where(flipped & salted, torch.ones_like(x), x)
+    return _u8(torch.where(flipped & ~salted, torch.zeros_like(x), x))
+
+
+def _speckle_noise(img, c, g):
+    x = _f(img)
+    return _u8(x + x * c * _randn(x.shape, g, x.device))
+
+
+def _gaussian_blur(img, c, g):
+    return _u8(_gaussian(_f(img), c))
+
+
+def _contrast(img, c, g):  # per-image, per-channel means (CIFAR: axis=(0, 1) of HxWx3)
+    x = _f(img)
+    m = x.mean((2, 3), keepdim=True)
+    return _u8((x - m) * c + m)
+
+
+def _brightness(img, c, g):  # float64 (pointwise, cheap): max channels sit exactly on the truncation edge
+    hsv = _rgb_to_hsv(img.double() / 255)
+    hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
+    return _u8(_hsv_to_rgb(hsv))
+
+
+def _saturate(img, c, g):
+    hsv = _rgb_to_hsv(img.double() / 255)
+    hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
+    return _u8(_hsv_to_rgb(hsv))
+
+
+def _disk(radius, alias_blur):
+    """make_*_c.py disk(): aliased disk on a 17x17 grid, then cv2.GaussianBlur (3x3, reflect-101)."""
+    L = np.arange(-8, 9) if radius <= 8 else np.arange(-radius, radius + 1)
+    X, Y = np.meshgrid(L, L)
+    d = ((X ** 2 + Y ** 2) <= radius ** 2).astype(np.float64)
+    d /= d.sum()
+    ks = 3 if radius <= 8 else 5
+    t = np.arange(ks) - (ks - 1) / 2
+    k1 = np.exp(-t ** 2 / (2 * alias_blur ** 2))
+    k1 /= k1.sum()
+    n, r = len(L), ks // 2
+    idx = _pad_index(n, r, "reflect101", "cpu").numpy()
+    dp = d[idx][:, idx]
+    d = sum(k1[a] * dp[a:a + n] for a in range(ks))
+    d = sum(k1[a] * d[:, a:a + n] for a in range(ks))
+    nz = np.nonzero(d.any(0))[0]  # crop the exact-zero border: same result, smaller conv
+    m = min(nz[0], n - 1 - nz[-1])
+    return d[m:n - m, m:n - m]
+
+
+def _defocus_blur(img, c, g):  # cv2.filter2D per channel, border reflect-101
+    x = _f(img)
+    N, C, H, W = x.shape
+    k = torch.as_tensor(_disk(*c), dtype=x.dtype, device=x.device)
+    r = (k.shape[0] - 1) // 2
+    y = F.conv2d(_pad(x.reshape(N * C, 1, H, W), r, "reflect101"), k[None, None])
+    return _u8(y.view(N, C, H, W))
+
+
+def _zoom_operator(H, W, factors, device):
+    """(I + sum_z clipped_zoom_z) / (len + 1) as one [H*W, H*W] matrix (transposed, for x @ K): the whole zoom
+    blur of a batch becomes a single matmul. sum_z kron(A_z, B_z) is itself one small GEMM over z."""
+    A = torch.stack([_zoom_matrix(H, z, torch.float64, "cpu") for z in factors])  # [Z, H, H]
+    B = torch.stack([_zoom_matrix(W, z, torch.float64, "cpu") for z in factors])
+    K = (A.reshape(len(factors), -1).T @ B.reshape(len(factors), -1)).view(H, H, W, W)
+    K = K.permute(0, 2, 1, 3).reshape(H * W, H * W) + torch.eye(H * W, dtype=torch.float64)
+    return (K / (len(factors) + 1)).T.to(device=device, dtype=torch.float32).contiguous()
+
+
+_CACHE: dict = {}
+
+
+def _cached(key, make):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def _zoom_blur(img, c, g):
+    x = _f(img)
+    N, C, H, W = x.shape
+    if H * W > 64 * 64:  # the dense operator would be too big: sum the zooms one by one (separable)
+        out = x.clone()
+        for z in c:
+            out += _zoom_matrix(H, z, x.dtype, x.device) @ x @ _zoom_matrix(W, z, x.dtype, x.device).T
+        return _u8(out / (len(c) + 1))
+    K = _cached(("zoom", H, W, tuple(np.round(c, 6)), str(x.device)), lambda: _zoom_operator(H, W, c, x.device))
+    return _u8((x.reshape(N * C, H * W) @ K).view(N, C, H, W))
+
+
+def _motion_blur_float(x, radius, sigma, angle):
+    """ImageMagick MotionBlurImage (the generator calls it through Wand): a one-sided Gaussian of width
+    2*ceil(radius)+1 along `angle` (degrees, one per image), sampling x + ceil(i*cos - .5), y + ceil(i*sin - .5)
+    with edge-replicated virtual pixels (the same kernel imagecorruptions ported to numpy). ImageMagick
+    works in 16-bit quanta; callers round to 8 bits as its PNG round trip does (not checked against
+    ImageMagick itself, which this project does not depend on)."""
+    N, C, H, W = x.shape
+    width = 2 * int(math.ceil(radius)) + 1
+    i = torch.arange(width, dtype=torch.float64, device=x.device)
+    k = torch.exp(-i ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).to(x.dtype)
+    a = torch.deg2rad(angle.double())[:, None]
+    ox = torch.ceil(i * torch.cos(a) - 0.5).long()  # [N, width]
+    oy = torch.ceil(i * torch.sin(a) - 0.5).long()
+    ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    flat = x.reshape(N, C, H * W)
+    out = torch.zeros_like(flat)
+    for j in range(width):
+        rows = (ys[None, :] + oy[:, j, None]).clamp(0, H - 1)  # [N, H]
+        cols = (xs[None, :] + ox[:, j, None]).clamp(0, W - 1)
+        idx = (rows[:, :, None] * W + cols[:, None, :]).view(N, 1, H * W).expand(N, C, H * W)
+        out.add_(flat.gather(2, idx), alpha=float(k[j]))
+    return out.view(N, C, H, W)
+
+
+def _motion_blur(img, c, g):
+    angle = _uniform(-45, 45, (img.shape[0],), g, img.device)
+    y = _motion_blur_float(img.float(), c[0], c[1], angle)
+    return y.round().clamp(0, 255).to(torch.uint8)  # ImageMagick writes a rounded 8-bit PNG
+
+
+def _snow(img, c, g):
+    """snow(): zoomed Gaussian flakes, thresholded, 8-bit, ImageMagick motion blur (angle -135..-45),
+    added twice (once rotated 180 deg) onto the greyish-brightened image."""
+    x = _f(img)
+    N, C, H, W = x.shape
+    layer = c[0] + c[1] * _randn((N, 1, H, W), g, x.device)
+    Mh, Mw = (_zoom_matrix(n, c[2], x.dtype, x.device) for n in (H, W))
+    layer = Mh @ layer @ Mw.T
+    layer = torch.where(layer < c[3], torch.zeros_like(layer), layer)
+    layer = (layer.clamp(0, 1) * 255).to(torch.uint8).float()  # .astype(np.uint8) before the PNG
+    angle = _uniform(-135, -45, (N,), g, x.device)
+    layer = _motion_blur_float(layer, c[4], c[5], angle).round().clamp(0, 255) / 255
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]  # cv2 RGB2GRAY
+    x = c[6] * x + (1 - c[6]) * torch.maximum(x, grey * 1.5 + 0.5)
+    return _u8(x + layer + layer.flip(-1, -2))
+
+
+def _frost_dir():
+    spec = importlib.util.find_spec("imagecorruptions")  # locate only: importing it fails on new numpy
+    locs = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locs:
+        d = Path(loc) / "frost"
+        if all((d / f).is_file() for f in _FROST_FILES):
+            return d
+    raise RuntimeError("frost needs the frost texture photos shipped by the PyPI package 'imagecorruptions' "
+                       "(only its image files are used): pip install --no-deps imagecorruptions")
+
+
+_FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+
+
+def _frost_textures(scale, device):
+    """The photos the generator may pick (np.random.randint(5): frost1..frost5; frost6 is never used),
+    shrunk like cv2.resize(fx=fy=scale) (bilinear, half-pixel centres, no antialias), padded into one
+    uint8 [5, 3, Hmax, Wmax] tensor, with their true sizes."""
+    from PIL import Image
+    d = _frost_dir()
+    ims, sizes = [], []
+    for f in _FROST_FILES[:5]:
+        t = torch.from_numpy(np.asarray(Image.open(d / f).convert("RGB")).copy()).permute(2, 0, 1).float()
+        if scale != 1:
+            t = F.interpolate(t[None], scale_factor=scale, mode="bilinear", align_corners=False,
+                              recompute_scale_factor=False)[0]
+        ims.append(t.round().clamp(0, 255).to(torch.uint8))
+        sizes.append(ims[-1].shape[1:])
+    Hm, Wm = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    out = torch.zeros(5, 3, Hm, Wm, dtype=torch.uint8)
+    for i, t in enumerate(ims):
+        out[i, :, :t.shape[1], :t.shape[2]] = t
+    return out.to(device), torch.tensor(sizes, device=device)
+
+
+def _frost(img, c, g):
+    N, C, H, W = img.shape
+    tex, sizes = _cached(("frost", _FROST_SCALE.get(H, 1.0), str(img.device)),
+                         lambda: _frost_textures(_FROST_SCALE.get(H, 1.0), img.device))
+    if bool((sizes[:, 0] <= H).any() or (sizes[:, 1] <= W).any()):
+        raise ValueError(f"frost textures are too small for {H}x{W} images")
+    idx = _randint(0, 5, (N,), g, img.device)
+    hs, ws = sizes[idx, 0], sizes[idx, 1]
+    x0 = (_rand((N,), g, img.device) * (hs - H)).long()  # randint(0, h - H), per image
+    y0 = (_rand((N,), g, img.device) * (ws - W)).long()
+    rows = x0[:, None] + torch.arange(H, device=img.device)
+    cols = y0[:, None] + torch.arange(W, device=img.device)
+    crop = tex[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # [N, 3, H, W]
+    return (c[0] * img.float() + c[1] * crop.float()).clamp(0, 255).to(torch.uint8)
+
+
+def _plasma(n, size, decay, g, dev):
+    """plasma_fractal() (diamond-square), one independent map per image, normalised to [0, 1]."""
+    m = torch.zeros(n, size, size, device=dev)
+    step, wib = size, 100.0
+    while step >= 2:
+        h = step // 2
+
+        def wmean(a):
+            return a / 4 + wib * _uniform(-wib, wib, a.shape, g, dev)
+        corner = m[:, ::step, ::step]
+        sq = corner + corner.roll(-1, 1)
+        sq = sq + sq.roll(-1, 2)
+        m[:, h::step, h::step] = wmean(sq)
+        dr, ul = m[:, h::step, h::step], m[:, ::step, ::step]
+        m[:, ::step, h::step] = wmean(dr + dr.roll(1, 1) + ul + ul.roll(-1, 2))
+        m[:, h::step, ::step] = wmean(dr + dr.roll(1, 2) + ul + ul.roll(-1, 1))
+        step //= 2
+        wib /= decay
+    m = m - m.amin((1, 2), keepdim=True)
+    return m / m.amax((1, 2), keepdim=True)
+
+
+def _fog(img, c, g):
+    x = _f(img)
+    N, C, H, W = x.shape
+    size = 1 << (max(H, W) - 1).bit_length()  # mapsize: 32 for CIFAR, 64 for Tiny-ImageNet, next power of 2
+    fog = _plasma(N, size, c[1], g, x.device)[:, None, :H, :W]
+    mx = x.amax((1, 2, 3), keepdim=True)
+    return _u8((x + c[0] * fog) * mx / (mx + c[0]))
+
+
+def _glass_schedule(H, W, d):
+    """The generator swaps pixel (h, w) with (h+dy, w+dx), dx, dy in [-d, d), for h = H-d .. d+1 and
+    w = W-d .. d+1 (both descending), one after the other. Swap (h, w) only touches rows h-d..h+d-1 and
+    the same columns, so two swaps interfere only if |dh|, |dw| < 2d. Step t = 2d*a + b (a, b = rank of h, w
+    in the scan) keeps every interfering pair in scan order and puts only non-interfering swaps in the same
+    step: running the steps one by one, all swaps of a step at once, gives exactly the sequential result
+    (88 steps instead of 900 swaps at 32 px). Returns the scan order sorted by step, the flat pixel index of
+    each position in that order, and the step boundaries."""
+    hs, ws = torch.arange(H - d, d, -1), torch.arange(W - d, d, -1)
+    a, b = torch.meshgrid(torch.arange(len(hs)), torch.arange(len(ws)), indexing="ij")
+    t = (2 * d * a + b).flatten()
+    order = torch.argsort(t, stable=True)
+    src = (hs[a.flatten()] * W + ws[b.flatten()])[order]
+    bounds = torch.cumsum(torch.bincount(t), 0).tolist()
+    return order, src, [0] + bounds
+
+
+def _glass_blur(img, c, g):
+    sigma, d, iters = c
+    x = _gaussian(_f(img), sigma)
+    x = (x.clamp(0, 1) * 255).to(torch.uint8)  # np.uint8(gaussian(...) * 255)
+    N, C, H, W = x.shape
+    order, src, bounds = _cached(("glass", H, W, d), lambda: _glass_schedule(H, W, d))
+    order, src = order.to(x.device), src.to(x.device)
+    p = x.to(torch.int32)  # pack each RGB pixel in one int32: a swap is then a 1-D gather/scatter
+    flat = (p[:, 0] | (p[:, 1] << 8) | (p[:, 2] << 16)).reshape(-1)
+    base = (torch.arange(N, device=x.device) * H * W)[None, :]  # image offsets in the flat buffer
+    for _ in range(iters):
+        off = _randint(-d, d, (N, len(order), 2), g, x.device)  # (dx, dy) per pixel, in scan order
+        delta = (off[..., 1] * W + off[..., 0]).T[order]  # [positions in step order, N]
+        s_all = src[:, None] + base
+        d_all = s_all + delta
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            s_i, d_i = s_all[lo:hi].reshape(-1), d_all[lo:hi].reshape(-1)
+            a, b = flat.index_select(0, s_i), flat.index_select(0, d_i)
+            flat.index_copy_(0, s_i, b)
+            flat.index_copy_(0, d_i, a)
+    flat = flat.view(N, 1, H, W)
+    x = torch.cat([(flat >> (8 * i)) & 255 for i in range(3)], 1).float() / 255
+    return _u8(_gaussian(x, sigma))
+
+
+def _pil_box_weights(n_in, n_out):
+    """PIL's BOX resampling coefficients (ImagingResample precompute_coeffs) as an [n_out, n_in] matrix."""
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)
+    support = 0.5 * fscale
+    M = np.zeros((n_out, n_in))
+    for xx in range(n_out):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), n_in)
+        w = np.array([1.0 if -0.5 <= (x - center + 0.5) / fscale < 0.5 else 0.0 for x in range(xmin, xmax)])
+        M[xx, xmin:xmax] = w / w.sum() if w.sum() else w
+    return M
+
+
+def _pil_resize_box(x, h_out, w_out):
+    """Image.resize((w, h), Image.BOX) on float pixel values: horizontal pass then vertical, each rounded
+    to uint8 as PIL's 8-bit resampler does."""
+    N, C, H, W = x.shape
+    if w_out != W:
+        Mw = torch.as_tensor(_pil_box_weights(W, w_out), dtype=x.dtype, device=x.device)
+        x = torch.floor(x @ Mw.T + 0.5).clamp(0, 255)
+    if h_out != H:
+        Mh = torch.as_tensor(_pil_box_weights(H, h_out), dtype=x.dtype, device=x.device)
+        x = torch.floor(Mh @ x + 0.5).clamp(0, 255)
+    return x
+
+
+def _pixelate(img, c, g):
+    N, C, H, W = img.shape
+    x = _pil_resize_box(img.float(), int(H * c), int(W * c))
+    return _pil_resize_box(x, H, W).to(torch.uint8)
+
+
+def _jpeg_compression(img, c, g):
+    """Real JPEG round trip at quality c (PIL's default 4:2:0 chroma subsampling = libjpeg's, which
+    torchvision also uses). Per image on CPU (libjpeg), batched nvjpeg on CUDA."""
+    imgs = list(img.contiguous().unbind(0))
+    with warnings.catch_warnings():  # torchvision 0.29 flags its image codecs as moving to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _jpeg_roundtrip(imgs, int(c), img.device)
+
+
+def _jpeg_roundtrip(imgs, q, device):
+    from torchvision.io import decode_jpeg, encode_jpeg
+    try:
+        out = decode_jpeg(encode_jpeg(imgs, quality=q), device=device)
+    except RuntimeError:  # no nvjpeg on this build: fall back to the CPU codec
+        out = [t.to(device) for t in decode_jpeg(encode_jpeg([t.cpu() for t in imgs], quality=q))]
+    return torch.stack(out)
+
+
+def _elastic_transform(img, c, g):
+    """Random affine (cv2.warpAffine, bilinear at OpenCV's 1/32-px precision, border reflect-101) then a
+    smooth displacement field (skimage gaussian of U(-1, 1), mode 'reflect', truncate 3, times alpha) applied
+    with scipy map_coordinates(order=1, mode='reflect')."""
+    x = _f(img)
+    N, C, H, W = x.shape
+    dev = x.device
+    cs = torch.tensor([H // 2, W // 2], dtype=torch.float64, device=dev)
+    sq = min(H, W) // 3
+    pts1 = torch.stack([cs + sq, torch.stack([cs[0] + sq, cs[1] - sq]), cs - sq])  # [3, 2] (x, y) like cv2
+    pts2 = pts1[None] + _uniform(-c[2], c[2], (N, 3, 2), g, dev).double()
+    P = torch.cat([pts1, torch.ones(3, 1, dtype=torch.float64, device=dev)], 1)
+    A = torch.linalg.solve(P[None].expand(N, 3, 3), pts2)  # [N, 3, 2]: [x y 1] @ A = pts2
+    T = torch.zeros(N, 3, 3, dtype=torch.float64, device=dev)
+    T[:, :2], T[:, 2, 2] = A.transpose(1, 2), 1
+    Ti = torch.linalg.inv(T)  # warpAffine samples the source at M^-1 (dst)
+    yy, xx = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float64),
+                            torch.arange(W, device=dev, dtype=torch.float64), indexing="ij")
+    sx = Ti[:, 0, 0, None, None] * xx + Ti[:, 0, 1, None, None] * yy + Ti[:, 0, 2, None, None]
+    sy = Ti[:, 1, 0, None, None] * xx + Ti[:, 1, 1, None, None] * yy + Ti[:, 1, 2, None, None]
+    x = _bilinear(x, (torch.round(sy * 32) / 32).float(), (torch.round(sx * 32) / 32).float(), "reflect101")
+    field = _uniform(-1, 1, (N, 2, H, W), g, dev)  # dx then dy, as drawn by the generator
+    field = _gaussian(field, c[1], mode="symmetric", truncate=3) * c[0]
+    return _u8(_bilinear(x, yy.float() + field[:, 1], xx.float() + field[:, 0], "symmetric"))
+
+
+def _bilinear(x, sy, sx, mode):
+    """Sample x [N, C, H, W] at float coordinates sy, sx [N, H, W]. Out-of-range neighbours follow the border
+    mode: x is padded by half its size once (fast F.pad), beyond that indices clamp (never reached by the
+    elastic_transform displacements, a few pixels)."""
+    N, C, H, W = x.shape
+    p = min(H, W) // 2
+    xp = _pad(x, p, mode)
+    Hp, Wp = H + 2 * p, W + 2 * p
+    y0, x0 = torch.floor(sy), torch.floor(sx)
+    fy, fx = (sy - y0).to(x.dtype)[:, None], (sx - x0).to(x.dtype)[:, None]
+    y0 = (y0.long() + p).clamp(0, Hp - 2)
+    x0 = (x0.long() + p).clamp(0, Wp - 2)
+    flat = xp.reshape(N, C, Hp * Wp)
+    i00 = y0 * Wp + x0
+
+    def at(off):
+        return flat.gather(2, (i00 + off).view(N, 1, H * W).expand(N, C, H * W)).view(N, C, H, W)
+    return ((1 - fy) * ((1 - fx) * at(0) + fx * at(1)) + fy * ((1 - fx) * at(Wp) + fx * at(Wp + 1)))
+
+
+def _spatter(img, c, g):
+    """spatter(): a blurred, thresholded Gaussian 'liquid' layer. Mud (c[5] = 1) is plain array maths.
+    Water (c[5] = 0) runs OpenCV's Canny (3x3 Sobel, L1 magnitude, non-maximum suppression, hysteresis
+    50/150), distanceTransform(DIST_L2, mask 5: chamfer weights 1, 1.4, 2.1969; only distances <= 20 matter
+    since they are truncated at 20, so 20 min-plus sweeps are exact), blur, equalizeHist, an 8-bit filter2D,
+    blur, in torch. The generator's uint8 cast of liquid*255 wraps above 1.0; we clamp (very rare)."""
+    x = _f(img)
+    N, C, H, W = x.shape
+    dev = x.device
+    liquid = _gaussian(c[0] + c[1] * _randn((N, 1, H, W), g, dev), c[2])
+    liquid = torch.where(liquid < c[3], torch.zeros_like(liquid), liquid)
+    if c[5] == 0:
+        l8 = (liquid * 255).clamp(0, 255).floor()
+        edges = _canny(l8, 50, 150)
+        dist = _chamfer_distance(edges, 20.0).clamp(max=20)
+        dist = _box3(dist).floor()  # blur, then .astype(np.uint8)
+        dist = _equalize_hist(dist)
+        ker = torch.tensor([[-2., -1, 0], [-1, 1, 1], [0, 1, 2]], device=dev)
+        dist = F.conv2d(_pad(dist, 1, "reflect101"), ker[None, None])
+        dist = _round_half_even(dist).clamp(0, 255)  # filter2D to CV_8U saturates
+        dist = _round_half_even(_box3(dist)).clamp(0, 255)  # cv2.blur on uint8
+        m = liquid * dist
+        mx = m.amax((2, 3), keepdim=True)
+        m = torch.where(mx > 0, m / torch.where(mx > 0, mx, torch.ones_like(mx)), torch.zeros_like(m)) * c[4]
+        color = torch.tensor([175 / 255, 238 / 255, 238 / 255], device=dev).view(1, 3, 1, 1)
+        return _u8(x + m * color)
+    m = _gaussian((liquid > c[3]).float(), c[4])
+    m = torch.where(m < 0.8, torch.zeros_like(m), m)
+    color = torch.tensor([63 / 255, 42 / 255, 20 / 255], device=dev).view(1, 3, 1, 1)
+    return _u8(x * (1 - m) + color * m)
+
+
+def _round_half_even(x):
+    return torch.round(x)  # torch.round rounds half to even, like cvRound
+
+
+def _canny(img, low, high):
+    """cv2.Canny(img, low, high) for [N, 1, H, W] uint8-valued floats: bool edge map."""
+    N, _, H, W = img.shape
+    p = _pad(img, 1, "replicate")
+    sob = torch.tensor([[-1., 0, 1], [-2, 0, 2], [-1, 0, 1]], device=img.device)
+    gx = F.conv2d(p, sob[None, None])
+    gy = F.conv2d(p, sob.T.contiguous()[None, None])
+    mag = gx.abs() + gy.abs()
+    mp = F.pad(mag, (1, 1, 1, 1))  # magnitude outside the image is 0
+
+    def nb(dy, dx):
+        return mp[:, :, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+    ax, ay = gx.abs(), gy.abs()
+    tg22 = ax * 0.4142135623730950
+    tg67 = tg22 + 2 * ax
+    s = torch.where((gx < 0) ^ (gy < 0), -1, 1)
+    horiz = (mag > nb(0, -1)) & (mag >= nb(0, 1))
+    vert = (mag > nb(-1, 0)) & (mag >= nb(1, 0))
+    diag = torch.where(s < 0, (mag > nb(-1, 1)) & (mag > nb(1, -1)), (mag > nb(-1, -1)) & (mag > nb(1, 1)))
+    keep = torch.where(ay < tg22, horiz, torch.where(ay > tg67, vert, diag)) & (mag > low)
+    strong = keep & (mag > high)
+    while True:  # hysteresis: grow strong edges through 8-connected candidates
+        grown = keep & (F.max_pool2d(strong.float(), 3, 1, 1) > 0)
+        if torch.equal(grown, strong):
+            return strong
+        strong = grown
+
+
+def _chamfer_distance(edges, cap):
+    """cv2.distanceTransform(255 - edges, DIST_L2, 5) for distances up to `cap` (outside = unreachable)."""
+    steps = {(0, 1): 1.0, (1, 1): 1.4, (1, 2): 2.1969}  # OpenCV's mask5 for DIST_L2 (|dy|, |dx|), either order
+    moves = [(dy, dx, steps[tuple(sorted((abs(dy), abs(dx))))]) for dy in range(-2, 3) for dx in range(-2, 3)
+             if tuple(sorted((abs(dy), abs(dx)))) in steps]
+    big = 1e4
+    d = torch.where(edges, torch.zeros_like(edges, dtype=torch.float32), torch.full_like(edges, big, dtype=torch.float32))
+    N, _, H, W = d.shape
+    for _ in range(int(cap) + 1):
+        p = F.pad(d, (2, 2, 2, 2), value=big)
+        cand = torch.stack([p[:, :, 2 + dy:2 + dy + H, 2 + dx:2 + dx + W] + w for dy, dx, w in moves], 0).amin(0)
+        nd = torch.minimum(d, cand)
+        if torch.equal(nd, d):
+            break
+        d = nd
+    return d
+
+
+def _equalize_hist(x):
+    """cv2.equalizeHist per image on [N, 1, H, W] integer-valued floats 0..255."""
+    N = x.shape[0]
+    v = x.reshape(N, -1).long()
+    hist = torch.zeros(N, 256, dtype=torch.long, device=x.device).scatter_add_(1, v, torch.ones_like(v))
+    total = v.shape[1]
+    first = (hist > 0).float().argmax(1)
+    hfirst = hist.gather(1, first[:, None]).squeeze(1)
+    cum = hist.cumsum(1) - hfirst[:, None]  # sum over (first, i]
+    scale = 255.0 / (total - hfirst).clamp(min=1).float()
+    lut = _round_half_even(cum.float() * scale[:, None]).clamp(0, 255)
+    ar = torch.arange(256, device=x.device)[None]
+    lut = torch.where(ar <= first[:, None], torch.zeros_like(lut), lut)
+    lut = torch.where((hfirst == total)[:, None], first[:, None].float().expand_as(lut), lut)
+    return lut.gather(1, v).view_as(x)
+
+
+_FUNCS = dict(gaussian_noise=_gaussian_noise, shot_noise=_shot_noise, impulse_noise=_impulse_noise,
+              speckle_noise=_speckle_noise, gaussian_blur=_gaussian_blur, glass_blur=_glass_blur,
+              defocus_blur=_defocus_blur, motion_blur=_motion_blur, zoom_blur=_zoom_blur, snow=_snow,
+              frost=_frost, fog=_fog, brightness=_brightness, contrast=_contrast, saturate=_saturate,
+              pixelate=_pixelate, jpeg_compression=_jpeg_compression, elastic_transform=_elastic_transform,
+              spatter=_spatter)
+
+
+def corrupt(images, name, severity, generator=None, params=None):
+    """Apply one CIFAR-C / Tiny-ImageNet-C corruption to uint8 images [N, 3, H, W] (batched, on their device).
+
+    Parameters per severity are those of make_cifar_c.py (H = W = 32) or make_tinyimagenet_c.py (64);
+    for other sizes pass `params` (the generator's `c` for that corruption, e.g. 0.08 for gaussian_noise).
+    `generator` (a torch.Generator, on any device) makes the draws reproducible."""
+    _check_name_severity(name, severity)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
+            or images.shape[1] != 3:
+        raise ValueError("images must be a uint8 tensor [N, 3, H, W], got "
+                         f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+    H, W = images.shape[-2:]
+    if params is None:
+        if H != W or H not in _PARAMS:
+            raise ValueError(f"standard parameters exist for 32x32 (CIFAR-C) and 64x64 (Tiny-ImageNet-C) images, "
+                             f"got {H}x{W}: pass params= explicitly")
+        params = _PARAMS[H][name][severity - 1]
+    if images.shape[0] == 0:
+        return images.clone()
+    with torch.no_grad():
+        out = _FUNCS[name](images, params, generator)
+    return out.contiguous()
+
+
+# ─── official files ─────────────────────────────────────────────────────────────────────────────
+_C_DIRS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "tinyimagenet": "Tiny-ImageNet-C"}
+
+
+def _dataset_key(dataset):
+    key = str(dataset).lower().replace("-", "").replace("_", "")
+    key = {"cifar10c": "cifar10", "cifar100c": "cifar100", "tinyimagenet200": "tinyimagenet",
+           "tinyimagenetc": "tinyimagenet", "tiny": "tinyimagenet"}.get(key, key)
+    if key not in _C_DIRS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: cifar10, cifar100, tinyimagenet")
+    return key
+
+
+def _c_dir(root, key):
+    root = Path(root)
+    return root if root.name == _C_DIRS[key] else root / _C_DIRS[key]
+
+
+def corrupted_available(root, dataset, name):
+    """True when the official corrupted files for `name` exist under root."""
+    if root is None:
+        return False
+    key = _dataset_key(dataset)
+    d = _c_dir(root, key)
+    return (d / f"{name}.npy").is_file() and (d / "labels.npy").is_file() if key != "tinyimagenet" \
+        else (d / name).is_dir()
+
+
+def load_corrupted(root, dataset, name, severity, classes=None, limit=None):
+    """Official corrupted test images -> (uint8 [N, 3, H, W], int64 labels [N]).
+
+    CIFAR-10-C / CIFAR-100-C: <root>/CIFAR-10-C/<name>.npy, uint8 [50000, 32, 32, 3], severity s = rows
+    (s-1)*10000 .. s*10000 (the test set in order) and labels.npy (memory-mapped: only the block is read).
+    Tiny-ImageNet-C: <root>/Tiny-ImageNet-C/<name>/<severity>/<wnid>/*.JPEG; labels index `classes`
+    (a list of wnids; default: the sorted folder names, torchvision ImageFolder's order).
+    `root` may also be the -C folder itself. `limit`: keep the first `limit` images of the block."""
+    _check_name_severity(name, severity)
+    key = _dataset_key(dataset)
+    d = _c_dir(root, key)
+    if key != "tinyimagenet":
+        f, fl = d / f"{name}.npy", d / "labels.npy"
+        if not f.is_file() or not fl.is_file():
+            raise FileNotFoundError(f"official {_C_DIRS[key]} files not found: need {f} and {fl}")
+        arr, lab = np.load(f, mmap_mode="r"), np.load(fl, mmap_mode="r")
+        if arr.ndim != 4 or arr.shape[3] != 3 or arr.shape[0] % 5 or lab.shape[0] != arr.shape[0]:
+            raise ValueError(f"{f}: expected uint8 [5*n, H, W, 3] with matching labels.npy, got {arr.shape}")
+        n = arr.shape[0] // 5
+        stop = (severity - 1) * n + (n if limit is None else min(limit, n))
+        block = np.ascontiguousarray(arr[(severity - 1) * n:stop])
+        labels = torch.from_numpy(np.asarray(lab[(severity - 1) * n:stop]).astype(np.int64))
+        return torch.from_numpy(block).permute(0, 3, 1, 2).contiguous(), labels
+    from PIL import Image
+    sd = d / name / str(severity)
+    if not sd.is_dir():
+        raise FileNotFoundError(f"official Tiny-ImageNet-C folder not found: {sd}")
+    wnids = sorted(p.name for p in sd.iterdir() if p.is_dir()) if classes is None else list(classes)
+    index = {w: i for i, w in enumerate(wnids)}
+    ims, labels = [], []
+    for w in sorted(p.name for p in sd.iterdir() if p.is_dir()):
+        if w not in index:
+            raise ValueError(f"{sd / w}: class {w!r} is not in `classes`")
+        for f in sorted(p for p in (sd / w).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")):
+            ims.append(np.asarray(Image.open(f).convert("RGB")))
+            labels.append(index[w])
+            if limit is not None and len(ims) >= limit:
+                break
+    if not ims:
+        raise FileNotFoundError(f"no images under {sd}")
+    return (torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(labels, dtype=torch.int64))
+
+
+# ─── evaluation ─────────────────────────────────────────────────────────────────────────────────
+def _resolve_corruptions(corruptions):
+    if isinstance(corruptions, str):
+        sets = {"all15": CORRUPTIONS, "paper5": PAPER5, "extra": EXTRA_CORRUPTIONS,
+                "all19": CORRUPTIONS + EXTRA_CORRUPTIONS}
+        if corruptions in sets:
+            return list(sets[corruptions])
+        corruptions = [corruptions]
+    names = list(corruptions)
+    bad = [n for n in names if n not in CORRUPTIONS + EXTRA_CORRUPTIONS]
+    if bad or not names:
+        raise ValueError(f"unknown corruption(s) {bad}; valid: 'all15', 'paper5', 'extra', 'all19' or names from "
+                         f"{', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
+    return names
+
+
+def evaluate_corruptions(model, images, labels, corruptions="all15", severities=(1, 2, 3, 4, 5), batch_size=500,
+                         normalize=None, device=None, data_root=None, dataset=None, seed=0, collector=None,
+                         amp="auto", classes=None, progress=True):
+    """Accuracy (%) and ECE of `model` on clean and corrupted test images.
+
+    images: clean uint8 [N, 3, H, W] (the test set, or its first N images in order); labels [N].
+    normalize: (mean, std) applied after scaling to [0, 1]. Official files under `data_root` (for `dataset`
+    'cifar10' | 'cifar100' | 'tinyimagenet') are preferred per corruption; otherwise images are generated
+    with `corrupt` (seeded by `seed`, per corruption and severity). Returns a JSON-ready dict with
+    accuracy[c][s], per_corruption, per_severity, mean_corruption_acc, clean_acc, ece_clean, ece[c][s],
+    ece_corrupted (pooled over all corrupted predictions), detail {"<c>_s<s>": acc} (the paper's naming)
+    and source[c] ('official files' | 'generated')."""
+    from torchmetrics.classification import MulticlassCalibrationError
+    names = _resolve_corruptions(corruptions)
+    sevs = [severities] if isinstance(severities, (int, np.integer)) else list(severities)
+    for s in sevs:
+        _check_name_severity(names[0], s)
+    if not sevs:
+        raise ValueError("severities is empty; valid: 1, 2, 3, 4, 5")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError("images must be a clean uint8 tensor [N, 3, H, W]")
+    labels = torch.as_tensor(labels).long().cpu()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    H = images.shape[-1]
+    if H not in _PARAMS and data_root is None:
+        raise ValueError(f"no standard corruption parameters for {H} px images (32 or 64)")
+    dev = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
+    # same precision rule as training (bf16 only on compute capability >= 8; fp16 on a T4; fp32 on CPU)
+    amp_dtype = _amp_dtype("auto" if amp is True else "off" if amp in (False, None) else amp, dev)
+    use_amp = amp_dtype is not None and dev.type == "cuda"
+    if normalize is not None:
+        mean = torch.tensor(normalize[0], device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(normalize[1], device=dev).view(1, -1, 1, 1)
+
+    def predict(x_u8):
+        x = x_u8.to(dev).float() / 255
+        if normalize is not None:
+            x = (x - mean) / std
+        with torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext():
+            return model(x).float().softmax(1)
+
+    def run(batches):  # -> (accuracy %, probs list, labels list)
+        correct, total, P, Y = 0, 0, [], []
+        for x, y in batches:
+            p = predict(x)
+            correct += (p.argmax(1).cpu() == y).sum().item()
+            total += len(y)
+            P.append(p.cpu())
+            Y.append(y)
+        return 100.0 * correct / max(total, 1), torch.cat(P), torch.cat(Y)
+
+    def ece(p, y):
+        m = MulticlassCalibrationError(num_classes=p.shape[1], n_bins=15, norm="l1")
+        return float(m(p, y))
+
+    def chunks(x, y):
+        for i in range(0, len(y), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+
+    sources = {}
+    key = _dataset_key(dataset) if dataset is not None else None
+    for n in names:
+        official = key is not None and corrupted_available(data_root, key, n)
+        if official and key != "tinyimagenet":
+            lab = np.load(_c_dir(data_root, key) / "labels.npy", mmap_mode="r")
+            blk = len(lab) // 5
+            ok = len(labels) <= blk and np.array_equal(np.asarray(lab[:len(labels)]).astype(np.int64), labels.numpy())
+            if not ok:
+                warnings.warn(f"{n}: the clean labels are not the start of the official test set, so the official "
+                              "files can't be matched to them; generating this corruption instead")
+                official = False
+        sources[n] = "official files" if official else "generated"
+        if not official and H not in _PARAMS:
+            raise ValueError(f"{n}: no official files and no standard parameters for {H} px images")
+
+    was_training = model.training
+    model.eval()
+    acc, eces, all_p, all_y = {}, {}, [], []
+    try:
+        with torch.no_grad(), (collector.paused() if collector is not None else nullcontext()):
+            clean_acc, p, y = run(chunks(images, labels))
+            ece_clean = ece(p, y)
+            bar = tqdm(total=len(names) * len(sevs), desc="corruptions", disable=not progress or None, leave=False)
+            for ci, n in enumerate(names):
+                acc[n], eces[n] = {}, {}
+                for s in sevs:
+                    bar.set_postfix_str(f"{n} s{s}")
+                    if sources[n] == "official files":
+                        xc, yc = load_corrupted(data_root, key, n, s, classes=classes,
+                                                limit=None if key == "tinyimagenet" else len(labels))
+                        batches = chunks(xc, yc)
+                    else:
+                        g = torch.Generator(device=dev).manual_seed(int(seed) * 1000 + ci * 10 + s)
+                        batches = ((corrupt(x.to(dev), n, s, generator=g), y) for x, y in chunks(images, labels))
+                    a, p, y = run(batches)
+                    acc[n][str(s)], eces[n][str(s)] = a, ece(p, y)
+                    all_p.append(p)
+                    all_y.append(y)
+                    bar.update(1)
+            bar.close()
+    finally:
+        model.train(was_training)
+    per_c = {n: float(np.mean(list(acc[n].values()))) for n in names}
+    per_s = {str(s): float(np.mean([acc[n][str(s)] for n in names])) for s in sevs}
+    return {
+        "corruptions": names, "severities": sevs, "n_images": int(len(labels)),
+        "accuracy": acc, "per_corruption": per_c, "per_severity": per_s,
+        "mean_corruption_acc": float(np.mean(list(per_c.values()))),
+        "clean_acc": clean_acc, "ece_clean": ece_clean, "ece": eces,
+        "ece_corrupted": ece(torch.cat(all_p), torch.cat(all_y)),
+        "detail": {f"{n}_s{s}": acc[n][str(s)] for n in names for s in sevs},
+        "source": sources,
+    }
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# results & reports
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# One run = one result.json (see train); a notebook's report reads whatever results exist under
+# {out_dir}/runs/*/result.json, aggregates over seeds, puts the paper's number beside ours, and draws
+# the figures the reference published for that experiment into {out_dir}/figures/.
+
+PRESETS = {
+    # the published setup: each notebook's base recipe as is
+    "paper": {},
+    # tiny real-data subset, 1 epoch, capped steps, CPU-friendly: proves the pipeline end to end
+    "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=128, max_steps_per_epoch=3,
+                  robustness_subset=32, robustness_severities=[3], warmup_epochs=0, erank_batch=64),
+}
+NOTEBOOK_PARAMS = ("configs", "seeds", "epochs", "batch_size", "data_root", "out_dir", "device", "amp",
+                   "preset", "resume", "report_only", "report", "list_runs", "torchrun")
+
+
+def check_notebook_params(namespace: dict, defined_before: set, extra=()):
+    """Reject misspelled papermill parameters (papermill itself only warns) and bad values, up front.
+
+    `defined_before` is the set of globals at the end of the parameters cell: papermill's injected cell
+    comes after it, so any new public name is a parameter the notebook does not know.
+    """
+    known = set(NOTEBOOK_PARAMS) | set(extra)
+    injected = {k for k, v in namespace.items() if not k.startswith("_") and k not in defined_before
+                and not isinstance(v, type(json))}  # modules imported after the parameters cell are not parameters
+    unknown = sorted(injected - known - {"In", "Out", "get_ipython", "exit", "quit", "open"})
+    if unknown:
+        raise ValueError(f"unknown notebook parameter(s) {unknown}; known: {', '.join(sorted(known))}")
+    if namespace.get("preset") not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}; got {namespace.get('preset')!r}")
+    for k in ("epochs", "batch_size"):
+        v = namespace.get(k)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{k} must be None (the preset's value) or a positive int; got {v!r}")
+
+
+def run_config(base: dict, overrides: dict, *, preset="paper", seed=42, run_dir=None, epochs=None,
+               batch_size=None, presets=None, **common) -> dict:
+    """The train() config of one run: base recipe < experiment overrides < preset < explicit knobs."""
+    presets = presets or PRESETS
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; known: {list(presets)}")
+    cfg = {**base, **overrides, **presets[preset]}
+    if epochs is not None:
+        cfg["epochs"] = epochs
+    if batch_size is not None:
+        cfg["batch_size"] = batch_size
+    cfg.update({k: v for k, v in common.items() if v is not None})
+    cfg.update(seed=seed, out_dir=str(run_dir) if run_dir is not None else cfg.get("out_dir"))
+    return cfg
+
+
+def run_plan(plan, base: dict, grid: dict, *, preset="paper", epochs=None, batch_size=None, resume=True,
+             train_fn=None, presets=None, torchrun=None, **common):
+    """Run every selected (config, seed) whose result does not exist yet; resume interrupted ones.
+
+    torchrun: None / 0 (each run in this process), "auto" or N: each run as ONE DDP run over all GPUs
+    (N processes) via train_torchrun; None reads $SES_TORCHRUN (set by `seslib.py batch --torchrun`).
+    A failing run does not stop the others; the first error is re-raised at the end so papermill and
+    the batch runner still see the failure.
+    """
+    torchrun = os.environ.get("SES_TORCHRUN") if torchrun is None else torchrun
+    if train_fn is None and torchrun not in (None, "", 0, "0", False):
+        train_fn = lambda cfg: train_torchrun(cfg, torchrun)  # noqa: E731
+    train_fn = train_fn or globals()["train"]
+    for run in plan.runs:
+        if run.done and not plan.listing:
+            print(f"[skip] {run.config} seed {run.seed}: result exists ({run.result_path})")
+    errors, results = [], []
+    for run in plan.todo:
+        cfg = run_config(base, grid[run.config], preset=preset, seed=run.seed, run_dir=run.run_dir,
+                         epochs=epochs, batch_size=batch_size, resume=resume, presets=presets, **common)
+        print(f"[run] {run.config} seed {run.seed} -> {run.run_dir}", flush=True)
+        try:
+            results.append(train_fn(cfg))
+        except Exception as e:  # noqa: BLE001 - reported and re-raised below
+            print(f"[failed] {run.config} seed {run.seed}: {type(e).__name__}: {e}", flush=True)
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    return results
+
+
+_MODEL_COST = {"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6, "mlp_toy": 0.01}
+
+
+def run_cost(cfg: dict) -> float:
+    """A run's relative cost (model x epochs x pixels, SES adds ~1/every_k); the batch runner starts the costliest first."""
+    px = 4.0 if cfg.get("dataset") == "tinyimagenet" else 1.0
+    ses = 1.0 + (0.3 / cfg.get("ses_every_k", 1) if cfg.get("ses") else 0.0)
+    return _MODEL_COST.get(cfg.get("model"), 1.0) * cfg.get("epochs", 50) * px * ses
+
+
+def resolve_out_dir(out_dir, preset="paper", name=None) -> str:
+    """Where a notebook writes. None -> outputs/<name> for the paper preset, outputs/<preset>/<name> otherwise,
+    so a smoke run's results can never pass for a paper run's. Relative paths resolve against /kaggle/working
+    on Kaggle, else the repo root (the folder of seslib.py when it holds notebooks/), else the current
+    directory: a notebook run from notebooks/ and a batch run from the root write to the same place."""
+    if out_dir is None:
+        if not name:
+            raise ValueError("out_dir is None and no notebook name was given")
+        out_dir = Path("outputs") / name if preset == "paper" else Path("outputs") / preset / name
+    p = Path(out_dir)
+    if p.is_absolute():
+        return str(p)
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or Path("/kaggle/working").is_dir():
+        return str(Path("/kaggle/working") / p)
+    here = Path(__file__).resolve().parent
+    if (here / "notebooks").is_dir() and os.access(here, os.W_OK):
+        return str(here / p)
+    return str(Path.cwd() / p)
+
+
+def _rob_mean(final: dict):
+    rob = final.get("robustness") or {}
+    for key in ("mean_corruption_acc", "mean", "overall"):
+        if isinstance(rob.get(key), (int, float)):
+            return float(rob[key])
+    return float("nan")
+
+
+def load_results(out_dir):
+    """One row per finished run under {out_dir}/runs/*/result.json (the raw result kept in column `result`)."""
+    import pandas as pd
+    rows = []
+    for path in sorted(Path(out_dir).glob("runs/*/result.json")):
+        r = json.loads(path.read_text())
+        cfg, fin = r.get("config", {}), r.get("final", {})
+        rows.append(dict(
+            config=cfg.get("config_name") or path.parent.name.rsplit("_seed", 1)[0],
+            seed=cfg.get("seed"), test_acc=fin.get("test_acc"), train_acc=fin.get("train_acc"),
+            gap=fin.get("gap"), rob=_rob_mean(fin), best_test_acc_over_epochs=fin.get("best_test_acc_over_epochs"),
+            epoch_s=fin.get("epoch_seconds_mean"), peak_mem_mb=fin.get("peak_mem_mb"), run_dir=str(path.parent),
+            result=r))
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean, std, n):
+    if mean != mean:  # NaN
+        return "—"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def summary_table(df, paper: dict | None = None, order=None, baseline="baseline", baseline_of=None):
+    """Ours (mean ± std over seeds) beside the paper's number, and Δ vs the baseline, per config."""
+    import pandas as pd
+    paper, baseline_of = paper or {}, baseline_of or {}
+    if df.empty:
+        return pd.DataFrame()
+    stats = df.groupby("config")[["test_acc", "gap", "rob", "best_test_acc_over_epochs", "epoch_s"]].agg(["mean", "std", "count"])
+    configs = [c for c in (order or stats.index) if c in stats.index]
+    rows = []
+    for c in configs:
+        s = stats.loc[c]
+        n = int(s[("test_acc", "count")])
+        m = {k: float(s[(k, "mean")]) for k in ("test_acc", "gap", "rob", "best_test_acc_over_epochs", "epoch_s")}
+        sd = {k: float(s[(k, "std")]) if n > 1 else 0.0 for k in ("test_acc", "gap", "rob")}
+        b = baseline_of.get(c, baseline)
+        p = paper.get(c, {})
+        row = {"config": c, "seeds": n,
+               "acc (final epoch)": _fmt(m["test_acc"], sd["test_acc"], n), "paper acc": p.get("acc"),
+               "gap": _fmt(m["gap"], sd["gap"], n), "paper gap": p.get("gap"),
+               "rob (15×5 mean)": _fmt(m["rob"], sd["rob"], n), "paper rob (5 corr.)": p.get("rob"),
+               "best acc over epochs (selected on test)": round(m["best_test_acc_over_epochs"], 2)
+               if m["best_test_acc_over_epochs"] == m["best_test_acc_over_epochs"] else None,
+               "epoch s": round(m["epoch_s"], 1) if m["epoch_s"] == m["epoch_s"] else None}
+        if b in stats.index and b != c:
+            row["Δ acc"] = round(m["test_acc"] - float(stats.loc[b][("test_acc", "mean")]), 2)
+            row["Δ rob"] = round(m["rob"] - float(stats.loc[b][("rob", "mean")]), 2)
+            if b in paper and "acc" in p and paper[b].get("acc") is not None and p.get("acc") is not None:
+                row["paper Δ acc"] = round(p["acc"] - paper[b]["acc"], 2)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("config")
+
+
+def _markdown(table) -> str:
+    cols = [table.index.name or ""] + [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in table.iterrows():
+        cells = ["—" if v is None or (isinstance(v, float) and v != v) else str(v) for v in row.tolist()]
+        lines.append("| " + " | ".join([str(idx)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(table, out_dir):
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / "report.csv", table.to_csv().encode())
+    atomic_write_bytes(out_dir / "report.md", _markdown(table).encode())
+
+
+# ── figures ──────────────────────────────────────────────────────────────────────────────────────
+
+def _save(fig, out_dir, name, show=True):
+    import matplotlib.pyplot as plt
+    path = Path(out_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    if show and "ipykernel" in sys.modules:  # inline in notebooks, whatever the matplotlib backend
+        from IPython.display import Image, display
+        display(Image(filename=str(path)))
+    plt.close(fig)
+    return path
+
+
+def _history_frame(df):
+    import pandas as pd
+    rows = []
+    for _, r in df.iterrows():
+        for h in r["result"].get("history", []):
+            rows.append({"config": r["config"], "seed": r["seed"], **{k: v for k, v in h.items() if not isinstance(v, dict)}})
+    return pd.DataFrame(rows)
+
+
+def fig_bars(df, out_dir, paper=None, order=None, name="bars"):
+    """Final test accuracy, gap and robustness per config (mean ± sd over seeds), paper beside ours."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+    paper = paper or {}
+    long = df.melt(id_vars=["config", "seed"], value_vars=["test_acc", "gap", "rob"], var_name="metric")
+    long["source"] = "ours"
+    prow = [{"config": c, "seed": -1, "metric": m, "value": v.get(k), "source": "paper"}
+            for c, v in paper.items() for m, k in (("test_acc", "acc"), ("gap", "gap"), ("rob", "rob"))
+            if v.get(k) is not None and c in set(df["config"])]
+    long = pd.concat([long, pd.DataFrame(prow)], ignore_index=True)
+    order = [c for c in (order or sorted(df["config"].unique())) if c in set(df["config"])]
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(order) * 1.5), 3.8))
+    titles = {"test_acc": "test accuracy, final epoch (%)", "gap": "train − test gap (pp)",
+              "rob": "corruption accuracy (%)"}
+    for ax, metric in zip(axes, titles):
+        sub = long[long["metric"] == metric].dropna(subset=["value"])
+        if not sub.empty:
+            sns.barplot(data=sub, x="config", y="value", hue="source", order=order, ax=ax, errorbar="sd",
+                        hue_order=[h for h in ("ours", "paper") if h in set(sub["source"])])
+        ax.set_title(titles[metric], fontsize=10)
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", rotation=40)
+        lo = sub["value"].min() if not sub.empty else 0
+        hi = sub["value"].max() if not sub.empty else 1
+        if metric != "gap" and hi > 0:
+            ax.set_ylim(max(0, lo - 0.15 * (hi - lo) - 1), hi + 0.1 * (hi - lo) + 1)
+    fig.suptitle("paper: best-over-epochs accuracy and a 5-corruption robustness on normalised tensors; "
+                 "ours: final epoch, standard 15-corruption protocol", fontsize=8)
+    return _save(fig, out_dir, name)
+
+
+def fig_curves(df, out_dir, name="curves", metrics=("test_acc", "train_loss", "gap")):
+    """Per-epoch curves per config (mean over seeds, shaded sd)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    hist = _history_frame(df)
+    metrics = [m for m in metrics if m in hist.columns]
+    if hist.empty or not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        sns.lineplot(data=hist, x="epoch", y=m, hue="config", ax=ax, errorbar="sd", marker="o" if hist["epoch"].nunique() < 5 else None)
+        ax.set_title(m.replace("_", " "))
+    for ax in axes[0][1:]:
+        if ax.get_legend():
+            ax.get_legend().remove()
+    return _save(fig, out_dir, name)
+
+
+def fig_erank(df, out_dir, name="erank"):
+    """Per-layer effective rank relative to its target d^beta over epochs (1 = on target)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+    rows = []
+    for _, r in df.iterrows():
+        for h in r["result"].get("history", []):
+            for layer, st in (h.get("erank") or {}).items():
+                rows.append({"config": r["config"], "epoch": h["epoch"], "layer": layer, "ratio": st["ratio"],
+                             "erank": st["erank"]})
+    if not rows:
+        return None
+    er = pd.DataFrame(rows)
+    configs = list(er["config"].unique())
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.6), squeeze=False, sharey=True)
+    for ax, c in zip(axes[0], configs):
+        sns.lineplot(data=er[er["config"] == c], x="epoch", y="ratio", hue="layer", ax=ax, errorbar=None,
+                     legend=ax is axes[0][-1], marker="o" if er["epoch"].nunique() < 5 else None)
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_title(f"{c}: erank / d^β")
+    if axes[0][-1].get_legend():
+        axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    return _save(fig, out_dir, name)
+
+
+def _per_corruption_frame(df):
+    import pandas as pd
+    rows = []
+    for _, r in df.iterrows():
+        rob = r["result"].get("final", {}).get("robustness") or {}
+        per = rob.get("per_corruption") or {}
+        for corr, acc in per.items():
+            rows.append({"config": r["config"], "seed": r["seed"], "corruption": corr, "acc": acc})
+    return pd.DataFrame(rows)
+
+
+def fig_per_corruption(df, out_dir, order=None, name="per_corruption"):
+    """Accuracy per corruption (mean over severities and seeds) for each config."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    pc = _per_corruption_frame(df)
+    if pc.empty:
+        return None
+    order = [c for c in (order or pc["config"].unique()) if c in set(pc["config"])]
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * pc["corruption"].nunique() * len(order) ** 0.5 * 2), 4))
+    sns.barplot(data=pc, x="corruption", y="acc", hue="config", hue_order=order, ax=ax, errorbar=None)
+    ax.tick_params(axis="x", rotation=50)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy per corruption (mean over severities)")
+    ax.legend(fontsize=7, ncol=min(len(order), 4))
+    return _save(fig, out_dir, name)
+
+
+def fig_pareto(df, out_dir, name="pareto"):
+    """Accuracy and robustness against epoch time (Exp 10's overhead/benefit trade-off)."""
+    import matplotlib.pyplot as plt
+    agg = df.groupby("config")[["test_acc", "rob", "epoch_s"]].mean()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, m, label in ((axes[0], "test_acc", "test accuracy (%)"), (axes[1], "rob", "corruption accuracy (%)")):
+        ax.scatter(agg["epoch_s"], agg[m])
+        for c, row in agg.iterrows():
+            ax.annotate(c, (row["epoch_s"], row[m]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("seconds per epoch")
+        ax.set_ylabel(label)
+    return _save(fig, out_dir, name)
+
+
+def fig_beta(df, out_dir, name="beta_schedules"):
+    """The beta each config used per epoch beside its test accuracy (Exp 16)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    hist = _history_frame(df)
+    if hist.empty or "beta" not in hist.columns:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    sns.lineplot(data=hist.dropna(subset=["beta"]), x="epoch", y="beta", hue="config", ax=axes[0], errorbar=None)
+    sns.lineplot(data=hist, x="epoch", y="test_acc", hue="config", ax=axes[1], errorbar=None, legend=False)
+    axes[0].set_title("β schedule")
+    axes[1].set_title("test accuracy")
+    return _save(fig, out_dir, name)
+
+
+FIGURES = {"bars": fig_bars, "curves": fig_curves, "erank": fig_erank, "per_corruption": fig_per_corruption,
+           "pareto": fig_pareto, "beta": fig_beta}
+
+
+def report(out_dir, grid=None, paper=None, figures=("bars", "curves"), baseline="baseline", baseline_of=None):
+    """The experiment's report from whatever results exist: table (+ csv/md) and figures (PNG + inline)."""
+    df = load_results(out_dir)
+    if df.empty:
+        print(f"no finished runs under {out_dir}/runs yet")
+        return None
+    order = [c for c in (grid or {}) if c in set(df["config"])] or None
+    table = summary_table(df, paper, order=order, baseline=baseline, baseline_of=baseline_of)
+    write_report(table, out_dir)
+    for f in figures:
+        if f not in FIGURES:
+            raise ValueError(f"unknown figure {f!r}; known: {', '.join(FIGURES)}")
+        fn = FIGURES[f]
+        kwargs = {"paper": paper, "order": order} if f == "bars" else ({"order": order} if f == "per_corruption" else {})
+        fn(df, out_dir, **kwargs)
+    return table
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# toy 2-D study (Exp 4): three concentric rings, a 5 x 16 MLP, kappa of the input-output Jacobian
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# The paper gives only: 3 ring classes, a 5-layer MLP of 16 units, beta = 0.6, both models at 100%,
+# kappa(J) 57.3 +- 156.2 -> 23.4 +- 30.7, every layer's erank within 5% of 16^0.6. Everything else
+# (points, radii, noise, activation, optimiser, epochs, lambda) is our documented choice below.
+
+TOY_PRESETS = {"paper": {}, "smoke": dict(epochs=20, n_per_class=100, log_every=5)}
+TOY_DEFAULTS = dict(
+    seed=42, ses=False, ses_beta=0.6, ses_lambda=0.1, n_per_class=500, radii=[1.0, 2.0, 3.0], noise=0.15,
+    test_fraction=0.2, activation="tanh", epochs=300, batch_size=128, lr=3e-3, weight_decay=0.0,
+    log_every=10, out_dir=None, resume=True, device="cpu",
+)
+
+
+def make_rings(n_per_class=500, radii=(1.0, 2.0, 3.0), noise=0.15, seed=0):
+    """Three concentric rings in 2-D (class = ring), radial Gaussian noise; float32 [N, 2], int64 [N]."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for cls, r in enumerate(radii):
+        theta = torch.rand(n_per_class, generator=g) * 2 * math.pi
+        rad = r + noise * torch.randn(n_per_class, generator=g)
+        xs.append(torch.stack([rad * theta.cos(), rad * theta.sin()], 1))
+        ys.append(torch.full((n_per_class,), cls, dtype=torch.long))
+    x, y = torch.cat(xs), torch.cat(ys)
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]
+
+
+def jacobian_condition(model, x) -> torch.Tensor:
+    """kappa(J) = sigma_max / sigma_min of the logits' Jacobian w.r.t. the input, at every point of x.
+
+    torch.func (vmap of jacrev) gives all N Jacobians [N, classes, 2] in one batched call."""
+    from torch.func import jacrev, vmap
+    model.eval()
+    J = vmap(jacrev(lambda p: model(p[None])[0]))(x)
+    s = torch.linalg.svdvals(J)
+    return s[:, 0] / s[:, -1].clamp_min(1e-12)
+
+
+def _check_toy_cfg(cfg):
+    unknown = sorted(set(cfg) - set(TOY_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown toy config key(s) {unknown}; known: {', '.join(sorted(TOY_DEFAULTS))}")
+    c = {**TOY_DEFAULTS, **cfg}
+    _check_beta(c["ses_beta"])
+    if c["ses_lambda"] < 0 or c["epochs"] < 1:
+        raise ValueError("ses_lambda must be >= 0 and epochs >= 1")
+    return c
+
+
+def train_toy(cfg: dict) -> dict:
+    """Train the toy MLP (baseline or SES on all 5 hidden layers) and measure kappa(J) and erank."""
+    c = _check_toy_cfg(cfg)
+    out = Path(c["out_dir"]) if c["out_dir"] else None
+    set_seed(c["seed"])
+    x, y = make_rings(c["n_per_class"], c["radii"], c["noise"], seed=c["seed"])
+    n_test = int(len(y) * c["test_fraction"])
+    xte, yte, xtr, ytr = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
+    model = globals()["ToyMLP"](activation=c["activation"])
+    collector = ActivationCollector(model, "all")
+    opt = torch.optim.Adam(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+    g = torch.Generator().manual_seed(c["seed"])
+    history, names = [], collector.names
+    t0 = time.time()
+    for epoch in range(c["epochs"]):
+        model.train()
+        perm = torch.randperm(len(ytr), generator=g)
+        losses = []
+        for i in range(0, len(perm) - c["batch_size"] + 1, c["batch_size"]):  # drop_last
+            idx = perm[i:i + c["batch_size"]]
+            collector.clear()
+            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            if c["ses"]:
+                loss = loss + c["ses_lambda"] * ses_loss(collector.activations, c["ses_beta"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        if epoch % c["log_every"] == 0 or epoch == c["epochs"] - 1:
+            history.append(_toy_epoch_log(model, collector, epoch, float(np.mean(losses)), xtr, ytr, xte, yte, c))
+    collector.remove()
+    kappa = jacobian_condition(model, xte).double()
+    last = history[-1]
+    final = dict(test_acc=last["test_acc"], train_acc=last["train_acc"], gap=last["train_acc"] - last["test_acc"],
+                 kappa_mean=kappa.mean().item(), kappa_std=kappa.std().item(), kappa_median=kappa.median().item(),
+                 erank={n: last["erank"][n]["erank"] for n in names}, erank_target=16 ** c["ses_beta"],
+                 erank_within_5pct=all(abs(last["erank"][n]["ratio"] - 1) <= 0.05 for n in names),
+                 epoch_seconds_mean=(time.time() - t0) / c["epochs"], best_test_acc_over_epochs=max(h["test_acc"] for h in history))
+    grid = _toy_decision_grid(model)
+    result = dict(config=c, env=dict(torch=torch.__version__, device="cpu"), history=history, final=final,
+                  kappa=kappa.tolist(), decision_grid=grid, test_points=dict(x=xte.tolist(), y=yte.tolist()))
+    if out:
+        atomic_write_json(out / "result.json", result)
+    return result
+
+
+def _toy_epoch_log(model, collector, epoch, loss, xtr, ytr, xte, yte, c):
+    model.train()  # erank on the whole test set, measured the way SES sees it (hooks fire in train mode)
+    with torch.no_grad():
+        collector.clear()
+        model(xte)
+        er = erank_stats(collector.activations, collector.names, c["ses_beta"])
+        collector.clear()
+        model.eval()
+        tr = (model(xtr).argmax(1) == ytr).float().mean().item() * 100
+        te = (model(xte).argmax(1) == yte).float().mean().item() * 100
+    return dict(epoch=epoch, train_loss=loss, train_acc=tr, test_acc=te, erank=er)
+
+
+def _toy_decision_grid(model, lim=4.0, n=121):
+    xs = torch.linspace(-lim, lim, n)
+    gx, gy = torch.meshgrid(xs, xs, indexing="xy")
+    with torch.no_grad():
+        model.eval()
+        pred = model(torch.stack([gx.flatten(), gy.flatten()], 1)).argmax(1).view(n, n)
+    return dict(lim=lim, n=n, pred=pred.tolist())
+
+
+def toy_table(df, paper=None):
+    """kappa(J) and erank per config (mean over seeds) beside the paper's numbers."""
+    import pandas as pd
+    paper = paper or {}
+    rows = []
+    for cfgname, sub in df.groupby("config", sort=False):
+        fins = [r["final"] for r in sub["result"]]
+        er = [v for f in fins for v in f["erank"].values()]
+        p = paper.get(cfgname, {})
+        rows.append({"config": cfgname, "seeds": len(fins),
+                     "test acc": round(float(np.mean([f["test_acc"] for f in fins])), 2), "paper acc": p.get("acc"),
+                     "κ(J) mean": round(float(np.mean([f["kappa_mean"] for f in fins])), 2),
+                     "κ(J) std": round(float(np.mean([f["kappa_std"] for f in fins])), 2),
+                     "κ(J) median": round(float(np.mean([f["kappa_median"] for f in fins])), 2),
+                     "paper κ mean": p.get("kappa_mean"), "paper κ std": p.get("kappa_std"),
+                     "erank range": f"{min(er):.2f}–{max(er):.2f}", "target 16^β": round(fins[0]["erank_target"], 2),
+                     "all layers within ±5%": all(f["erank_within_5pct"] for f in fins)})
+    return pd.DataFrame(rows).set_index("config")
+
+
+def fig_toy(df, out_dir, name="toy"):
+    """Decision boundaries, the kappa(J) distribution, and erank convergence to 16^beta."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    configs = list(dict.fromkeys(df["config"]))
+    first = {c: df[df["config"] == c].iloc[0]["result"] for c in configs}
+    fig, axes = plt.subplots(1, len(configs) + 2, figsize=(4.2 * (len(configs) + 2), 3.8))
+    for ax, c in zip(axes, configs):
+        r = first[c]
+        g, pts = r["decision_grid"], r["test_points"]
+        ax.imshow(np.array(g["pred"]), extent=(-g["lim"], g["lim"], -g["lim"], g["lim"]), origin="lower",
+                  cmap=ListedColormap(["#fbb4ae", "#b3cde3", "#ccebc5"]), vmin=0, vmax=2)
+        p = np.array(pts["x"])
+        ax.scatter(p[:, 0], p[:, 1], c=pts["y"], s=4, cmap=ListedColormap(["#e41a1c", "#377eb8", "#4daf4a"]),
+                   vmin=0, vmax=2)
+        ax.set_title(f"{c}: κ(J) {r['final']['kappa_mean']:.1f} ± {r['final']['kappa_std']:.1f}", fontsize=9)
+    ax = axes[len(configs)]
+    for c in configs:
+        k = np.concatenate([np.array(r["kappa"]) for r in df[df["config"] == c]["result"]])
+        ax.hist(np.log10(k), bins=40, alpha=0.6, label=c)
+    ax.set_xlabel("log10 κ(J) over test points")
+    ax.legend()
+    ax = axes[-1]
+    for c in configs:
+        r = first[c]
+        for layer in r["history"][0]["erank"]:
+            ax.plot([h["epoch"] for h in r["history"]], [h["erank"][layer]["erank"] for h in r["history"]],
+                    ls="-" if r["config"].get("ses") else ":", label=f"{c} {layer}")
+    ax.axhline(16 ** 0.6, color="k", ls="--", lw=1)
+    ax.set_title("erank per hidden layer (dashed: 16^0.6)", fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=5, ncol=2)
+    return _save(fig, out_dir, name)
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# runner + CLI
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# Notebook side of the run contract (plan_runs), the batch runner that
+# drives the notebooks over the GPUs of one machine (one papermill subprocess per GPU: threads in one
+# process serialize on the GIL), Kaggle/Colab packaging, and the `python seslib.py ...` command line.
+
+
+# ─── notebook side: parameters and the run plan ────────────────────────────────────────────────
+
+RUNNER_PARAMS = frozenset({"list_runs", "report_only", "report"})  # set by the batch runner only
+
+
+def validate_params(params, allowed, where="notebook"):
+    """Raise ValueError naming every key of `params` not in `allowed` (with a did-you-mean).
+    The runner checks the params YAML with it against each notebook's declared parameters."""
+    bad = sorted(set(params) - set(allowed))
+    if bad:
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, allowed, 1)) else "")
+                 for k in bad]
+        raise ValueError(f"unknown parameter(s) for {where}: {', '.join(hints)}; valid: {sorted(allowed)}")
+    return params
+
+
+@dataclasses.dataclass
+class Run:
+    """One (config, seed) run of a notebook; `overrides` are the grid's settings for `config`."""
+    config: str
+    seed: int
+    overrides: dict
+    run_dir: Path
+    result_path: Path
+    done: bool
+    cost: float = 1.0
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What a notebook does: `for run in plan.todo: ...` then `if plan.report: ...`.
+
+    In listing mode (list_runs set) the run list is written as JSON, `todo` is empty and `report`
+    False, so the rest of the notebook does nothing; with report_only, `todo` is empty too."""
+    runs: list
+    listing: bool
+    todo: list
+    report: bool
+
+
+def _as_list(x, what):
+    if isinstance(x, str):
+        x = [s.strip() for s in x.split(",") if s.strip()]
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        x = [x]
+    x = list(dict.fromkeys(x))  # dedupe, keep order
+    if not x:
+        raise ValueError(f"{what} is empty")
+    return x
+
+
+def _result_ok(path):
+    """A run counts as done only when its result.json exists and parses (train writes it atomically)."""
+    try:
+        with open(path) as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost=None,
+              report=True, report_only=False):
+    """Expand a notebook's grid {config: overrides} into its (config, seed) runs.
+
+    configs: "all", a list of names or "a,b"; seeds: int or list; out_dir: the notebook's output folder
+    (runs live in {out_dir}/runs/{config}_seed{seed}/); list_runs: "" or a path where the run list is
+    written as JSON for the batch runner (listing mode); cost: None (1 each), {config: cost} or
+    callable(config, overrides) -> relative cost (the runner starts the costliest first)."""
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, dict) for v in grid.values()):
+        raise ValueError("grid must be a non-empty dict {config_name: {overrides}}")
+    if not out_dir:
+        raise ValueError("out_dir is required")
+    names = list(grid) if configs == "all" else _as_list(configs, "configs")
+    unknown = [c for c in names if c not in grid]
+    if unknown:
+        raise ValueError(f"unknown config(s) {unknown}; valid: {list(grid)}")
+    seeds = _as_list(seeds, "seeds")
+    if not all(isinstance(s, int) and not isinstance(s, bool) or (isinstance(s, str) and s.isdigit()) for s in seeds):
+        raise ValueError(f"seeds must be integers, got {seeds}")
+    seeds = [int(s) for s in seeds]
+
+    def cost_of(c):
+        return 1.0 if cost is None else float(cost(c, grid[c]) if callable(cost) else cost.get(c, 1.0))
+
+    runs = []
+    for c in names:
+        for s in seeds:
+            run_dir = Path(out_dir) / "runs" / f"{c}_seed{s}"
+            result = run_dir / "result.json"
+            runs.append(Run(c, s, dict(grid[c]), run_dir, result, _result_ok(result), cost_of(c)))
+    listing = bool(list_runs)
+    if listing:
+        atomic_write_json(list_runs, [{"config": r.config, "seed": r.seed, "cost": r.cost, "done": r.done,
+                                       "run_dir": str(r.run_dir)} for r in runs])
+    todo = [] if listing or report_only else [r for r in runs if not r.done]
+    n_done = sum(r.done for r in runs)
+    print(f"{len(runs)} run(s): {n_done} done, {len(runs) - n_done} to do"
+          + (" (listing only)" if listing else " (report only)" if report_only else ""))
+    return RunPlan(runs, listing, todo, not listing and (report or report_only))
+
+
+# ─── first cell of every notebook (Colab / Kaggle / repo) ─────────────────────────────────────
+
+# Finds seslib.py in cwd, .. or an attached Kaggle dataset (bounded depth: a recursive glob would
+# walk the image data sets too); on Colab, if still not importable, fetches it + requirements from
+# $SESLIB_URL (the raw URL of seslib.py in your copy of the repository).
+# Defines only underscore names and modules, so check_notebook_params ignores it.
+SETUP_CELL = """\
+# Setup: make seslib importable (repo checkout, Kaggle dataset, or Colab download).
+import sys, os, glob, importlib.util
+_dirs = [os.getcwd(), os.path.dirname(os.getcwd())] + sorted(
+    os.path.dirname(p) for k in (1, 2, 3) for p in glob.glob("/kaggle/input" + "/*" * k + "/seslib.py"))
+_dirs = [d for d in _dirs if os.path.isfile(os.path.join(d, "seslib.py"))]
+if _dirs and _dirs[0] not in sys.path:
+    sys.path.insert(0, _dirs[0])
+if "google.colab" in sys.modules and importlib.util.find_spec("seslib") is None:
+    import subprocess, urllib.request
+    _url = os.environ.get("SESLIB_URL", "")  # raw URL of seslib.py in your copy of the repository
+    if not _url:
+        raise RuntimeError("seslib.py is not importable: upload seslib.py and requirements.txt to this session, "
+                           "or set os.environ['SESLIB_URL'] to the raw URL of seslib.py, then run this cell again")
+    for _f in ("seslib.py", "requirements.txt"):
+        urllib.request.urlretrieve(_url.rsplit("/", 1)[0] + "/" + _f, _f)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
+    sys.path.insert(0, os.getcwd())
+"""
+
+
+# ─── batch runner ──────────────────────────────────────────────────────────────────────────────
+
+def _here():
+    """Folder holding seslib.py (the runner's children import it from there)."""
+    return Path(os.path.abspath(sys.modules["seslib"].__file__ if "seslib" in sys.modules else __file__)).parent
+
+
+def _nb_number(path):
+    m = re.match(r"(\d+)_", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def find_notebooks(specs, dirs=None):
+    """Resolve notebook specs: paths, numbers (3 -> 03_*.ipynb), stems, or "all".
+
+    Looked up in ./notebooks, then notebooks/ beside seslib.py, then beside seslib.py (Kaggle dataset)."""
+    dirs = list(dict.fromkeys(Path(d).resolve() for d in (dirs or [Path.cwd() / "notebooks", _here() / "notebooks", _here()])))
+    out = []
+    for spec in [specs] if isinstance(specs, (str, int, Path)) else specs:
+        s = str(spec)
+        if Path(s).is_file():
+            out.append(Path(s).resolve())
+            continue
+        if s == "all":
+            found = next((sorted(d.glob("[0-9][0-9]_*.ipynb")) for d in dirs if list(d.glob("[0-9][0-9]_*.ipynb"))), [])
+        elif s.isdigit():
+            found = next((m for d in dirs if (m := sorted(d.glob(f"{int(s):02d}_*.ipynb")))), [])
+        else:
+            stem = s[:-6] if s.endswith(".ipynb") else s
+            found = next(([d / f"{stem}.ipynb"] for d in dirs if (d / f"{stem}.ipynb").is_file()), [])
+        if not found or (s != "all" and len(found) > 1):
+            raise ValueError(f"notebook {s!r}: {'ambiguous ' + str(found) if found else 'not found'} "
+                             f"(looked in {', '.join(map(str, dirs))})")
+        out += [p.resolve() for p in found]
+    out = list(dict.fromkeys(out))
+    stems = [p.stem for p in out]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"two notebooks share a name (their outputs would collide): {stems}")
+    return out
+
+
+def _declared_params(nb):
+    """Names assigned at top level of the notebook's `parameters` cell. Parsed with ast: papermill's
+    own line parser skips lines whose comment holds quotes or '=' (papermill.inspect_notebook)."""
+    import ast
+    import nbformat
+    cells = [c for c in nbformat.read(str(nb), as_version=4).cells
+             if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise ValueError(f"{nb.name}: no cell tagged 'parameters'")
+    try:
+        tree = ast.parse(cells[0].source)
+    except SyntaxError as e:
+        raise ValueError(f"{nb.name}: the parameters cell is not plain Python ({e})") from None
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return {n for n in names if not n.startswith("_")}
+
+
+def load_batch_params(params, notebooks):
+    """Overrides per notebook from a YAML file or dict: {"all": {...}, 3: {...}, "03_name": {...}}.
+
+    Later keys win: all < number < stem. Each notebook's overrides are checked against the
+    parameters its `parameters` cell declares before any work."""
+    import yaml
+    if params is None:
+        params = {}
+    elif not isinstance(params, dict):
+        with open(params) as f:
+            params = yaml.safe_load(f) or {}
+    if not isinstance(params, dict) or not all(isinstance(v, (dict, type(None))) for v in params.values()):
+        raise ValueError("batch params must map 'all' / notebook number / notebook stem to a dict of overrides")
+    keys = {str(k): v or {} for k, v in params.items()}
+    out, used = {}, {"all"}
+    for nb in notebooks:
+        num = _nb_number(nb)
+        mine = [k for k in keys if (k.isdigit() and int(k) == num) or k in (nb.stem, nb.name)]
+        used |= set(mine)
+        merged = dict(keys.get("all", {}))
+        for k in sorted(mine, key=lambda k: not k.isdigit()):  # numbers first, then stems
+            merged.update(keys[k])
+        declared = _declared_params(nb)
+        missing = ({"out_dir", "configs", "seeds"} | RUNNER_PARAMS) - set(declared)
+        if missing:
+            raise ValueError(f"{nb.name} does not follow the run contract: no parameter(s) {sorted(missing)}")
+        reserved = RUNNER_PARAMS & set(merged)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} are set by the batch runner; remove them from the params")
+        out[nb] = validate_params(merged, set(declared), where=nb.name)
+    for k in set(keys) - used:
+        print(f"note: params for {k!r} match no notebook of this batch")
+    return out
+
+
+def batch_slots(gpus="auto", workers=None, torchrun=False):
+    """One slot per GPU (× workers per GPU), or `workers` CPU slots when there is no GPU.
+
+    gpus: "auto" (every visible CUDA device), "0,1" (indices among the visible devices; mapped
+    through the parent's CUDA_VISIBLE_DEVICES), or "cpu". Each slot is {name, env} for its process.
+    torchrun=True: ONE slot holding all those GPUs (or `workers` CPU ranks), whose runs each go through
+    torchrun as one DDP run over them ($SES_TORCHRUN, read by run_plan)."""
+    if torchrun:
+        per_gpu = batch_slots(gpus)
+        on_gpu = per_gpu[0]["name"].startswith("gpu")
+        n = len(per_gpu) if on_gpu else int(workers or 2)
+        env = {"SES_SLOT": "0", "SES_TORCHRUN": str(n),
+               "CUDA_VISIBLE_DEVICES": ",".join(s["env"]["CUDA_VISIBLE_DEVICES"] for s in per_gpu) if on_gpu else ""}
+        if not on_gpu:  # no oversubscription between the CPU ranks
+            env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+        return [{"name": f"torchrun:{n}{'gpu' if on_gpu else 'cpu'}", "env": env}]
+    spec = str(gpus).strip().lower() if gpus is not None else "cpu"
+    if spec in ("cpu", "none", ""):
+        ids = []
+    else:
+        import torch
+        n = torch.cuda.device_count()
+        try:
+            ids = list(range(n)) if spec == "auto" else [int(x) for x in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"--gpus must be 'auto', 'cpu' or a list like 0,1; got {gpus!r}") from None
+        if any(not 0 <= i < n for i in ids):
+            raise ValueError(f"--gpus {gpus}: only {n} CUDA device(s) visible")
+    if workers is not None and int(workers) < 1:
+        raise ValueError("workers must be >= 1")
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if ids:  # a process sees only its own GPU, as cuda:0
+        per = int(workers or 1)
+        gpu_ids = [visible[i] if i < len(visible) else str(i) for i in ids]
+        devs = [g for g in gpu_ids for _ in range(per)]
+        return [{"name": f"gpu{g}", "env": {"CUDA_VISIBLE_DEVICES": g, "SES_SLOT": str(k)}} for k, g in enumerate(devs)]
+    n = int(workers or 1)
+    threads = str(max(1, (os.cpu_count() or 1) // n))  # no oversubscription between CPU slots
+    return [{"name": f"cpu{k}", "env": {"CUDA_VISIBLE_DEVICES": "", "SES_SLOT": str(k),
+                                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}}
+            for k in range(n)]
+
+
+# The subprocess of one job: dies with the runner even when the runner is SIGKILLed (PR_SET_PDEATHSIG;
+# its kernel then exits by itself, ipykernel polls its parent), runs papermill with cell output
+# streamed to the log, and prints one SES-RUN-ERROR line the runner shows in its table.
+_DRIVER = r"""
+import ctypes, json, logging, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("runner already gone")
+spec = json.loads(sys.argv[2])
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+import papermill as pm
+try:
+    pm.execute_notebook(spec["input"], spec["output"], parameters=spec["parameters"], kernel_name=spec["kernel"],
+                        log_output=True, progress_bar=False, cwd=spec["cwd"])
+except BaseException as e:
+    msg = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}".strip().splitlines()
+    print("SES-RUN-ERROR:", msg[0] if msg else type(e).__name__, flush=True)
+    raise
+"""
+# papermill/nbclient kernel-start races: retried once after a stagger.
+_START_RACE = ("Kernel didn't respond", "Address already in use", "ZMQError", "Kernel died before replying to kernel_info")
+_KERNEL = "seslib-python"
+
+
+def _kernel_dir(root):
+    """A kernelspec pinned to this interpreter, so every run uses the runner's own environment
+    (a user-level 'python3' kernelspec may point at another Python). Shown to jupyter via JUPYTER_PATH."""
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"Python ({sys.executable})", "language": "python"}
+    atomic_write_json(Path(root) / "kernels" / _KERNEL / "kernel.json", spec)
+    return str(root)
+
+
+@dataclasses.dataclass
+class _Job:
+    kind: str  # "list" | "run" | "report"
+    nb: Path
+    params: dict
+    output: Path  # executed notebook
+    log: Path
+    config: str = None
+    seed: int = None
+    result: Path = None
+    cost: float = 0.0
+    after: tuple = ()  # indices of jobs that must finish first
+    attempt: int = 0
+    not_before: float = 0.0
+
+
+def _kill_tree(proc):
+    """SIGTERM the job's process group and its kernel (own session), SIGKILL what is left after 5 s."""
+    try:
+        import psutil
+        procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except Exception:
+        procs = []
+    for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
+        try:
+            os.killpg(proc.pid, sig) if hasattr(os, "killpg") else proc.send_signal(sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except Exception:
+                pass
+        try:
+            proc.wait(5)
+            if not any(p.is_running() for p in procs[1:]):
+                return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _last_error(log):
+    try:
+        lines = Path(log).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((ln.split("SES-RUN-ERROR:", 1)[1].strip() for ln in reversed(lines) if "SES-RUN-ERROR:" in ln),
+                lines[-1][:200] if lines else "")
+
+
+def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None):
+    """Run jobs over the slots, one subprocess per slot, in list order as dependencies allow.
+    Returns one record per job (by index)."""
+    pending = list(range(len(jobs)))
+    running, finished, records = {}, set(), {}
+    last_launch = -1e9
+    counts = {"done": 0, "failed": 0, "skipped": 0}
+
+    def stamp():
+        return f"[{datetime.timedelta(seconds=int(time.time() - t_start))}]"
+
+    def label(j):
+        return f"{j.nb.stem} {j.config} seed{j.seed}" if j.kind == "run" else f"{j.nb.stem} ({j.kind})"
+
+    def finish(i, status, slot, seconds, error=""):
+        j = jobs[i]
+        finished.add(i)
+        counts[status] += 1
+        records[i] = _record(j.nb.stem, j.kind, status, j.config, j.seed, round(seconds, 1), slot, j.attempt, error,
+                             str(j.log) if status != "skipped" else "")
+        left = len(pending) + len(running)
+        if j.kind != "list" or status == "failed":
+            say(f"{stamp()} {status:<7} {label(j)} on {slot} in {seconds:.1f}s"
+                + (f"  {error}  (log: {j.log})" if status == "failed" else "")
+                + f"  | done {counts['done']}, failed {counts['failed']}, left {left}")
+
+    try:
+        while pending or running:
+            for s, (i, proc, t0, fh) in list(running.items()):
+                rc = proc.poll()
+                if rc is None and timeout and time.time() - t0 > timeout:
+                    _kill_tree(proc)
+                    rc = "timeout"
+                if rc is None:
+                    continue
+                fh.close()
+                del running[s]
+                j = jobs[i]
+                log_text = j.log.read_text(errors="replace") if j.log.exists() else ""
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result):
+                    rc, err = 1, f"the notebook finished but wrote no {j.result.name}"
+                else:
+                    err = f"timeout after {timeout}s" if rc == "timeout" else _last_error(j.log)
+                if rc not in (0, "timeout") and j.attempt <= retries and any(m in log_text for m in _START_RACE):
+                    j.not_before = time.time() + stagger * (2 + s) + random.random()
+                    pending.insert(0, i)
+                    say(f"{stamp()} retry   {label(j)}: kernel start race ({err})")
+                    continue
+                finish(i, "done" if rc == 0 else "failed", slots[s]["name"], time.time() - t0, "" if rc == 0 else err)
+            for s in range(len(slots)):
+                if s in running or time.time() - last_launch < stagger:
+                    continue
+                ready = next((i for i in pending if set(jobs[i].after) <= finished and jobs[i].not_before <= time.time()), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                j = jobs[ready]
+                if j.kind == "run" and _result_ok(j.result):  # finished meanwhile (e.g. by an earlier batch)
+                    finish(ready, "skipped", "", 0.0)
+                    continue
+                j.attempt += 1
+                j.output.parent.mkdir(parents=True, exist_ok=True)
+                fh = open(j.log, "w" if j.attempt == 1 else "a")
+                spec = {"input": str(j.nb), "output": str(j.output), "parameters": j.params, "kernel": kernel, "cwd": cwd}
+                proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(os.getpid()), json.dumps(spec, default=str)],
+                                        stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
+                                        env={**env, **slots[s]["env"]})
+                running[s] = (ready, proc, time.time(), fh)
+                last_launch = time.time()
+                if j.kind != "list":
+                    say(f"{stamp()} start   {label(j)} on {slots[s]['name']}"
+                        + (f" (attempt {j.attempt})" if j.attempt > 1 else "")
+                        + f"  | running {len(running)}, queued {len(pending)}")
+            time.sleep(0.2)
+    finally:  # interrupted (Ctrl-C, SIGTERM) or crashed: take the children down with us
+        for i, proc, t0, fh in running.values():
+            _kill_tree(proc)
+            fh.close()
+    return [records[i] for i in sorted(records)]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _print(msg):
+    print(msg, flush=True)  # progress must show up live through pipes and in notebook cells
+
+
+def _record(nb, kind, status, config=None, seed=None, seconds=0.0, slot="", attempts=0, error="", log=""):
+    return {"notebook": nb, "kind": kind, "config": config, "seed": seed, "status": status, "seconds": seconds,
+            "slot": slot, "attempts": attempts, "error": error, "log": log}
+
+
+def _plan_jobs(lists, overrides, nb_out, cwd, report, say):
+    """From the listings: records of done runs (skipped) and unreadable lists (failed), and the jobs:
+    the runs costliest first, then one report per notebook that waits for that notebook's runs."""
+    records, runs, reports = [], [], []
+    for lj in lists:
+        try:
+            entries = json.loads(lj.result.read_text())
+        except (OSError, ValueError):
+            records.append(_record(lj.nb.stem, "list", "failed", log=str(lj.log),
+                                   error="no run list written (does the notebook call S.plan_runs(..., list_runs)?)"))
+            continue
+        say(f"  {lj.nb.stem}: {len(entries)} run(s), {sum(bool(e['done']) for e in entries)} done")
+        start = len(runs)
+        for e in entries:
+            rd = Path(e["run_dir"]) if Path(e["run_dir"]).is_absolute() else Path(cwd) / e["run_dir"]
+            if e["done"] and _result_ok(rd / "result.json"):
+                records.append(_record(lj.nb.stem, "run", "skipped", e["config"], e["seed"]))
+                continue
+            p = {**overrides[lj.nb], "configs": [e["config"]], "seeds": [e["seed"]], "out_dir": nb_out[lj.nb], "report": False}
+            runs.append(_Job("run", lj.nb, p, rd / "notebook.ipynb", rd / "log.txt", e["config"], e["seed"],
+                             rd / "result.json", float(e.get("cost", 1.0))))
+        if report:
+            p = {**overrides[lj.nb], "out_dir": nb_out[lj.nb], "report_only": True, "report": True}
+            reports.append(_Job("report", lj.nb, p, Path(nb_out[lj.nb]) / "report.ipynb",
+                                Path(nb_out[lj.nb]) / "report_log.txt", after=tuple(range(start, len(runs)))))
+    order = sorted(range(len(runs)), key=lambda i: -runs[i].cost)  # stable: notebook order among equals
+    where = {old: new for new, old in enumerate(order)}
+    for r in reports:
+        r.after = tuple(where[i] for i in r.after)
+    return records, [runs[i] for i in order] + reports
+
+
+def _summarize(records, out, t_start, say, save=True):
+    """Print the table of runs and save it as {out}/batch_summary.csv."""
+    import pandas as pd
+    df = pd.DataFrame(records, columns=list(_record("", "", "")))
+    df["seed"] = df["seed"].astype("Int64")
+    if save:
+        out.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out / ".batch_summary.csv.tmp", index=False)
+        os.replace(out / ".batch_summary.csv.tmp", out / "batch_summary.csv")
+    shown = df.drop(columns=["log"]).astype(object)
+    say(shown.where(shown.notna(), "").to_string(index=False) if len(df) else "(nothing to run)")
+    say(f"batch finished in {datetime.timedelta(seconds=int(time.time() - t_start))}: "
+        + ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
+        + (f"; table: {out / 'batch_summary.csv'}" if save else ""))
+
+
+def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outputs", *, params=None,
+              retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False):
+    """Run notebooks' (config, seed) runs over the GPUs (or CPU slots) of this machine, then their reports.
+
+    notebooks: paths / numbers / stems / "all" (see find_notebooks); params_file: YAML of overrides
+    (or params= the same as a dict); gpus: "auto" | "0,1" | "cpu"; workers: CPU slots (or slots per GPU);
+    out: outputs root, each notebook writes to {out}/{stem} unless its overrides set out_dir;
+    retries: re-launches of a job whose kernel failed to start; timeout: seconds per job.
+    Done runs are skipped, so calling it again resumes. Returns one record per run / report / failed
+    listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
+    as {out}/batch_summary.csv."""
+    if params is not None and params_file is not None:
+        raise ValueError("give params_file or params, not both")
+    nbs = find_notebooks(notebooks)
+    overrides = load_batch_params(params if params is not None else params_file, nbs)
+    slots = batch_slots(gpus, workers, torchrun)
+    out, cwd = Path(out).resolve(), os.getcwd()
+    nb_out = {nb: str(Path(overrides[nb].get("out_dir") or out / nb.stem).resolve()) for nb in nbs}
+    if len(set(nb_out.values())) < len(nbs):
+        raise ValueError(f"two notebooks would write to the same out_dir: {sorted(nb_out.values())}")
+    tmp = out / ".batch"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
+        [str(_here()), str(Path(__file__).resolve().parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(tmp / "jupyter")] + ([env["JUPYTER_PATH"]] if env.get("JUPYTER_PATH") else []))
+    t_start = time.time()
+    log(f"batch: {len(nbs)} notebook(s) on {len(slots)} slot(s) [{', '.join(s['name'] for s in slots)}] -> {out}")
+
+    prev_term = None
+    try:  # SIGTERM -> KeyboardInterrupt, so the finally blocks kill the children
+        prev_term = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: no handler, the caller cleans up
+        pass
+    try:
+        # 1. ask every notebook for its runs (listing mode: it writes the list and does nothing else)
+        lists = []
+        for nb in nbs:
+            path = tmp / f"{nb.stem}.runs.json"
+            path.unlink(missing_ok=True)
+            p = {**overrides[nb], "out_dir": nb_out[nb], "list_runs": str(path), "report": False}
+            lists.append(_Job("list", nb, p, tmp / f"{nb.stem}.listing.ipynb", tmp / f"{nb.stem}.listing.log", result=path))
+        listed = _schedule(lists, slots, env, cwd, _KERNEL, log, t_start, retries, stagger)
+        failed = [r for r in listed if r["status"] == "failed"]
+        # 2. the runs, costliest first, then each notebook's report once its runs are over
+        records, jobs = _plan_jobs([lj for lj, r in zip(lists, listed) if r["status"] == "done"],
+                                   overrides, nb_out, cwd, report, log)
+        records = failed + records
+        log(f"{sum(j.kind == 'run' for j in jobs)} run(s) to do, {sum(r['status'] == 'skipped' for r in records)} "
+            f"already done, {sum(j.kind == 'report' for j in jobs)} report(s)")
+        if dry_run:
+            records += [_record(j.nb.stem, j.kind, "todo", j.config, j.seed) for j in jobs]
+        else:
+            records += _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout)
+    finally:
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
+    _summarize(records, out, t_start, log, save=not dry_run)
+    return records
+
+
+# ─── Kaggle packaging ──────────────────────────────────────────────────────────────────────────
+
+def kaggle_slug(title):
+    """Kaggle's clean-URL slug of a title: lowercase, runs of other characters -> '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def _check_ref(ref, what, lo, hi, problems):
+    owner, _, slug = str(ref).partition("/")
+    if not owner or "/" in slug or not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug or "") or not lo <= len(slug) <= hi:
+        problems.append(f"{what} {ref!r} must be 'owner/slug' with a slug of {lo}-{hi} lowercase letters, digits and hyphens")
+    return slug
+
+
+def validate_kaggle_metadata(path):
+    """Check a kernel-metadata.json or dataset-metadata.json (or a folder holding one) before pushing.
+
+    Kernel: required fields, id 'owner/slug' (slug 5-50 chars, lowercase and hyphens), title
+    slugifying to the slug, language/kernel_type values, the code file present (a valid notebook for
+    kernel_type notebook), boolean flags, source refs. Dataset: title 6-50 chars, slug 3-50, one license.
+    Raises ValueError listing every problem; returns the metadata."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("kernel-metadata.json", "dataset-metadata.json") if (path / n).is_file()]
+        if not found:
+            raise ValueError(f"{path}: no kernel-metadata.json or dataset-metadata.json")
+        path = found[0]
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable metadata ({e})") from None
+    problems = []
+    if path.name == "dataset-metadata.json":
+        slug = _check_ref(meta.get("id", ""), "id", 3, 50, problems)
+        title = str(meta.get("title", ""))
+        if not 6 <= len(title) <= 50:
+            problems.append(f"title {title!r} must be 6-50 characters")
+        if not isinstance(meta.get("licenses"), list) or len(meta["licenses"]) != 1 or "name" not in meta["licenses"][0]:
+            problems.append("licenses must hold exactly one {'name': ...}")
+    else:
+        missing = [k for k in ("id", "title", "code_file", "language", "kernel_type") if not meta.get(k)]
+        if missing:
+            problems.append(f"missing field(s) {missing}")
+        slug = _check_ref(meta.get("id", ""), "id", 5, 50, problems)
+        title = str(meta.get("title", ""))
+        if len(title) < 5 or kaggle_slug(title) != slug:
+            problems.append(f"title {title!r} must be >= 5 characters and slugify to the id's slug {slug!r} "
+                            f"(it gives {kaggle_slug(title)!r})")
+        if meta.get("language") not in ("python", "r", "rmarkdown"):
+            problems.append(f"language {meta.get('language')!r} must be python, r or rmarkdown")
+        if meta.get("kernel_type") not in ("script", "notebook"):
+            problems.append(f"kernel_type {meta.get('kernel_type')!r} must be script or notebook")
+        for k in ("is_private", "enable_gpu", "enable_internet", "enable_tpu"):
+            if k in meta and meta[k] not in (True, False, "true", "false"):
+                problems.append(f"{k} must be true or false, got {meta[k]!r}")
+        for k, kind in (("dataset_sources", "dataset"), ("kernel_sources", "kernel"), ("competition_sources", None)):
+            v = meta.get(k, [])
+            if not isinstance(v, list):
+                problems.append(f"{k} must be a list")
+            elif kind:
+                for ref in v:
+                    _check_ref(ref, f"{k} entry", 3 if kind == "dataset" else 5, 50, problems)
+        if "machine_shape" in meta and not (isinstance(meta["machine_shape"], str) and meta["machine_shape"]):
+            problems.append("machine_shape must be a non-empty string such as 'NvidiaTeslaT4'")
+        code = path.parent / str(meta.get("code_file", ""))
+        if meta.get("code_file") and not code.is_file():
+            problems.append(f"code file {code} not found")
+        elif meta.get("code_file") and meta.get("kernel_type") == "notebook":
+            import nbformat
+            try:
+                nbformat.validate(nbformat.read(str(code), as_version=4))
+            except Exception as e:
+                problems.append(f"code file {code.name} is not a valid notebook ({str(e).splitlines()[0]})")
+    if problems:
+        raise ValueError(f"{path}:\n  " + "\n  ".join(problems))
+    return meta
+
+
+def _driver_notebook(notebooks, data_dataset, out_dir, preset):
+    import nbformat
+    v4 = nbformat.v4
+    data_slug = data_dataset.split("/")[1]
+    find_data = f"""\
+# The data set attached as a Kaggle dataset -> SES_DATA (the notebooks' data_root default).
+_data = [p for k in (1, 2, 3) for p in glob.glob("/kaggle/input" + "/*" * k) if os.path.basename(p) == {data_slug!r}]
+if _data:
+    os.environ.setdefault("SES_DATA", _data[0])
+print("seslib from", _dirs[:1], "| data from", os.environ.get("SES_DATA"))
+# Install only what this image lacks (a blanket `pip install -r` could swap Kaggle's torch).
+_need = {{"papermill": "papermill", "nbformat": "nbformat", "yaml": "pyyaml", "timm": "timm",
+         "seaborn": "seaborn", "ipykernel": "ipykernel", "pandas": "pandas"}}
+_missing = [pkg for mod, pkg in _need.items() if importlib.util.find_spec(mod) is None]
+if _missing:
+    import subprocess
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *_missing], check=True)
+"""
+    cells = [
+        v4.new_markdown_cell(
+            "# SES experiments: batch run on Kaggle (GPU T4 ×2)\n\n"
+            "Runs the experiment notebooks with `seslib.run_batch`: one papermill process per GPU, longest runs first. "
+            f"Outputs (results JSON, figures, reports, `batch_summary.csv`) go to `{out_dir}`. "
+            "Edit the parameters cell to choose notebooks and the preset; re-running resumes (done runs are skipped)."),
+        v4.new_code_cell(SETUP_CELL + find_data),
+        v4.new_code_cell(
+            f"NOTEBOOKS = {[str(n) for n in notebooks]!r}  # numbers, stems or 'all'\n"
+            f"PRESET = {preset!r}  # 'paper' (published setup) or 'smoke' (tiny, minutes)\n"
+            "EXTRA = {}  # more overrides for every notebook, e.g. {'epochs': 10}\n"
+            f"OUT = {out_dir!r}"),
+        v4.new_code_cell(
+            "!nvidia-smi -L\n"
+            "import seslib as S\n"
+            "records = S.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}}, gpus='auto', out=OUT)"),
+        v4.new_code_cell(
+            "import pandas as pd\n"
+            "pd.read_csv(f'{OUT}/batch_summary.csv')"),
+    ]
+    nb = v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", data_dataset=None,
+                   code_dataset=None, preset="paper"):
+    """Write a ready-to-push Kaggle kernel folder `out` and the seslib code dataset in `out/code-dataset`.
+
+    Push with: `kaggle datasets create -p OUT/code-dataset` (once; `kaggle datasets version` after),
+    then `kaggle kernels push -p OUT`. The kernel runs the batch over both T4s into /kaggle/working/outputs."""
+    import nbformat
+    if not username:
+        raise ValueError("a Kaggle username is required (--username)")
+    data_dataset = data_dataset or f"{username}/ses-data"
+    code_dataset = code_dataset or f"{username}/seslib-code"
+    out = Path(out)
+    nbs = find_notebooks(notebooks)
+    kernel_meta = {
+        "id": f"{username}/{slug}", "title": slug.replace("-", " "), "code_file": f"{slug}.ipynb",
+        "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
+        "enable_internet": True, "machine_shape": "NvidiaTeslaT4",  # T4 x2
+        "dataset_sources": [data_dataset, code_dataset], "competition_sources": [], "kernel_sources": []}
+    code_slug = code_dataset.split("/")[-1]
+    data_meta = {"title": code_slug.replace("-", " "), "id": code_dataset, "licenses": [{"name": "CC0-1.0"}]}
+    problems = []
+    for ref, lo in ((data_dataset, 3), (code_dataset, 3), (kernel_meta["id"], 5)):
+        _check_ref(ref, "reference", lo, 50, problems)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+    ds = out / "code-dataset"
+    ds.mkdir(parents=True, exist_ok=True)
+    here = _here()
+    for f in [here / "seslib.py", *sorted(here.glob("_wip_*.py")), here / "requirements.txt"]:
+        if f.is_file():  # (_wip_*.py only until the lead inlines them into seslib.py)
+            shutil.copy2(f, ds / f.name)
+    for nb in nbs:  # flat: `kaggle datasets create` skips sub-folders by default
+        shutil.copy2(nb, ds / nb.name)
+    atomic_write_json(ds / "dataset-metadata.json", data_meta)
+    driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset)
+    nbformat.write(driver, str(out / kernel_meta["code_file"]))
+    atomic_write_json(out / "kernel-metadata.json", kernel_meta)
+    validate_kaggle_metadata(out / "kernel-metadata.json")
+    validate_kaggle_metadata(ds / "dataset-metadata.json")
+    return out
+
+
+# ─── command line: python seslib.py COMMAND ... ────────────────────────────────────────────────
+
+def _batch_args(p):
+    p.add_argument("notebooks", nargs="+", help="notebook paths, numbers (3 -> notebooks/03_*.ipynb), stems or 'all'")
+    p.add_argument("--params", help="YAML of overrides: {all: {...}, 3: {...}, 03_name: {...}}")
+    p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
+    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 1); with GPUs: slots per GPU")
+    p.add_argument("--out", default="outputs", help="outputs root; notebook NN_name writes to OUT/NN_name")
+    p.add_argument("--retries", type=int, default=1, help="retries of a run whose kernel failed to start (default 1)")
+    p.add_argument("--timeout", type=float, help="seconds after which a run is killed and counted failed")
+    p.add_argument("--stagger", type=float, default=1.0, help="seconds between process launches (kernel-start races)")
+    p.add_argument("--no-report", action="store_true", help="skip the report_only pass")
+    p.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
+    p.add_argument("--torchrun", action="store_true", help="one run at a time over ALL the GPUs (DDP via torchrun) "
+                   "instead of one run per GPU; with --gpus cpu: --workers CPU ranks (default 2)")
+
+
+def _batch_cmd(a):
+    recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
+                     stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
+                     torchrun=a.torchrun)
+    return 1 if any(r["status"] == "failed" for r in recs) else 0
+
+
+def _kaggle_args(p):
+    p.add_argument("--out", required=True, help="folder to write (kernel) and OUT/code-dataset (seslib dataset)")
+    p.add_argument("--notebooks", nargs="+", default=["all"], help="notebooks the kernel runs (default all)")
+    p.add_argument("--username", required=True, help="your Kaggle user name")
+    p.add_argument("--slug", default="ses-batch-t4x2", help="kernel slug (5-50 chars, lowercase, hyphens)")
+    p.add_argument("--data-dataset", help="owner/slug of the data dataset (default USERNAME/ses-data)")
+    p.add_argument("--code-dataset", help="owner/slug of the seslib code dataset (default USERNAME/seslib-code)")
+    p.add_argument("--preset", default="paper", choices=["paper", "smoke"])
+
+
+def _kaggle_cmd(a):
+    out = kaggle_package(a.out, a.notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset)
+    print(f"wrote {out}\n  1. kaggle datasets create -p {out / 'code-dataset'}   (later: kaggle datasets version -p ... -m msg)\n"
+          f"  2. kaggle kernels push -p {out}\n  3. kaggle kernels output {a.username}/{a.slug} -p results/")
+    return 0
+
+
+def _notebook_datasets(nb) -> set:
+    """The data sets a notebook's code names (dataset="...")."""
+    import nbformat
+    src = "\n".join(c.source for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
+    return set(re.findall(r"dataset\s*=\s*['\"](\w+)['\"]", src)) & set(DATASETS)
+
+
+def _quick_args(p):
+    p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
+    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 2)")
+    p.add_argument("--data-root", help="folder holding the data sets (default: $SES_DATA, Kaggle inputs, ./data)")
+    p.add_argument("--out", default="outputs/smoke", help="outputs root (default outputs/smoke)")
+
+
+def _quick_cmd(a):
+    """The suite's smoke preset over every notebook whose data can be found or downloaded."""
+    status, runnable = {}, []
+    for nb in find_notebooks(["all"]):
+        missing = []
+        for ds in sorted(_notebook_datasets(nb)):
+            if ds not in status:
+                try:
+                    status[ds] = str(resolve_data_dir(ds, a.data_root, download=True))
+                except FileNotFoundError as e:
+                    status[ds] = e
+            if isinstance(status[ds], FileNotFoundError):
+                missing.append(ds)
+        if missing:
+            print(f"[skip] {nb.stem}: no {', '.join(missing)} ({status[missing[0]]})")
+        else:
+            runnable.append(nb)
+    for ds, where in status.items():
+        if not isinstance(where, Exception):
+            print(f"[data] {ds}: {where}")
+    params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
+    workers = a.workers or (None if torch.cuda.is_available() and a.gpus != "cpu" else 2)
+    recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out)
+    out = Path(a.out).resolve()
+    print(f"\nreports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; "
+          f"run table: {out}/batch_summary.csv")
+    return 1 if any(r["status"] == "failed" for r in recs) else 0
+
+
+def _train_args(p):
+    p.add_argument("--config", required=True, help="JSON file holding one run's train() cfg (as run_config builds it)")
+
+
+def _train_cmd(a):
+    """One run; under `torchrun ... seslib.py train --config run.json` one DDP run over all the ranks."""
+    try:
+        cfg = json.loads(Path(a.config).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--config {a.config}: {e}") from None
+    res = train(cfg)
+    if res is not None:  # rank 0 (or the only process)
+        f = res["final"]
+        print(f"[done] test_acc {f['test_acc']:.2f}% (final epoch), gap {f['gap']:.2f}, "
+              f"{f['epochs_run']} epochs" + (f" -> {cfg['out_dir']}" if cfg.get("out_dir") else ""), flush=True)
+    return 0
+
+
+# name -> (help, add_arguments(parser), run(args) -> exit status). Add a command by adding an entry.
+CLI_COMMANDS = {
+    "train": ("train one run from a JSON cfg (under torchrun: one DDP run over all ranks)", _train_args, _train_cmd),
+    "batch": ("run notebooks' runs over this machine's GPUs (or CPU slots), then their reports", _batch_args, _batch_cmd),
+    "kaggle": ("write a ready-to-push Kaggle kernel + seslib code dataset", _kaggle_args, _kaggle_cmd),
+    "quick": ("the quick job: every notebook's smoke preset through the batch runner, on the data found or "
+              "downloaded", _quick_args, _quick_cmd),
+}
+
+
+def main(argv=None):
+    """`python seslib.py COMMAND ...`; exits non-zero when the command fails."""
+    parser = argparse.ArgumentParser(prog="seslib.py", description="SES experiment suite")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, add_args, _) in CLI_COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_, description=help_))
+    args = parser.parse_args(argv)
+    try:
+        code = CLI_COMMANDS[args.command][2](args)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:
+        print("interrupted: the running jobs were stopped; run the same command again to resume", file=sys.stderr)
+        code = 130
+    if code:
+        raise SystemExit(code)
+    return 0
+
 
 if __name__ == "__main__":
-    main()  # noqa: F821  (the CLI lives in the runner section)
+    main()

@@ -1,0 +1,391 @@
+"""Corruptions: the CIFAR-C protocol in torch, checked against independent NumPy/PIL/SciPy/scikit-image
+re-implementations of Hendrycks' make_cifar_c.py written here (none of them calls seslib)."""
+import importlib.util
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import seslib as S
+
+ALL = S.CORRUPTIONS + S.EXTRA_CORRUPTIONS
+# frost reads the texture photos shipped by the imagecorruptions package (requirements.txt)
+HAVE_FROST = importlib.util.find_spec("imagecorruptions") is not None
+
+
+@pytest.fixture(scope="module")
+def cifar(data_root):
+    """The first 200 real CIFAR-10 test images (uint8 [N, 3, 32, 32]) and labels, read from the pickle."""
+    with open(data_root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    x = np.asarray(d["data"][:200], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return torch.from_numpy(x), torch.tensor(d["labels"][:200])
+
+
+def _hwc(x):  # torch [N, 3, H, W] -> list of numpy HxWx3 uint8
+    return [im.permute(1, 2, 0).numpy() for im in x]
+
+
+# ─── API contract ───────────────────────────────────────────────────────────────────────────────
+def test_names():
+    assert len(S.CORRUPTIONS) == 15 and len(S.EXTRA_CORRUPTIONS) == 4 and len(set(ALL)) == 19
+    assert set(S.PAPER5) == {"gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shape_dtype_device_and_seed(name):
+    if name == "frost" and not HAVE_FROST:
+        pytest.skip("imagecorruptions (frost textures) not installed")
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    a = S.corrupt(x, name, 3, generator=torch.Generator().manual_seed(7))
+    b = S.corrupt(x, name, 3, generator=torch.Generator().manual_seed(7))
+    assert a.shape == x.shape and a.dtype == torch.uint8 and a.device == x.device
+    assert torch.equal(a, b)
+    y = S.corrupt(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), name, 5,
+                  generator=torch.Generator().manual_seed(0))
+    assert y.shape == (2, 3, 64, 64) and y.dtype == torch.uint8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ALL)
+def test_cuda_device_kept(name):
+    if name == "frost" and not HAVE_FROST:
+        pytest.skip("imagecorruptions (frost textures) not installed")
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    y = S.corrupt(x, name, 2, generator=g)
+    assert y.device == x.device and y.dtype == torch.uint8 and y.shape == x.shape
+
+
+def test_bad_input_rejected():
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    for sev in (0, 6, 2.5, True):
+        with pytest.raises(ValueError, match="1..5"):
+            S.corrupt(x, "contrast", sev)
+    with pytest.raises(ValueError, match="gaussian_noise"):  # lists the valid names
+        S.corrupt(x, "fish_eye", 1)
+    with pytest.raises(ValueError, match="params"):
+        S.corrupt(torch.zeros(1, 3, 40, 40, dtype=torch.uint8), "contrast", 1)
+    with pytest.raises(ValueError, match="uint8"):
+        S.corrupt(x.float(), "contrast", 1)
+    out = S.corrupt(torch.full((1, 3, 40, 40), 200, dtype=torch.uint8), "contrast", 1, params=0.5)
+    assert out.shape == (1, 3, 40, 40)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(ValueError, match="1..5"):
+        S.evaluate_corruptions(model, x, torch.zeros(2), severities=(0, 1))
+    with pytest.raises(ValueError, match="unknown corruption"):
+        S.evaluate_corruptions(model, x, torch.zeros(2), corruptions=["blur"])
+
+
+# ─── severity ordering on real images ───────────────────────────────────────────────────────────
+# The mean |corrupted - clean| rises with severity where the generator's parameters grow monotonically.
+# Where they don't, the expected order follows from the parameters themselves:
+#   motion_blur 3 vs 4: radius 6 vs 8 at sigma 2; ImageMagick's one-sided Gaussian is ~0 past 6 px, so a tie.
+#   glass_blur: more blur (sigma .05 -> .25 -> .4) smooths the shuffled pixels back toward the clean image;
+#     two shuffle passes (4, 5) displace more than one (2, 3) at equal sigma.
+#   frost: (scale of x, weight of frost) = (1,.2) (1,.3) (.9,.4) (.85,.4) (.75,.45): 4 and 5 darken x while
+#     frost brightens it, so only 1 < 2 < 3 and 3 > 4 hold.
+#   elastic_transform: the affine jitter shrinks (2.56 -> 0.96 px) while the elastic field grows.
+#   saturate: factors .3, .1 (desaturate), 1.5, 2, 2.5 (+0.1, +0.2): 1 < 2, 3 < 4 < 5, 3 < 2.
+#   spatter: 1-3 are water (stronger with the noise sigma), 4-5 mud (5 has more blur, fewer blobs).
+SPECIAL = {
+    "motion_blur": [(1, 2), (2, 3), (4, 5), ("tie", 3, 4)],
+    "glass_blur": [(3, 2), (2, 1), (2, 4), (3, 5)],
+    "frost": [(1, 2), (2, 3), (4, 3)],
+    "elastic_transform": [(5, 4), (4, 3), (3, 2), (2, 1)],
+    "saturate": [(1, 2), (3, 4), (4, 5), (3, 2)],
+    "spatter": [(1, 2), (2, 3)],
+}
+
+
+def test_distance_rises_with_severity(cifar):
+    x, _ = cifar
+    for name in ALL:
+        if name == "frost" and not HAVE_FROST:
+            continue
+        g = torch.Generator().manual_seed(0)
+        d = {s: (S.corrupt(x, name, s, generator=g).float() - x.float()).abs().mean().item() for s in range(1, 6)}
+        for pair in SPECIAL.get(name, [(s, s + 1) for s in range(1, 5)]):
+            if pair[0] == "tie":
+                assert abs(d[pair[1]] - d[pair[2]]) < 0.05 * d[pair[1]], (name, d)
+            else:
+                assert d[pair[0]] < d[pair[1]], (name, d)
+
+
+# ─── fidelity: independent implementations of make_cifar_c.py ───────────────────────────────────
+def ref_contrast(x, c):
+    x = x / 255.
+    m = x.mean(axis=(0, 1), keepdims=True)
+    return np.clip((x - m) * c + m, 0, 1) * 255
+
+
+def ref_brightness(x, c):
+    from skimage.color import hsv2rgb, rgb2hsv
+    h = rgb2hsv(x / 255.)
+    h[:, :, 2] = np.clip(h[:, :, 2] + c, 0, 1)
+    return np.clip(hsv2rgb(h), 0, 1) * 255
+
+
+def ref_saturate(x, c):
+    from skimage.color import hsv2rgb, rgb2hsv
+    h = rgb2hsv(x / 255.)
+    h[:, :, 1] = np.clip(h[:, :, 1] * c[0] + c[1], 0, 1)
+    return np.clip(hsv2rgb(h), 0, 1) * 255
+
+
+def ref_pixelate(x, c):
+    im = Image.fromarray(x).resize((int(32 * c), int(32 * c)), Image.BOX)
+    return np.asarray(im.resize((32, 32), Image.BOX))
+
+
+def ref_jpeg_compression(x, c):
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, "JPEG", quality=c)
+    return np.asarray(Image.open(buf))
+
+
+def ref_gaussian_blur(x, c):
+    from skimage.filters import gaussian
+    return np.clip(gaussian(x / 255., sigma=c, channel_axis=-1), 0, 1) * 255
+
+
+def ref_defocus_blur(x, c):
+    from scipy.ndimage import correlate
+    radius, alias_blur = c
+    L = np.arange(-8, 8 + 1)
+    X, Y = np.meshgrid(L, L)
+    disk = np.array((X ** 2 + Y ** 2) <= radius ** 2, dtype=np.float32)
+    disk /= disk.sum()
+    k = np.exp(-np.arange(-1, 2) ** 2 / (2 * alias_blur ** 2))
+    k /= k.sum()  # cv2.GaussianBlur(ksize=(3, 3), sigmaX=alias_blur), border reflect-101 = scipy 'mirror'
+    disk = correlate(disk, np.outer(k, k), mode="mirror")
+    x = x / 255.
+    out = np.stack([correlate(x[:, :, d], disk, mode="mirror") for d in range(3)], -1)  # cv2.filter2D
+    return np.clip(out, 0, 1) * 255
+
+
+def ref_zoom_blur(x, c):
+    from scipy.ndimage import zoom
+
+    def clipped_zoom(img, z):
+        h = img.shape[0]
+        ch = int(np.ceil(h / z))
+        top = (h - ch) // 2
+        img = zoom(img[top:top + ch, top:top + ch], (z, z, 1), order=1)
+        t = (img.shape[0] - h) // 2
+        return img[t:t + h, t:t + h]
+    x = (x / 255.).astype(np.float32)
+    out = np.zeros_like(x)
+    for z in c:
+        out += clipped_zoom(x, z)
+    return np.clip((x + out) / (len(c) + 1), 0, 1) * 255
+
+
+ZOOMS = [np.arange(1, e, 0.01) for e in (1.06, 1.11, 1.16, 1.21, 1.26)]
+FIDELITY = {  # name -> (reference, the make_cifar_c.py parameters per severity, typed in again here)
+    "contrast": (ref_contrast, [.75, .5, .4, .3, 0.15]),
+    "brightness": (ref_brightness, [.05, .1, .15, .2, .3]),
+    "saturate": (ref_saturate, [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)]),
+    "pixelate": (ref_pixelate, [0.95, 0.9, 0.85, 0.75, 0.65]),
+    "jpeg_compression": (ref_jpeg_compression, [80, 65, 58, 50, 40]),
+    "defocus_blur": (ref_defocus_blur, [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)]),
+    "zoom_blur": (ref_zoom_blur, ZOOMS),
+    "gaussian_blur": (ref_gaussian_blur, [.4, .6, 0.7, .8, 1]),
+}
+
+
+@pytest.mark.parametrize("name", list(FIDELITY))
+def test_matches_make_cifar_c(cifar, name):
+    pytest.importorskip("skimage")
+    pytest.importorskip("scipy")
+    x = cifar[0][:64]
+    ref, params = FIDELITY[name]
+    for sev in range(1, 6):
+        ours = S.corrupt(x, name, sev).permute(0, 2, 3, 1).numpy().astype(np.float64)
+        theirs = np.stack([np.uint8(ref(im, params[sev - 1])) for im in _hwc(x)]).astype(np.float64)
+        mad = np.abs(ours - theirs).mean()
+        assert mad <= 1.0, (name, sev, mad)
+        if name not in ("jpeg_compression",):  # same formula: nearly every pixel identical
+            assert (ours == theirs).mean() > 0.95, (name, sev, (ours == theirs).mean())
+
+
+def _mid(x, lo, hi):
+    return (x >= lo) & (x <= hi)
+
+
+@pytest.mark.parametrize("sev", [1, 3, 5])
+def test_noise_statistics(cifar, sev):
+    x = cifar[0]
+    xf = x.double()
+    g = torch.Generator().manual_seed(sev)
+    # gaussian: y = x + N(0, c) (in [0, 1] units) away from the clip
+    c = S.corruption_params("gaussian_noise", sev, 32)
+    y = S.corrupt(x, "gaussian_noise", sev, generator=g).double()
+    m = _mid(xf, 0.35 * 255, 0.65 * 255)
+    assert abs(((y - xf)[m] / 255).std().item() / c - 1) < 0.05
+    # shot: Poisson(x c) / c has variance x / c
+    c = S.corruption_params("shot_noise", sev, 32)
+    y = S.corrupt(x, "shot_noise", sev, generator=g).double()
+    m = _mid(xf, 0.2 * 255, 0.6 * 255)
+    ratio = (((y - xf) / 255) ** 2)[m].mean() / (xf[m] / 255 / c).mean()
+    assert abs(ratio.item() - 1) < 0.05
+    # speckle: y = x (1 + N(0, c))
+    c = S.corruption_params("speckle_noise", sev, 32)
+    y = S.corrupt(x, "speckle_noise", sev, generator=g).double()
+    m = _mid(xf, 60, 150)
+    assert abs(((y - xf)[m] / xf[m]).std().item() / c - 1) < 0.05
+    # impulse: a fraction c of the values set to 0 or 255, half each
+    c = S.corruption_params("impulse_noise", sev, 32)
+    y = S.corrupt(x, "impulse_noise", sev, generator=g)
+    m = _mid(xf, 1, 254)
+    salt, pepper = ((y == 255) & m).sum().item() / m.sum().item(), ((y == 0) & m).sum().item() / m.sum().item()
+    assert abs((salt + pepper) / c - 1) < 0.05 and abs(salt / pepper - 1) < 0.15
+
+
+@pytest.mark.parametrize("size,d,iters", [(32, 1, 2), (64, 2, 1)])
+def test_glass_blur_equals_the_sequential_swap_loop(cifar, size, d, iters):
+    """With sigma 0 (no blur) glass_blur is only make_cifar_c.py's pixel-by-pixel swap loop. seslib runs it
+    as a batched wavefront; here the loop runs literally, pixel after pixel, with the same offsets. seslib
+    draws them as torch.randint(-d, d, (N, n_h * n_w, 2)) per pass, (dx, dy) in scan order (its docstring):
+    this test replays that draw, so it checks the schedule, not the random stream."""
+    x = cifar[0][:4]
+    if size == 64:
+        x = x.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    out = S.corrupt(x, "glass_blur", 1, generator=torch.Generator().manual_seed(3), params=(0.0, d, iters))
+    g = torch.Generator().manual_seed(3)
+    n = len(range(size - d, d, -1))
+    offs = [torch.randint(-d, d, (len(x), n * n, 2), generator=g).numpy() for _ in range(iters)]
+    for k, im in enumerate(_hwc(x)):
+        im = im.copy()
+        for it in range(iters):
+            j = 0
+            for h in range(size - d, d, -1):
+                for w in range(size - d, d, -1):
+                    dx, dy = offs[it][k, j]
+                    j += 1
+                    hp, wp = h + dy, w + dx
+                    im[h, w], im[hp, wp] = im[hp, wp].copy(), im[h, w].copy()
+        assert np.array_equal(out[k].permute(1, 2, 0).numpy(), im)
+
+
+def test_frost_needs_the_texture_package():
+    if not HAVE_FROST:
+        with pytest.raises(RuntimeError, match="imagecorruptions"):
+            S.corrupt(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "frost", 1)
+    else:
+        y = S.corrupt(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), "frost", 1)
+        assert y.float().mean() > 10  # frost on black: only the texture (times 0.2) remains
+
+
+# ─── official files and evaluation ──────────────────────────────────────────────────────────────
+def test_load_corrupted_cifar_layout(tmp_path, cifar):
+    x, y = cifar
+    n = 40
+    blocks = np.concatenate([x[:n].permute(0, 2, 3, 1).numpy() // (s + 1) for s in range(5)])  # [5n, 32, 32, 3]
+    d = tmp_path / "CIFAR-10-C"
+    d.mkdir()
+    np.save(d / "contrast.npy", blocks)
+    np.save(d / "labels.npy", np.tile(y[:n].numpy().astype(np.uint8), 5))
+    for root in (tmp_path, d):
+        imgs, labels = S.load_corrupted(root, "cifar10", "contrast", 3)
+        assert imgs.dtype == torch.uint8 and imgs.shape == (n, 3, 32, 32)
+        assert torch.equal(imgs, x[:n] // 3) and torch.equal(labels, y[:n])
+    imgs, _ = S.load_corrupted(tmp_path, "CIFAR-10", "contrast", 5, limit=7)
+    assert torch.equal(imgs, x[:7] // 5)
+    with pytest.raises(FileNotFoundError):
+        S.load_corrupted(tmp_path, "cifar10", "fog", 1)
+    with pytest.raises(ValueError):
+        S.load_corrupted(tmp_path, "cifar10", "contrast", 6)
+
+
+def test_load_corrupted_tiny_imagenet_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    for wnid in ("n02", "n01"):
+        p = tmp_path / "Tiny-ImageNet-C" / "fog" / "2" / wnid
+        p.mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p / f"val_{k}.JPEG")
+    imgs, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 2)
+    assert imgs.shape == (6, 3, 64, 64) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    _, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 2, classes=["n02", "n01"])
+    assert labels.tolist() == [1, 1, 1, 0, 0, 0]
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@pytest.fixture(scope="module")
+def trained(data_root):
+    """A tiny CNN trained for a few seconds on the real CIFAR-10 training prefix."""
+    with open(data_root / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    x = torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)).float() / 255
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    y = torch.tensor(d["labels"])
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(6):
+        for i in range(0, len(y), 64):
+            loss = nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
+def test_evaluate_corruptions(cifar, trained):
+    x, y = cifar
+    model = trained.train()
+    col = S.ActivationCollector(model, [("body.2", model.body[2])])
+    r = S.evaluate_corruptions(model, x, y, corruptions="paper5", severities=(1, 3, 5), batch_size=64,
+                               normalize=(MEAN, STD), collector=col, progress=False)
+    assert model.training and col.activations == []  # mode restored, nothing accumulated
+    col.remove()
+    assert r["corruptions"] == list(S.PAPER5) and r["severities"] == [1, 3, 5]
+    assert set(r) >= {"accuracy", "per_corruption", "per_severity", "mean_corruption_acc", "clean_acc",
+                      "ece_clean", "ece", "ece_corrupted", "detail", "source"}
+    import json
+    assert json.loads(json.dumps(r)) == r  # plain JSON
+    assert 20 < r["clean_acc"] <= 100  # a few seconds of training beats chance (10%)
+    assert all(v == "generated" for v in r["source"].values())
+    accs = [a for n in r["accuracy"] for a in r["accuracy"][n].values()]
+    assert all(0 <= a <= 100 for a in accs) and len(accs) == 15 and len(r["detail"]) == 15
+    assert r["mean_corruption_acc"] == pytest.approx(np.mean(list(r["per_corruption"].values())))
+    assert r["mean_corruption_acc"] == pytest.approx(np.mean(accs))
+    assert r["mean_corruption_acc"] < r["clean_acc"]
+    assert r["accuracy"]["contrast"]["5"] < r["clean_acc"]
+    assert 0 <= r["ece_clean"] <= 1 and 0 <= r["ece_corrupted"] <= 1
+    # same seed, same numbers
+    r2 = S.evaluate_corruptions(model, x, y, corruptions=["gaussian_noise"], severities=(5,), batch_size=64,
+                                normalize=(MEAN, STD), progress=False)
+    assert r2["accuracy"]["gaussian_noise"]["5"] == r["accuracy"]["gaussian_noise"]["5"]
+
+
+def test_evaluate_prefers_official_files(tmp_path, cifar, trained):
+    x, y = cifar
+    n = 100
+    d = tmp_path / "CIFAR-10-C"
+    d.mkdir()
+    np.save(d / "fog.npy", np.tile(x[:n].permute(0, 2, 3, 1).numpy(), (5, 1, 1, 1)))  # "corrupted" = clean
+    np.save(d / "labels.npy", np.tile(y[:n].numpy().astype(np.uint8), 5))
+    r = S.evaluate_corruptions(trained, x[:n], y[:n], corruptions=["fog", "contrast"], severities=(1, 2),
+                               normalize=(MEAN, STD), data_root=tmp_path, dataset="cifar10", progress=False)
+    assert r["source"] == {"fog": "official files", "contrast": "generated"}
+    assert r["accuracy"]["fog"]["1"] == r["accuracy"]["fog"]["2"] == r["clean_acc"]
