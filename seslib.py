@@ -2495,7 +2495,7 @@ def load_corrupted(root, dataset, name, severity, classes=None, limit=None):
             raise ValueError(f"{f}: expected uint8 [5*n, H, W, 3] with matching labels.npy, got {arr.shape}")
         n = arr.shape[0] // 5
         stop = (severity - 1) * n + (n if limit is None else min(limit, n))
-        block = np.ascontiguousarray(arr[(severity - 1) * n:stop])
+        block = np.array(arr[(severity - 1) * n:stop])  # a copy: the memmap slice is read-only
         labels = torch.from_numpy(np.asarray(lab[(severity - 1) * n:stop]).astype(np.int64))
         return torch.from_numpy(block).permute(0, 3, 1, 2).contiguous(), labels
     from PIL import Image
@@ -2664,8 +2664,8 @@ PRESETS = {
     # the published setup: each notebook's base recipe as is
     "paper": {},
     # tiny real-data subset, 1 epoch, capped steps, CPU-friendly: proves the pipeline end to end
-    "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=128, max_steps_per_epoch=3,
-                  robustness_subset=32, robustness_severities=[3], warmup_epochs=0, erank_batch=64),
+    "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=64, max_steps_per_epoch=3,
+                  robustness_subset=16, robustness_severities=[3], warmup_epochs=0, erank_batch=64),
 }
 NOTEBOOK_PARAMS = ("configs", "seeds", "epochs", "batch_size", "data_root", "out_dir", "device", "amp",
                    "preset", "resume", "report_only", "report", "list_runs", "torchrun")

@@ -95,25 +95,27 @@ def bench_steps(device, batch, reps):
         y = torch.randint(0, 100, (batch,), device=device)
         col = S.ActivationCollector(model, preset)
 
-        def step(ses):
+        def step(ses_fn):
             col.clear()
             opt.zero_grad(set_to_none=True)
-            with col.paused() if not ses else _null(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+            with col.paused() if ses_fn is None else _null(), torch.autocast(device.type, dtype=dtype, enabled=amp):
                 loss = F.cross_entropy(model(x), y)
-            if ses:
-                loss = loss.float() + 0.01 * S.ses_loss(col.activations, 0.7)
+            if ses_fn is not None:
+                loss = loss.float() + 0.01 * ses_fn(col.activations, 0.7)
             loss.backward()
             opt.step()
 
-        t_base = timeit(lambda: step(False), device, reps, warmup=1)
-        t_ses = timeit(lambda: step(True), device, reps, warmup=1)
-        rows.append((name, t_base * 1e3, t_ses * 1e3, 100 * (t_ses / t_base - 1)))
+        t_base = timeit(lambda: step(None), device, reps, warmup=1)
+        t_ref = timeit(lambda: step(reference_ses_loss), device, reps, warmup=1)
+        t_ses = timeit(lambda: step(S.ses_loss), device, reps, warmup=1)
+        rows.append((name, t_base * 1e3, t_ref * 1e3, t_ses * 1e3, 100 * (t_ref / t_base - 1),
+                     100 * (t_ses / t_base - 1)))
         col.remove()
         del model, opt
     print(f"\nTraining step (batch {batch}, {'AMP ' + str(dtype).split('.')[-1] if amp else 'fp32'}) on {device_name(device)}")
-    print(f"{'model':12s} {'baseline ms':>12s} {'SES ms':>9s} {'overhead':>9s}")
+    print(f"{'model':12s} {'baseline ms':>12s} {'ref SES ms':>11s} {'SES ms':>9s} {'ref overhead':>13s} {'overhead':>9s}")
     for r in rows:
-        print(f"{r[0]:12s} {r[1]:12.1f} {r[2]:9.1f} {r[3]:8.1f}%")
+        print(f"{r[0]:12s} {r[1]:12.1f} {r[2]:11.1f} {r[3]:9.1f} {r[4]:12.1f}% {r[5]:8.1f}%")
     return rows
 
 
