@@ -7,6 +7,7 @@ overhead of SES on a full training step. Everything runs in this one process on 
 """
 import argparse
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -105,9 +106,12 @@ def bench_steps(device, batch, reps):
             loss.backward()
             opt.step()
 
-        t_base = timeit(lambda: step(None), device, reps, warmup=1)
-        t_ref = timeit(lambda: step(reference_ses_loss), device, reps, warmup=1)
-        t_ses = timeit(lambda: step(S.ses_loss), device, reps, warmup=1)
+        # interleaved rounds, median per variant: a CPU's background noise hits all three alike
+        fns = [lambda: step(None), lambda: step(reference_ses_loss), lambda: step(S.ses_loss)]
+        for f in fns:
+            f()
+        times = [[timeit(f, device, 1, warmup=0) for f in fns] for _ in range(reps)]
+        t_base, t_ref, t_ses = (statistics.median(col) for col in zip(*times))
         rows.append((name, t_base * 1e3, t_ref * 1e3, t_ses * 1e3, 100 * (t_ref / t_base - 1),
                      100 * (t_ses / t_base - 1)))
         col.remove()
@@ -136,7 +140,7 @@ def device_name(device):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 GPU / 3 CPU)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 GPU / 3 CPU; steps: 10 GPU / 5 CPU)")
     ap.add_argument("--step-batch", type=int, default=None, help="training-step batch (default 512 GPU / 32 CPU)")
     ap.add_argument("--skip-steps", action="store_true", help="only the loss benchmark")
     args = ap.parse_args()
@@ -144,4 +148,4 @@ if __name__ == "__main__":
     gpu = dev.type == "cuda"
     bench_losses(dev, args.reps or (20 if gpu else 3))
     if not args.skip_steps:
-        bench_steps(dev, args.step_batch or (512 if gpu else 32), args.reps or (10 if gpu else 2))
+        bench_steps(dev, args.step_batch or (512 if gpu else 32), args.reps or (10 if gpu else 5))
