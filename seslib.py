@@ -3725,6 +3725,8 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
         raise ValueError(f"two notebooks would write to the same out_dir: {sorted(nb_out.values())}")
     tmp = out / ".batch"
     env = dict(os.environ)
+    if env.get("SES_DATA"):  # absolute, so a relative SES_DATA means the same in every kernel whatever its cwd
+        env["SES_DATA"] = str(Path(env["SES_DATA"]).expanduser().resolve())
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
         [str(_here()), str(Path(__file__).resolve().parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(tmp / "jupyter")] + ([env["JUPYTER_PATH"]] if env.get("JUPYTER_PATH") else []))

@@ -111,11 +111,10 @@ def bench_steps(device, batch, reps):
         for f in fns:
             f()
         times = [[timeit(f, device, 1, warmup=0) for f in fns] for _ in range(reps)]
-        t_base, t_ref, t_ses = (statistics.median(col) for col in zip(*times))
+        t_base, t_ref, t_ses = (statistics.median(ts) for ts in zip(*times))
         rows.append((name, t_base * 1e3, t_ref * 1e3, t_ses * 1e3, 100 * (t_ref / t_base - 1),
                      100 * (t_ses / t_base - 1)))
         col.remove()
-        del model, opt
     print(f"\nTraining step (batch {batch}, {'AMP ' + str(dtype).split('.')[-1] if amp else 'fp32'}) on {device_name(device)}")
     print(f"{'model':12s} {'baseline ms':>12s} {'ref SES ms':>11s} {'SES ms':>9s} {'ref overhead':>13s} {'overhead':>9s}")
     for r in rows:

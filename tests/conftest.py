@@ -13,7 +13,7 @@ def _shared_data():
     env = os.environ.get("SES_DATA")
     for cand in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data"]:
         if (cand / "cifar-10-batches-py").is_dir():
-            return cand
+            return cand.resolve()  # absolute: CI passes SES_DATA=../shared/data and some tests chdir
     return None
 
 
