@@ -3979,6 +3979,7 @@ def _notebook_datasets(nb) -> set:
 
 
 def _quick_args(p):
+    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
     p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
     p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 2)")
     p.add_argument("--data-root", help="folder holding the data sets (default: $SES_DATA, Kaggle inputs, ./data)")
@@ -3988,7 +3989,7 @@ def _quick_args(p):
 def _quick_cmd(a):
     """The suite's smoke preset over every notebook whose data can be found or downloaded."""
     status, runnable = {}, []
-    for nb in find_notebooks(["all"]):
+    for nb in find_notebooks(a.notebooks or ["all"]):
         missing = []
         for ds in sorted(_notebook_datasets(nb)):
             if ds not in status:

@@ -206,3 +206,24 @@ def test_kaggle_package_validates_and_broken_metadata_is_rejected(tmp_path):
     assert "missing field" in broken(language="")
     (out / "kernel-metadata.json").write_text(json.dumps(meta))
     S.validate_kaggle_metadata(out)
+
+
+def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_root):
+    """The README's quick job on CPU: CIFAR-10 only in the data root, so Exp 11 (Tiny-ImageNet) is skipped with
+    the reason while Exps 1 and 4 run their smoke preset and their reports; exit 0; says where the figures are."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "cifar-10-batches-py").symlink_to(data_root / "cifar-10-batches-py")
+    env = {k: v for k, v in os.environ.items() if k not in ("SES_DATA", "KAGGLE_KERNEL_RUN_TYPE")}
+    cmd = [sys.executable, S.__file__, "quick", "1", "4", "11", "--gpus", "cpu", "--workers", "2",
+           "--data-root", str(root), "--out", str(tmp_path / "out")]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log
+    assert "[skip] 11_resnet50_tinyimagenet: no tinyimagenet" in log and "SES_DATA" in log
+    for stem in ("01_training_dynamics", "04_toy_jacobian"):
+        assert _results(tmp_path / "out", stem), stem
+        assert (tmp_path / "out" / stem / "report.csv").is_file()
+        assert list((tmp_path / "out" / stem / "figures").glob("*.png"))
+    assert not (tmp_path / "out" / "11_resnet50_tinyimagenet" / "runs").exists()
+    assert f"figures: {tmp_path / 'out'}/NN_name/figures" in log
