@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -632,6 +633,13 @@ def _decode_rgb(path):
         return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # greyscale JPEGs -> 3 channels
 
 
+def _decode_images(paths) -> list:
+    """The images as uint8 [3, H, W] tensors (RGB). PIL releases the GIL while decoding: threads cut the
+    ~100k-image Tiny-ImageNet train set's load time."""
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
+        return list(ex.map(_decode_rgb, paths))
+
+
 def _load_tinyimagenet(d: Path, split, subset=None):
     wnids = tinyimagenet_classes(d)
     index = {w: i for i, w in enumerate(wnids)}
@@ -649,9 +657,7 @@ def _load_tinyimagenet(d: Path, split, subset=None):
     paths, labels = paths[:subset], labels[:subset]  # decode only what is used
     if not paths:
         raise FileNotFoundError(f"tinyimagenet: no {split} images under {d}")
-    # PIL releases the GIL while decoding: threads cut the ~100k-image train set's load time
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
-        imgs = list(ex.map(_decode_rgb, paths))
+    imgs = _decode_images(paths)
     bad = [str(p) for p, im in zip(paths, imgs) if tuple(im.shape) != (3, 64, 64)]
     if bad:
         raise ValueError(f"tinyimagenet: {len(bad)} images are not 64x64, e.g. {bad[0]}")
@@ -1011,13 +1017,10 @@ def validate_config(cfg) -> dict:
         raise ValueError("unknown config key(s): " + ", ".join(
             f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
     model, dataset = cfg.get("model", "resnet18"), cfg.get("dataset", "cifar10")
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    recipe = default_config(model, dataset)  # rejects an unknown model or dataset
     if model == "mlp_toy":
         raise ValueError("model 'mlp_toy' is the toy 2-D study's network: it does not train on image datasets")
-    c = dict(default_config(model, dataset), **cfg)
+    c = dict(recipe, **cfg)
     for k, opts in _CHOICES.items():
         _check(c[k] in opts, k, c[k], "one of " + ", ".join(map(repr, opts)))
     for k in ("epochs", "batch_size", "ses_every_k", "erank_batch"):
@@ -1106,6 +1109,10 @@ def _amp_dtype(amp, device):
         # compute capability, not is_bf16_supported(): that one reports True on a T4 through emulation
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def _eval_batch_size(c):
+    return c["eval_batch_size"] or 2 * c["batch_size"]
 
 
 def _milestones(c):
@@ -1326,7 +1333,6 @@ def _has_batchnorm(model) -> bool:
 def dist_setup(c) -> tuple[DistInfo, torch.device]:
     """(DistInfo, device) for validated cfg c; joins the process group under torchrun. The cfg is checked
     against the world size (global batch divisible, ...) before the group is created."""
-    import torch.distributed as dist
     env = torchrun_env()
     if dist.is_available() and dist.is_initialized():  # the caller built the group: use it, leave it alone
         info = DistInfo(dist.get_rank(), dist.get_world_size(), env["local_rank"] if env else 0, dist.get_backend())
@@ -1338,7 +1344,7 @@ def dist_setup(c) -> tuple[DistInfo, torch.device]:
     R, B = info.world_size, c["batch_size"]
     _check(B % R == 0, "batch_size", B, f"divisible by the number of ranks ({R}): it is the global batch")
     _check(B // R >= 2, "batch_size", B, f">= 2 x the number of ranks ({R}): each rank needs 2 samples")
-    ebs = c["eval_batch_size"] or 2 * B
+    ebs = _eval_batch_size(c)
     _check(ebs % R == 0, "eval_batch_size", ebs, f"divisible by the number of ranks ({R})")
     if c["mix"] != "none":
         _check(B // R % 2 == 0, "batch_size", B, f"an even number per rank with mixup/cutmix ({R} ranks)")
@@ -1354,7 +1360,6 @@ def dist_setup(c) -> tuple[DistInfo, torch.device]:
 
 
 def dist_teardown(info: DistInfo):
-    import torch.distributed as dist
     if info.created and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -1395,7 +1400,6 @@ def _rank_seed(seed, epoch, rank) -> int:
 
 def _all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
-        import torch.distributed as dist
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -1404,7 +1408,6 @@ def _same_on_all_ranks(value, info: DistInfo, what: str):
     """Fail clearly (not hang) when ranks disagree on a decision, e.g. out_dir not shared between nodes."""
     if not info.enabled:
         return value
-    import torch.distributed as dist
     seen = [None] * info.world_size
     dist.all_gather_object(seen, value)
     if any(v != seen[0] for v in seen):
@@ -1510,7 +1513,7 @@ def _train(c, dd: DistInfo, device):
         # every rank holds the whole (uint8) set and takes its slice of each global batch
         norm = {"mean": info["mean"], "std": info["std"], "device": device, "rank": dd.rank,
                 "world_size": dd.world_size}
-        ebs = c["eval_batch_size"] or 2 * c["batch_size"]
+        ebs = _eval_batch_size(c)
         loader = DeviceLoader(xtr, ytr, c["batch_size"], train=True, augment=c["augment"], seed=c["seed"],
                               max_steps=c["max_steps_per_epoch"], **norm)
         evals = {"test": DeviceLoader(xte, yte, ebs, train=False, **norm)}
@@ -1573,7 +1576,6 @@ def _train(c, dd: DistInfo, device):
             pending, step0 = [], 0
             bar = None
             if log == "tqdm":
-                from tqdm.auto import tqdm
                 bar = tqdm(total=steps, desc=f"{tag} ep {epoch + 1}/{c['epochs']}", leave=True)
             for step, (x, y) in enumerate(loader):
                 target = y
@@ -1680,14 +1682,13 @@ def _final_metrics(history, c, model, device, evals, collector, log):
         final.update(val_acc=last["val_acc"], best_val_epoch=sel["epoch"], test_acc_at_best_val=sel["test_acc"])
     final["robustness"] = None
     if c["robustness"]:
-        import seslib  # the corruptions section (another part of seslib); imported late on purpose
         test = evals["test"]
         n = c["robustness_subset"] or len(test.images)
         d = resolve_data_dir(c["dataset"], c["data_root"])
         info = dataset_info(c["dataset"])
-        final["robustness"] = seslib.evaluate_corruptions(
+        final["robustness"] = evaluate_corruptions(
             model, test.images[:n], test.labels[:n], corruptions=c["robustness"],
-            severities=c["robustness_severities"], batch_size=c["eval_batch_size"] or 2 * c["batch_size"],
+            severities=c["robustness_severities"], batch_size=_eval_batch_size(c),
             normalize=(info["mean"], info["std"]), device=device, data_root=d.parent, dataset=c["dataset"],
             seed=c["seed"], collector=collector, amp=c["amp"] != "off", progress=log == "tqdm",
             classes=tinyimagenet_classes(d) if c["dataset"] == "tinyimagenet" else None)
@@ -2498,25 +2499,22 @@ def load_corrupted(root, dataset, name, severity, classes=None, limit=None):
         block = np.array(arr[(severity - 1) * n:stop])  # a copy: the memmap slice is read-only
         labels = torch.from_numpy(np.asarray(lab[(severity - 1) * n:stop]).astype(np.int64))
         return torch.from_numpy(block).permute(0, 3, 1, 2).contiguous(), labels
-    from PIL import Image
     sd = d / name / str(severity)
     if not sd.is_dir():
         raise FileNotFoundError(f"official Tiny-ImageNet-C folder not found: {sd}")
-    wnids = sorted(p.name for p in sd.iterdir() if p.is_dir()) if classes is None else list(classes)
-    index = {w: i for i, w in enumerate(wnids)}
-    ims, labels = [], []
-    for w in sorted(p.name for p in sd.iterdir() if p.is_dir()):
+    folders = sorted(p.name for p in sd.iterdir() if p.is_dir())
+    index = {w: i for i, w in enumerate(folders if classes is None else classes)}
+    paths, labels = [], []
+    for w in folders:
         if w not in index:
             raise ValueError(f"{sd / w}: class {w!r} is not in `classes`")
-        for f in sorted(p for p in (sd / w).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")):
-            ims.append(np.asarray(Image.open(f).convert("RGB")))
-            labels.append(index[w])
-            if limit is not None and len(ims) >= limit:
-                break
-    if not ims:
+        files = sorted(p for p in (sd / w).iterdir() if p.suffix.lower() in _IMG_SUFFIXES)
+        paths += files
+        labels += [index[w]] * len(files)
+    paths, labels = paths[:limit], labels[:limit]  # decode only what is used
+    if not paths:
         raise FileNotFoundError(f"no images under {sd}")
-    return (torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous(),
-            torch.tensor(labels, dtype=torch.int64))
+    return torch.stack(_decode_images(paths)), torch.tensor(labels, dtype=torch.int64)
 
 
 # ─── evaluation ─────────────────────────────────────────────────────────────────────────────────
@@ -2719,7 +2717,7 @@ def run_plan(plan, base: dict, grid: dict, *, preset="paper", epochs=None, batch
     torchrun = os.environ.get("SES_TORCHRUN") if torchrun is None else torchrun
     if train_fn is None and torchrun not in (None, "", 0, "0", False):
         train_fn = lambda cfg: train_torchrun(cfg, torchrun)  # noqa: E731
-    train_fn = train_fn or globals()["train"]
+    train_fn = train_fn or train
     for run in plan.runs:
         if run.done and not plan.listing:
             print(f"[skip] {run.config} seed {run.seed}: result exists ({run.result_path})")
@@ -2769,11 +2767,8 @@ def resolve_out_dir(out_dir, preset="paper", name=None) -> str:
 
 
 def _rob_mean(final: dict):
-    rob = final.get("robustness") or {}
-    for key in ("mean_corruption_acc", "mean", "overall"):
-        if isinstance(rob.get(key), (int, float)):
-            return float(rob[key])
-    return float("nan")
+    value = (final.get("robustness") or {}).get("mean_corruption_acc")
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def load_results(out_dir):
@@ -3084,7 +3079,7 @@ def train_toy(cfg: dict) -> dict:
     x, y = make_rings(c["n_per_class"], c["radii"], c["noise"], seed=c["seed"])
     n_test = int(len(y) * c["test_fraction"])
     xte, yte, xtr, ytr = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
-    model = globals()["ToyMLP"](activation=c["activation"])
+    model = ToyMLP(activation=c["activation"])
     collector = ActivationCollector(model, "all")
     opt = torch.optim.Adam(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
     g = torch.Generator().manual_seed(c["seed"])
@@ -3340,7 +3335,7 @@ if "google.colab" in sys.modules and importlib.util.find_spec("seslib") is None:
 
 def _here():
     """Folder holding seslib.py (the runner's children import it from there)."""
-    return Path(os.path.abspath(sys.modules["seslib"].__file__ if "seslib" in sys.modules else __file__)).parent
+    return Path(__file__).resolve().parent
 
 
 def _nb_number(path):
@@ -3452,7 +3447,6 @@ def batch_slots(gpus="auto", workers=None, torchrun=False):
     if spec in ("cpu", "none", ""):
         ids = []
     else:
-        import torch
         n = torch.cuda.device_count()
         try:
             ids = list(range(n)) if spec == "auto" else [int(x) for x in spec.split(",")]
@@ -3693,9 +3687,7 @@ def _summarize(records, out, t_start, say, save=True):
     df = pd.DataFrame(records, columns=list(_record("", "", "")))
     df["seed"] = df["seed"].astype("Int64")
     if save:
-        out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out / ".batch_summary.csv.tmp", index=False)
-        os.replace(out / ".batch_summary.csv.tmp", out / "batch_summary.csv")
+        atomic_write_bytes(out / "batch_summary.csv", df.to_csv(index=False).encode())
     shown = df.drop(columns=["log"]).astype(object)
     say(shown.where(shown.notna(), "").to_string(index=False) if len(df) else "(nothing to run)")
     say(f"batch finished in {datetime.timedelta(seconds=int(time.time() - t_start))}: "
@@ -3728,7 +3720,7 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     if env.get("SES_DATA"):  # absolute, so a relative SES_DATA means the same in every kernel whatever its cwd
         env["SES_DATA"] = str(Path(env["SES_DATA"]).expanduser().resolve())
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
-        [str(_here()), str(Path(__file__).resolve().parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        [str(_here())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(tmp / "jupyter")] + ([env["JUPYTER_PATH"]] if env.get("JUPYTER_PATH") else []))
     t_start = time.time()
     log(f"batch: {len(nbs)} notebook(s) on {len(slots)} slot(s) [{', '.join(s['name'] for s in slots)}] -> {out}")
@@ -3916,9 +3908,8 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     ds = out / "code-dataset"
     ds.mkdir(parents=True, exist_ok=True)
     here = _here()
-    for f in [here / "seslib.py", *sorted(here.glob("_wip_*.py")), here / "requirements.txt"]:
-        if f.is_file():  # (_wip_*.py only until the lead inlines them into seslib.py)
-            shutil.copy2(f, ds / f.name)
+    for f in (here / "seslib.py", here / "requirements.txt"):
+        shutil.copy2(f, ds / f.name)
     for nb in nbs:  # flat: `kaggle datasets create` skips sub-folders by default
         shutil.copy2(nb, ds / nb.name)
     atomic_write_json(ds / "dataset-metadata.json", data_meta)

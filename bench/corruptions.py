@@ -11,7 +11,6 @@ images from $SES_DATA (or ../shared/data)."""
 import argparse
 import io
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -170,16 +169,12 @@ def base(name, x, s):  # x: HxWx3 uint8 -> HxWx3 uint8, one image
 
 
 def load_cifar(n):
-    env = os.environ.get("SES_DATA")
-    for root in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data"]:
-        f = root / "cifar-10-batches-py" / "test_batch"
-        if f.is_file():
-            with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="latin1")
-            x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            x = np.concatenate([x] * (-(-n // len(x))))[:n]  # repeat if the copy is shorter than n
-            return torch.from_numpy(np.ascontiguousarray(x))
-    sys.exit("CIFAR-10 test_batch not found: set SES_DATA")
+    root = os.environ.get("SES_DATA") or ROOT.parent / "shared" / "data"
+    try:
+        x, _ = S.load_dataset("cifar10", root, "test", download=False)
+    except FileNotFoundError as e:
+        sys.exit(str(e))
+    return x.repeat(-(-n // len(x)), 1, 1, 1)[:n].contiguous()  # repeat if the copy is shorter than n
 
 
 def main():

@@ -6,6 +6,7 @@ overhead of SES on a full training step. Everything runs in this one process on 
     python bench/ses_cost.py --device cpu --step-batch 64
 """
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -79,18 +80,12 @@ def bench_losses(device, reps):
     return rows
 
 
-def build(name):
-    if hasattr(S, "build_model"):
-        return S.build_model(name, num_classes=100, img_size=32)
-    raise SystemExit("seslib.build_model is needed for the training-step benchmark")
-
-
 def bench_steps(device, batch, reps):
     rows = []
-    amp = device.type == "cuda"
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = S._amp_dtype("auto", device)  # training's own rule: fp16 on a T4, bf16 from Ampere on, fp32 on CPU
+    amp = dtype is not None
     for name, preset in (("resnet18", "blocks+pool"), ("vit_small", "all")):
-        model = build(name).to(device).train()
+        model = S.build_model(name, num_classes=100, img_size=32).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x = torch.randn(batch, 3, 32, 32, device=device)
         y = torch.randint(0, 100, (batch,), device=device)
@@ -99,7 +94,8 @@ def bench_steps(device, batch, reps):
         def step(ses_fn):
             col.clear()
             opt.zero_grad(set_to_none=True)
-            with col.paused() if ses_fn is None else _null(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+            with col.paused() if ses_fn is None else contextlib.nullcontext(), \
+                    torch.autocast(device.type, dtype=dtype or torch.float32, enabled=amp):
                 loss = F.cross_entropy(model(x), y)
             if ses_fn is not None:
                 loss = loss.float() + 0.01 * ses_fn(col.activations, 0.7)
@@ -120,14 +116,6 @@ def bench_steps(device, batch, reps):
     for r in rows:
         print(f"{r[0]:12s} {r[1]:12.1f} {r[2]:11.1f} {r[3]:9.1f} {r[4]:12.1f}% {r[5]:8.1f}%")
     return rows
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def device_name(device):

@@ -313,6 +313,9 @@ def test_load_corrupted_tiny_imagenet_layout(tmp_path):
     assert imgs.shape == (6, 3, 64, 64) and labels.tolist() == [0, 0, 0, 1, 1, 1]
     _, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 2, classes=["n02", "n01"])
     assert labels.tolist() == [1, 1, 1, 0, 0, 0]
+    for limit, first in ((2, [0, 0]), (4, [0, 0, 0, 1])):  # the first `limit` images, never more
+        imgs, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 2, limit=limit)
+        assert imgs.shape == (limit, 3, 64, 64) and labels.tolist() == first
 
 
 class TinyNet(nn.Module):
