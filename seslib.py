@@ -694,6 +694,51 @@ def random_crop_flip(x, oy, ox, flip, pad=4):
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
+_JITTER_KEYS = ("brightness", "contrast", "saturation")  # ColorJitter's ops, in color_jitter's factor order
+
+
+def _pil_luma(x):
+    """PIL's RGB -> L conversion (ImagingConvert rgb2l: fixed-point ITU-R 601-2 luma, rounded) of a uint8-valued
+    float batch [B, 3, H, W] -> [B, 1, H, W]."""
+    r, g, b = x.to(torch.int32).unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16)[:, None].to(x.dtype)
+
+
+def _pil_blend(degenerate, img, factor):
+    """Image.blend(degenerate, img, factor) on uint8-valued floats: float32 maths, then C's (UINT8) truncation
+    (Pillow's ImagingBlend), which ImageEnhance uses for every adjustment."""
+    return (degenerate + factor * (img - degenerate)).clamp(0, 255).floor()
+
+
+def color_jitter(x, factors, order):
+    """torchvision ColorJitter(brightness, contrast, saturation) on PIL images, per sample, for a uint8 batch
+    [B, 3, H, W] on any device: factors [B, 3] (brightness, contrast, saturation; 1 = unchanged) and order
+    [B, 3] (each row a permutation of 0, 1, 2: ColorJitter applies its ops in a random order per image).
+    PIL's ImageEnhance.Brightness / Contrast / Color exactly (what torchvision's functional ops call on PIL
+    images, as the Tiny-ImageNet script does): blend with black, with the rounded mean luma, with the luma image.
+    Batched (each step computes all three ops and keeps each image's own), since a per-image PIL loop would be
+    the input pipeline's bottleneck on a GPU box with few CPU cores."""
+    y = x.float()
+    f = factors.to(device=x.device, dtype=torch.float32)[:, :, None, None, None]
+    for step in range(3):
+        luma = _pil_luma(y)
+        mean = torch.floor(luma.mean((1, 2, 3), keepdim=True, dtype=torch.float64) + 0.5).float()
+        options = torch.stack([_pil_blend(torch.zeros_like(y), y, f[:, 0]),  # Brightness
+                               _pil_blend(mean.expand_as(y), y, f[:, 1]),  # Contrast
+                               _pil_blend(luma.expand_as(y), y, f[:, 2])])  # Color (saturation)
+        op = order[:, step].to(x.device)
+        y = options[op, torch.arange(len(y), device=x.device)]
+    return y.to(torch.uint8)
+
+
+def draw_color_jitter(n, strengths, generator):
+    """Per-sample (factors [n, 3], order [n, 3]) for color_jitter: factor ~ U[1 - s, 1 + s] per op (s = 0: the op
+    is skipped by torchvision; factor 1 is the identity here), op order a uniform random permutation."""
+    s = torch.tensor([strengths[k] for k in _JITTER_KEYS])
+    factors = 1 + s * (2 * torch.rand(n, 3, generator=generator) - 1)
+    return factors, torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
+
+
 class BatchRandAugment:
     """RandAugment(num_ops, magnitude) drawn PER IMAGE for a uint8 batch [B, C, H, W], on its device.
 
@@ -740,9 +785,10 @@ class BatchRandAugment:
 class DeviceLoader:
     """Batches from a uint8 dataset kept whole on the training device.
 
-    Per batch, on the device: random crop (pad 4, zero fill) + horizontal flip with per-sample randomness,
-    optional RandAugment(2, 9) drawn per image (BatchRandAugment), normalisation to float32. Every random
-    draw (shuffle, crops, flips, RandAugment ops) comes from one seeded CPU torch.Generator (identical on
+    Per batch, on the device: random crop (zero padding `pad`) + horizontal flip with per-sample randomness,
+    optional ColorJitter per sample (color_jitter: {brightness, contrast, saturation} strengths, PIL-exact),
+    optional RandAugment(num_ops, magnitude) drawn per image (BatchRandAugment), normalisation to float32. Every
+    random draw (shuffle, crops, flips, jitter, RandAugment ops) comes from one seeded CPU torch.Generator (identical on
     every device, checkpointable via state_dict). Training: shuffled, drop_last; eval (train=False): in
     order, no augmentation, last partial batch kept.
 
@@ -752,7 +798,8 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, *, mean, std, device="cpu", train=True, augment="standard",
-                 pad=4, seed=0, max_steps=None, rank=0, world_size=1):
+                 pad=4, hflip=True, color_jitter=None, randaugment=(2, 9), seed=0, max_steps=None, rank=0,
+                 world_size=1):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W]; got {images.dtype} {tuple(images.shape)}")
         if augment not in ("standard", "randaugment", "none"):
@@ -761,13 +808,14 @@ class DeviceLoader:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         self.device = torch.device(device)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self.batch_size, self.train, self.pad, self.max_steps = batch_size, train, pad, max_steps
+        self.batch_size, self.train, self.pad, self.hflip, self.max_steps = batch_size, train, pad, hflip, max_steps
         self.augment = augment if train else "none"
+        self.jitter = color_jitter if train and color_jitter and any(color_jitter.values()) else None
         self.rank, self.world_size = rank, world_size
         m, s = (torch.tensor(v, device=self.device, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
         self.scale, self.bias = 1.0 / (255.0 * s), -m / s  # (x/255 - mean)/std = x * scale + bias
         self.generator = torch.Generator().manual_seed(seed)
-        self._randaug = BatchRandAugment(2, 9) if self.augment == "randaugment" else None
+        self._randaug = BatchRandAugment(*randaugment) if self.augment == "randaugment" else None
         if len(self) == 0:
             raise ValueError(f"{len(images)} images give no full batch of {batch_size} (drop_last)")
 
@@ -786,7 +834,9 @@ class DeviceLoader:
             idx = order[s * b:(s + 1) * b]
             if self.augment != "none":  # draws for the whole global batch, then sliced: rank-count invariant
                 off = torch.randint(0, 2 * self.pad + 1, (2, len(idx)), generator=self.generator)
-                flip = torch.rand(len(idx), generator=self.generator) < 0.5
+                flip = (torch.rand(len(idx), generator=self.generator) < 0.5) & self.hflip
+            if self.jitter is not None:
+                cj_factors, cj_order = draw_color_jitter(len(idx), self.jitter, self.generator)
             if self._randaug is not None:
                 ra_ops, ra_signs = self._randaug.draw(len(idx), self.generator)
             lo, hi = self.rank * len(idx) // self.world_size, (self.rank + 1) * len(idx) // self.world_size
@@ -796,6 +846,8 @@ class DeviceLoader:
             if self.augment != "none":
                 x = random_crop_flip(x, off[0, sl].to(self.device), off[1, sl].to(self.device),
                                      flip[sl].to(self.device), self.pad)
+            if self.jitter is not None:  # after crop + flip, as in the Tiny-ImageNet script's Compose
+                x = color_jitter(x, cj_factors[sl], cj_order[sl])
             if self._randaug is not None:  # per-image op draws (v2.RandAugment on a batch would pick one op)
                 x = self._randaug(x, ra_ops[:, sl], ra_signs[:, sl])
             yield self.normalize(x), y
@@ -946,10 +998,12 @@ def count_params(model, trainable_only=False) -> int:
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 ROBUSTNESS_PRESETS = ("all15", "paper5")
-# MultiStep milestones as fractions of the epochs: the reference's [20, 35, 45] of 50 (CIFAR) and
-# [25, 40, 52] of 60 (Tiny-ImageNet); gamma 0.2 as in every reference script.
+# MultiStep milestones when a config gives none: fractions of the epochs that reproduce the reference's
+# [20, 35, 45] of 50 (CIFAR) and [25, 40, 52] of 60 (Tiny-ImageNet) exactly; gamma 0.2 as in every reference script.
+# The notebooks state the author's absolute milestones (see run_config for an epochs override).
 _MILESTONE_FRACTIONS = {"tinyimagenet": (25 / 60, 40 / 60, 52 / 60)}
 _DEFAULT_FRACTIONS = (0.4, 0.7, 0.9)
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 _BASE_CONFIG = {
     "model": "resnet18", "dataset": "cifar10", "data_root": None,
@@ -957,16 +1011,26 @@ _BASE_CONFIG = {
     "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
     "schedule": "multistep", "milestones": None, "lr_gamma": 0.2, "warmup_epochs": 0, "min_lr": 1e-5,
     "grad_clip": None,
-    "seed": 42, "device": "auto", "amp": "auto",
-    "augment": "standard", "mix": "none", "mix_alpha": 1.0, "spectral_norm": False,
+    "seed": 42, "device": "auto",
+    "amp": "auto",  # asked for: auto | fp16 | bf16 | off
+    "precision": None,  # derived: what this device runs (fp32 | fp16 | bf16); see resolve_precision
+    "tf32": False,  # TF32 matmuls/convs on Ampere+ (the Tiny-ImageNet script turns it on)
+    # input pipeline: normalisation (None: the dataset's statistics) and every augmentation parameter
+    "norm_mean": None, "norm_std": None,
+    "augment": "standard", "crop_padding": 4, "hflip": True, "color_jitter": None,
+    "randaugment_num_ops": None, "randaugment_magnitude": None,  # None: RandAugment(2, 9) when augment="randaugment"
+    "mix": "none", "mix_alpha": None,  # None: 1.0 with mixup/cutmix
+    "spectral_norm": False,
     "ses": False, "ses_lambda": 0.01, "ses_beta": 0.7, "ses_beta_schedule": None,
     "ses_layers": "auto", "ses_targets": ["block"], "ses_every_k": 1,
     "ses_scope": "global", "sync_bn": None,  # multi-GPU (torchrun) only; see the "distributed" section
     "drop_path": None,  # ViTs: stochastic-depth rate (None: the recipe's 0.1)
-    "erank_batch": 512,
+    # per-epoch effective rank, measured two ways (see _erank_ses_view / _erank_author_view)
+    "erank_batches": 4, "erank_eval_samples": 2048,
     "out_dir": None, "resume": False, "keep_checkpoint": True,
     "train_subset": None, "test_subset": None, "max_steps_per_epoch": None, "val_split": 0.0,
     "robustness": None, "robustness_severities": [1, 2, 3, 4, 5], "robustness_subset": None,
+    "preset": None,  # label set by run_config ("paper", "smoke", ...): reports and the stale rule name it
     "log": "auto",
 }
 
@@ -974,23 +1038,51 @@ _CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("multistep", "cosine", "
             "amp": ("auto", "fp16", "bf16", "off"), "augment": ("standard", "randaugment", "none"),
             "mix": ("none", "mixup", "cutmix"), "log": ("auto", "tqdm", "plain", "none"),
             "ses_scope": ("global", "local")}
+# ses_resnet50_tinyimagenet .py: Normalize((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)) (its std is not the
+# data set's pixel std in DATASETS), RandomCrop(64, padding=8), flip, ColorJitter(0.1, 0.1, 0.1), BF16 + TF32.
+_TINY_RECIPE = dict(epochs=60, norm_mean=[0.4802, 0.4481, 0.3975], norm_std=[0.2302, 0.2265, 0.2262],
+                    crop_padding=8, color_jitter={"brightness": 0.1, "contrast": 0.1, "saturation": 0.1},
+                    amp="bf16", tf32=True)
 
 
 def default_config(model="resnet18", dataset="cifar10") -> dict:
     """The reference recipe for (model, dataset) as a full cfg dict ("Setup tecnico di riferimento").
-    CNNs: SGD lr 0.1 mom 0.9 wd 5e-4, MultiStep x0.2 at 40/70/90% (Tiny-ImageNet: [25,40,52] of 60), batch 256.
-    ViTs: AdamW lr 1e-3 wd 0.05, 5 warm-up epochs + cosine to 1e-5, grad clip 1.0, batch 512."""
+    CNNs: SGD lr 0.1 mom 0.9 wd 5e-4, MultiStep x0.2 at 40/70/90% = [20, 35, 45] of 50 epochs, batch 256.
+    Tiny-ImageNet: 60 epochs, [25, 40, 52], and ses_resnet50_tinyimagenet .py's pipeline (_TINY_RECIPE).
+    ViTs: AdamW lr 1e-3 wd 0.05, 5 warm-up epochs + cosine to 1e-5, grad clip 1.0, batch 512, FP16 (every ViT script)."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     dataset_info(dataset)
     cfg = dict(_BASE_CONFIG, model=model, dataset=dataset, ses_targets=["block"],
                robustness_severities=[1, 2, 3, 4, 5])
     if dataset == "tinyimagenet":
-        cfg["epochs"] = 60
+        cfg.update(_TINY_RECIPE)
     if model in VIT_MODELS:
         cfg.update(optimizer="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=5,
-                   grad_clip=1.0, batch_size=512)
+                   grad_clip=1.0, batch_size=512, amp="fp16")
     return cfg
+
+
+def resolve_precision(amp, device_type, capability=None):
+    """(precision this device runs, note or None) for the requested amp.
+    off -> fp32; fp16 -> fp16 on CUDA; bf16 -> bf16 on compute capability >= 8, else fp16 (a T4 has no bf16
+    tensor cores: is_bf16_supported() says True there through emulation); auto -> bf16 / fp16 / fp32 by device.
+    On the CPU every request runs in fp32 (CPU autocast is slower than fp32 for these models): the recipe's
+    fp16/bf16 is a GPU setting."""
+    if amp == "off":
+        return "fp32", None
+    if device_type != "cuda":
+        return "fp32", None if amp == "auto" else f"amp={amp!r} is a GPU setting: fp32 on {device_type}"
+    native_bf16 = capability is not None and capability[0] >= 8
+    if amp == "fp16":
+        return "fp16", None
+    if amp == "bf16" and not native_bf16:
+        return "fp16", f"amp='bf16' asked for, but this GPU (compute capability {capability}) has no native bf16: fp16"
+    return ("bf16" if native_bf16 else "fp16"), None
+
+
+def _device_capability(device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
 
 
 def _is_int(v):
@@ -1004,6 +1096,40 @@ def _is_num(v):
 def _check(cond, key, value, want):
     if not cond:
         raise ValueError(f"config {key!r} must be {want}; got {value!r}")
+
+
+def _derived_milestones(dataset, epochs):
+    fr = _MILESTONE_FRACTIONS.get(dataset, _DEFAULT_FRACTIONS)
+    return sorted({max(1, round(f * epochs)) for f in fr})
+
+
+def _resolve_pipeline(c, info):
+    """Check and fill in the input pipeline keys, so that the resolved config says exactly how inputs were made."""
+    for k, default in (("norm_mean", info["mean"]), ("norm_std", info["std"])):
+        v = default if c[k] is None else c[k]
+        _check(isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_num(x) for x in v)
+               and (k == "norm_mean" or all(x > 0 for x in v)), k, c[k], "None or 3 numbers (std > 0)")
+        c[k] = [float(x) for x in v]
+    _check(_is_int(c["crop_padding"]) and c["crop_padding"] >= 0, "crop_padding", c["crop_padding"], "an int >= 0")
+    _check(isinstance(c["hflip"], bool), "hflip", c["hflip"], "True or False")
+    cj = c["color_jitter"]
+    _check(cj is None or (isinstance(cj, dict) and set(cj) <= set(_JITTER_KEYS)
+                          and all(_is_num(v) and 0 <= v < 1 for v in cj.values())), "color_jitter", cj,
+           f"None or a dict of {', '.join(_JITTER_KEYS)} strengths in [0, 1) (torchvision ColorJitter)")
+    c["color_jitter"] = None if not cj else {k: float(cj.get(k, 0.0)) for k in _JITTER_KEYS}
+    if c["augment"] == "randaugment":
+        n, m = c["randaugment_num_ops"], c["randaugment_magnitude"]
+        c["randaugment_num_ops"], c["randaugment_magnitude"] = 2 if n is None else n, 9 if m is None else m
+        _check(_is_int(c["randaugment_num_ops"]) and c["randaugment_num_ops"] >= 1, "randaugment_num_ops", n, "an int >= 1")
+        _check(_is_int(c["randaugment_magnitude"]) and 0 <= c["randaugment_magnitude"] <= 30, "randaugment_magnitude", m,
+               "an int in 0..30")
+    else:  # not used: say so rather than carry numbers that did nothing
+        c["randaugment_num_ops"] = c["randaugment_magnitude"] = None
+    if c["mix"] == "none":
+        c["mix_alpha"] = None
+    else:
+        c["mix_alpha"] = 1.0 if c["mix_alpha"] is None else c["mix_alpha"]
+        _check(_is_num(c["mix_alpha"]) and c["mix_alpha"] > 0, "mix_alpha", c["mix_alpha"], "a number > 0")
 
 
 def validate_config(cfg) -> dict:
@@ -1023,7 +1149,7 @@ def validate_config(cfg) -> dict:
     c = dict(recipe, **cfg)
     for k, opts in _CHOICES.items():
         _check(c[k] in opts, k, c[k], "one of " + ", ".join(map(repr, opts)))
-    for k in ("epochs", "batch_size", "ses_every_k", "erank_batch"):
+    for k in ("epochs", "batch_size", "ses_every_k", "erank_batches", "erank_eval_samples"):
         _check(_is_int(c[k]) and c[k] >= 1, k, c[k], "an int >= 1")
     _check(c["batch_size"] >= 2, "batch_size", c["batch_size"], "an int >= 2")
     for k in ("eval_batch_size", "train_subset", "test_subset", "max_steps_per_epoch", "robustness_subset"):
@@ -1037,7 +1163,6 @@ def validate_config(cfg) -> dict:
     _check(_is_num(c["lr_gamma"]) and c["lr_gamma"] > 0, "lr_gamma", c["lr_gamma"], "a number > 0")
     _check(c["grad_clip"] is None or (_is_num(c["grad_clip"]) and c["grad_clip"] > 0), "grad_clip",
            c["grad_clip"], "None or a number > 0")
-    _check(_is_num(c["mix_alpha"]) and c["mix_alpha"] > 0, "mix_alpha", c["mix_alpha"], "a number > 0")
     _check(_is_num(c["ses_lambda"]) and c["ses_lambda"] >= 0, "ses_lambda", c["ses_lambda"], "a number >= 0")
     _check(_is_num(c["ses_beta"]) and 0 < c["ses_beta"] < 1, "ses_beta", c["ses_beta"], "a number in (0, 1)")
     _check(_is_num(c["val_split"]) and 0 <= c["val_split"] < 1, "val_split", c["val_split"], "a number in [0, 1)")
@@ -1045,18 +1170,24 @@ def validate_config(cfg) -> dict:
     _check(ms is None or (isinstance(ms, (list, tuple)) and all(_is_int(m) and m >= 1 for m in ms)
                           and list(ms) == sorted(set(ms))), "milestones", ms,
            "None (40/70/90% of epochs) or an increasing list of epochs >= 1")
-    c["milestones"] = None if ms is None else list(ms)
-    for k in ("spectral_norm", "ses", "resume", "keep_checkpoint"):
+    c["milestones"] = list(ms) if ms is not None else _derived_milestones(c["dataset"], c["epochs"])
+    _resolve_pipeline(c, dataset_info(dataset))
+    for k in ("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32"):
         _check(isinstance(c[k], bool), k, c[k], "True or False")
     _check(c["sync_bn"] is None or isinstance(c["sync_bn"], bool), "sync_bn", c["sync_bn"],
            "None (auto: on under multi-GPU DDP), True or False")
     _check(c["drop_path"] is None or (c["model"] in VIT_MODELS and _is_num(c["drop_path"]) and 0 <= c["drop_path"] < 1),
            "drop_path", c["drop_path"], "None, or for a ViT a number in [0, 1)")
+    if c["model"] in VIT_MODELS and c["drop_path"] is None:
+        c["drop_path"] = 0.1  # the reference ViT/4's stochastic depth
+    _check(c["preset"] is None or isinstance(c["preset"], str), "preset", c["preset"], "None or a preset name")
     _check(isinstance(c["device"], str), "device", c["device"], "a string ('auto', 'cpu', 'cuda', 'cuda:1', ...)")
     try:
         torch.device("cpu" if c["device"] == "auto" else c["device"])
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"config 'device' is not a torch device: {c['device']!r} ({e})") from None
+    device = pick_device(c["device"])
+    c["precision"] = resolve_precision(c["amp"], device.type, _device_capability(device))[0]
     for k in ("data_root", "out_dir"):
         _check(c[k] is None or isinstance(c[k], (str, os.PathLike)), k, c[k], "None or a path")
         c[k] = None if c[k] is None else str(c[k])
@@ -1099,32 +1230,18 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN/inf; the last good checkpoint is left untouched."""
 
 
-def _amp_dtype(amp, device):
-    """None (fp32) | torch.float16 (with GradScaler) | torch.bfloat16."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None  # CPU: fp32 (CPU autocast is slower than fp32 for these convs)
-        # compute capability, not is_bf16_supported(): that one reports True on a T4 through emulation
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+def _amp_dtype(precision):
+    """None (fp32) | torch.float16 (with GradScaler) | torch.bfloat16, for a resolved precision."""
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def _eval_batch_size(c):
     return c["eval_batch_size"] or 2 * c["batch_size"]
 
 
-def _milestones(c):
-    if c["milestones"] is not None:
-        return c["milestones"]
-    fr = _MILESTONE_FRACTIONS.get(c["dataset"], _DEFAULT_FRACTIONS)
-    return sorted({max(1, round(f * c["epochs"])) for f in fr})
-
-
 def _lr_factor(c):
     """Per-epoch LR multiplier (LambdaLR), as the reference schedules step once per epoch."""
-    E, w, ms, g = c["epochs"], c["warmup_epochs"], _milestones(c), c["lr_gamma"]
+    E, w, ms, g = c["epochs"], c["warmup_epochs"], c["milestones"], c["lr_gamma"]
     floor = c["min_lr"] / c["lr"]
 
     def factor(e):
@@ -1201,17 +1318,26 @@ def _set_rng_state(s, loader):
     loader.load_state_dict(s["loader"])
 
 
-# config keys that may differ between a run and its resumption (they don't change what is computed)
-_RESUME_FREE = ("resume", "log", "data_root", "out_dir", "device", "keep_checkpoint", "robustness",
-                "robustness_severities", "robustness_subset", "eval_batch_size")
-
-
-def _check_same_run(c, saved, path):
-    diff = sorted(k for k in set(c) | set(saved)  # a key added since `saved` was written counts at its default
-                  if k not in _RESUME_FREE and c.get(k) != saved.get(k, _BASE_CONFIG.get(k)))
-    if diff:
-        raise ValueError(f"cannot resume from {path}: its config differs in {diff} (use another out_dir, "
-                         "or resume=False to start over)")
+def _stale_on_disk(c, out_dir, dd):
+    """Before resuming: a finished result or a checkpoint in out_dir made with other settings is set aside
+    (set_aside: moved, never deleted) and the run starts over. Returns (finished result or None, checkpoint or None)."""
+    result_path, ckpt_path = out_dir / "result.json", out_dir / "checkpoint.pt"
+    done = _read_result(result_path) if c["resume"] else None
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) \
+        if c["resume"] and done is None and ckpt_path.exists() else None
+    diff = config_diff(c, done["config"]) if done is not None else \
+        config_diff(c, ck["config"], _RESUME_FREE) if ck is not None else []
+    diff = _same_on_all_ranks(diff, dd, "whether out_dir holds a run made with other settings")
+    if not diff:
+        return done, ck
+    if dd.is_main:
+        what = "result" if done is not None else "checkpoint"
+        where = set_aside(out_dir, f"stale {what}: {describe_diff(diff, limit=100)}")
+        print(f"[stale] {out_dir}: its {what} was made with other settings ({describe_diff(diff)}); "
+              f"moved to {where}; starting over", flush=True)
+    if dd.enabled:
+        dist.barrier()
+    return None, None
 
 
 def _log_mode(mode):
@@ -1221,20 +1347,69 @@ def _log_mode(mode):
     return "tqdm" if (sys.stderr.isatty() or "ipykernel" in sys.modules) else "plain"
 
 
-def _erank_pass(model, collector, x, beta, device):
-    """Per-layer effective rank on one fixed batch of (unaugmented) train images, in train mode as SES sees
-    them, grad off. BatchNorm running stats and spectral-norm vectors are restored afterwards and the RNG
-    is forked, so this measurement changes nothing in the training run (resume stays exact)."""
+def _erank_ses_view(model, collector, batches, beta, device):
+    """Per-layer effective rank as SES sees it: train mode, on a few fixed batches of (unaugmented) training images
+    of the training batch size (erank grows with the number of samples, so only this batch size compares with
+    the target SES pulls towards), averaged over the batches; grad off. BatchNorm running stats and spectral-norm
+    vectors are restored afterwards and the RNG is forked, so the measurement changes nothing in the run."""
     bufs = [b.detach().clone() for b in model.buffers()]
     devices = [device] if device.type == "cuda" else []
+    per_batch = []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        collector.clear()
-        model(x)
-        stats = layer_erank_stats(collector, beta)
+        for x in batches:
+            collector.clear()
+            model(x)
+            per_batch.append(layer_erank_stats(collector, beta))
         collector.clear()
     with torch.no_grad():
         for b, saved in zip(model.buffers(), bufs):
             b.copy_(saved)
+    out = {}
+    for name, st in per_batch[0].items():
+        erank = float(np.mean([p[name]["erank"] for p in per_batch]))
+        out[name] = {"erank": erank, "d": st["d"], "target": st["target"], "ratio": erank / st["target"],
+                     "samples": len(batches[0])}
+    return out
+
+
+def pooled_activations(model, layers, x, batch_size=512, amp_dtype=None):
+    """{layer name: pooled [N, d] float32 activations (CPU)} of `model` on the normalised images x, in the model's
+    current mode, through temporary hooks (any mode: ActivationCollector stores only in train mode by design).
+    layers: (name, kind) pairs, as ActivationCollector.names / .kinds."""
+    modules = dict(model.named_modules())
+    out = {name: [] for name, _ in layers}
+    handles = []
+    for name, kind in layers:
+        def hook(module, inputs, output, name=name, kind=kind):
+            t = inputs[0] if kind == "attn_weights" else output
+            t = t[0] if isinstance(t, (tuple, list)) else t
+            out[name].append(pool_activation(t, kind).float().cpu())
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    model(x[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
+def _erank_author_view(model, collector, x, beta, batch_size, amp_dtype):
+    """Per-layer effective rank as the SES author measured it (ses_erank_dynamics.py measure_erank, the source of
+    the published ResNet-18 erank ratios): eval mode, the first 2048 TEST images, forward under the run's
+    autocast, outputs mean-pooled, then one spectrum of the [2048, d] matrix (the d x d covariance, float32)."""
+    was_training = model.training
+    model.eval()
+    try:
+        acts = pooled_activations(model, [(n, collector.kinds[n]) for n in collector.names], x, batch_size, amp_dtype)
+    finally:
+        model.train(was_training)
+    names = list(acts)
+    stats = erank_stats([acts[n] for n in names], names, beta)
+    for st in stats.values():
+        st["samples"] = len(x)
     return stats
 
 
@@ -1468,14 +1643,15 @@ def train(cfg: dict) -> dict | None:
 def _train(c, dd: DistInfo, device):
     out_dir = Path(c["out_dir"]) if c["out_dir"] else None
     ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
-    finished, has_ckpt = _same_on_all_ranks(
-        (bool(c["resume"] and (out_dir / "result.json").exists()), bool(c["resume"] and ckpt_path.exists())),
-        dd, "whether out_dir holds a finished result / a checkpoint")
-    if finished:  # finished already: hand back its result
-        done = json.loads((out_dir / "result.json").read_text())
-        _check_same_run(c, done["config"], out_dir / "result.json")
+    done, ck = _stale_on_disk(c, out_dir, dd) if out_dir else (None, None)
+    finished, has_ckpt = _same_on_all_ranks((done is not None, ck is not None), dd,
+                                            "whether out_dir holds a finished result / a checkpoint")
+    if finished:  # finished already, with these settings: hand back its result
         return done if dd.is_main else None
-    amp_dtype = _amp_dtype(c["amp"], device)
+    amp_dtype = _amp_dtype(c["precision"])
+    note = resolve_precision(c["amp"], device.type, _device_capability(device))[1]
+    if note and dd.is_main and _log_mode(c["log"]) != "none":
+        print(f"note: {note}", flush=True)
     info = dataset_info(c["dataset"])
     set_seed(c["seed"])  # the same on every rank: identical init (DDP also broadcasts rank 0's weights)
     t_start = time.time()
@@ -1493,7 +1669,9 @@ def _train(c, dd: DistInfo, device):
     collector = ActivationCollector(net, c["ses_layers"], targets=c["ses_targets"])
     beta_sched = BetaSchedule.parse(c["ses_beta_schedule"]) if c["ses_beta_schedule"] is not None else None
     gather = dd.enabled and c["ses_scope"] == "global"
-    model = loader = evals = optimizer = scheduler = scaler = erank_x = None
+    model = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = best = None
+    tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c["tf32"]  # process-wide: restored below
     try:
         # data
         # subsets are cut at load time (Tiny-ImageNet then decodes only those), after the val split if any
@@ -1511,16 +1689,22 @@ def _train(c, dd: DistInfo, device):
         if len(xtr) < c["batch_size"]:
             raise ValueError(f"{len(xtr)} training images < batch_size {c['batch_size']}")
         # every rank holds the whole (uint8) set and takes its slice of each global batch
-        norm = {"mean": info["mean"], "std": info["std"], "device": device, "rank": dd.rank,
+        norm = {"mean": c["norm_mean"], "std": c["norm_std"], "device": device, "rank": dd.rank,
                 "world_size": dd.world_size}
         ebs = _eval_batch_size(c)
-        loader = DeviceLoader(xtr, ytr, c["batch_size"], train=True, augment=c["augment"], seed=c["seed"],
+        loader = DeviceLoader(xtr, ytr, c["batch_size"], train=True, augment=c["augment"], pad=c["crop_padding"],
+                              hflip=c["hflip"], color_jitter=c["color_jitter"],
+                              randaugment=(c["randaugment_num_ops"], c["randaugment_magnitude"]), seed=c["seed"],
                               max_steps=c["max_steps_per_epoch"], **norm)
         evals = {"test": DeviceLoader(xte, yte, ebs, train=False, **norm)}
         if xval is not None:
             evals["val"] = DeviceLoader(xval, yval, ebs, train=False, **norm)
-        # the fixed erank batch: the first train images, unaugmented (identical for every run, epoch and rank)
-        erank_x = loader.normalize(loader.images[:min(c["erank_batch"], len(xtr))])
+        # the fixed erank inputs (identical for every run, epoch and rank): the first erank_batches training batches,
+        # unaugmented, at the training batch size; and the first erank_eval_samples test images
+        B = c["batch_size"]
+        erank_batches = [loader.normalize(loader.images[i * B:(i + 1) * B])
+                         for i in range(min(c["erank_batches"], len(xtr) // B))]
+        erank_test = evals["test"].normalize(evals["test"].images[:c["erank_eval_samples"]])
         del xtr, ytr, xte, yte, xval, yval
 
         mixer = criterion = None
@@ -1538,15 +1722,14 @@ def _train(c, dd: DistInfo, device):
 
         history, start_epoch = [], 0
         if has_ckpt:  # every rank loads the same global state (saved from rank 0 by any number of ranks)
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            _check_same_run(c, ck["config"], ckpt_path)
             net.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             scaler.load_state_dict(ck["scaler"])
             _set_rng_state(ck["rng"], loader)
+            best = ck.get("best")  # the best test-accuracy epoch's weights (the paper's model selection)
             history, start_epoch = ck["history"], ck["epoch"]
-            del ck
+        ck = None
         if dd.enabled:  # after loading: DDP broadcasts rank 0's state at construction
             model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         else:
@@ -1619,15 +1802,24 @@ def _train(c, dd: DistInfo, device):
                     bar.update()
             train_seconds = time.time() - t0
             loss_sum, reg_sum, correct, n_seen, n_reg = _all_reduce_sum(sums, dd).tolist()
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / n_seen,
-                   "train_acc": 100.0 * correct / n_seen, "ses_loss": reg_sum / n_reg if n_reg else None}
+            ses_mean = reg_sum / n_reg if n_reg else None
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "train_acc": 100.0 * correct / n_seen,
+                   "ses_loss": ses_mean}  # mean of sum_l (H_l - beta log d_l)^2 over the SES steps, lambda NOT applied
+            if n_reg:  # the SES term as it enters the loss (lambda applied, mean over ALL steps: 0 on skipped ones,
+                # as the author's reg meter), and the training loss including it (the paper's Exp 1 scale)
+                row["ses_term"] = c["ses_lambda"] * reg_sum / (steps * dd.world_size)  # reg_sum: summed over ranks
+                row["train_loss_total"] = row["train_loss"] + row["ses_term"]
             for split, ev in evals.items():
                 row[f"{split}_acc"], row[f"{split}_loss"] = _evaluate(net, ev, amp_dtype, collector, dd)
             row["gap"] = row["train_acc"] - row["test_acc"]
-            row["erank"] = _erank_pass(net, collector, erank_x, beta, device)
+            row["erank"] = _erank_ses_view(net, collector, erank_batches, beta, device)
+            row["erank_author"] = _erank_author_view(net, collector, erank_test, beta, ebs, amp_dtype)
             row.update(beta=beta, lr=lr, steps=steps, train_seconds=train_seconds,
                        epoch_seconds=time.time() - t0, peak_mem_mb=_peak_mem_mb(device))
             history.append(row)
+            if dd.is_main and (best is None or row["test_acc"] > best["test_acc"]):  # strict: first best epoch, as the
+                best = {"epoch": epoch + 1, "test_acc": row["test_acc"],  # author's `if acc > best_acc`
+                        "model": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
             scheduler.step()
             if bar is not None:
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{row['test_acc']:.2f}", gap=f"{row['gap']:.1f}")
@@ -1639,13 +1831,13 @@ def _train(c, dd: DistInfo, device):
             if ckpt_path and dd.is_main:
                 atomic_torch_save({"format": 1, "epoch": epoch + 1, "config": c, "model": net.state_dict(),
                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "scaler": scaler.state_dict(), "rng": _rng_state(loader), "history": history},
-                                  ckpt_path)
+                                   "scaler": scaler.state_dict(), "rng": _rng_state(loader), "history": history,
+                                   "best": best}, ckpt_path)
                 ckpt_note = f"Last good checkpoint kept: {ckpt_path} (epoch {epoch + 1})"
 
         if not dd.is_main:  # rank 0 alone evaluates robustness and writes the result
             return None
-        final = _final_metrics(history, c, net, device, evals, collector, log)
+        final = _final_metrics(history, c, net, device, evals, collector, log, best)
         final["total_seconds"] = time.time() - t_start
         env = _env_info(device, c)
         env["distributed"] = ({"world_size": dd.world_size, "backend": dd.backend, "ses_scope": c["ses_scope"],
@@ -1659,39 +1851,57 @@ def _train(c, dd: DistInfo, device):
         return result
     finally:  # free the device between runs (reference bug 2), also when the run fails: drop every reference
         collector.remove()  # (rebinding, not del: a traceback keeps this frame and its locals alive)
-        net = model = collector = loader = evals = optimizer = scheduler = scaler = erank_x = None  # noqa: F841
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
+        net = model = collector = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = None  # noqa: F841
+        best = None  # noqa: F841
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def _final_metrics(history, c, model, device, evals, collector, log):
+def _final_metrics(history, c, model, device, evals, collector, log, best=None):
     last = history[-1]
-    best = max(history, key=lambda r: r["test_acc"])
+    top = max(history, key=lambda r: r["test_acc"])  # the first epoch with the best test accuracy
     final = {"test_acc": last["test_acc"],  # the headline: the FINAL epoch's test accuracy
              "train_acc": last["train_acc"], "gap": last["gap"], "test_loss": last["test_loss"],
              # selected on the test set (what the published reference reports as best_acc): never a headline
-             "best_test_acc_over_epochs": best["test_acc"], "best_test_epoch": best["epoch"],
+             "best_test_acc_over_epochs": top["test_acc"], "best_test_epoch": top["epoch"],
              "params_m": count_params(model) / 1e6,
              "epoch_seconds_mean": float(np.mean([r["epoch_seconds"] for r in history])),
              "train_seconds_mean": float(np.mean([r["train_seconds"] for r in history])),
              "peak_mem_mb": max(r["peak_mem_mb"] for r in history),
-             "erank": last["erank"], "epochs_run": len(history)}
+             "erank": last["erank"], "erank_author": last.get("erank_author"), "epochs_run": len(history)}
     if "val_acc" in last:  # honest model selection: the epoch with the best held-out val accuracy
         sel = max(history, key=lambda r: r["val_acc"])
         final.update(val_acc=last["val_acc"], best_val_epoch=sel["epoch"], test_acc_at_best_val=sel["test_acc"])
-    final["robustness"] = None
+    final["robustness"] = final["robustness_paper"] = final["robustness_paper_best"] = None
     if c["robustness"]:
         test = evals["test"]
         n = c["robustness_subset"] or len(test.images)
+        x, y = test.images[:n], test.labels[:n]
         d = resolve_data_dir(c["dataset"], c["data_root"])
-        info = dataset_info(c["dataset"])
+        normalize = (c["norm_mean"], c["norm_std"])
+        # the standard protocol (Hendrycks & Dietterich, pixel space) on the final weights: our headline
         final["robustness"] = evaluate_corruptions(
-            model, test.images[:n], test.labels[:n], corruptions=c["robustness"],
+            model, x, y, corruptions=c["robustness"],
             severities=c["robustness_severities"], batch_size=_eval_batch_size(c),
-            normalize=(info["mean"], info["std"]), device=device, data_root=d.parent, dataset=c["dataset"],
-            seed=c["seed"], collector=collector, amp=c["amp"] != "off", progress=log == "tqdm",
+            normalize=normalize, device=device, data_root=d.parent, dataset=c["dataset"],
+            seed=c["seed"], collector=collector, amp=c["precision"], progress=log == "tqdm",
             classes=tinyimagenet_classes(d) if c["dataset"] == "tinyimagenet" else None)
+        # the paper's protocol, on the final weights and on the best test-accuracy epoch's (what every SES
+        # script reloads before its robustness pass: selected on the test set, so never our headline)
+        paper = dict(normalize=normalize, batch_size=c["batch_size"], device=device, amp=c["precision"],
+                     seed=c["seed"], collector=collector)
+        final["robustness_paper"] = evaluate_paper_protocol(model, x, y, **paper)
+        if best is not None:
+            final_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            model.load_state_dict(best["model"])
+            try:
+                final["robustness_paper_best"] = evaluate_paper_protocol(model, x, y, **paper)
+                final["robustness_paper_best"].update(weights="best test-accuracy epoch (test-selected, as the paper)",
+                                                      epoch=best["epoch"], test_acc=best["test_acc"])
+            finally:
+                model.load_state_dict(final_state)
     return final
 
 
@@ -2535,7 +2745,7 @@ def _resolve_corruptions(corruptions):
 
 def evaluate_corruptions(model, images, labels, corruptions="all15", severities=(1, 2, 3, 4, 5), batch_size=500,
                          normalize=None, device=None, data_root=None, dataset=None, seed=0, collector=None,
-                         amp="auto", classes=None, progress=True):
+                         amp="auto", classes=None, progress=True, protocol="standard"):
     """Accuracy (%) and ECE of `model` on clean and corrupted test images.
 
     images: clean uint8 [N, 3, H, W] (the test set, or its first N images in order); labels [N].
@@ -2544,7 +2754,13 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
     with `corrupt` (seeded by `seed`, per corruption and severity). Returns a JSON-ready dict with
     accuracy[c][s], per_corruption, per_severity, mean_corruption_acc, clean_acc, ece_clean, ece[c][s],
     ece_corrupted (pooled over all corrupted predictions), detail {"<c>_s<s>": acc} (the paper's naming)
-    and source[c] ('official files' | 'generated')."""
+    and source[c] ('official files' | 'generated').
+    protocol="paper": the published SES evaluation instead (evaluate_paper_protocol)."""
+    if protocol not in CORRUPTION_PROTOCOLS:
+        raise ValueError(f"unknown corruption protocol {protocol!r}; known: {', '.join(CORRUPTION_PROTOCOLS)}")
+    if protocol == "paper":
+        return evaluate_paper_protocol(model, images, labels, normalize, batch_size=batch_size, device=device,
+                                       amp=amp, seed=seed, collector=collector)
     from torchmetrics.classification import MulticlassCalibrationError
     names = _resolve_corruptions(corruptions)
     sevs = [severities] if isinstance(severities, (int, np.integer)) else list(severities)
@@ -2564,7 +2780,7 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
         raise ValueError(f"no standard corruption parameters for {H} px images (32 or 64)")
     dev = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
     # same precision rule as training (bf16 only on compute capability >= 8; fp16 on a T4; fp32 on CPU)
-    amp_dtype = _amp_dtype("auto" if amp is True else "off" if amp in (False, None) else amp, dev)
+    amp_dtype = _eval_amp_dtype(amp, dev)
     use_amp = amp_dtype is not None and dev.type == "cuda"
     if normalize is not None:
         mean = torch.tensor(normalize[0], device=dev).view(1, -1, 1, 1)
@@ -2651,6 +2867,97 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
     }
 
 
+# ─── the paper's robustness protocol, replicated ─────────────────────────────────────────────────
+# The SES scripts' evaluate_robustness + apply_corruption (identical in ses_kaggle_dual_gpu.py, ses_vit_*.py,
+# ses_adaptive_beta.py, ses_phase3.py, ses_resnet50_tinyimagenet .py; they differ only in the autocast dtype):
+# 5 corruptions x severities 1, 3, 5 applied to the NORMALISED test tensors, batch by batch, in this order,
+# with these parameters. Not Hendrycks' protocol: noise is added in normalised units, "gaussian_blur" is a
+# k x k box filter with zero padding, brightness adds a constant, shot noise clamps negatives to 0 first.
+# Reproduced operation for operation (same torch ops, same draw order), so with the same seed on the CPU it
+# gives the author's function's numbers exactly (tests/test_paper_protocol.py, against its recorded output).
+CORRUPTION_PROTOCOLS = ("standard", "paper")
+PAPER_PROTOCOL = {"corruptions": ("gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise"),
+                  "severities": (1, 3, 5)}
+
+
+def _paper_corruption(x, name, severity, generator=None):
+    """apply_corruption(images, corruption_type, severity) of the SES scripts, on a normalised float batch."""
+    if name == "gaussian_noise":
+        scale = [0.04, 0.06, 0.08, 0.10, 0.12][severity - 1]
+        return x + torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * scale
+    if name == "gaussian_blur":
+        k = [3, 3, 5, 5, 7][severity - 1]
+        c = x.shape[1]
+        kernel = torch.ones(c, 1, k, k, device=x.device) / (k * k)
+        return F.conv2d(x, kernel, padding=k // 2, groups=c)
+    if name == "contrast":
+        factor = [0.8, 0.6, 0.4, 0.3, 0.2][severity - 1]
+        mean = x.mean(dim=[2, 3], keepdim=True)
+        return (x - mean) * factor + mean
+    if name == "brightness":
+        return x + [0.1, 0.2, 0.3, 0.4, 0.5][severity - 1]
+    if name == "shot_noise":
+        scale = [500, 250, 100, 75, 50][severity - 1]
+        return torch.poisson(x.clamp(0) * scale, generator=generator) / scale
+    raise ValueError(f"the paper protocol has no corruption {name!r}; it has {', '.join(PAPER_PROTOCOL['corruptions'])}")
+
+
+def _eval_amp_dtype(amp, device):
+    """The autocast dtype of an evaluation: amp = a precision ('fp32' | 'fp16' | 'bf16'), an amp request ('auto',
+    'fp16', 'bf16', 'off'), or True/False/None (auto/off). Resolved as training resolves it."""
+    if amp in PRECISIONS:
+        return _amp_dtype(amp if device.type == "cuda" else "fp32")
+    request = "auto" if amp is True else "off" if amp in (False, None) else amp
+    return _amp_dtype(resolve_precision(request, device.type, _device_capability(device))[0])
+
+
+def evaluate_paper_protocol(model, images, labels, normalize, batch_size=256, device=None, amp="fp32", seed=0,
+                            collector=None, generator=None):
+    """The published SES robustness evaluation (see the block comment above), as an exact replica.
+
+    images: clean uint8 [N, 3, H, W] (the author's test loader: ToTensor + Normalize, in order, batches of the
+    training batch size); normalize: (mean, std) of the run. Noise is drawn from `generator` (default: a CPU/device
+    generator seeded with `seed`), in the author's order: corruption, severity, batch. amp: the run's precision
+    (the author's autocast: fp16 in the T4 scripts, bf16 for Tiny-ImageNet, none in ses_phase3.py).
+    Returns {"protocol": "paper", "detail": {"<c>_s<s>": acc}, "mean_corruption_acc", "n_images", ...}."""
+    if normalize is None:
+        raise ValueError("the paper protocol corrupts normalised tensors: pass normalize=(mean, std)")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError("images must be a clean uint8 tensor [N, 3, H, W]")
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+    dev = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
+    amp_dtype = _eval_amp_dtype(amp, dev)
+    g = generator if generator is not None else torch.Generator(device=dev).manual_seed(int(seed))
+    mean = torch.tensor(normalize[0], device=dev).view(1, -1, 1, 1)
+    std = torch.tensor(normalize[1], device=dev).view(1, -1, 1, 1)
+    detail = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), (collector.paused() if collector is not None else nullcontext()):
+            for name in PAPER_PROTOCOL["corruptions"]:
+                for sev in PAPER_PROTOCOL["severities"]:
+                    correct = total = 0
+                    if g.device.type == "cpu":  # the author's `for X, y in test_loader` draws the DataLoader
+                        torch.empty((), dtype=torch.int64).random_(generator=g)  # iterator's base seed from it
+                    for i in range(0, len(labels), batch_size):
+                        x = (images[i:i + batch_size].to(dev).float() / 255 - mean) / std  # ToTensor + Normalize
+                        y = labels[i:i + batch_size].to(dev)
+                        xc = _paper_corruption(x, name, sev, g)
+                        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                            correct += (model(xc).argmax(1) == y).sum().item()
+                        total += len(y)
+                    detail[f"{name}_s{sev}"] = 100.0 * correct / total
+    finally:
+        model.train(was_training)
+    return {"protocol": "paper", "corruptions": list(PAPER_PROTOCOL["corruptions"]),
+            "severities": list(PAPER_PROTOCOL["severities"]), "n_images": int(len(labels)), "detail": detail,
+            "mean_corruption_acc": float(np.mean(list(detail.values()))),
+            "precision": {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]}
+
+
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 # results & reports
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -2658,134 +2965,210 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
 # {out_dir}/runs/*/result.json, aggregates over seeds, puts the paper's number beside ours, and draws
 # the figures the reference published for that experiment into {out_dir}/figures/.
 
-PRESETS = {
-    # the published setup: each notebook's base recipe as is
-    "paper": {},
-    # tiny real-data subset, 1 epoch, capped steps, CPU-friendly: proves the pipeline end to end
-    "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=64, max_steps_per_epoch=3,
-                  robustness_subset=16, robustness_severities=[3], warmup_epochs=0, erank_batch=64),
-}
-NOTEBOOK_PARAMS = ("configs", "seeds", "epochs", "batch_size", "data_root", "out_dir", "device", "amp",
-                   "preset", "resume", "report_only", "report", "list_runs", "torchrun")
+def _num(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
 
 
-def check_notebook_params(namespace: dict, defined_before: set, extra=()):
-    """Reject misspelled papermill parameters (papermill itself only warns) and bad values, up front.
-
-    `defined_before` is the set of globals at the end of the parameters cell: papermill's injected cell
-    comes after it, so any new public name is a parameter the notebook does not know.
-    """
-    known = set(NOTEBOOK_PARAMS) | set(extra)
-    injected = {k for k, v in namespace.items() if not k.startswith("_") and k not in defined_before
-                and not isinstance(v, type(json))}  # modules imported after the parameters cell are not parameters
-    unknown = sorted(injected - known - {"In", "Out", "get_ipython", "exit", "quit", "open"})
-    if unknown:
-        raise ValueError(f"unknown notebook parameter(s) {unknown}; known: {', '.join(sorted(known))}")
-    if namespace.get("preset") not in PRESETS:
-        raise ValueError(f"preset must be one of {list(PRESETS)}; got {namespace.get('preset')!r}")
-    for k in ("epochs", "batch_size"):
-        v = namespace.get(k)
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"{k} must be None (the preset's value) or a positive int; got {v!r}")
+def _rob_mean(final: dict, key="robustness"):
+    return _num((final.get(key) or {}).get("mean_corruption_acc"))
 
 
-def run_config(base: dict, overrides: dict, *, preset="paper", seed=42, run_dir=None, epochs=None,
-               batch_size=None, presets=None, **common) -> dict:
-    """The train() config of one run: base recipe < experiment overrides < preset < explicit knobs."""
-    presets = presets or PRESETS
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; known: {list(presets)}")
-    cfg = {**base, **overrides, **presets[preset]}
-    if epochs is not None:
-        cfg["epochs"] = epochs
-    if batch_size is not None:
-        cfg["batch_size"] = batch_size
-    cfg.update({k: v for k, v in common.items() if v is not None})
-    cfg.update(seed=seed, out_dir=str(run_dir) if run_dir is not None else cfg.get("out_dir"))
-    return cfg
+def _result_row(config, result, run_dir):
+    """The per-run numbers every report and claim works from (NaN where a run has none)."""
+    cfg, fin, env = result.get("config", {}), result.get("final", {}), result.get("env", {})
+    return dict(
+        config=config, seed=cfg.get("seed"),
+        acc_final=_num(fin.get("test_acc")), acc_best=_num(fin.get("best_test_acc_over_epochs")),
+        gap=_num(fin.get("gap")), rob=_rob_mean(fin), rob_paper=_rob_mean(fin, "robustness_paper"),
+        rob_paper_best=_rob_mean(fin, "robustness_paper_best"), epoch_s=_num(fin.get("epoch_seconds_mean")),
+        peak_mem_mb=_num(fin.get("peak_mem_mb")), kappa_mean=_num(fin.get("kappa_mean")),
+        erank_dev=_erank_dev(result), device_name=env.get("device_name"),
+        run_dir=str(run_dir), result=result)
 
 
-def run_plan(plan, base: dict, grid: dict, *, preset="paper", epochs=None, batch_size=None, resume=True,
-             train_fn=None, presets=None, torchrun=None, **common):
-    """Run every selected (config, seed) whose result does not exist yet; resume interrupted ones.
-
-    torchrun: None / 0 (each run in this process), "auto" or N: each run as ONE DDP run over all GPUs
-    (N processes) via train_torchrun; None reads $SES_TORCHRUN (set by `seslib.py batch --torchrun`).
-    A failing run does not stop the others; the first error is re-raised at the end so papermill and
-    the batch runner still see the failure.
-    """
-    torchrun = os.environ.get("SES_TORCHRUN") if torchrun is None else torchrun
-    if train_fn is None and torchrun not in (None, "", 0, "0", False):
-        train_fn = lambda cfg: train_torchrun(cfg, torchrun)  # noqa: E731
-    train_fn = train_fn or train
-    for run in plan.runs:
-        if run.done and not plan.listing:
-            print(f"[skip] {run.config} seed {run.seed}: result exists ({run.result_path})")
-    errors, results = [], []
-    for run in plan.todo:
-        cfg = run_config(base, grid[run.config], preset=preset, seed=run.seed, run_dir=run.run_dir,
-                         epochs=epochs, batch_size=batch_size, resume=resume, presets=presets, **common)
-        print(f"[run] {run.config} seed {run.seed} -> {run.run_dir}", flush=True)
-        try:
-            results.append(train_fn(cfg))
-        except Exception as e:  # noqa: BLE001 - reported and re-raised below
-            print(f"[failed] {run.config} seed {run.seed}: {type(e).__name__}: {e}", flush=True)
-            errors.append(e)
-    if errors:
-        raise errors[0]
-    return results
-
-
-_MODEL_COST = {"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6, "mlp_toy": 0.01}
-
-
-def run_cost(cfg: dict) -> float:
-    """A run's relative cost (model x epochs x pixels, SES adds ~1/every_k); the batch runner starts the costliest first."""
-    px = 4.0 if cfg.get("dataset") == "tinyimagenet" else 1.0
-    ses = 1.0 + (0.3 / cfg.get("ses_every_k", 1) if cfg.get("ses") else 0.0)
-    return _MODEL_COST.get(cfg.get("model"), 1.0) * cfg.get("epochs", 50) * px * ses
-
-
-def resolve_out_dir(out_dir, preset="paper", name=None) -> str:
-    """Where a notebook writes. None -> outputs/<name> for the paper preset, outputs/<preset>/<name> otherwise,
-    so a smoke run's results can never pass for a paper run's. Relative paths resolve against /kaggle/working
-    on Kaggle, else the repo root (the folder of seslib.py when it holds notebooks/), else the current
-    directory: a notebook run from notebooks/ and a batch run from the root write to the same place."""
-    if out_dir is None:
-        if not name:
-            raise ValueError("out_dir is None and no notebook name was given")
-        out_dir = Path("outputs") / name if preset == "paper" else Path("outputs") / preset / name
-    p = Path(out_dir)
-    if p.is_absolute():
-        return str(p)
-    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or Path("/kaggle/working").is_dir():
-        return str(Path("/kaggle/working") / p)
-    here = Path(__file__).resolve().parent
-    if (here / "notebooks").is_dir() and os.access(here, os.W_OK):
-        return str(here / p)
-    return str(Path.cwd() / p)
-
-
-def _rob_mean(final: dict):
-    value = (final.get("robustness") or {}).get("mean_corruption_acc")
-    return float(value) if isinstance(value, (int, float)) else float("nan")
+def _erank_dev(result):
+    """Largest |erank / d^β − 1| over the hooked layers at the last epoch, in % (as SES sees the layers)."""
+    last = (result.get("history") or [{}])[-1].get("erank") or {}
+    ratios = [st["ratio"] for st in last.values() if isinstance(st, dict) and "ratio" in st]
+    return 100 * max(abs(r - 1) for r in ratios) if ratios else float("nan")
 
 
 def load_results(out_dir):
-    """One row per finished run under {out_dir}/runs/*/result.json (the raw result kept in column `result`)."""
+    """One row per parseable {out_dir}/runs/*/result.json, whatever made it (the raw result in column `result`).
+    Reports use plan_results instead, which keeps only the runs made with the settings planned now."""
     import pandas as pd
     rows = []
     for path in sorted(Path(out_dir).glob("runs/*/result.json")):
-        r = json.loads(path.read_text())
-        cfg, fin = r.get("config", {}), r.get("final", {})
-        rows.append(dict(
-            config=cfg.get("config_name") or path.parent.name.rsplit("_seed", 1)[0],
-            seed=cfg.get("seed"), test_acc=fin.get("test_acc"), train_acc=fin.get("train_acc"),
-            gap=fin.get("gap"), rob=_rob_mean(fin), best_test_acc_over_epochs=fin.get("best_test_acc_over_epochs"),
-            epoch_s=fin.get("epoch_seconds_mean"), peak_mem_mb=fin.get("peak_mem_mb"), run_dir=str(path.parent),
-            result=r))
+        r = _read_result(path)
+        if r is not None:
+            rows.append(_result_row(path.parent.name.rsplit("_seed", 1)[0], r, path.parent))
     return pd.DataFrame(rows)
 
+
+def plan_results(plan):
+    """(rows of the results made with the plan's settings, [(run folder, why it was left out)]).
+
+    Every grid config (not only the selected ones) at the plan's seeds: a report of a re-run of one config still
+    shows its baseline. A result made with other settings (config_diff) is left out and named."""
+    import pandas as pd
+    rows, left_out = [], []
+    for (config, seed), cfg in plan.resolved.items():
+        run_dir = Path(plan.out_dir) / "runs" / f"{config}_seed{seed}"
+        r = _read_result(run_dir / "result.json")
+        if r is None:
+            continue
+        diff = config_diff(cfg, r.get("config") or {})
+        if diff:
+            left_out.append((str(run_dir), f"made with other settings: {describe_diff(diff)}"))
+        else:
+            rows.append(_result_row(config, r, run_dir))
+    return pd.DataFrame(rows), left_out
+
+
+# ── metrics, claims and verdicts ─────────────────────────────────────────────────────────────────
+# A claim is one published statement, as data in its notebook, e.g.
+#   dict(text="SES improves robustness on CIFAR-100", a="ses", b="baseline", metric="rob")
+# metric: a key of CLAIM_METRICS; kind: delta (a - b has the paper's sign), tie (a and b do not differ),
+# best (a beats every other config of `among`), spread (the metric varies across `among` by at most `paper`),
+# at_most (config a's metric is at most `paper`, e.g. every layer's erank within 5 % of its target).
+# The paper's own value comes from the notebook's PAPER numbers unless the claim gives `paper`.
+# Each claim is judged twice: on the paper's metric definition (accuracy = best test accuracy over epochs,
+# robustness = its own protocol on the test-selected weights) and on our headline definition (final epoch,
+# the standard 15 x 5 corruptions).
+CLAIM_METRICS = {  # metric -> (paper's definition, our headline definition, PAPER key, higher is better)
+    "acc": ("acc_best", "acc_final", "acc", True),
+    "rob": ("rob_paper_best", "rob", "rob", True),
+    "gap": ("gap", "gap", "gap", False),
+    "epoch_s": ("epoch_s", "epoch_s", "epoch_s", False),
+    "kappa": ("kappa_mean", "kappa_mean", "kappa_mean", False),
+    "erank_dev": ("erank_dev", "erank_dev", "erank_dev", False),  # max_l |erank_l / d_l^β - 1| in %
+}
+CLAIM_KINDS = ("delta", "tie", "best", "spread", "at_most")
+VERDICT_RULE = ("Verdict rule (seslib.verdict): with fewer than 2 seeds per config a claim is inconclusive. "
+                "Otherwise, with Δ our difference of seed means and SE its standard error "
+                "(sqrt(sd_a²/n_a + sd_b²/n_b)): a 'delta' or 'best' claim is reproduced when Δ has the paper's "
+                "sign and |Δ| > 2 SE, not reproduced when Δ has the opposite sign and |Δ| > 2 SE, inconclusive "
+                "otherwise; a 'tie' claim is reproduced when |Δ| ≤ 2 SE, else not reproduced; a 'spread' claim "
+                "(range across configs ≤ the paper's) or an 'at_most' claim (a value ≤ the paper's bound) is "
+                "reproduced when value + 2 SE ≤ the bound, not reproduced when value − 2 SE > the bound, "
+                "inconclusive otherwise.")
+
+
+def check_claim(claim, grid, paper=None) -> dict:
+    """A claim dict, checked against the grid when the notebook is loaded (not after training): names every
+    config it needs that the grid lacks, an unknown metric or kind, a paper value it cannot find."""
+    if not isinstance(claim, dict) or "text" not in claim or "a" not in claim:
+        raise ValueError(f"a claim is a dict with at least 'text' and 'a' (a config name); got {claim!r}")
+    c = {"b": None, "metric": "acc", "kind": "delta", "among": None, "paper": None, **claim}
+    bad = sorted(set(c) - {"text", "a", "b", "metric", "kind", "among", "paper"})
+    if bad:
+        raise ValueError(f"claim {c['text']!r}: unknown key(s) {bad}")
+    if c["metric"] not in CLAIM_METRICS:
+        raise ValueError(f"claim {c['text']!r}: unknown metric {c['metric']!r}; known: {', '.join(CLAIM_METRICS)}")
+    if c["kind"] not in CLAIM_KINDS:
+        raise ValueError(f"claim {c['text']!r}: unknown kind {c['kind']!r}; known: {', '.join(CLAIM_KINDS)}")
+    if c["kind"] in ("delta", "tie") and not c["b"]:
+        raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim compares 'a' with 'b'")
+    if c["kind"] in ("best", "spread"):
+        c["among"] = list(c["among"] or grid)
+    needed = [x for x in [c["a"], c["b"], *(c["among"] or [])] if x]
+    missing = [x for x in dict.fromkeys(needed) if x not in grid]
+    if missing:
+        raise ValueError(f"claim {c['text']!r} names config(s) {missing} that the grid lacks; grid: {list(grid)}")
+    if c["paper"] is None:
+        c["paper"] = _paper_value(c, paper or {})
+    return c
+
+
+def _paper_value(c, paper):
+    key, higher = CLAIM_METRICS[c["metric"]][2], CLAIM_METRICS[c["metric"]][3]
+    val = {k: (paper.get(k) or {}).get(key) for k in set([c["a"], c["b"], *(c["among"] or [])]) - {None}}
+    try:
+        if c["kind"] in ("delta", "tie"):
+            return round(val[c["a"]] - val[c["b"]], 4)
+        if c["kind"] == "at_most":
+            return round(val[c["a"]], 4)
+        others = [val[x] for x in c["among"] if x != c["a"]]
+        if c["kind"] == "best":
+            return round((val[c["a"]] - max(others)) if higher else (min(others) - val[c["a"]]), 4)
+        return round(max(val.values()) - min(val.values()), 4)
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(f"claim {c['text']!r}: the paper's {key} for {sorted(val)} is not in PAPER: give 'paper'") \
+            from None
+
+
+def verdict(kind, delta, se, n_min, paper):
+    """reproduced | not reproduced | inconclusive, by the one rule stated in VERDICT_RULE (and the README)."""
+    if n_min < 2 or delta != delta:
+        return "inconclusive"
+    if kind == "tie":
+        return "reproduced" if abs(delta) <= 2 * se else "not reproduced"
+    if kind in ("spread", "at_most"):
+        return "reproduced" if delta + 2 * se <= paper else "not reproduced" if delta - 2 * se > paper else "inconclusive"
+    if abs(delta) <= 2 * se:
+        return "inconclusive"
+    return "reproduced" if np.sign(delta) == np.sign(paper) else "not reproduced"
+
+
+def _stats(df, config, col):
+    v = df.loc[df["config"] == config, col].astype(float).dropna()
+    return float(v.mean()) if len(v) else float("nan"), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def judge_claim(c, df, definition=0):
+    """{delta, se, n, verdict} of one claim on our results; definition 0: the paper's metric, 1: our headline."""
+    col, higher = CLAIM_METRICS[c["metric"]][definition], CLAIM_METRICS[c["metric"]][3]
+    if c["kind"] == "at_most":
+        m, sd, n = _stats(df, c["a"], col)
+        se = sd / math.sqrt(n) if n > 1 else float("nan")
+        return {"delta": m, "se": se, "n": n, "verdict": verdict("at_most", m, se, n, c["paper"])}
+    if c["kind"] in ("delta", "tie"):
+        pairs = [(c["a"], c["b"])]
+    else:
+        means = {x: _stats(df, x, col)[0] for x in c["among"]}
+        known = {x: m for x, m in means.items() if m == m}
+        if c["kind"] == "best":
+            others = {x: m for x, m in known.items() if x != c["a"]}
+            rival = (max if higher else min)(others, key=others.get) if others else None
+            pairs = [(c["a"], rival)] if rival else []
+        else:
+            pairs = [(max(known, key=known.get), min(known, key=known.get))] if len(known) > 1 else []
+    if not pairs:
+        return {"delta": float("nan"), "se": float("nan"), "n": 0, "verdict": "inconclusive"}
+    a, b = pairs[0]
+    (ma, sa, na), (mb, sb, nb) = _stats(df, a, col), _stats(df, b, col)
+    delta = ma - mb
+    if c["kind"] == "best" and not higher:
+        delta = -delta  # > 0: a is the best
+    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb) if min(na, nb) > 1 else float("nan")
+    return {"delta": delta, "se": se, "n": min(na, nb), "verdict": verdict(c["kind"], delta, se, min(na, nb), c["paper"])}
+
+
+def claims_table(df, claims):
+    """One row per claim: the paper's value, ours on the paper's metric definition and on our headline one,
+    each with its standard error and verdict."""
+    import pandas as pd
+    rows = []
+    for c in claims:
+        p, h = judge_claim(c, df, 0), judge_claim(c, df, 1)
+        cols = CLAIM_METRICS[c["metric"]]
+        rows.append({"claim": c["text"], "kind": c["kind"], "configs": " vs ".join(x for x in (c["a"], c["b"]) if x)
+                     if c["kind"] in ("delta", "tie", "at_most") else f"{c['a']} among {len(c['among'])}"
+                     if c["kind"] == "best" else f"{len(c['among'])} configs",
+                     "metric (paper's | headline)": cols[0] if cols[0] == cols[1] else f"{cols[0]} | {cols[1]}",
+                     "paper": c["paper"], "ours (paper's definition)": _pm(p["delta"], p["se"]),
+                     "verdict": p["verdict"], "ours (headline)": _pm(h["delta"], h["se"]),
+                     "verdict (headline)": h["verdict"], "seeds": p["n"]})
+    return pd.DataFrame(rows)
+
+
+def _pm(mean, se):
+    if mean != mean:
+        return "—"
+    return f"{mean:+.2f} ± {se:.2f}" if se == se else f"{mean:+.2f}"
+
+
+# ── tables ───────────────────────────────────────────────────────────────────────────────────────
 
 def _fmt(mean, std, n):
     if mean != mean:  # NaN
@@ -2793,36 +3176,87 @@ def _fmt(mean, std, n):
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
 
 
-def summary_table(df, paper: dict | None = None, order=None, baseline="baseline", baseline_of=None):
-    """Ours (mean ± std over seeds) beside the paper's number, and Δ vs the baseline, per config."""
+def rob_label(df) -> str:
+    """What the standard robustness column really averages, read off the results ("15×5 mean" only when it is)."""
+    robs = [r.get("final", {}).get("robustness") for r in df["result"]] if len(df) else []
+    robs = [r for r in robs if r]
+    if not robs:
+        return "rob (standard)"
+    nc = {len(r.get("corruptions", [])) for r in robs}
+    ns = {len(r.get("severities", [])) for r in robs}
+    ni = {r.get("n_images") for r in robs}
+    txt = "/".join(map(str, sorted(nc))) + "×" + "/".join(map(str, sorted(ns)))
+    return f"rob ({txt} mean, {'/'.join(str(n) for n in sorted(ni))} images)"
+
+
+def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=None, paper_gpu=None):
+    """Per config: ours (mean ± sd over seeds, n) on both metric definitions beside the paper's numbers, the Δ vs
+    the config's baseline (ours on both definitions, the paper's), robustness on both protocols, time and memory."""
     import pandas as pd
     paper, baseline_of = paper or {}, baseline_of or {}
     if df.empty:
         return pd.DataFrame()
-    stats = df.groupby("config")[["test_acc", "gap", "rob", "best_test_acc_over_epochs", "epoch_s"]].agg(["mean", "std", "count"])
-    configs = [c for c in (order or stats.index) if c in stats.index]
+    configs = [c for c in (order or list(dict.fromkeys(df["config"]))) if c in set(df["config"])]
+    rl = rob_label(df)
     rows = []
     for c in configs:
-        s = stats.loc[c]
-        n = int(s[("test_acc", "count")])
-        m = {k: float(s[(k, "mean")]) for k in ("test_acc", "gap", "rob", "best_test_acc_over_epochs", "epoch_s")}
-        sd = {k: float(s[(k, "std")]) if n > 1 else 0.0 for k in ("test_acc", "gap", "rob")}
-        b = baseline_of.get(c, baseline)
+        st = {k: _stats(df, c, k) for k in ("acc_final", "acc_best", "gap", "rob", "rob_paper", "rob_paper_best",
+                                            "epoch_s", "peak_mem_mb")}
+        n = st["acc_final"][2]
         p = paper.get(c, {})
+        b = baseline_of.get(c, baseline)
         row = {"config": c, "seeds": n,
-               "acc (final epoch)": _fmt(m["test_acc"], sd["test_acc"], n), "paper acc": p.get("acc"),
-               "gap": _fmt(m["gap"], sd["gap"], n), "paper gap": p.get("gap"),
-               "rob (15×5 mean)": _fmt(m["rob"], sd["rob"], n), "paper rob (5 corr.)": p.get("rob"),
-               "best acc over epochs (selected on test)": round(m["best_test_acc_over_epochs"], 2)
-               if m["best_test_acc_over_epochs"] == m["best_test_acc_over_epochs"] else None,
-               "epoch s": round(m["epoch_s"], 1) if m["epoch_s"] == m["epoch_s"] else None}
-        if b in stats.index and b != c:
-            row["Δ acc"] = round(m["test_acc"] - float(stats.loc[b][("test_acc", "mean")]), 2)
-            row["Δ rob"] = round(m["rob"] - float(stats.loc[b][("rob", "mean")]), 2)
-            if b in paper and "acc" in p and paper[b].get("acc") is not None and p.get("acc") is not None:
-                row["paper Δ acc"] = round(p["acc"] - paper[b]["acc"], 2)
+               "acc (final epoch)": _fmt(*st["acc_final"]), "acc (best epoch, test-selected)": _fmt(*st["acc_best"]),
+               "paper acc (best epoch)": p.get("acc"),
+               "gap": _fmt(*st["gap"]), "paper gap": p.get("gap"),
+               rl: _fmt(*st["rob"]), "rob paper protocol (final)": _fmt(*st["rob_paper"]),
+               "rob paper protocol (test-selected, as the paper)": _fmt(*st["rob_paper_best"]),
+               "paper rob": p.get("rob"),
+               "s/epoch": round(st["epoch_s"][0], 1) if st["epoch_s"][0] == st["epoch_s"][0] else None,
+               "paper s/epoch": p.get("epoch_s")}
+        if "vram_gb" in p:
+            row.update({"peak mem GB": round(st["peak_mem_mb"][0] / 1024, 2), "paper VRAM GB": p.get("vram_gb")})
+        if b != c and b in set(df["config"]):
+            bs = {k: _stats(df, b, k)[0] for k in st}
+            pb = paper.get(b, {})
+
+            def pd_(k):
+                return round(p[k] - pb[k], 2) if p.get(k) is not None and pb.get(k) is not None else None
+            row.update({"vs": b, "Δ acc final": round(st["acc_final"][0] - bs["acc_final"], 2),
+                        "Δ acc best": round(st["acc_best"][0] - bs["acc_best"], 2), "paper Δ acc": pd_("acc"),
+                        "Δ gap": round(st["gap"][0] - bs["gap"], 2), "paper Δ gap": pd_("gap"),
+                        "Δ rob": round(st["rob"][0] - bs["rob"], 2),
+                        "Δ rob paper (test-selected)": round(st["rob_paper_best"][0] - bs["rob_paper_best"], 2),
+                        "paper Δ rob": pd_("rob")})
+            if st["epoch_s"][0] == st["epoch_s"][0] and bs["epoch_s"]:
+                row["SES overhead %"] = round(100 * (st["epoch_s"][0] / bs["epoch_s"] - 1), 1)
+            if p.get("epoch_s") and pb.get("epoch_s"):
+                row["paper overhead %"] = round(100 * (p["epoch_s"] / pb["epoch_s"] - 1), 1)
         rows.append(row)
-    return pd.DataFrame(rows).set_index("config")
+    table = pd.DataFrame(rows).set_index("config")
+    gpus = sorted({g for g in df["device_name"] if g})
+    table.attrs["devices"] = ", ".join(gpus)
+    table.attrs["paper_gpu"] = paper_gpu
+    return table
+
+
+_TABLE_GROUPS = {  # report.md shows the wide table as three readable ones
+    "accuracy and gap": ("seeds", "acc (final epoch)", "acc (best epoch, test-selected)", "paper acc (best epoch)",
+                         "vs", "Δ acc final", "Δ acc best", "paper Δ acc", "gap", "paper gap", "Δ gap", "paper Δ gap"),
+    "robustness": ("seeds", "rob (", "rob paper protocol (final)", "rob paper protocol (test-selected, as the paper)",
+                   "paper rob", "vs", "Δ rob", "Δ rob paper (test-selected)", "paper Δ rob", "mCE", "relative mCE"),
+    "cost": ("seeds", "s/epoch", "paper s/epoch", "vs", "SES overhead %", "paper overhead %", "peak mem GB",
+             "paper VRAM GB"),
+}
+
+
+def _split_table(table):
+    out = {}
+    for name, cols in _TABLE_GROUPS.items():
+        keep = [c for c in table.columns if any(c == k or (k.endswith("(") and c.startswith(k)) for k in cols)]
+        if len(keep) > 1:
+            out[name] = table[keep]
+    return out or {"results": table}
 
 
 def _markdown(table) -> str:
@@ -2834,13 +3268,66 @@ def _markdown(table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(table, out_dir):
+@dataclasses.dataclass
+class Report:
+    """A notebook's report: title, tables, claim verdicts, the results left out. Shown as HTML in notebooks."""
+    title: str
+    table: object  # the wide per-config table (report.csv)
+    claims: object  # claims_table (claims.csv)
+    left_out: list
+    figures: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+
+    def markdown(self) -> str:
+        parts = [f"# {self.title}\n"] + [f"{n}\n" for n in self.notes]
+        for name, t in _split_table(self.table).items():
+            parts.append(f"## {name}\n\n{_markdown(t)}")
+        if self.claims is not None and len(self.claims):
+            parts.append(f"## the paper's claims\n\n{_markdown(self.claims.set_index('claim'))}\n{VERDICT_RULE}\n")
+        if self.left_out:
+            parts.append("## left out (made with other settings)\n\n" + "".join(f"- {d}: {why}\n" for d, why in self.left_out))
+        if self.figures:
+            parts.append("## figures\n\n" + "".join(f"![{Path(f).stem}](figures/{Path(f).name})\n" for f in self.figures))
+        return "\n".join(parts)
+
+    def _repr_html_(self):
+        html = [f"<h3>{self.title}</h3>"] + [f"<p>{n}</p>" for n in self.notes]
+        for name, t in _split_table(self.table).items():
+            html.append(f"<h4>{name}</h4>" + t.to_html(na_rep="—"))
+        if self.claims is not None and len(self.claims):
+            html.append("<h4>the paper's claims</h4>" + self.claims.to_html(index=False, na_rep="—")
+                        + f"<p><small>{VERDICT_RULE}</small></p>")
+        if self.left_out:
+            html.append("<h4>left out (made with other settings)</h4><ul>"
+                        + "".join(f"<li>{d}: {why}</li>" for d, why in self.left_out) + "</ul>")
+        return "\n".join(html)
+
+    def __repr__(self):
+        return self.markdown()
+
+
+def report_title(plan, df) -> str:
+    cfg = next(iter(plan.resolved.values()), {}) if plan.resolved else {}
+    seeds = sorted({int(s) for s in df["seed"]}) if len(df) else plan.seeds
+    e = cfg.get("epochs", "?")
+    return (f"{plan.name or Path(plan.out_dir).name}: preset {plan.preset}, {e} epoch{'s' if e != 1 else ''}, "
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds}")
+
+
+def write_report(rep: Report, out_dir):
     out_dir = Path(out_dir)
-    atomic_write_bytes(out_dir / "report.csv", table.to_csv().encode())
-    atomic_write_bytes(out_dir / "report.md", _markdown(table).encode())
+    atomic_write_bytes(out_dir / "report.md", rep.markdown().encode())
+    atomic_write_bytes(out_dir / "report.csv", rep.table.to_csv().encode())
+    claims = rep.claims if rep.claims is not None else None
+    if claims is not None and len(claims):
+        atomic_write_bytes(out_dir / "claims.csv", claims.assign(report=rep.title).to_csv(index=False).encode())
+    else:
+        (out_dir / "claims.csv").unlink(missing_ok=True)
 
 
 # ── figures ──────────────────────────────────────────────────────────────────────────────────────
+MAX_FIG_INCHES = 16  # at 120 dpi: 1920 px, readable on a laptop screen and in a notebook cell
+
 
 def _save(fig, out_dir, name, show=True):
     import matplotlib.pyplot as plt
@@ -2864,80 +3351,112 @@ def _history_frame(df):
     return pd.DataFrame(rows)
 
 
+def _legend_below(fig, ax, ncol=4):
+    handles, labels = ax.get_legend_handles_labels()
+    if ax.get_legend():
+        ax.get_legend().remove()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), fontsize=8, frameon=False)
+
+
 def fig_bars(df, out_dir, paper=None, order=None, name="bars"):
-    """Final test accuracy, gap and robustness per config (mean ± sd over seeds), paper beside ours."""
+    """Accuracy, gap and robustness per config (mean ± sd over seeds): ours on our headline definition, ours on
+    the paper's definition, and the paper's number; the legend sits below the axes, never on a bar."""
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
     paper = paper or {}
-    long = df.melt(id_vars=["config", "seed"], value_vars=["test_acc", "gap", "rob"], var_name="metric")
-    long["source"] = "ours"
-    prow = [{"config": c, "seed": -1, "metric": m, "value": v.get(k), "source": "paper"}
-            for c, v in paper.items() for m, k in (("test_acc", "acc"), ("gap", "gap"), ("rob", "rob"))
-            if v.get(k) is not None and c in set(df["config"])]
-    long = pd.concat([long, pd.DataFrame(prow)], ignore_index=True)
-    order = [c for c in (order or sorted(df["config"].unique())) if c in set(df["config"])]
-    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(order) * 1.5), 3.8))
-    titles = {"test_acc": "test accuracy, final epoch (%)", "gap": "train − test gap (pp)",
-              "rob": "corruption accuracy (%)"}
-    for ax, metric in zip(axes, titles):
-        sub = long[long["metric"] == metric].dropna(subset=["value"])
-        if not sub.empty:
-            sns.barplot(data=sub, x="config", y="value", hue="source", order=order, ax=ax, errorbar="sd",
-                        hue_order=[h for h in ("ours", "paper") if h in set(sub["source"])])
-        ax.set_title(titles[metric], fontsize=10)
+    order = [c for c in (order or list(dict.fromkeys(df["config"]))) if c in set(df["config"])]
+    panels = {  # metric -> [(column, series name)], the paper's key
+        "test accuracy (%)": ([("acc_final", "ours: final epoch"), ("acc_best", "ours: best epoch (test-selected)")], "acc"),
+        "train − test gap (pp)": ([("gap", "ours: final epoch")], "gap"),
+        "corruption accuracy (%)": ([("rob", "ours: standard 15×5"),
+                                     ("rob_paper_best", "ours: paper protocol, test-selected")], "rob"),
+    }
+    width = min(MAX_FIG_INCHES, max(9, 1.1 * len(order) * 3))
+    fig, axes = plt.subplots(1, 3, figsize=(width, 4.4))
+    for ax, (title, (series, pkey)) in zip(axes, panels.items()):
+        long = pd.concat([df[["config", col]].rename(columns={col: "value"}).assign(series=lab) for col, lab in series]
+                         + [pd.DataFrame([{"config": c, "value": paper[c][pkey], "series": "paper"}
+                                          for c in order if (paper.get(c) or {}).get(pkey) is not None])],
+                         ignore_index=True).dropna(subset=["value"])
+        if not long.empty:
+            sns.barplot(data=long, x="config", y="value", hue="series", order=order, ax=ax, errorbar="sd",
+                        hue_order=[h for h in [lab for _, lab in series] + ["paper"] if h in set(long["series"])])
+            lo, hi = long["value"].min(), long["value"].max()
+            if pkey != "gap" and hi > 0:
+                ax.set_ylim(max(0, lo - 0.15 * (hi - lo) - 1), hi + 0.1 * (hi - lo) + 1)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("")
-        ax.tick_params(axis="x", rotation=40)
-        lo = sub["value"].min() if not sub.empty else 0
-        hi = sub["value"].max() if not sub.empty else 1
-        if metric != "gap" and hi > 0:
-            ax.set_ylim(max(0, lo - 0.15 * (hi - lo) - 1), hi + 0.1 * (hi - lo) + 1)
-    fig.suptitle("paper: best-over-epochs accuracy and a 5-corruption robustness on normalised tensors; "
-                 "ours: final epoch, standard 15-corruption protocol", fontsize=8)
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=40, labelsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        if ax.get_legend():
+            ax.get_legend().remove()
+        if handles:
+            ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), frameon=False)
     return _save(fig, out_dir, name)
 
 
-def fig_curves(df, out_dir, name="curves", metrics=("test_acc", "train_loss", "gap")):
-    """Per-epoch curves per config (mean over seeds, shaded sd)."""
+def fig_curves(df, out_dir, name="curves", metrics=("test_acc", "train_loss", "gap"), log=()):
+    """Per-epoch curves per config (mean over seeds, shaded sd); metrics named in `log` on a log scale."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     hist = _history_frame(df)
-    metrics = [m for m in metrics if m in hist.columns]
+    metrics = [m for m in metrics if m in hist.columns and hist[m].notna().any()]
     if hist.empty or not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    titles = {"ses_term": "SES term λ·Σ(H−β log d)² (as in the loss)", "train_loss_total": "train loss incl. SES term",
+              "ses_loss": "Σ(H−β log d)² (λ not applied)"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(min(MAX_FIG_INCHES, 4.3 * len(metrics)), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        sns.lineplot(data=hist, x="epoch", y=m, hue="config", ax=ax, errorbar="sd", marker="o" if hist["epoch"].nunique() < 5 else None)
-        ax.set_title(m.replace("_", " "))
+        sns.lineplot(data=hist.dropna(subset=[m]), x="epoch", y=m, hue="config", ax=ax, errorbar="sd",
+                     marker="o" if hist["epoch"].nunique() < 5 else None)
+        ax.set_title(titles.get(m, m.replace("_", " ")), fontsize=10)
+        if m in log:
+            ax.set_yscale("log")
+    _legend_below(fig, axes[0][0])
     for ax in axes[0][1:]:
         if ax.get_legend():
             ax.get_legend().remove()
+    fig.subplots_adjust(bottom=0.25)
     return _save(fig, out_dir, name)
 
 
 def fig_erank(df, out_dir, name="erank"):
-    """Per-layer effective rank relative to its target d^beta over epochs (1 = on target)."""
+    """Per-layer effective rank over epochs relative to its target d^β (1 = on target), measured two ways, each
+    against its own target line: as SES sees it (training batch size, train mode) and as the SES author measured
+    it (2048 test images, eval mode). erank grows with the number of samples: only the first compares with the
+    target SES pulls towards."""
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
+    views = {"erank": "as SES sees it (train mode, {n} train images per batch)",
+             "erank_author": "as the author measured it (eval mode, {n} test images)"}
     rows = []
     for _, r in df.iterrows():
         for h in r["result"].get("history", []):
-            for layer, st in (h.get("erank") or {}).items():
-                rows.append({"config": r["config"], "epoch": h["epoch"], "layer": layer, "ratio": st["ratio"],
-                             "erank": st["erank"]})
+            for view in views:
+                for layer, st in (h.get(view) or {}).items():
+                    rows.append({"config": r["config"], "epoch": h["epoch"], "layer": layer, "ratio": st["ratio"],
+                                 "view": view, "n": st.get("samples")})
     if not rows:
         return None
     er = pd.DataFrame(rows)
-    configs = list(er["config"].unique())
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.6), squeeze=False, sharey=True)
-    for ax, c in zip(axes[0], configs):
-        sns.lineplot(data=er[er["config"] == c], x="epoch", y="ratio", hue="layer", ax=ax, errorbar=None,
-                     legend=ax is axes[0][-1], marker="o" if er["epoch"].nunique() < 5 else None)
-        ax.axhline(1.0, color="k", ls="--", lw=1)
-        ax.set_title(f"{c}: erank / d^β")
-    if axes[0][-1].get_legend():
-        axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    configs, present = list(dict.fromkeys(er["config"])), [v for v in views if v in set(er["view"])]
+    fig, axes = plt.subplots(len(present), len(configs), figsize=(min(MAX_FIG_INCHES, 3.6 * len(configs) + 1.5),
+                                                                  3.2 * len(present)), squeeze=False, sharey="row")
+    for i, view in enumerate(present):
+        for j, c in enumerate(configs):
+            sub = er[(er["config"] == c) & (er["view"] == view)]
+            ax = axes[i][j]
+            sns.lineplot(data=sub, x="epoch", y="ratio", hue="layer", ax=ax, errorbar=None, legend=j == len(configs) - 1,
+                         marker="o" if er["epoch"].nunique() < 5 else None)
+            ax.axhline(1.0, color="k", ls="--", lw=1, label="target d^β")
+            n = sub["n"].dropna().iloc[0] if sub["n"].notna().any() else "?"
+            ax.set_title(f"{c}: erank / d^β\n" + views[view].format(n=int(n) if n != "?" else n), fontsize=8)
+        if axes[i][-1].get_legend():
+            axes[i][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     return _save(fig, out_dir, name)
 
 
@@ -2946,35 +3465,49 @@ def _per_corruption_frame(df):
     rows = []
     for _, r in df.iterrows():
         rob = r["result"].get("final", {}).get("robustness") or {}
-        per = rob.get("per_corruption") or {}
-        for corr, acc in per.items():
+        for corr, acc in (rob.get("per_corruption") or {}).items():
             rows.append({"config": r["config"], "seed": r["seed"], "corruption": corr, "acc": acc})
     return pd.DataFrame(rows)
 
 
 def fig_per_corruption(df, out_dir, order=None, name="per_corruption"):
-    """Accuracy per corruption (mean over severities and seeds) for each config."""
+    """Accuracy per corruption (mean over severities and seeds), one small panel per corruption (wrapped five
+    to a row), so the figure stays readable for any number of configs."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     pc = _per_corruption_frame(df)
     if pc.empty:
         return None
-    order = [c for c in (order or pc["config"].unique()) if c in set(pc["config"])]
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * pc["corruption"].nunique() * len(order) ** 0.5 * 2), 4))
-    sns.barplot(data=pc, x="corruption", y="acc", hue="config", hue_order=order, ax=ax, errorbar=None)
-    ax.tick_params(axis="x", rotation=50)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy per corruption (mean over severities)")
-    ax.legend(fontsize=7, ncol=min(len(order), 4))
+    order = [c for c in (order or list(dict.fromkeys(pc["config"]))) if c in set(pc["config"])]
+    corrs = list(dict.fromkeys(pc["corruption"]))
+    ncol = min(5, len(corrs))
+    nrow = -(-len(corrs) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(min(MAX_FIG_INCHES, 2.9 * ncol), 2.4 * nrow + 0.8), squeeze=False,
+                             sharey=True)
+    palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
+    for ax, corr in zip(axes.flat, corrs):
+        sub = pc[pc["corruption"] == corr]
+        sns.barplot(data=sub, x="config", y="acc", hue="config", order=order, hue_order=order, palette=palette,
+                    ax=ax, errorbar=None, legend=False)
+        ax.set_title(corr.replace("_", " "), fontsize=9)
+        ax.set_xticks([])
+        ax.set_xlabel("")
+        ax.set_ylabel("acc (%)", fontsize=8)
+    for ax in list(axes.flat)[len(corrs):]:
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[c]) for c in order]
+    fig.legend(handles, order, loc="lower center", ncol=min(len(order), 7), fontsize=8, frameon=False)
+    fig.suptitle("accuracy per corruption (mean over severities), standard protocol", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     return _save(fig, out_dir, name)
 
 
 def fig_pareto(df, out_dir, name="pareto"):
     """Accuracy and robustness against epoch time (Exp 10's overhead/benefit trade-off)."""
     import matplotlib.pyplot as plt
-    agg = df.groupby("config")[["test_acc", "rob", "epoch_s"]].mean()
+    agg = df.groupby("config", sort=False)[["acc_final", "rob", "epoch_s"]].mean()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for ax, m, label in ((axes[0], "test_acc", "test accuracy (%)"), (axes[1], "rob", "corruption accuracy (%)")):
+    for ax, m, label in ((axes[0], "acc_final", "test accuracy, final epoch (%)"), (axes[1], "rob", "corruption accuracy (%)")):
         ax.scatter(agg["epoch_s"], agg[m])
         for c, row in agg.iterrows():
             ax.annotate(c, (row["epoch_s"], row[m]), fontsize=8, xytext=(3, 3), textcoords="offset points")
@@ -2995,29 +3528,71 @@ def fig_beta(df, out_dir, name="beta_schedules"):
     sns.lineplot(data=hist, x="epoch", y="test_acc", hue="config", ax=axes[1], errorbar=None, legend=False)
     axes[0].set_title("β schedule")
     axes[1].set_title("test accuracy")
+    axes[0].legend(fontsize=7)
     return _save(fig, out_dir, name)
 
 
-FIGURES = {"bars": fig_bars, "curves": fig_curves, "erank": fig_erank, "per_corruption": fig_per_corruption,
-           "pareto": fig_pareto, "beta": fig_beta}
+def fig_dynamics(df, out_dir, name="dynamics"):
+    """Exp 1's four panels: accuracy, the training loss including the SES term (log), the SES term as it enters
+    the loss (λ applied, log: the paper's ~0.5 -> ~0.003 scale), and the gap."""
+    return fig_curves(df, out_dir, name, metrics=("test_acc", "train_loss_total", "ses_term", "gap"),
+                      log=("train_loss_total", "ses_term"))
 
 
-def report(out_dir, grid=None, paper=None, figures=("bars", "curves"), baseline="baseline", baseline_of=None):
-    """The experiment's report from whatever results exist: table (+ csv/md) and figures (PNG + inline)."""
-    df = load_results(out_dir)
+FIGURES = {"bars": fig_bars, "curves": fig_curves, "dynamics": fig_dynamics, "erank": fig_erank,
+           "per_corruption": fig_per_corruption, "pareto": fig_pareto, "beta": fig_beta}
+
+
+def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=None, show=True):
+    """The experiment's report from the results made with the plan's settings (others are left out and named):
+    the per-config table (report.md / .csv), the claim verdicts (claims.csv), the figures (PNG, inline)."""
+    df, left_out = plan_results(plan)
+    for d, why in left_out:
+        print(f"left out: {d}: {why}")
     if df.empty:
-        print(f"no finished runs under {out_dir}/runs yet")
+        print(f"no finished runs with these settings under {plan.out_dir}/runs yet")
         return None
-    order = [c for c in (grid or {}) if c in set(df["config"])] or None
-    table = summary_table(df, paper, order=order, baseline=baseline, baseline_of=baseline_of)
-    write_report(table, out_dir)
+    bad = [f for f in figures if f not in FIGURES]
+    if bad:
+        raise ValueError(f"unknown figure(s) {bad}; known: {', '.join(FIGURES)}")
+    order = [c for c in plan.grid if c in set(df["config"])]
+    if plan.name == "04_toy_jacobian" or "kappa_mean" in df and df["kappa_mean"].notna().all():
+        table = toy_table(df, plan.paper)
+    else:
+        table = summary_table(df, plan.paper, order, baseline, baseline_of, plan.paper_gpu)
+    notes = list(plan.notes)
+    if table.attrs.get("devices"):
+        notes.append(f"our runs: {table.attrs['devices']}" + (f"; the paper's: {plan.paper_gpu}" if plan.paper_gpu else ""))
+    rep = Report(report_title(plan, df), table, claims_table(df, plan.claims) if plan.claims else None, left_out,
+                 notes=notes)
     for f in figures:
-        if f not in FIGURES:
-            raise ValueError(f"unknown figure {f!r}; known: {', '.join(FIGURES)}")
         fn = FIGURES[f]
-        kwargs = {"paper": paper, "order": order} if f == "bars" else ({"order": order} if f == "per_corruption" else {})
-        fn(df, out_dir, **kwargs)
-    return table
+        kw = {"paper": plan.paper, "order": order} if f == "bars" else {"order": order} if f == "per_corruption" else {}
+        path = fn(df, plan.out_dir, **kw)
+        if path:
+            rep.figures.append(str(path))
+    write_report(rep, plan.out_dir)
+    return rep
+
+
+def build_summary(root="outputs"):
+    """outputs/SUMMARY.md and .csv: one row per claim over every notebook folder under root that has a report
+    (each report's claims.csv holds only runs made with its own settings, and names its preset, epochs, seeds)."""
+    import pandas as pd
+    root = Path(root)
+    parts = [pd.read_csv(p).assign(notebook=p.parent.name) for p in sorted(root.glob("*/claims.csv"))]
+    if not parts:
+        return None
+    df = pd.concat(parts, ignore_index=True)
+    df = df[["notebook"] + [c for c in df.columns if c != "notebook"]]
+    counts = df["verdict"].value_counts().to_dict()
+    md = [f"# SES claims: {len(df)} claims in {df['notebook'].nunique()} notebooks\n",
+          ", ".join(f"{v} {k}" for k, v in counts.items()) + " (on the paper's metric definitions)\n", VERDICT_RULE + "\n"]
+    for nb, sub in df.groupby("notebook", sort=True):
+        md.append(f"## {sub['report'].iloc[0]}\n\n" + _markdown(sub.drop(columns=["notebook", "report"]).set_index("claim")))
+    atomic_write_bytes(root / "SUMMARY.csv", df.to_csv(index=False).encode())
+    atomic_write_bytes(root / "SUMMARY.md", "\n".join(md).encode())
+    return df
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -3031,7 +3606,7 @@ TOY_PRESETS = {"paper": {}, "smoke": dict(epochs=20, n_per_class=100, log_every=
 TOY_DEFAULTS = dict(
     seed=42, ses=False, ses_beta=0.6, ses_lambda=0.1, n_per_class=500, radii=[1.0, 2.0, 3.0], noise=0.15,
     test_fraction=0.2, activation="tanh", epochs=300, batch_size=128, lr=3e-3, weight_decay=0.0,
-    log_every=10, out_dir=None, resume=True, device="cpu",
+    log_every=10, out_dir=None, resume=True, device="cpu", preset=None,
 )
 
 
@@ -3060,7 +3635,7 @@ def jacobian_condition(model, x) -> torch.Tensor:
     return s[:, 0] / s[:, -1].clamp_min(1e-12)
 
 
-def _check_toy_cfg(cfg):
+def resolve_toy_config(cfg):
     unknown = sorted(set(cfg) - set(TOY_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown toy config key(s) {unknown}; known: {', '.join(sorted(TOY_DEFAULTS))}")
@@ -3073,7 +3648,7 @@ def _check_toy_cfg(cfg):
 
 def train_toy(cfg: dict) -> dict:
     """Train the toy MLP (baseline or SES on all 5 hidden layers) and measure kappa(J) and erank."""
-    c = _check_toy_cfg(cfg)
+    c = resolve_toy_config(cfg)
     out = Path(c["out_dir"]) if c["out_dir"] else None
     set_seed(c["seed"])
     x, y = make_rings(c["n_per_class"], c["radii"], c["noise"], seed=c["seed"])
@@ -3194,6 +3769,10 @@ def fig_toy(df, out_dir, name="toy"):
     return _save(fig, out_dir, name)
 
 
+
+
+FIGURES["toy"] = fig_toy
+
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 # runner + CLI
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -3218,28 +3797,143 @@ def validate_params(params, allowed, where="notebook"):
     return params
 
 
+PRESETS = {
+    # the published setup: each notebook's base recipe as is
+    "paper": {},
+    # tiny real-data subset, 1 epoch, capped steps, CPU-friendly: proves the pipeline end to end
+    "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=64, max_steps_per_epoch=3,
+                  robustness_subset=16, robustness_severities=[3], warmup_epochs=0, erank_batches=1,
+                  erank_eval_samples=64),
+}
+NOTEBOOK_PARAMS = ("configs", "seeds", "epochs", "batch_size", "data_root", "out_dir", "device", "amp",
+                   "preset", "resume", "report_only", "report", "list_runs", "torchrun")
+
+
+def check_notebook_params(namespace: dict, defined_before: set, extra=()):
+    """Reject misspelled papermill parameters (papermill itself only warns) and bad values, up front.
+
+    `defined_before` is the set of globals at the end of the parameters cell: papermill's injected cell
+    comes after it, so any new public name is a parameter the notebook does not know.
+    """
+    known = set(NOTEBOOK_PARAMS) | set(extra)
+    injected = {k for k, v in namespace.items() if not k.startswith("_") and k not in defined_before
+                and not isinstance(v, type(json))}  # modules imported after the parameters cell are not parameters
+    unknown = sorted(injected - known - {"In", "Out", "get_ipython", "exit", "quit", "open"})
+    if unknown:
+        raise ValueError(f"unknown notebook parameter(s) {unknown}; known: {', '.join(sorted(known))}")
+    if namespace.get("preset") not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}; got {namespace.get('preset')!r}")
+    for k in ("epochs", "batch_size"):
+        v = namespace.get(k)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{k} must be None (the preset's value) or a positive int; got {v!r}")
+
+
+def run_config(base: dict, overrides: dict, *, preset="paper", seed=42, run_dir=None, epochs=None,
+               batch_size=None, presets=None, **common) -> dict:
+    """The train() config of one run: base recipe < experiment overrides < preset < explicit knobs.
+    When the epochs differ from the recipe's (an epochs knob, the smoke preset), milestones the recipe states in
+    epochs are scaled with them: [20, 35, 45] of 50 -> [8, 14, 18] of 20 (else they would never be reached)."""
+    presets = presets or PRESETS
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; known: {list(presets)}")
+    recipe = {**base, **overrides}
+    cfg = {**recipe, **presets[preset]}
+    if epochs is not None:
+        cfg["epochs"] = epochs
+    if batch_size is not None:
+        cfg["batch_size"] = batch_size
+    if cfg.get("milestones") and "epochs" in recipe and cfg.get("epochs") != recipe["epochs"]:
+        cfg["milestones"] = sorted({max(1, round(m * cfg["epochs"] / recipe["epochs"])) for m in cfg["milestones"]})
+    cfg.update({k: v for k, v in common.items() if v is not None})
+    cfg.update(seed=seed, out_dir=str(run_dir) if run_dir is not None else cfg.get("out_dir"))
+    cfg["preset"] = preset  # a label: reports and the stale rule name it
+    return cfg
+
+
+# ── "done" means: the same settings ──
+# Keys that cannot change what a run computes: a result made with other values still counts as done.
+_NOT_COMPUTED = ("resume", "log", "data_root", "out_dir", "device", "keep_checkpoint", "eval_batch_size",
+                 "precision", "preset")  # precision follows from amp + the device; preset is a label
+# A checkpoint may also be resumed under other robustness settings: they act only after the last epoch.
+_RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustness_subset")
+
+
+def config_diff(now: dict, then: dict, ignore=_NOT_COMPUTED) -> list:
+    """[(key, then, now)] for every key that differs between a stored run's config and the one planned now
+    (a key missing from the older config counts as different: the suite's recipe grew since).
+    'preset' is listed too when anything else differs, so a message can say "preset smoke -> paper"."""
+    diff = [(k, then.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(now) | set(then))
+            if k not in ignore and then.get(k, "<absent>") != now.get(k, "<absent>")]
+    if diff and now.get("preset") != then.get("preset") and "preset" in ignore:
+        diff.append(("preset", then.get("preset"), now.get("preset")))
+    return diff
+
+
+def describe_diff(diff, limit=6) -> str:
+    """'epochs 2 → 50, preset smoke → paper' (the first `limit` keys)."""
+    parts = [f"{k} {json.dumps(a, default=str) if not isinstance(a, str) else a} → "
+             f"{json.dumps(b, default=str) if not isinstance(b, str) else b}" for k, a, b in diff[:limit]]
+    return ", ".join(parts) + (f" (+{len(diff) - limit} more)" if len(diff) > limit else "")
+
+
+def set_aside(run_dir, why: str) -> Path:
+    """Move a run folder's files (not the folder, which a lock may hold) into {out_dir}/stale/<name>.<time>/,
+    with why.txt: nothing is deleted. Returns the new folder."""
+    run_dir = Path(run_dir)
+    root = run_dir.parent.parent if run_dir.parent.name == "runs" else run_dir.parent
+    dest = root / "stale" / f"{run_dir.name}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+    dest.mkdir(parents=True)
+    for f in run_dir.iterdir():
+        if f.name != ".lock":
+            shutil.move(str(f), str(dest / f.name))
+    (dest / "why.txt").write_text(why + "\n")
+    return dest
+
+
 @dataclasses.dataclass
 class Run:
-    """One (config, seed) run of a notebook; `overrides` are the grid's settings for `config`."""
+    """One (config, seed) run of a notebook; `overrides` are the grid's settings for `config`.
+    status: "done" (a result made with the config planned now), "stale" (a result made with other settings:
+    `diff` says which; it is set aside and redone), "todo" (no result yet; a checkpoint resumes)."""
     config: str
     seed: int
     overrides: dict
     run_dir: Path
     result_path: Path
-    done: bool
+    status: str
     cost: float = 1.0
+    cfg: dict = None  # the resolved config this plan runs (None for a plan without a base recipe)
+    diff: list = dataclasses.field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
 
 
 @dataclasses.dataclass
 class RunPlan:
-    """What a notebook does: `for run in plan.todo: ...` then `if plan.report: ...`.
+    """What a notebook does: `S.run_plan(plan)` then `if plan.report: S.report(plan)`.
 
     In listing mode (list_runs set) the run list is written as JSON, `todo` is empty and `report`
-    False, so the rest of the notebook does nothing; with report_only, `todo` is empty too."""
+    False, so the rest of the notebook does nothing; with report_only, `todo` is empty too.
+    The plan also holds what its report needs: the resolved config of every grid config (for every seed),
+    the paper's numbers and claims."""
     runs: list
     listing: bool
     todo: list
     report: bool
+    out_dir: Path = None
+    name: str = ""
+    grid: dict = None
+    seeds: list = None
+    preset: str = "paper"
+    resolved: dict = None  # {(config, seed): resolved cfg} over the WHOLE grid, for the report
+    paper: dict = None
+    claims: list = None
+    paper_gpu: str = None
+    train_fn: object = None
+    notes: list = dataclasses.field(default_factory=list)  # non-paper settings, for the report's title
 
 
 def _as_list(x, what):
@@ -3254,23 +3948,43 @@ def _as_list(x, what):
 
 
 def _result_ok(path):
-    """A run counts as done only when its result.json exists and parses (train writes it atomically)."""
+    """A run's result.json exists and parses (train writes it atomically)."""
+    return _read_result(path) is not None
+
+
+def _read_result(path):
     try:
         with open(path) as f:
-            json.load(f)
-        return True
+            return json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
 
 
-def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost=None,
-              report=True, report_only=False):
-    """Expand a notebook's grid {config: overrides} into its (config, seed) runs.
+def result_status(result_path, cfg, ignore=_NOT_COMPUTED):
+    """("done" | "stale" | "todo", diff) of a run folder's result.json against the config planned now."""
+    r = _read_result(result_path)
+    if r is None:
+        return "todo", []
+    if cfg is None:  # a plan without a recipe (e.g. a custom grid): any parseable result counts
+        return "done", []
+    diff = config_diff(cfg, r.get("config") or {}, ignore)
+    return ("stale" if diff else "done"), diff
+
+
+def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost=None, report=True,
+              report_only=False, *, base=None, preset="paper", epochs=None, batch_size=None, presets=None,
+              resolve=None, train_fn=None, paper=None, claims=None, paper_gpu=None, name="", **common):
+    """Expand a notebook's grid {config: overrides} into its (config, seed) runs, and decide which are done.
 
     configs: "all", a list of names or "a,b"; seeds: int or list; out_dir: the notebook's output folder
     (runs live in {out_dir}/runs/{config}_seed{seed}/); list_runs: "" or a path where the run list is
-    written as JSON for the batch runner (listing mode); cost: None (1 each), {config: cost} or
-    callable(config, overrides) -> relative cost (the runner starts the costliest first)."""
+    written as JSON for the batch runner (listing mode); cost: None (run_cost of the config, or 1),
+    {config: cost} or callable(config, overrides) -> relative cost (the runner starts the costliest first).
+    base (+ preset, epochs, batch_size, common knobs such as data_root/device/amp): the recipe; every run's
+    config is resolved now (resolve: validate_config, or the toy study's resolve_toy_config), so bad settings
+    fail here, before anything runs, and a run is done only when its result.json was made with the config
+    planned now (config_diff; keys in _NOT_COMPUTED aside). paper / claims: the published numbers and the
+    claims the report checks (claim configs are checked against the grid here)."""
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, dict) for v in grid.values()):
         raise ValueError("grid must be a non-empty dict {config_name: {overrides}}")
     if not out_dir:
@@ -3283,25 +3997,137 @@ def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost
     if not all(isinstance(s, int) and not isinstance(s, bool) or (isinstance(s, str) and s.isdigit()) for s in seeds):
         raise ValueError(f"seeds must be integers, got {seeds}")
     seeds = [int(s) for s in seeds]
+    claims = [check_claim(c, grid, paper) for c in (claims or [])]
+    out_dir = Path(out_dir)
+    resolve = resolve or validate_config
+    resolved = {}
+    if base is not None:  # every grid config, every seed: the report matches results against these
+        for c in grid:
+            for s in seeds:
+                rd = out_dir / "runs" / f"{c}_seed{s}"
+                try:
+                    resolved[c, s] = resolve(run_config(base, grid[c], preset=preset, seed=s, run_dir=rd, epochs=epochs,
+                                                        batch_size=batch_size, presets=presets, **common))
+                except ValueError as e:
+                    raise ValueError(f"config {c!r}: {e}") from None
 
     def cost_of(c):
-        return 1.0 if cost is None else float(cost(c, grid[c]) if callable(cost) else cost.get(c, 1.0))
+        if cost is None:
+            return run_cost(resolved[c, seeds[0]]) if resolved else 1.0
+        return float(cost(c, grid[c]) if callable(cost) else cost.get(c, 1.0))
 
     runs = []
     for c in names:
         for s in seeds:
-            run_dir = Path(out_dir) / "runs" / f"{c}_seed{s}"
-            result = run_dir / "result.json"
-            runs.append(Run(c, s, dict(grid[c]), run_dir, result, _result_ok(result), cost_of(c)))
+            run_dir = out_dir / "runs" / f"{c}_seed{s}"
+            cfg = resolved.get((c, s))
+            status, diff = result_status(run_dir / "result.json", cfg)
+            runs.append(Run(c, s, dict(grid[c]), run_dir, run_dir / "result.json", status, cost_of(c), cfg, diff))
     listing = bool(list_runs)
     if listing:
         atomic_write_json(list_runs, [{"config": r.config, "seed": r.seed, "cost": r.cost, "done": r.done,
-                                       "run_dir": str(r.run_dir)} for r in runs])
+                                       "status": r.status, "stale": describe_diff(r.diff), "run_dir": str(r.run_dir),
+                                       "cfg": r.cfg} for r in runs])
     todo = [] if listing or report_only else [r for r in runs if not r.done]
-    n_done = sum(r.done for r in runs)
-    print(f"{len(runs)} run(s): {n_done} done, {len(runs) - n_done} to do"
+    counts = {k: sum(r.status == k for r in runs) for k in ("done", "stale", "todo")}
+    print(f"{len(runs)} run(s): {counts['done']} done, {counts['stale'] + counts['todo']} to do"
+          + (f" ({counts['stale']} stale)" if counts["stale"] else "")
           + (" (listing only)" if listing else " (report only)" if report_only else ""))
-    return RunPlan(runs, listing, todo, not listing and (report or report_only))
+    for r in runs:
+        if r.status == "stale":
+            print(f"  stale: {r.config} seed {r.seed}: {describe_diff(r.diff)}"
+                  + ("" if listing or report_only else " (set aside and redone)"))
+    first = next(iter(resolved.values()), None)
+    notes = _non_paper_notes(base, grid, first, preset, epochs, batch_size) if first else []
+    return RunPlan(runs, listing, todo, not listing and (report or report_only), out_dir, name, dict(grid), seeds,
+                   preset, resolved, paper or {}, claims, paper_gpu, train_fn, notes)
+
+
+def _non_paper_notes(base, grid, cfg, preset, epochs, batch_size):
+    notes = [] if preset == "paper" else [f"Not the published setup: the {preset!r} preset "
+                                          f"({', '.join(f'{k}={v}' for k, v in PRESETS.get(preset, {}).items())})."]
+    recipe = {**base, **next(iter(grid.values()))}
+    for k, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if v is not None and v != recipe.get(k):
+            notes.append(f"Not the published setup: {k} {v} (recipe: {recipe.get(k)}).")
+    return notes
+
+
+def run_plan(plan, resume=True, torchrun=None, train_fn=None):
+    """Run every planned (config, seed) that is not done; resume interrupted ones; set stale results aside first.
+
+    torchrun: None / 0 (each run in this process), "auto" or N: each run as ONE DDP run over all GPUs
+    (N processes) via train_torchrun; None reads $SES_TORCHRUN (set by `seslib.py batch --torchrun`).
+    A failing run does not stop the others; the first error is re-raised at the end so papermill and
+    the batch runner still see the failure. Returns a compact table (pandas) of the runs and their headline
+    numbers, not the result dicts (a notebook cell would print all of them)."""
+    import pandas as pd
+    torchrun = os.environ.get("SES_TORCHRUN") if torchrun is None else torchrun
+    train_fn = train_fn or plan.train_fn
+    if train_fn is None and torchrun not in (None, "", 0, "0", False):
+        train_fn = lambda cfg: train_torchrun(cfg, torchrun)  # noqa: E731
+    train_fn = train_fn or train
+    rows = []
+    for run in plan.runs:
+        if run.done and not plan.listing:
+            print(f"[skip] {run.config} seed {run.seed}: done ({run.result_path})")
+            rows.append(_run_row(run, "done", _read_result(run.result_path)))
+    errors = []
+    for run in plan.todo:
+        if run.status == "stale":
+            where = set_aside(run.run_dir, f"stale: {describe_diff(run.diff, limit=100)}")
+            print(f"[stale] {run.config} seed {run.seed}: {describe_diff(run.diff)}; old files moved to {where}")
+        if run.cfg is None:
+            raise ValueError("run_plan needs a plan made with base=... (the recipe)")
+        print(f"[run] {run.config} seed {run.seed} -> {run.run_dir}", flush=True)
+        t0 = time.time()
+        try:
+            res = train_fn(dict(run.cfg, resume=resume))
+            rows.append(_run_row(run, "ran", res, time.time() - t0))
+        except Exception as e:  # noqa: BLE001 - reported and re-raised below
+            print(f"[failed] {run.config} seed {run.seed}: {type(e).__name__}: {e}", flush=True)
+            rows.append(_run_row(run, f"failed: {type(e).__name__}", None, time.time() - t0))
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    return pd.DataFrame(rows, columns=["config", "seed", "status", "test acc (final)", "rob", "minutes"])
+
+
+def _run_row(run, status, result, seconds=None):
+    fin = (result or {}).get("final") or {}
+    rob = (fin.get("robustness") or {}).get("mean_corruption_acc")
+    return {"config": run.config, "seed": run.seed, "status": status, "test acc (final)": fin.get("test_acc"),
+            "rob": rob, "minutes": None if seconds is None else round(seconds / 60, 1)}
+
+
+_MODEL_COST = {"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6, "mlp_toy": 0.01}
+
+
+def run_cost(cfg: dict) -> float:
+    """A run's relative cost (model x epochs x pixels, SES adds ~1/every_k); the batch runner starts the costliest first."""
+    px = 4.0 if cfg.get("dataset") == "tinyimagenet" else 1.0
+    ses = 1.0 + (0.3 / cfg.get("ses_every_k", 1) if cfg.get("ses") else 0.0)
+    return _MODEL_COST.get(cfg.get("model"), 1.0) * cfg.get("epochs", 50) * px * ses
+
+
+def resolve_out_dir(out_dir, preset="paper", name=None) -> str:
+    """Where a notebook writes. None -> outputs/<name> for the paper preset, outputs/<preset>/<name> otherwise,
+    so a smoke run's results can never pass for a paper run's. Relative paths resolve against /kaggle/working
+    on Kaggle, else the repo root (the folder of seslib.py when it holds notebooks/), else the current
+    directory: a notebook run from notebooks/ and a batch run from the root write to the same place."""
+    if out_dir is None:
+        if not name:
+            raise ValueError("out_dir is None and no notebook name was given")
+        out_dir = Path("outputs") / name if preset == "paper" else Path("outputs") / preset / name
+    p = Path(out_dir)
+    if p.is_absolute():
+        return str(p)
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or Path("/kaggle/working").is_dir():
+        return str(Path("/kaggle/working") / p)
+    here = Path(__file__).resolve().parent
+    if (here / "notebooks").is_dir() and os.access(here, os.W_OK):
+        return str(here / p)
+    return str(Path.cwd() / p)
 
 
 # ─── first cell of every notebook (Colab / Kaggle / repo) ─────────────────────────────────────

@@ -106,7 +106,7 @@ def tiny_cfg(data_root, **kw):
     # depth (its per-sample draws are per rank), constant LR so a 2-epoch run is the first 2 epochs of a 3-epoch one
     return dict(dict(model="vit_tiny", dataset="cifar10", data_root=str(data_root), epochs=3, batch_size=16,
                      train_subset=32, test_subset=32, schedule="constant", warmup_epochs=0, drop_path=0.0,
-                     ses=True, ses_lambda=0.1, erank_batch=16, device="cpu", amp="off", log="plain"), **kw)
+                     ses=True, ses_lambda=0.1, erank_batches=1, erank_eval_samples=32, device="cpu", amp="off", log="plain"), **kw)
 
 
 def torchrun(cfg, run_dir, nproc=2):

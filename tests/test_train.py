@@ -103,7 +103,7 @@ def test_reference_recipes():
 
 def tiny_cfg(data_root, **kw):
     cfg = {"model": "resnet18", "dataset": "cifar10", "data_root": str(data_root), "epochs": 2, "batch_size": 32,
-           "train_subset": 256, "test_subset": 128, "max_steps_per_epoch": 4, "erank_batch": 32, "log": "none",
+           "train_subset": 256, "test_subset": 128, "max_steps_per_epoch": 4, "erank_batches": 1, "erank_eval_samples": 64, "log": "none",
            "eval_batch_size": 128}
     cfg.update(kw)
     return cfg
@@ -166,12 +166,65 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_history(data_root, tm
     assert resumed["final"]["test_acc"] == straight["final"]["test_acc"]
 
 
-def test_resume_refuses_a_different_config(data_root, tmp_path):
-    cfg = tiny_cfg(data_root, epochs=1, max_steps_per_epoch=1, out_dir=str(tmp_path / "r"), keep_checkpoint=True)
+def test_a_checkpoint_made_with_other_settings_is_set_aside_and_the_run_starts_over(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, epochs=1, max_steps_per_epoch=1, out_dir=str(tmp_path / "runs" / "r_seed42"),
+                   keep_checkpoint=True)
     S.train(cfg)
-    (tmp_path / "r" / "result.json").unlink()  # an unfinished run, as far as resume can tell
-    with pytest.raises(ValueError, match="differs in.*lr"):
-        S.train(dict(cfg, resume=True, lr=0.05))
+    run = tmp_path / "runs" / "r_seed42"
+    (run / "result.json").unlink()  # an unfinished run, as far as resume can tell
+    old = torch.load(run / "checkpoint.pt", weights_only=True)
+    res = S.train(dict(cfg, resume=True, lr=0.05))
+    assert res["config"]["lr"] == 0.05 and res["history"][0]["lr"] == 0.05  # trained anew, not resumed
+    aside = list((tmp_path / "stale").glob("r_seed42.*"))
+    assert len(aside) == 1 and "lr 0.1 → 0.05" in (aside[0] / "why.txt").read_text()
+    kept = torch.load(aside[0] / "checkpoint.pt", weights_only=True)  # moved, not deleted
+    assert kept["config"]["lr"] == 0.1 and kept["epoch"] == old["epoch"]
+
+
+def test_a_finished_result_made_with_other_settings_is_set_aside_and_redone(data_root, tmp_path):
+    run = tmp_path / "runs" / "r_seed42"
+    cfg = tiny_cfg(data_root, epochs=1, max_steps_per_epoch=1, out_dir=str(run))
+    first = S.train(cfg)
+    again = S.train(dict(cfg, resume=True))  # same settings: the finished result is handed back
+    assert again["history"] == first["history"]
+    redone = S.train(dict(cfg, resume=True, epochs=2))
+    assert len(redone["history"]) == 2
+    (aside,) = (tmp_path / "stale").glob("r_seed42.*")
+    assert json.loads((aside / "result.json").read_text())["config"]["epochs"] == 1
+    assert "epochs 1 → 2" in (aside / "why.txt").read_text()
+
+
+def test_resumed_run_keeps_the_best_epoch_weights(data_root, tmp_path):
+    """The paper's robustness is measured on the best test-accuracy epoch's weights: a run killed after that epoch
+    must still evaluate those weights after resuming. A ViT (no BatchNorm) with lr ~ 0 after epoch 1 keeps its
+    weights, so epoch 1 stays the best (ties never replace it) and must come back from the checkpoint."""
+    cfg = tiny_cfg(data_root, model="vit_tiny", epochs=3, max_steps_per_epoch=2, warmup_epochs=0, schedule="multistep",
+                   milestones=[1], lr_gamma=1e-30, robustness=["contrast"], robustness_severities=[1],
+                   robustness_subset=16, ses=True, ses_layers="last4")
+    killed = tmp_path / "killed"
+    script = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import seslib as S; "
+              f"S.train(json.loads(sys.argv[1]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(dict(cfg, out_dir=str(killed)))],
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    try:
+        deadline = time.time() + 240
+        while not (killed / "checkpoint.pt").exists():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    ck = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert ck["best"]["epoch"] == 1 and ck["epoch"] < 3
+    assert all(torch.equal(ck["best"]["model"][k], v) for k, v in ck["model"].items() if ck["epoch"] == 1)
+    resumed = S.train(dict(cfg, out_dir=str(killed), resume=True))
+    straight = S.train(dict(cfg, out_dir=str(tmp_path / "straight")))
+    for res in (resumed, straight):
+        best = res["final"]["robustness_paper_best"]
+        assert best["epoch"] == 1 and best["weights"].startswith("best test-accuracy epoch")
+    assert resumed["final"]["robustness_paper_best"]["detail"] == straight["final"]["robustness_paper_best"]["detail"]
+    assert resumed["final"]["robustness_paper"]["detail"] == straight["final"]["robustness_paper"]["detail"]
 
 
 @pytest.mark.skipif(not hasattr(S, "evaluate_corruptions"), reason="corruptions section not present")
@@ -180,6 +233,10 @@ def test_robustness_is_measured_on_the_final_model(data_root):
                            robustness_severities=[2], robustness_subset=32))
     rob = res["final"]["robustness"]
     assert set(rob["accuracy"]) == {"contrast", "gaussian_noise"} and 0 <= rob["mean_corruption_acc"] <= 100
+    for key in ("robustness_paper", "robustness_paper_best"):  # the paper's protocol, final and test-selected weights
+        paper = res["final"][key]
+        assert paper["protocol"] == "paper" and paper["n_images"] == 32 and len(paper["detail"]) == 15
+        assert set(paper["detail"]) == {f"{c}_s{s}" for c in S.PAPER_PROTOCOL["corruptions"] for s in (1, 3, 5)}
     json.dumps(res)  # JSON-ready
 
 
