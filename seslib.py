@@ -4343,6 +4343,7 @@ class _Job:
     result: Path = None
     cost: float = 0.0
     after: tuple = ()  # indices of jobs that must finish first
+    cfg: dict = None  # a run's resolved config: a result.json made with other settings is not "done"
     attempt: int = 0
     not_before: float = 0.0
 
@@ -4438,7 +4439,7 @@ def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.
                     break
                 pending.remove(ready)
                 j = jobs[ready]
-                if j.kind == "run" and _result_ok(j.result):  # finished meanwhile (e.g. by an earlier batch)
+                if j.kind == "run" and result_status(j.result, j.cfg)[0] == "done":  # finished meanwhile
                     finish(ready, "skipped", "", 0.0)
                     continue
                 j.attempt += 1
@@ -4486,16 +4487,20 @@ def _plan_jobs(lists, overrides, nb_out, cwd, report, say):
             records.append(_record(lj.nb.stem, "list", "failed", log=str(lj.log),
                                    error="no run list written (does the notebook call S.plan_runs(..., list_runs)?)"))
             continue
-        say(f"  {lj.nb.stem}: {len(entries)} run(s), {sum(bool(e['done']) for e in entries)} done")
+        stale = [e for e in entries if e.get("status") == "stale"]
+        say(f"  {lj.nb.stem}: {len(entries)} run(s), {sum(bool(e['done']) for e in entries)} done"
+            + (f", {len(stale)} stale (made with other settings: set aside and redone)" if stale else ""))
+        for e in stale:
+            say(f"    stale: {e['config']} seed {e['seed']}: {e['stale']}")
         start = len(runs)
         for e in entries:
             rd = Path(e["run_dir"]) if Path(e["run_dir"]).is_absolute() else Path(cwd) / e["run_dir"]
-            if e["done"] and _result_ok(rd / "result.json"):
+            if e["done"] and result_status(rd / "result.json", e.get("cfg"))[0] == "done":
                 records.append(_record(lj.nb.stem, "run", "skipped", e["config"], e["seed"]))
                 continue
             p = {**overrides[lj.nb], "configs": [e["config"]], "seeds": [e["seed"]], "out_dir": nb_out[lj.nb], "report": False}
             runs.append(_Job("run", lj.nb, p, rd / "notebook.ipynb", rd / "log.txt", e["config"], e["seed"],
-                             rd / "result.json", float(e.get("cost", 1.0))))
+                             rd / "result.json", float(e.get("cost", 1.0)), cfg=e.get("cfg")))
         if report:
             p = {**overrides[lj.nb], "out_dir": nb_out[lj.nb], "report_only": True, "report": True}
             reports.append(_Job("report", lj.nb, p, Path(nb_out[lj.nb]) / "report.ipynb",
@@ -4522,12 +4527,15 @@ def _summarize(records, out, t_start, say, save=True):
 
 
 def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outputs", *, params=None,
-              retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False):
+              retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False,
+              preset=None):
     """Run notebooks' (config, seed) runs over the GPUs (or CPU slots) of this machine, then their reports.
 
     notebooks: paths / numbers / stems / "all" (see find_notebooks); params_file: YAML of overrides
     (or params= the same as a dict); gpus: "auto" | "0,1" | "cpu"; workers: CPU slots (or slots per GPU);
-    out: outputs root, each notebook writes to {out}/{stem} unless its overrides set out_dir;
+    out: outputs root, each notebook writes to {out}/{stem} (paper preset) or {out}/{preset}/{stem} (any other
+    preset: presets never share a folder) unless its overrides set out_dir; preset: every notebook's preset
+    (overrides the params' `preset`);
     retries: re-launches of a job whose kernel failed to start; timeout: seconds per job.
     Done runs are skipped, so calling it again resumes. Returns one record per run / report / failed
     listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
@@ -4536,9 +4544,14 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
         raise ValueError("give params_file or params, not both")
     nbs = find_notebooks(notebooks)
     overrides = load_batch_params(params if params is not None else params_file, nbs)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        overrides = {nb: {**o, "preset": preset} for nb, o in overrides.items()}
     slots = batch_slots(gpus, workers, torchrun)
     out, cwd = Path(out).resolve(), os.getcwd()
-    nb_out = {nb: str(Path(overrides[nb].get("out_dir") or out / nb.stem).resolve()) for nb in nbs}
+    nb_out = {nb: str(Path(overrides[nb].get("out_dir") or _preset_folder(out, overrides[nb].get("preset", "paper"))
+                           / nb.stem).resolve()) for nb in nbs}
     if len(set(nb_out.values())) < len(nbs):
         raise ValueError(f"two notebooks would write to the same out_dir: {sorted(nb_out.values())}")
     tmp = out / ".batch"
@@ -4579,8 +4592,20 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     finally:
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
-    _summarize(records, out, t_start, log, save=not dry_run)
+    roots = {Path(d).parent for d in nb_out.values()}  # e.g. outputs/smoke for a smoke batch: never the paper folder
+    _summarize(records, roots.pop() if len(roots) == 1 else out, t_start, log, save=not dry_run)
+    if report and not dry_run:  # one row per claim over every notebook folder that has a report
+        for root in sorted({Path(d).parent for d in nb_out.values()}):
+            if build_summary(root) is not None:
+                log(f"claims: {root / 'SUMMARY.md'}")
     return records
+
+
+def _preset_folder(out, preset):
+    """Where a preset's notebook folders live under an outputs root: the root for the paper preset, else
+    root/<preset> (a root that is already that folder, as outputs/smoke, is used as is)."""
+    out = Path(out)
+    return out if preset == "paper" or out.name == preset else out / preset
 
 
 # ─── Kaggle packaging ──────────────────────────────────────────────────────────────────────────
@@ -4762,12 +4787,14 @@ def _batch_args(p):
     p.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
     p.add_argument("--torchrun", action="store_true", help="one run at a time over ALL the GPUs (DDP via torchrun) "
                    "instead of one run per GPU; with --gpus cpu: --workers CPU ranks (default 2)")
+    p.add_argument("--preset", choices=list(PRESETS), help="every notebook's preset (default: the params file's, else "
+                   "paper); a non-paper preset writes under OUT/<preset>/")
 
 
 def _batch_cmd(a):
     recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
                      stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
-                     torchrun=a.torchrun)
+                     torchrun=a.torchrun, preset=a.preset)
     return 1 if any(r["status"] == "failed" for r in recs) else 0
 
 
@@ -4800,7 +4827,7 @@ def _quick_args(p):
     p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
     p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 2)")
     p.add_argument("--data-root", help="folder holding the data sets (default: $SES_DATA, Kaggle inputs, ./data)")
-    p.add_argument("--out", default="outputs/smoke", help="outputs root (default outputs/smoke)")
+    p.add_argument("--out", default="outputs", help="outputs root (default outputs): the smoke results land in OUT/smoke/")
 
 
 def _quick_cmd(a):
@@ -4826,7 +4853,7 @@ def _quick_cmd(a):
     params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
     workers = a.workers or (None if torch.cuda.is_available() and a.gpus != "cpu" else 2)
     recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out)
-    out = Path(a.out).resolve()
+    out = _preset_folder(Path(a.out).resolve(), "smoke")
     print(f"\nreports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; "
           f"run table: {out}/batch_summary.csv")
     return 1 if any(r["status"] == "failed" for r in recs) else 0
@@ -4850,6 +4877,21 @@ def _train_cmd(a):
     return 0
 
 
+def _summary_args(p):
+    p.add_argument("--out", default="outputs", help="outputs root holding the notebook folders (default outputs; "
+                   "outputs/smoke for the smoke preset)")
+
+
+def _summary_cmd(a):
+    df = build_summary(a.out)
+    if df is None:
+        print(f"no notebook reports with claims under {a.out}/ yet (run a notebook or a batch first)")
+        return 1
+    print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims in {df['notebook'].nunique()} notebooks; "
+          + ", ".join(f"{v} {k}" for k, v in df["verdict"].value_counts().items()))
+    return 0
+
+
 # name -> (help, add_arguments(parser), run(args) -> exit status). Add a command by adding an entry.
 CLI_COMMANDS = {
     "train": ("train one run from a JSON cfg (under torchrun: one DDP run over all ranks)", _train_args, _train_cmd),
@@ -4857,6 +4899,8 @@ CLI_COMMANDS = {
     "kaggle": ("write a ready-to-push Kaggle kernel + seslib code dataset", _kaggle_args, _kaggle_cmd),
     "quick": ("the quick job: every notebook's smoke preset through the batch runner, on the data found or "
               "downloaded", _quick_args, _quick_cmd),
+    "summary": ("outputs/SUMMARY.md and .csv: every claim's verdict over the notebooks that have reports",
+                _summary_args, _summary_cmd),
 }
 
 

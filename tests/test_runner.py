@@ -53,7 +53,9 @@ def test_plan_runs_lists_marks_done_and_validates(tmp_path):
     rows = json.loads(listing.read_text())
     assert [(r["config"], r["seed"], r["done"], r["cost"]) for r in rows] == [
         ("baseline", 0, False, 1.0), ("baseline", 1, False, 1.0), ("ses", 0, False, 3.0), ("ses", 1, True, 3.0)]
-    assert rows[3]["run_dir"] == str(done_dir) and set(rows[0]) == {"config", "seed", "cost", "done", "run_dir"}
+    assert rows[3]["run_dir"] == str(done_dir)
+    assert set(rows[0]) == {"config", "seed", "cost", "done", "status", "stale", "run_dir", "cfg"}
+    assert [r["status"] for r in rows] == ["todo", "todo", "todo", "done"] and rows[0]["cfg"] is None  # no recipe
 
     plan = S.plan_runs(grid, "ses", 1, tmp_path, cost=lambda c, o: 10 * o.get("beta", 1))
     assert [(r.config, r.seed, r.done, r.cost, r.overrides) for r in plan.runs] == [("ses", 1, True, 5.0, {"beta": 0.5})]
@@ -221,9 +223,10 @@ def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_r
     log = p.stdout + p.stderr
     assert p.returncode == 0, log
     assert "[skip] 11_resnet50_tinyimagenet: no tinyimagenet" in log and "SES_DATA" in log
+    smoke = tmp_path / "out" / "smoke"  # the smoke preset never writes into the paper folders
     for stem in ("01_training_dynamics", "04_toy_jacobian"):
-        assert _results(tmp_path / "out", stem), stem
-        assert (tmp_path / "out" / stem / "report.csv").is_file()
-        assert list((tmp_path / "out" / stem / "figures").glob("*.png"))
-    assert not (tmp_path / "out" / "11_resnet50_tinyimagenet" / "runs").exists()
-    assert f"figures: {tmp_path / 'out'}/NN_name/figures" in log
+        assert _results(smoke, stem), stem
+        assert (smoke / stem / "report.csv").is_file()
+        assert list((smoke / stem / "figures").glob("*.png"))
+    assert not (smoke / "11_resnet50_tinyimagenet" / "runs").exists()
+    assert f"figures: {smoke}/NN_name/figures" in log
