@@ -3155,7 +3155,7 @@ def claims_table(df, claims):
         rows.append({"claim": c["text"], "kind": c["kind"], "configs": " vs ".join(x for x in (c["a"], c["b"]) if x)
                      if c["kind"] in ("delta", "tie", "at_most") else f"{c['a']} among {len(c['among'])}"
                      if c["kind"] == "best" else f"{len(c['among'])} configs",
-                     "metric (paper's | headline)": cols[0] if cols[0] == cols[1] else f"{cols[0]} | {cols[1]}",
+                     "metric (paper's / headline)": cols[0] if cols[0] == cols[1] else f"{cols[0]} / {cols[1]}",
                      "paper": c["paper"], "ours (paper's definition)": _pm(p["delta"], p["se"]),
                      "verdict": p["verdict"], "ours (headline)": _pm(h["delta"], h["se"]),
                      "verdict (headline)": h["verdict"], "seeds": p["n"]})
