@@ -248,3 +248,40 @@ def test_batched_randaugment_draws_each_op_per_image():
     counts = torch.bincount(ops.flatten(), minlength=14).float()
     assert counts.min() > 0.8 * 8192 / 14 and counts.max() < 1.2 * 8192 / 14  # uniform over the 14 ops
     assert 0.45 < signs.float().mean() < 0.55
+
+
+def test_color_jitter_matches_torchvision_on_pil_images_per_sample(data_root):
+    """The Tiny-ImageNet recipe's ColorJitter(0.1, 0.1, 0.1), batched on the device, against torchvision's own
+    functional ops on PIL images (what T.ColorJitter calls), with each image's own factors and op order:
+    bit-exact, also at extreme factors (0, > 2) where clipping and truncation decide."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    x, _ = S.load_dataset("tinyimagenet", data_root, "test", subset=48)
+    g = torch.Generator().manual_seed(0)
+    factors, order = S.draw_color_jitter(len(x), {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1}, g)
+    assert ((factors >= 0.9) & (factors <= 1.1)).all() and (order.sort(1).values == torch.arange(3)).all()
+    factors[:6] = torch.tensor([[0.0, 0.0, 0.0], [2.5, 0.2, 3.0], [0.5, 2.0, 0.0], [1.0, 1.0, 1.0],
+                                [1.7, 1.7, 1.7], [0.3, 0.3, 0.3]])
+    ours = S.color_jitter(x, factors, order)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    for i in range(len(x)):
+        im = Image.fromarray(x[i].permute(1, 2, 0).numpy())
+        for k in order[i].tolist():
+            im = ops[k](im, float(factors[i, k]))
+        assert torch.equal(torch.from_numpy(np.array(im)).permute(2, 0, 1), ours[i]), i
+
+
+def test_device_loader_applies_the_recipe_pipeline(data_root):
+    """pad 8 + ColorJitter (Exp 11's pipeline) changes pixels per sample, deterministically per seed; no hflip and
+    no jitter with pad 0 leaves the images as they are."""
+    x, y = S.load_dataset("cifar10", data_root, "test", subset=64)
+    norm = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # identity on the 0..255 scale
+    xb, _ = next(iter(S.DeviceLoader(x, y, 64, train=True, pad=0, hflip=False, seed=0, **norm)))
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))  # the loader's shuffle: its first draw
+    assert torch.equal(xb.round().to(torch.uint8), x[perm])
+    cj = {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1}
+    a = next(iter(S.DeviceLoader(x, y, 64, train=True, pad=8, color_jitter=cj, seed=3, **norm)))[0]
+    b = next(iter(S.DeviceLoader(x, y, 64, train=True, pad=8, color_jitter=cj, seed=3, **norm)))[0]
+    c = next(iter(S.DeviceLoader(x, y, 64, train=True, pad=8, seed=3, **norm)))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
