@@ -1,7 +1,9 @@
 """Throughput of the training-data pipeline: seslib's on-device DeviceLoader (uint8 dataset on the device,
 vectorised per-sample crop/flip + normalisation) vs the reference scripts' torchvision DataLoader with PIL
 transforms (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize; num_workers=2), on real CIFAR-10,
-in this one process. Also the per-image RandAugment(2, 9) path of both. Prints images/s and the ratios.
+in this one process. Also the per-image RandAugment(2, 9) path of both, and Exp 11's Tiny-ImageNet pipeline
+(RandomCrop(64, 8), flip, ColorJitter(0.1, 0.1, 0.1): PIL per image vs seslib's batched per-sample jitter).
+Prints images/s and the ratios.
 
     SES_DATA=../shared/data python bench/data_pipeline.py [--device cpu|cuda] [--batch-size 256] [--epochs 3]
 """
@@ -82,6 +84,24 @@ def main():
         rows[name] = (base, ours)
         print(f"{name:18s} DataLoader+PIL ({a.workers} workers): {base:9.0f} img/s | DeviceLoader: {ours:9.0f} img/s"
               f" | ratio {ours / base:6.2f}x", flush=True)
+    # Exp 11's pipeline (ses_resnet50_tinyimagenet .py) on real Tiny-ImageNet: RandomCrop(64, 8), flip, ColorJitter
+    try:
+        tx, ty = S.load_dataset("tinyimagenet", a.data_root, "train")
+    except FileNotFoundError as e:
+        print(f"tiny-imagenet pipeline skipped: {e}")
+    else:
+        c = S.default_config("resnet50", "tinyimagenet")
+        tf = T.Compose([T.RandomCrop(64, padding=8), T.RandomHorizontalFlip(), T.ColorJitter(0.1, 0.1, 0.1),
+                        T.ToTensor(), T.Normalize(c["norm_mean"], c["norm_std"])])
+        dl = DataLoader(PILCifar(tx, ty, tf), batch_size=a.batch_size, shuffle=True, drop_last=True,
+                        num_workers=a.workers, persistent_workers=a.workers > 0, pin_memory=device.type == "cuda")
+        base = throughput(lambda: dl, a.epochs, device, to_device)
+        tiny = S.DeviceLoader(tx, ty, a.batch_size, mean=c["norm_mean"], std=c["norm_std"], device=device, seed=0,
+                              pad=8, color_jitter=c["color_jitter"])
+        ours = throughput(lambda: tiny, a.epochs, device, lambda xb, yb: None)
+        rows["tiny crop8+jitter"] = (base, ours)
+        print(f"{'tiny crop8+jitter':18s} DataLoader+PIL ({a.workers} workers): {base:9.0f} img/s | DeviceLoader: "
+              f"{ours:9.0f} img/s | ratio {ours / base:6.2f}x  ({len(tx)} Tiny-ImageNet train images, 64 px)", flush=True)
     # the plain per-image loop over v2.RandAugment (what the grouped version replaces), one timed epoch
     loop_loader = S.DeviceLoader(x, y, a.batch_size, mean=mean, std=std, device=device, seed=0, augment="randaugment")
     loop_loader._randaug.grouped = False
