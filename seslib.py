@@ -896,7 +896,7 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4; got {depth}")
         n, k = (depth - 4) // 6, widen_factor
-        widths = [16, 16 * k, 32 * k, 64 * k]
+        widths = [16, round(16 * k), round(32 * k), round(64 * k)]  # k may be fractional (a narrowed smoke model)
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         self.layer1 = self._stage(widths[0], widths[1], n, 1, dropout)
         self.layer2 = self._stage(widths[1], widths[2], n, 2, dropout)
@@ -946,18 +946,42 @@ class ToyMLP(nn.Module):
         return self.head(x)
 
 
-def _cifar_resnet(name, num_classes):
-    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # CIFAR stem
+class _NarrowResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with every stage's planes scaled by `width` (64·w, 128·w, ...): same modules and names,
+    so the hook presets and checkpoint keys are those of the full model. For the smoke preset and quick looks."""
+
+    def __init__(self, block, layers, num_classes, width):
+        self._scale, self._stages = width, 0
+        super().__init__(block, layers, num_classes=num_classes)
+        w = self.inplanes_first
+        self.bn1 = nn.BatchNorm2d(w)
+        self.fc = nn.Linear(round(512 * width) * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if self._stages == 0:  # the stem's output width feeds the first stage
+            self.inplanes = self.inplanes_first = round(64 * self._scale)
+        self._stages += 1
+        return super()._make_layer(block, round(planes * self._scale), blocks, stride, dilate)
+
+
+def _cifar_resnet(name, num_classes, width=1.0):
+    if width == 1.0:
+        model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    else:
+        block, layers = {"resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
+                         "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3])}[name]
+        model = _NarrowResNet(block, layers, num_classes, width)
+    model.conv1 = nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)  # CIFAR stem
     model.maxpool = nn.Identity()
     return model
 
 
-def _vit(name, num_classes, img_size):
+def _vit(name, num_classes, img_size, width=1.0):
     from timm.models.vision_transformer import VisionTransformer
     if img_size % 4:
         raise ValueError(f"ViT patch size 4 needs img_size divisible by 4; got {img_size}")
     dim, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6)}[name]
+    dim = max(1, round(dim * width / heads)) * heads  # narrowed: the same heads, narrower each
     # the SES reference ViT/4: depth 12, mlp 4x, qkv bias, no dropout, stochastic depth 0.1, CLS-token head
     return VisionTransformer(img_size=img_size, patch_size=4, num_classes=num_classes, embed_dim=dim, depth=12,
                              num_heads=heads, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, drop_path_rate=0.1,
@@ -971,19 +995,23 @@ def _apply_spectral_norm(model):
     return model
 
 
-def build_model(name, num_classes, img_size=32, spectral_norm=False):
+def build_model(name, num_classes, img_size=32, spectral_norm=False, width=1.0):
     """resnet18 | resnet50 (torchvision, CIFAR stem) | wrn28_10 | vit_tiny | vit_small (timm, patch 4) | mlp_toy.
-    spectral_norm=True wraps every Conv2d and Linear in torch.nn.utils.parametrizations.spectral_norm."""
+    spectral_norm=True wraps every Conv2d and Linear in torch.nn.utils.parametrizations.spectral_norm.
+    width in (0, 1]: every channel width (ResNets: 64·w ... 512·w; WRN: widen factor 10·w; ViTs: embed dim) scaled,
+    same depth, modules and hook points: the smoke preset's narrow models (width=1 is the published model)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
+    if not isinstance(width, (int, float)) or isinstance(width, bool) or not 0 < width <= 1:
+        raise ValueError(f"width must be a number in (0, 1] (1: the published model); got {width!r}")
     if name in ("resnet18", "resnet50"):
-        model = _cifar_resnet(name, num_classes)
+        model = _cifar_resnet(name, num_classes, width)
     elif name == "wrn28_10":
-        model = WideResNet(depth=28, widen_factor=10, num_classes=num_classes)
+        model = WideResNet(depth=28, widen_factor=10 * width, num_classes=num_classes)
     elif name in VIT_MODELS:
-        model = _vit(name, num_classes, img_size)
+        model = _vit(name, num_classes, img_size, width)
     else:
         model = ToyMLP(num_classes=num_classes)
     return _apply_spectral_norm(model) if spectral_norm else model
@@ -1020,7 +1048,7 @@ _BASE_CONFIG = {
     "augment": "standard", "crop_padding": 4, "hflip": True, "color_jitter": None,
     "randaugment_num_ops": None, "randaugment_magnitude": None,  # None: RandAugment(2, 9) when augment="randaugment"
     "mix": "none", "mix_alpha": None,  # None: 1.0 with mixup/cutmix
-    "spectral_norm": False,
+    "spectral_norm": False, "width": 1.0,  # width < 1: narrowed model (the smoke preset's; see build_model)
     "ses": False, "ses_lambda": 0.01, "ses_beta": 0.7, "ses_beta_schedule": None,
     "ses_layers": "auto", "ses_targets": ["block"], "ses_every_k": 1,
     "ses_scope": "global", "sync_bn": None,  # multi-GPU (torchrun) only; see the "distributed" section
@@ -1181,6 +1209,7 @@ def validate_config(cfg) -> dict:
     if c["model"] in VIT_MODELS and c["drop_path"] is None:
         c["drop_path"] = 0.1  # the reference ViT/4's stochastic depth
     _check(c["preset"] is None or isinstance(c["preset"], str), "preset", c["preset"], "None or a preset name")
+    _check(_is_num(c["width"]) and 0 < c["width"] <= 1, "width", c["width"], "a number in (0, 1] (1: the published model)")
     _check(isinstance(c["device"], str), "device", c["device"], "a string ('auto', 'cpu', 'cuda', 'cuda:1', ...)")
     try:
         torch.device("cpu" if c["device"] == "auto" else c["device"])
@@ -1657,7 +1686,7 @@ def _train(c, dd: DistInfo, device):
     t_start = time.time()
 
     # model + hooks first: a bad layer preset fails here, before any data is read
-    net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"])
+    net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"], c["width"])
     if c["drop_path"] is not None:
         _set_drop_path(net, c["drop_path"])
     sync_bn = _use_sync_bn(c, net, device, dd)
@@ -1915,7 +1944,8 @@ def _final_metrics(history, c, model, device, evals, collector, log, best=None):
 # TRUNCATES: so do we (float -> uint8 casts truncate in torch too). Exact vs approximate, per name:
 #   exact formula (float32 instead of float64, so rare 1-level truncation flips): gaussian/shot/impulse/
 #     speckle noise, contrast, brightness, saturate, gaussian_blur, defocus_blur, zoom_blur, fog, frost,
-#     glass_blur (the sequential pixel-swap loop is reproduced exactly, run as a wavefront, see below)
+#     glass_blur (the sequential pixel loop reproduced exactly, run as a wavefront: the original's "swap" on NumPy
+#     views is a one-way copy, and so is ours; checked against the original run as written)
 #   exact up to the codec/rounding: pixelate (PIL BOX weights + PIL's per-pass uint8 rounding),
 #     jpeg_compression (libjpeg through torchvision, per image on CPU; nvjpeg on CUDA)
 #   re-implemented from another library: motion_blur, snow (ImageMagick's MotionBlurImage kernel),
@@ -2261,8 +2291,7 @@ def _motion_blur_float(x, radius, sigma, angle):
     """ImageMagick MotionBlurImage (the generator calls it through Wand): a one-sided Gaussian of width
     2*ceil(radius)+1 along `angle` (degrees, one per image), sampling x + ceil(i*cos - .5), y + ceil(i*sin - .5)
     with edge-replicated virtual pixels (the same kernel imagecorruptions ported to numpy). ImageMagick
-    works in 16-bit quanta; callers round to 8 bits as its PNG round trip does (not checked against
-    ImageMagick itself, which this project does not depend on)."""
+    works in 16-bit quanta: callers convert with _imagemagick_8bit, as its 8-bit PNG does."""
     N, C, H, W = x.shape
     width = 2 * int(math.ceil(radius)) + 1
     i = torch.arange(width, dtype=torch.float64, device=x.device)
@@ -2282,10 +2311,23 @@ def _motion_blur_float(x, radius, sigma, angle):
     return out.view(N, C, H, W)
 
 
+def _imagemagick_8bit(y):
+    """What ImageMagick 6.9 Q16 stores in an 8-bit PNG for a float result y on the 0..255 scale: the 16-bit quantum
+    rounded (y * 257), then TRUNCATED to 8 bits."""
+    return torch.floor(torch.round(y * 257) / 257).clamp(0, 255)
+
+
+def _imagemagick_motion_blur(x, radius, sigma, angle):
+    """MagickMotionBlurImage on uint8-valued x [N, C, H, W] as the generator gets it back (8-bit PNG), in x's dtype.
+    float64 inside: in float32 one pixel in ~3000 lands on the other side of a truncation. Checked against
+    ImageMagick 6.9.11-60 Q16 through Wand, called as the generator calls it: every pixel equal
+    (tests/fixtures/corruptions/motion_imagemagick.npz; rounding instead of truncating: 51 % equal)."""
+    return _imagemagick_8bit(_motion_blur_float(x.double(), radius, sigma, angle)).to(x.dtype)
+
+
 def _motion_blur(img, c, g):
     angle = _uniform(-45, 45, (img.shape[0],), g, img.device)
-    y = _motion_blur_float(img.float(), c[0], c[1], angle)
-    return y.round().clamp(0, 255).to(torch.uint8)  # ImageMagick writes a rounded 8-bit PNG
+    return _imagemagick_motion_blur(img.float(), c[0], c[1], angle).to(torch.uint8)
 
 
 def _snow(img, c, g):
@@ -2299,7 +2341,7 @@ def _snow(img, c, g):
     layer = torch.where(layer < c[3], torch.zeros_like(layer), layer)
     layer = (layer.clamp(0, 1) * 255).to(torch.uint8).float()  # .astype(np.uint8) before the PNG
     angle = _uniform(-135, -45, (N,), g, x.device)
-    layer = _motion_blur_float(layer, c[4], c[5], angle).round().clamp(0, 255) / 255
+    layer = _imagemagick_motion_blur(layer, c[4], c[5], angle) / 255
     grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]  # cv2 RGB2GRAY
     x = c[6] * x + (1 - c[6]) * torch.maximum(x, grey * 1.5 + 0.5)
     return _u8(x + layer + layer.flip(-1, -2))
@@ -2388,13 +2430,13 @@ def _fog(img, c, g):
 
 
 def _glass_schedule(H, W, d):
-    """The generator swaps pixel (h, w) with (h+dy, w+dx), dx, dy in [-d, d), for h = H-d .. d+1 and
-    w = W-d .. d+1 (both descending), one after the other. Swap (h, w) only touches rows h-d..h+d-1 and
-    the same columns, so two swaps interfere only if |dh|, |dw| < 2d. Step t = 2d*a + b (a, b = rank of h, w
-    in the scan) keeps every interfering pair in scan order and puts only non-interfering swaps in the same
-    step: running the steps one by one, all swaps of a step at once, gives exactly the sequential result
-    (88 steps instead of 900 swaps at 32 px). Returns the scan order sorted by step, the flat pixel index of
-    each position in that order, and the step boundaries."""
+    """The generator visits pixel (h, w), for h = H-d .. d+1 and w = W-d .. d+1 (both descending), one after
+    the other, with a partner (h+dy, w+dx), dx, dy in [-d, d). Step (h, w) only touches rows h-d..h+d-1 and
+    the same columns, so two steps interfere only if |dh|, |dw| < 2d. Step t = 2d*a + b (a, b = rank of h, w
+    in the scan) keeps every interfering pair in scan order and puts only non-interfering steps in the same
+    wavefront: running the wavefronts one by one, all of a wavefront at once, gives exactly the sequential
+    result (88 wavefronts instead of 900 steps at 32 px). Returns the scan order sorted by wavefront, the flat
+    pixel index of each position in that order, and the wavefront boundaries."""
     hs, ws = torch.arange(H - d, d, -1), torch.arange(W - d, d, -1)
     a, b = torch.meshgrid(torch.arange(len(hs)), torch.arange(len(ws)), indexing="ij")
     t = (2 * d * a + b).flatten()
@@ -2404,26 +2446,32 @@ def _glass_schedule(H, W, d):
     return order, src, [0] + bounds
 
 
-def _glass_blur(img, c, g):
+def _glass_blur(img, c, g, offsets=None):
+    """make_*_c.py glass_blur: blur, then for every pixel (h, w) in scan order
+    `x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]` on NumPy VIEWS: the right side holds two views,
+    the first assignment overwrites x[h, w] with its partner's pixel and the second writes x[h, w]'s NEW value back
+    into the partner, which so stays as it was. The net effect, reproduced here, is a one-way copy
+    x[h, w] <- x[h + dy, w + dx] (a true swap would move ~40 % more pixels: see tests/test_corruptions.py,
+    checked against the original loop run as written). offsets: the (dx, dy) draws per pass, [N, positions, 2]
+    in scan order (tests inject the original's own draws); default: drawn from g."""
     sigma, d, iters = c
     x = _gaussian(_f(img), sigma)
     x = (x.clamp(0, 1) * 255).to(torch.uint8)  # np.uint8(gaussian(...) * 255)
     N, C, H, W = x.shape
     order, src, bounds = _cached(("glass", H, W, d), lambda: _glass_schedule(H, W, d))
     order, src = order.to(x.device), src.to(x.device)
-    p = x.to(torch.int32)  # pack each RGB pixel in one int32: a swap is then a 1-D gather/scatter
+    p = x.to(torch.int32)  # pack each RGB pixel in one int32: a pixel copy is then a 1-D gather/scatter
     flat = (p[:, 0] | (p[:, 1] << 8) | (p[:, 2] << 16)).reshape(-1)
     base = (torch.arange(N, device=x.device) * H * W)[None, :]  # image offsets in the flat buffer
-    for _ in range(iters):
-        off = _randint(-d, d, (N, len(order), 2), g, x.device)  # (dx, dy) per pixel, in scan order
+    for it in range(iters):
+        off = _randint(-d, d, (N, len(order), 2), g, x.device) if offsets is None else \
+            torch.as_tensor(offsets[it], device=x.device).long()  # (dx, dy) per pixel, in scan order
         delta = (off[..., 1] * W + off[..., 0]).T[order]  # [positions in step order, N]
         s_all = src[:, None] + base
         d_all = s_all + delta
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             s_i, d_i = s_all[lo:hi].reshape(-1), d_all[lo:hi].reshape(-1)
-            a, b = flat.index_select(0, s_i), flat.index_select(0, d_i)
-            flat.index_copy_(0, s_i, b)
-            flat.index_copy_(0, d_i, a)
+            flat.index_copy_(0, s_i, flat.index_select(0, d_i))  # x[h, w] <- x[h', w'] (the partner keeps its pixel)
     flat = flat.view(N, 1, H, W)
     x = torch.cat([(flat >> (8 * i)) & 255 for i in range(3)], 1).float() / 255
     return _u8(_gaussian(x, sigma))
@@ -2639,13 +2687,21 @@ def corrupt(images, name, severity, generator=None, params=None):
 
     Parameters per severity are those of make_cifar_c.py (H = W = 32) or make_tinyimagenet_c.py (64);
     for other sizes pass `params` (the generator's `c` for that corruption, e.g. 0.08 for gaussian_noise).
-    `generator` (a torch.Generator, on any device) makes the draws reproducible."""
+    `generator` (a torch.Generator, on any device) makes the draws reproducible.
+
+    Returns what the generator STORES: CIFAR-10-C keeps np.uint8 arrays (.npy), but make_tinyimagenet_c.py saves
+    every corrupted image as a JPEG of quality 85 (Image.save(path, quality=85, optimize=True); optimize only
+    shrinks the Huffman tables), so 64 x 64 images with the standard parameters get that JPEG round trip too,
+    batched (torchvision's libjpeg encoder decodes bit-identically to PIL's here; nvjpeg on CUDA). Without it the
+    generated images would be further from clean than the official files (noise 25-35 %, impulse and spatter
+    far more). With explicit `params` nothing is added."""
     _check_name_severity(name, severity)
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
             or images.shape[1] != 3:
         raise ValueError("images must be a uint8 tensor [N, 3, H, W], got "
                          f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
     H, W = images.shape[-2:]
+    stored_as_jpeg = params is None and H == W == 64  # Tiny-ImageNet-C's files
     if params is None:
         if H != W or H not in _PARAMS:
             raise ValueError(f"standard parameters exist for 32x32 (CIFAR-C) and 64x64 (Tiny-ImageNet-C) images, "
@@ -2655,7 +2711,12 @@ def corrupt(images, name, severity, generator=None, params=None):
         return images.clone()
     with torch.no_grad():
         out = _FUNCS[name](images, params, generator)
+        if stored_as_jpeg:
+            out = _jpeg_compression(out, TINY_C_JPEG_QUALITY, None)
     return out.contiguous()
+
+
+TINY_C_JPEG_QUALITY = 85  # make_tinyimagenet_c.py: Image.fromarray(np.uint8(img)).save(save_path, quality=85, ...)
 
 
 # ─── official files ─────────────────────────────────────────────────────────────────────────────
@@ -3800,8 +3861,11 @@ def validate_params(params, allowed, where="notebook"):
 PRESETS = {
     # the published setup: each notebook's base recipe as is
     "paper": {},
-    # tiny real-data subset, 1 epoch, capped steps, CPU-friendly: proves the pipeline end to end
-    "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=64, max_steps_per_epoch=3,
+    # every code path of a notebook on a tiny real-data subset, in seconds per run on a laptop CPU: 1 epoch of 3
+    # steps, the models narrowed to a quarter of their width (same depth, modules and hooks: ResNet-50 1.5 M
+    # parameters instead of 24 M, WRN-28-10 2.3 M instead of 36.5 M), robustness on 16 images at one severity.
+    # Proves the pipeline end to end; its numbers mean nothing.
+    "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=64, max_steps_per_epoch=3, width=0.25,
                   robustness_subset=16, robustness_severities=[3], warmup_epochs=0, erank_batches=1,
                   erank_eval_samples=64),
 }
@@ -4528,14 +4592,16 @@ def _summarize(records, out, t_start, say, save=True):
 
 def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outputs", *, params=None,
               retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False,
-              preset=None):
+              preset=None, whole_notebooks=False):
     """Run notebooks' (config, seed) runs over the GPUs (or CPU slots) of this machine, then their reports.
 
     notebooks: paths / numbers / stems / "all" (see find_notebooks); params_file: YAML of overrides
     (or params= the same as a dict); gpus: "auto" | "0,1" | "cpu"; workers: CPU slots (or slots per GPU);
     out: outputs root, each notebook writes to {out}/{stem} (paper preset) or {out}/{preset}/{stem} (any other
     preset: presets never share a folder) unless its overrides set out_dir; preset: every notebook's preset
-    (overrides the params' `preset`);
+    (overrides the params' `preset`); whole_notebooks: one job per notebook (its whole grid and its report in one
+    kernel, as a person running it would) instead of one per run: for many short runs (the smoke preset) the
+    kernel starts would cost more than the runs;
     retries: re-launches of a job whose kernel failed to start; timeout: seconds per job.
     Done runs are skipped, so calling it again resumes. Returns one record per run / report / failed
     listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
@@ -4570,6 +4636,14 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     except ValueError:  # not the main thread: no handler, the caller cleans up
         pass
     try:
+        if whole_notebooks:
+            jobs = [_Job("notebook", nb, {**overrides[nb], "out_dir": nb_out[nb], "report": report},
+                         Path(nb_out[nb]) / "notebook.ipynb", Path(nb_out[nb]) / "log.txt", cost=_notebook_cost(nb))
+                    for nb in nbs]
+            jobs.sort(key=lambda j: -j.cost)  # the longest first, so the tail is short
+            records = ([_record(j.nb.stem, j.kind, "todo") for j in jobs] if dry_run else
+                       _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout))
+            return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
         # 1. ask every notebook for its runs (listing mode: it writes the list and does nothing else)
         lists = []
         for nb in nbs:
@@ -4592,13 +4666,30 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     finally:
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
-    roots = {Path(d).parent for d in nb_out.values()}  # e.g. outputs/smoke for a smoke batch: never the paper folder
-    _summarize(records, roots.pop() if len(roots) == 1 else out, t_start, log, save=not dry_run)
-    if report and not dry_run:  # one row per claim over every notebook folder that has a report
-        for root in sorted({Path(d).parent for d in nb_out.values()}):
+    return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
+
+
+def _finish_batch(records, nb_out, out, t_start, log, report, dry_run):
+    """The run table (batch_summary.csv in the preset's folder, never the paper folder for a smoke batch) and
+    SUMMARY.md (one row per claim over every notebook folder that has a report)."""
+    roots = sorted({Path(d).parent for d in nb_out.values()})
+    _summarize(records, roots[0] if len(roots) == 1 else out, t_start, log, save=not dry_run)
+    if report and not dry_run:
+        for root in roots:
             if build_summary(root) is not None:
                 log(f"claims: {root / 'SUMMARY.md'}")
     return records
+
+
+def _notebook_cost(nb):
+    """A rough cost of a whole notebook from its source: run_cost of its recipe's model x its number of configs."""
+    import nbformat
+    src = "\n".join(c.source for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
+    models = re.findall(r"model\s*=\s*['\"](\w+)['\"]", src)
+    grid = src[src.find("GRID = {"):]
+    n = max(1, len(re.findall(r"^\s+'[^']+':\s*dict\(", grid[:grid.find("\n}")], re.M)))
+    ds = "tinyimagenet" if "tinyimagenet" in src else "cifar"
+    return run_cost({"model": models[0] if models else "resnet18", "dataset": ds, "epochs": 1}) * n
 
 
 def _preset_folder(out, preset):
@@ -4789,12 +4880,14 @@ def _batch_args(p):
                    "instead of one run per GPU; with --gpus cpu: --workers CPU ranks (default 2)")
     p.add_argument("--preset", choices=list(PRESETS), help="every notebook's preset (default: the params file's, else "
                    "paper); a non-paper preset writes under OUT/<preset>/")
+    p.add_argument("--whole-notebooks", action="store_true", help="one job per notebook (its whole grid, then its "
+                   "report, in one kernel) instead of one per run: faster for many short runs (the quick job uses it)")
 
 
 def _batch_cmd(a):
     recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
                      stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
-                     torchrun=a.torchrun, preset=a.preset)
+                     torchrun=a.torchrun, preset=a.preset, whole_notebooks=a.whole_notebooks)
     return 1 if any(r["status"] == "failed" for r in recs) else 0
 
 
@@ -4852,7 +4945,7 @@ def _quick_cmd(a):
             print(f"[data] {ds}: {where}")
     params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
     workers = a.workers or (None if torch.cuda.is_available() and a.gpus != "cpu" else 2)
-    recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out)
+    recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out, whole_notebooks=True)
     out = _preset_folder(Path(a.out).resolve(), "smoke")
     print(f"\nreports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; "
           f"run table: {out}/batch_summary.csv")
