@@ -626,11 +626,20 @@ def tinyimagenet_classes(d) -> list:
     return sorted(w.strip() for w in (Path(d) / "wnids.txt").read_text().split() if w.strip())
 
 
+def tinyimagenet_val_files(d) -> list:
+    """The val image file names in val_annotations.txt order: load_dataset(..., "test") and Tiny-ImageNet-C's
+    <corruption>/<severity>/<wnid>/<file> share them, so official corrupted images can be matched one to one."""
+    return [ln.split("\t")[0] for ln in (Path(d) / "val" / "val_annotations.txt").read_text().splitlines() if ln.strip()]
+
+
 def _decode_rgb(path):
     # PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29 in favour of TorchCodec)
     from PIL import Image
-    with Image.open(path) as im:
-        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # greyscale JPEGs -> 3 channels
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # greyscale JPEGs -> 3 channels
+    except (OSError, ValueError, SyntaxError) as e:  # truncated, empty or not an image: name the file
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}); re-copy or remove it") from None
 
 
 def _decode_images(paths) -> list:
@@ -1916,7 +1925,8 @@ def _final_metrics(history, c, model, device, evals, collector, log, best=None):
             severities=c["robustness_severities"], batch_size=_eval_batch_size(c),
             normalize=normalize, device=device, data_root=d.parent, dataset=c["dataset"],
             seed=c["seed"], collector=collector, amp=c["precision"], progress=log == "tqdm",
-            classes=tinyimagenet_classes(d) if c["dataset"] == "tinyimagenet" else None)
+            classes=tinyimagenet_classes(d) if c["dataset"] == "tinyimagenet" else None,
+            files=tinyimagenet_val_files(d)[:n] if c["dataset"] == "tinyimagenet" else None)  # the same images
         # the paper's protocol, on the final weights and on the best test-accuracy epoch's (what every SES
         # script reloads before its robustness pass: selected on the test set, so never our headline)
         paper = dict(normalize=normalize, batch_size=c["batch_size"], device=device, amp=c["precision"],
@@ -2738,23 +2748,41 @@ def _c_dir(root, key):
 
 
 def corrupted_available(root, dataset, name):
-    """True when the official corrupted files for `name` exist under root."""
+    """True when the official corrupted files for `name` exist under root: for CIFAR-C <name>.npy and labels.npy,
+    for Tiny-ImageNet-C all five severity folders holding images (a partial copy is not "available")."""
     if root is None:
         return False
     key = _dataset_key(dataset)
     d = _c_dir(root, key)
-    return (d / f"{name}.npy").is_file() and (d / "labels.npy").is_file() if key != "tinyimagenet" \
-        else (d / name).is_dir()
+    if key != "tinyimagenet":
+        return (d / f"{name}.npy").is_file() and (d / "labels.npy").is_file()
+    return all(any(p.suffix.lower() in _IMG_SUFFIXES for p in (d / name / str(s)).glob("*/*"))
+               for s in range(1, 6))
 
 
-def load_corrupted(root, dataset, name, severity, classes=None, limit=None):
+def _npy(path, what):
+    """np.load(mmap) of an official .npy with errors that name the file (a truncated or garbage file otherwise
+    fails deep inside NumPy with no path)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable {what} .npy ({type(e).__name__}: {e}); download it again") from None
+
+
+def load_corrupted(root, dataset, name, severity, classes=None, limit=None, files=None, labels=None, size=None):
     """Official corrupted test images -> (uint8 [N, 3, H, W], int64 labels [N]).
 
     CIFAR-10-C / CIFAR-100-C: <root>/CIFAR-10-C/<name>.npy, uint8 [50000, 32, 32, 3], severity s = rows
-    (s-1)*10000 .. s*10000 (the test set in order) and labels.npy (memory-mapped: only the block is read).
-    Tiny-ImageNet-C: <root>/Tiny-ImageNet-C/<name>/<severity>/<wnid>/*.JPEG; labels index `classes`
-    (a list of wnids; default: the sorted folder names, torchvision ImageFolder's order).
-    `root` may also be the -C folder itself. `limit`: keep the first `limit` images of the block."""
+    (s-1)*10000 .. s*10000 (the test set in order) and labels.npy (memory-mapped: only the block is read);
+    `limit`: the first `limit` images of the block. Float arrays, a 2-D labels.npy, images not of `size` px
+    (default 32) and unreadable files are errors naming the file.
+    Tiny-ImageNet-C: <root>/Tiny-ImageNet-C/<name>/<severity>/<wnid>/*.JPEG; labels index `classes` (the clean
+    set's wnids in class order: tinyimagenet_classes(clean folder); default: read from tiny-imagenet-200/wnids.txt
+    beside the -C folder, since a class folder missing from one severity would shift every later label if the
+    folders were counted). files + labels: exactly those clean val images (file names and their labels, in
+    order: tinyimagenet_val_files), so the corrupted set is the clean subset being evaluated, image for image;
+    without them every image of the severity folder, class by class (`limit`: the first `limit`).
+    `root` may also be the -C folder itself."""
     _check_name_severity(name, severity)
     key = _dataset_key(dataset)
     d = _c_dir(root, key)
@@ -2762,9 +2790,14 @@ def load_corrupted(root, dataset, name, severity, classes=None, limit=None):
         f, fl = d / f"{name}.npy", d / "labels.npy"
         if not f.is_file() or not fl.is_file():
             raise FileNotFoundError(f"official {_C_DIRS[key]} files not found: need {f} and {fl}")
-        arr, lab = np.load(f, mmap_mode="r"), np.load(fl, mmap_mode="r")
-        if arr.ndim != 4 or arr.shape[3] != 3 or arr.shape[0] % 5 or lab.shape[0] != arr.shape[0]:
-            raise ValueError(f"{f}: expected uint8 [5*n, H, W, 3] with matching labels.npy, got {arr.shape}")
+        arr, lab = _npy(f, "images"), _npy(fl, "labels")
+        size = size or 32
+        if arr.dtype != np.uint8:
+            raise ValueError(f"{f}: images must be uint8 (the official files are); got {arr.dtype}")
+        if arr.ndim != 4 or arr.shape[1:] != (size, size, 3) or arr.shape[0] % 5:
+            raise ValueError(f"{f}: expected uint8 [5*n, {size}, {size}, 3]; got {arr.shape}")
+        if lab.ndim != 1 or lab.shape[0] != arr.shape[0]:
+            raise ValueError(f"{fl}: expected one label per image, shape [{arr.shape[0]}]; got {lab.shape}")
         n = arr.shape[0] // 5
         stop = (severity - 1) * n + (n if limit is None else min(limit, n))
         block = np.array(arr[(severity - 1) * n:stop])  # a copy: the memmap slice is read-only
@@ -2773,19 +2806,40 @@ def load_corrupted(root, dataset, name, severity, classes=None, limit=None):
     sd = d / name / str(severity)
     if not sd.is_dir():
         raise FileNotFoundError(f"official Tiny-ImageNet-C folder not found: {sd}")
-    folders = sorted(p.name for p in sd.iterdir() if p.is_dir())
-    index = {w: i for i, w in enumerate(folders if classes is None else classes)}
-    paths, labels = [], []
-    for w in folders:
-        if w not in index:
-            raise ValueError(f"{sd / w}: class {w!r} is not in `classes`")
-        files = sorted(p for p in (sd / w).iterdir() if p.suffix.lower() in _IMG_SUFFIXES)
-        paths += files
-        labels += [index[w]] * len(files)
-    paths, labels = paths[:limit], labels[:limit]  # decode only what is used
+    if classes is None:
+        wn = d.parent / DATASETS["tinyimagenet"]["folder"]
+        if not (wn / "wnids.txt").is_file():
+            raise FileNotFoundError(f"Tiny-ImageNet-C labels need the clean set's class order: no {wn / 'wnids.txt'}; "
+                                    "pass classes=seslib.tinyimagenet_classes(<tiny-imagenet-200 folder>)")
+        classes = tinyimagenet_classes(wn)
+    index = {w: i for i, w in enumerate(classes)}
+    if files is not None:  # the clean subset, image for image
+        if labels is None or len(labels) != len(files):
+            raise ValueError("files= needs labels= (one per file) to find each image's class folder")
+        paths = [sd / classes[int(y)] / f for f, y in zip(files, labels)]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the evaluated clean images have no corrupted copy, e.g. "
+                                    f"{missing[0]} (an incomplete Tiny-ImageNet-C folder?)")
+        labels = [int(y) for y in labels]
+    else:
+        paths, labels = [], []
+        for w in sorted(p.name for p in sd.iterdir() if p.is_dir()):
+            if w not in index:
+                raise ValueError(f"{sd / w}: class {w!r} is not one of the clean set's classes")
+            fs = sorted(p for p in (sd / w).iterdir() if p.suffix.lower() in _IMG_SUFFIXES)
+            paths += fs
+            labels += [index[w]] * len(fs)
+        paths, labels = paths[:limit], labels[:limit]  # decode only what is used
     if not paths:
         raise FileNotFoundError(f"no images under {sd}")
-    return torch.stack(_decode_images(paths)), torch.tensor(labels, dtype=torch.int64)
+    imgs = _decode_images(paths)
+    size = size or 64
+    bad = [str(p) for p, im in zip(paths, imgs) if tuple(im.shape[1:]) != (size, size)]
+    if bad:
+        raise ValueError(f"{bad[0]}: a Tiny-ImageNet-C image must be {size}x{size}"
+                         + (f" ({len(bad)} such files)" if len(bad) > 1 else ""))
+    return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64)
 
 
 # ─── evaluation ─────────────────────────────────────────────────────────────────────────────────
@@ -2806,7 +2860,7 @@ def _resolve_corruptions(corruptions):
 
 def evaluate_corruptions(model, images, labels, corruptions="all15", severities=(1, 2, 3, 4, 5), batch_size=500,
                          normalize=None, device=None, data_root=None, dataset=None, seed=0, collector=None,
-                         amp="auto", classes=None, progress=True, protocol="standard"):
+                         amp="auto", classes=None, progress=True, protocol="standard", files=None):
     """Accuracy (%) and ECE of `model` on clean and corrupted test images.
 
     images: clean uint8 [N, 3, H, W] (the test set, or its first N images in order); labels [N].
@@ -2816,6 +2870,11 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
     accuracy[c][s], per_corruption, per_severity, mean_corruption_acc, clean_acc, ece_clean, ece[c][s],
     ece_corrupted (pooled over all corrupted predictions), detail {"<c>_s<s>": acc} (the paper's naming)
     and source[c] ('official files' | 'generated').
+    files: the clean images' file names (Tiny-ImageNet val: tinyimagenet_val_files) so that official
+    Tiny-ImageNet-C images are matched to exactly the clean images evaluated; without them the whole severity
+    folder is scored and `n_scored` says how many images each such cell had.
+    Errors: error[c][s] = 100 - accuracy, mean_corruption_error (the unnormalised mCE), relative_degradation
+    (mean over cells of corrupted error - clean error); corruption_error_vs_baseline normalises by a baseline run.
     protocol="paper": the published SES evaluation instead (evaluate_paper_protocol)."""
     if protocol not in CORRUPTION_PROTOCOLS:
         raise ValueError(f"unknown corruption protocol {protocol!r}; known: {', '.join(CORRUPTION_PROTOCOLS)}")
@@ -2877,7 +2936,7 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
     for n in names:
         official = key is not None and corrupted_available(data_root, key, n)
         if official and key != "tinyimagenet":
-            lab = np.load(_c_dir(data_root, key) / "labels.npy", mmap_mode="r")
+            lab = _npy(_c_dir(data_root, key) / "labels.npy", "labels")
             blk = len(lab) // 5
             ok = len(labels) <= blk and np.array_equal(np.asarray(lab[:len(labels)]).astype(np.int64), labels.numpy())
             if not ok:
@@ -2890,7 +2949,7 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
 
     was_training = model.training
     model.eval()
-    acc, eces, all_p, all_y = {}, {}, [], []
+    acc, eces, all_p, all_y, scored = {}, {}, [], [], {}
     try:
         with torch.no_grad(), (collector.paused() if collector is not None else nullcontext()):
             clean_acc, p, y = run(chunks(images, labels))
@@ -2901,8 +2960,11 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
                 for s in sevs:
                     bar.set_postfix_str(f"{n} s{s}")
                     if sources[n] == "official files":
-                        xc, yc = load_corrupted(data_root, key, n, s, classes=classes,
-                                                limit=None if key == "tinyimagenet" else len(labels))
+                        xc, yc = load_corrupted(data_root, key, n, s, classes=classes, size=H,
+                                                limit=None if key == "tinyimagenet" else len(labels),
+                                                files=files, labels=labels if files is not None else None)
+                        if len(yc) != len(labels):
+                            scored[f"{n}_s{s}"] = len(yc)
                         batches = chunks(xc, yc)
                     else:
                         g = torch.Generator(device=dev).manual_seed(int(seed) * 1000 + ci * 10 + s)
@@ -2917,15 +2979,40 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
         model.train(was_training)
     per_c = {n: float(np.mean(list(acc[n].values()))) for n in names}
     per_s = {str(s): float(np.mean([acc[n][str(s)] for n in names])) for s in sevs}
+    err = {n: {s: 100.0 - a for s, a in acc[n].items()} for n in names}
+    mca = float(np.mean(list(per_c.values())))
     return {
         "corruptions": names, "severities": sevs, "n_images": int(len(labels)),
         "accuracy": acc, "per_corruption": per_c, "per_severity": per_s,
-        "mean_corruption_acc": float(np.mean(list(per_c.values()))),
+        "mean_corruption_acc": mca,
         "clean_acc": clean_acc, "ece_clean": ece_clean, "ece": eces,
         "ece_corrupted": ece(torch.cat(all_p), torch.cat(all_y)),
         "detail": {f"{n}_s{s}": acc[n][str(s)] for n in names for s in sevs},
-        "source": sources,
+        "error": err, "mean_corruption_error": 100.0 - mca,
+        "relative_degradation": float(np.mean([e - (100.0 - clean_acc) for n in names for e in err[n].values()])),
+        "source": sources, **({"n_scored": scored} if scored else {}),
     }
+
+
+def corruption_error_vs_baseline(rob, baseline_rob):
+    """Hendrycks & Dietterich's corruption errors, normalised by a baseline run's instead of AlexNet's (there is no
+    AlexNet reference run for CIFAR or Tiny-ImageNet): per corruption c, CE_c = sum_s E_{s,c} / sum_s E^base_{s,c}
+    and relative CE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean); mCE and relative mCE are
+    their means over the corruptions both runs share, in % (100 = as the baseline, lower is better). rob /
+    baseline_rob: evaluate_corruptions results (accuracy[c][s], clean_acc), possibly seed means."""
+    names = [n for n in rob["accuracy"] if n in baseline_rob["accuracy"]]
+    if not names:
+        raise ValueError("the two robustness results share no corruption")
+    ce, rel = {}, {}
+    for n in names:
+        sevs = [s for s in rob["accuracy"][n] if s in baseline_rob["accuracy"][n]]
+        e = [100.0 - rob["accuracy"][n][s] for s in sevs]
+        eb = [100.0 - baseline_rob["accuracy"][n][s] for s in sevs]
+        ce[n] = 100.0 * sum(e) / sum(eb) if sum(eb) else float("nan")
+        db = sum(x - (100.0 - baseline_rob["clean_acc"]) for x in eb)
+        rel[n] = 100.0 * sum(x - (100.0 - rob["clean_acc"]) for x in e) / db if db else float("nan")
+    return {"ce": ce, "mce": float(np.nanmean(list(ce.values()))), "relative_ce": rel,
+            "relative_mce": float(np.nanmean(list(rel.values())))}
 
 
 # ─── the paper's robustness protocol, replicated ─────────────────────────────────────────────────

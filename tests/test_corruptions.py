@@ -368,20 +368,111 @@ def test_load_corrupted_cifar_layout(tmp_path, cifar):
         S.load_corrupted(tmp_path, "cifar10", "contrast", 6)
 
 
-def test_load_corrupted_tiny_imagenet_layout(tmp_path):
+def _fake_tiny_c(root, classes=("n01", "n02"), per_class=3, severities=(1, 2, 3, 4, 5), name="fog", size=64):
+    """A Tiny-ImageNet-C layout with small real JPEGs, beside a clean tiny-imagenet-200/wnids.txt."""
     rng = np.random.default_rng(0)
-    for wnid in ("n02", "n01"):
-        p = tmp_path / "Tiny-ImageNet-C" / "fog" / "2" / wnid
-        p.mkdir(parents=True)
-        for k in range(3):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p / f"val_{k}.JPEG")
-    imgs, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 2)
+    (root / "tiny-imagenet-200").mkdir(parents=True, exist_ok=True)
+    (root / "tiny-imagenet-200" / "wnids.txt").write_text("\n".join(sorted(classes)) + "\n")
+    for s in severities:
+        for wnid in classes:
+            p = root / "Tiny-ImageNet-C" / name / str(s) / wnid
+            p.mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p / f"val_{wnid}_{k}.JPEG")
+
+
+def test_load_corrupted_tiny_imagenet_layout(tmp_path):
+    _fake_tiny_c(tmp_path)
+    imgs, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 2)  # classes from the clean wnids.txt
     assert imgs.shape == (6, 3, 64, 64) and labels.tolist() == [0, 0, 0, 1, 1, 1]
     _, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 2, classes=["n02", "n01"])
     assert labels.tolist() == [1, 1, 1, 0, 0, 0]
     for limit, first in ((2, [0, 0]), (4, [0, 0, 0, 1])):  # the first `limit` images, never more
         imgs, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 2, limit=limit)
         assert imgs.shape == (limit, 3, 64, 64) and labels.tolist() == first
+    # the clean subset being evaluated, image for image (file names in the clean order, their labels)
+    files, ys = ["val_n02_1.JPEG", "val_n01_2.JPEG"], torch.tensor([1, 0])
+    imgs, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 3, files=files, labels=ys)
+    want = torch.from_numpy(np.array(Image.open(tmp_path / "Tiny-ImageNet-C/fog/3/n02/val_n02_1.JPEG"))).permute(2, 0, 1)
+    assert labels.tolist() == [1, 0] and torch.equal(imgs[0], want)
+
+
+def test_a_missing_class_folder_does_not_shift_the_labels(tmp_path):
+    """One severity lacks class n02: counting the folders would label n03's images 1; the clean wnids say 2."""
+    _fake_tiny_c(tmp_path, classes=("n01", "n02", "n03"))
+    import shutil
+    shutil.rmtree(tmp_path / "Tiny-ImageNet-C" / "fog" / "4" / "n02")
+    _, labels = S.load_corrupted(tmp_path, "tinyimagenet", "fog", 4)
+    assert labels.tolist() == [0, 0, 0, 2, 2, 2]
+    with pytest.raises(FileNotFoundError, match=r"no corrupted copy, e.g. .*fog/4/n02/val_n02_0.JPEG"):
+        S.load_corrupted(tmp_path, "tinyimagenet", "fog", 4, files=["val_n02_0.JPEG"], labels=torch.tensor([1]))
+
+
+def test_corrupted_available_needs_all_five_severities_with_images(tmp_path):
+    _fake_tiny_c(tmp_path, severities=(1, 2, 3, 4))
+    assert not S.corrupted_available(tmp_path, "tinyimagenet", "fog")
+    (tmp_path / "Tiny-ImageNet-C" / "fog" / "5" / "n01").mkdir(parents=True)  # an empty folder is not enough
+    assert not S.corrupted_available(tmp_path, "tinyimagenet", "fog")
+    _fake_tiny_c(tmp_path, severities=(5,))
+    assert S.corrupted_available(tmp_path, "tinyimagenet", "fog")
+
+
+def _cifar_c(tmp_path, images=None, labels=None):
+    d = tmp_path / "CIFAR-10-C"
+    d.mkdir(exist_ok=True)
+    if images is not None:
+        np.save(d / "fog.npy", images)
+    if labels is not None:
+        np.save(d / "labels.npy", labels)
+    return d
+
+
+@pytest.mark.parametrize("case,match", [
+    ("float", r"fog.npy: images must be uint8"), ("labels2d", r"labels.npy: expected one label per image"),
+    ("size", r"fog.npy: expected uint8 \[5\*n, 32, 32, 3\]"), ("truncated", r"fog.npy: not a readable images .npy"),
+    ("garbage", r"labels.npy: not a readable labels .npy")])
+def test_bad_official_cifar_files_are_clear_errors_naming_the_file(tmp_path, case, match):
+    good = np.zeros((10, 32, 32, 3), np.uint8)
+    lab = np.zeros(10, np.int64)
+    d = _cifar_c(tmp_path, good, lab)
+    if case == "float":
+        np.save(d / "fog.npy", good.astype(np.float32))
+    elif case == "labels2d":
+        np.save(d / "labels.npy", lab.reshape(5, 2))
+    elif case == "size":
+        np.save(d / "fog.npy", np.zeros((10, 28, 28, 3), np.uint8))
+    elif case == "truncated":
+        raw = (d / "fog.npy").read_bytes()
+        (d / "fog.npy").write_bytes(raw[:len(raw) // 2])
+    else:
+        (d / "labels.npy").write_bytes(b"not a numpy file at all")
+    with pytest.raises(ValueError, match=match):
+        S.load_corrupted(tmp_path, "cifar10", "fog", 1)
+
+
+def test_bad_official_tiny_files_are_clear_errors_naming_the_file(tmp_path):
+    _fake_tiny_c(tmp_path, severities=(1,))
+    bad = tmp_path / "Tiny-ImageNet-C" / "fog" / "1" / "n01" / "val_n01_0.JPEG"
+    bad.write_bytes(bad.read_bytes()[:50])  # truncated JPEG
+    with pytest.raises(ValueError, match=r"val_n01_0.JPEG: not a readable image"):
+        S.load_corrupted(tmp_path, "tinyimagenet", "fog", 1)
+    _fake_tiny_c(tmp_path, severities=(1,))  # repaired, then one image of the wrong size
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(bad)
+    with pytest.raises(ValueError, match=r"val_n01_0.JPEG: a Tiny-ImageNet-C image must be 64x64"):
+        S.load_corrupted(tmp_path, "tinyimagenet", "fog", 1)
+
+
+def test_corruption_errors_and_baseline_normalised_mce():
+    """mCE / relative mCE against a direct hand computation of Hendrycks & Dietterich's formulas."""
+    base = {"clean_acc": 90.0, "accuracy": {"fog": {"1": 80.0, "2": 60.0}, "snow": {"1": 70.0, "2": 50.0}}}
+    ours = {"clean_acc": 92.0, "accuracy": {"fog": {"1": 85.0, "2": 70.0}, "snow": {"1": 70.0, "2": 55.0}}}
+    got = S.corruption_error_vs_baseline(ours, base)
+    ce_fog, ce_snow = (15 + 30) / (20 + 40), (30 + 45) / (30 + 50)
+    rel_fog, rel_snow = ((15 - 8) + (30 - 8)) / ((20 - 10) + (40 - 10)), ((30 - 8) + (45 - 8)) / ((30 - 10) + (50 - 10))
+    assert got["ce"] == pytest.approx({"fog": 100 * ce_fog, "snow": 100 * ce_snow})
+    assert got["mce"] == pytest.approx(100 * (ce_fog + ce_snow) / 2)
+    assert got["relative_mce"] == pytest.approx(100 * (rel_fog + rel_snow) / 2)
+    assert S.corruption_error_vs_baseline(base, base)["mce"] == pytest.approx(100.0)
 
 
 class TinyNet(nn.Module):
@@ -441,6 +532,11 @@ def test_evaluate_corruptions(cifar, trained):
     assert r["mean_corruption_acc"] < r["clean_acc"]
     assert r["accuracy"]["contrast"]["5"] < r["clean_acc"]
     assert 0 <= r["ece_clean"] <= 1 and 0 <= r["ece_corrupted"] <= 1
+    # corruption errors: 100 - accuracy, their mean (the unnormalised mCE), and corrupted minus clean error
+    assert r["error"]["fog" if "fog" in r["error"] else "contrast"]["3"] == pytest.approx(
+        100 - r["accuracy"]["fog" if "fog" in r["error"] else "contrast"]["3"])
+    assert r["mean_corruption_error"] == pytest.approx(100 - np.mean(accs))
+    assert r["relative_degradation"] == pytest.approx(np.mean([(100 - a) - (100 - r["clean_acc"]) for a in accs]))
     # same seed, same numbers
     r2 = S.evaluate_corruptions(model, x, y, corruptions=["gaussian_noise"], severities=(5,), batch_size=64,
                                 normalize=(MEAN, STD), progress=False)
@@ -458,3 +554,31 @@ def test_evaluate_prefers_official_files(tmp_path, cifar, trained):
                                normalize=(MEAN, STD), data_root=tmp_path, dataset="cifar10", progress=False)
     assert r["source"] == {"fog": "official files", "contrast": "generated"}
     assert r["accuracy"]["fog"]["1"] == r["accuracy"]["fog"]["2"] == r["clean_acc"]
+
+
+def test_evaluate_matches_official_tiny_imagenet_c_images_to_the_clean_subset(tmp_path):
+    """With files=, official Tiny-ImageNet-C images are the clean images evaluated, one for one: here the
+    "corrupted" files ARE the clean images, so every cell equals the clean accuracy, on exactly 4 images."""
+    rng = np.random.default_rng(1)
+    classes = ["n01", "n02", "n03"]
+    (tmp_path / "tiny-imagenet-200").mkdir()
+    (tmp_path / "tiny-imagenet-200" / "wnids.txt").write_text("\n".join(classes))
+    clean = {f"val_{k}.JPEG": (rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), k % 3) for k in range(9)}
+    for s in range(1, 6):
+        for name, (im, c) in clean.items():
+            p = tmp_path / "Tiny-ImageNet-C" / "fog" / str(s) / classes[c]
+            p.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(p / name, quality=100)
+    files = ["val_4.JPEG", "val_0.JPEG", "val_8.JPEG", "val_5.JPEG"]  # the clean subset, in its own order
+    xs = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "Tiny-ImageNet-C/fog/1" / classes[clean[f][1]] / f)))
+                      .permute(2, 0, 1) for f in files])
+    ys = torch.tensor([clean[f][1] for f in files])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    r = S.evaluate_corruptions(model, xs, ys, corruptions=["fog"], severities=(1, 5), data_root=tmp_path,
+                               dataset="tinyimagenet", classes=classes, files=files, progress=False)
+    assert r["source"] == {"fog": "official files"} and r["n_images"] == 4 and "n_scored" not in r
+    assert r["accuracy"]["fog"]["1"] == r["accuracy"]["fog"]["5"] == r["clean_acc"]
+    r = S.evaluate_corruptions(model, xs, ys, corruptions=["fog"], severities=(1,), data_root=tmp_path,
+                               dataset="tinyimagenet", classes=classes, progress=False)
+    assert r["n_scored"] == {"fog_s1": 9}  # without files the whole folder is scored, and the result says so
