@@ -47,21 +47,39 @@ from tqdm.auto import tqdm
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write via a temp file in the same folder + os.replace: a reader never sees half a file."""
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): restored at once
+os.umask(_UMASK)
+
+
+def atomic_write(path, write):
+    """Write `path` through write(file) into a temp file in the same folder, fsync it, then os.replace: a reader
+    never sees half a file, and a crash leaves the old file (plus a '.<name>.*.tmp' that clean_temporaries
+    removes on the next start). The file gets the mode a plain open() would (0666 & ~umask), not mkstemp's 0600,
+    so results stay readable on a shared machine or a multi-node shared folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power cut once the folder is synced
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_write_bytes(path, data: bytes):
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _json_default(o):
@@ -83,17 +101,69 @@ def atomic_write_json(path, obj):
 
 
 def atomic_torch_save(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def clean_temporaries(folder) -> list:
+    """Remove the '.<name>.*.tmp' files an interrupted atomic write left in `folder` (a checkpoint's can be
+    300 MB). Call it only while holding the folder's run_lock: then no live writer owns them."""
+    gone = []
+    for f in Path(folder).glob(".*.tmp"):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            f.unlink()
+            gone.append(f.name)
+    return gone
+
+
+def move_aside(path, tag="corrupt") -> Path:
+    """Rename a bad file to '<name>.<tag>' ('.<tag>.1', ... if taken), never deleting it; returns the new path."""
+    path = Path(path)
+    dest, k = path.with_name(f"{path.name}.{tag}"), 0
+    while dest.exists():
+        k += 1
+        dest = path.with_name(f"{path.name}.{tag}.{k}")
+    os.replace(path, dest)
+    return dest
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds this run folder's lock (it is training this run right now)."""
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """An exclusive, non-blocking lock on {folder}/.lock (fcntl.flock: released when the process dies, so a
+    killed run never leaves a stale lock). Two runners on one outputs folder then never train the same run
+    twice: the second gets RunLocked. No-op where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunLocked(f"{folder} is being trained by another live process ({owner}); skipped") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_locked(folder) -> bool:
+    if not (Path(folder) / ".lock").exists():
+        return False
+    try:
+        with run_lock(folder):
+            return False
+    except RunLocked:
+        return True
 
 
 def pick_device(device="auto") -> torch.device:
@@ -564,10 +634,11 @@ def _search(name, base: Path, max_depth: int):
 
 
 def _candidate_roots(root):
-    """(label, path, search depth) in resolution order: argument, SES_DATA, Kaggle inputs, ./data."""
-    cands = []
+    """(label, path, search depth) in resolution order: an explicit root alone (it is authoritative: the user said
+    where the data is), else SES_DATA, Kaggle inputs, ./data."""
     if root is not None:
-        cands.append(("data_root argument", Path(root).expanduser(), 2))
+        return [("data_root", Path(root).expanduser(), 2)]
+    cands = []
     if os.environ.get("SES_DATA"):
         cands.append(("SES_DATA", Path(os.environ["SES_DATA"]).expanduser(), 2))
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
@@ -577,10 +648,14 @@ def _candidate_roots(root):
 
 
 def resolve_data_dir(name, root=None, download=True) -> Path:
-    """The folder holding `name`'s official layout, searched in order: root, $SES_DATA, /kaggle/input/**
-    (on Kaggle), ./data. CIFAR is downloaded with torchvision when found nowhere; otherwise a
-    FileNotFoundError names every place tried and how to provide the data. Never falls back to fake data."""
+    """The folder holding `name`'s official layout. An explicit root is searched alone (and must exist); without
+    one: $SES_DATA, /kaggle/input/** (on Kaggle), ./data. CIFAR is downloaded with torchvision when found nowhere
+    (a failed download leaves nothing behind); otherwise a FileNotFoundError names every place tried and how to
+    provide the data. Never falls back to fake data."""
     dataset_info(name)
+    if root is not None and not Path(root).expanduser().exists():
+        raise FileNotFoundError(f"data_root {root} does not exist (an explicit data_root is used as given: fix the "
+                                "path, or leave it None to search $SES_DATA, Kaggle inputs and ./data)")
     tried = []
     for label, base, depth in _candidate_roots(root):
         found = _search(name, base, depth)
@@ -593,10 +668,16 @@ def resolve_data_dir(name, root=None, download=True) -> Path:
     if name in ("cifar10", "cifar100") and download:
         target = Path(root).expanduser() if root is not None else Path("data").resolve()
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        existed = target.exists()
+        before = set(target.iterdir()) if existed else set()
         try:
             for train in (True, False):
                 cls(root=str(target), train=train, download=True)
-        except Exception as e:  # no network, disk full, bad checksum...
+        except Exception as e:  # no network, disk full, bad checksum...: remove what the attempt created
+            for f in (set(target.iterdir()) if target.exists() else set()) - before:
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+            if not existed and target.exists() and not any(target.iterdir()):
+                target.rmdir()
             raise FileNotFoundError(f"{name} not found in: {'; '.join(tried)}; downloading it into {target} "
                                     f"failed ({type(e).__name__}: {e}). {how}") from e
         if _has_layout(name, target / folder):
@@ -1225,6 +1306,14 @@ def validate_config(cfg) -> dict:
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"config 'device' is not a torch device: {c['device']!r} ({e})") from None
     device = pick_device(c["device"])
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"config 'device' is {c['device']!r} but this machine has no usable CUDA GPU "
+                             "(torch.cuda.is_available() is False): use device='auto' (GPU when there is one) or 'cpu'")
+        if (device.index or 0) >= n:
+            raise ValueError(f"config 'device' is {c['device']!r} but only {n} CUDA device(s) are visible "
+                             f"(cuda:0..cuda:{n - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
     c["precision"] = resolve_precision(c["amp"], device.type, _device_capability(device))[0]
     for k in ("data_root", "out_dir"):
         _check(c[k] is None or isinstance(c[k], (str, os.PathLike)), k, c[k], "None or a path")
@@ -1360,13 +1449,31 @@ def _stale_on_disk(c, out_dir, dd):
     """Before resuming: a finished result or a checkpoint in out_dir made with other settings is set aside
     (set_aside: moved, never deleted) and the run starts over. Returns (finished result or None, checkpoint or None)."""
     result_path, ckpt_path = out_dir / "result.json", out_dir / "checkpoint.pt"
-    done = _read_result(result_path) if c["resume"] else None
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) \
-        if c["resume"] and done is None and ckpt_path.exists() else None
+    done = ck = None
+    corrupt = []  # truncated, empty or garbage files: moved aside as *.corrupt, and the run starts over
+    if c["resume"] and result_path.exists():
+        done = _read_result(result_path)
+        if not isinstance(done, dict) or not isinstance(done.get("config"), dict):
+            done = None
+            corrupt.append(result_path)
+    if c["resume"] and done is None and ckpt_path.exists():
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or not {"config", "model", "epoch"} <= set(ck):
+                raise ValueError("not a seslib checkpoint")
+        except Exception:  # noqa: BLE001 - any unreadable file: torch raises many types for garbage
+            ck = None
+            corrupt.append(ckpt_path)
+    if corrupt and dd.is_main:
+        for f in corrupt:
+            print(f"[corrupt] {f} is unreadable (truncated, empty or not a {f.suffix[1:]} file); moved to "
+                  f"{move_aside(f)}; starting the run over", flush=True)
     diff = config_diff(c, done["config"]) if done is not None else \
         config_diff(c, ck["config"], _RESUME_FREE) if ck is not None else []
     diff = _same_on_all_ranks(diff, dd, "whether out_dir holds a run made with other settings")
     if not diff:
+        if corrupt and dd.enabled:
+            dist.barrier()
         return done, ck
     if dd.is_main:
         what = "result" if done is not None else "checkpoint"
@@ -1672,10 +1779,68 @@ def train(cfg: dict) -> dict | None:
     SyncBatchNorm for BatchNorm models on CUDA), True, False."""
     c = validate_config(cfg)
     dd, device = dist_setup(c)  # checks c against the world size before joining the group
+    owner = c["out_dir"] and dd.is_main  # rank 0 alone writes the run folder
     try:
-        return _train(c, dd, device)
+        with run_lock(c["out_dir"]) if owner else contextlib.nullcontext():
+            if owner:
+                gone = clean_temporaries(c["out_dir"])
+                if gone:
+                    print(f"removed {len(gone)} temporary file(s) an interrupted write left in {c['out_dir']}: "
+                          f"{', '.join(gone)}", flush=True)
+            return _train(c, dd, device)
     finally:
         dist_teardown(dd)
+
+
+class PreflightError(ValueError):
+    """Something a run will need is missing: raised before any data is read or any training (one line per fix)."""
+
+
+def _checkpoint_bytes(model, c) -> int:
+    """checkpoint.pt's size: the weights, the optimiser state (SGD momentum 1x, AdamW 2x), the best epoch's copy."""
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return n * (2 + (2 if c["optimizer"] == "adamw" else 1)) + (1 << 20)
+
+
+def preflight(c, model=None):
+    """Check in well under a second that everything the run `c` will need exists, so it cannot fail after hours of
+    training for a missing package or file (as a robustness pass needing the frost photos would): the packages of
+    its code path, the frost texture photos when frost will be generated, the data set (CIFAR is downloaded now if
+    absent), a writable out_dir with room for the checkpoint. Raises PreflightError listing every problem and its fix."""
+    problems = []
+    need = {"timm": ("ViT models and Mixup/CutMix", c["model"] in VIT_MODELS or c["mix"] != "none"),
+            "torchmetrics": ("the robustness pass's calibration error", bool(c["robustness"]))}
+    for mod, (why, needed) in need.items():
+        if needed and importlib.util.find_spec(mod) is None:
+            problems.append(f"the package {mod!r} is missing (needed for {why}): pip install {mod}")
+    try:
+        d = resolve_data_dir(c["dataset"], c["data_root"], download=True)
+    except FileNotFoundError as e:
+        problems.append(str(e))
+        d = None
+    if c["robustness"] and "frost" in _resolve_corruptions(c["robustness"]) and \
+            not (d is not None and corrupted_available(d.parent, c["dataset"], "frost")):
+        try:
+            _frost_dir()
+        except RuntimeError as e:
+            problems.append(f"robustness includes frost, which is generated here: {e}")
+    if c["out_dir"]:
+        out = Path(c["out_dir"])
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            problems.append(f"out_dir {out} is not writable ({e.strerror or e}): choose another out_dir")
+        else:
+            need_b = _checkpoint_bytes(model, c) if model is not None else 0
+            free = shutil.disk_usage(out).free
+            if need_b and free < 2 * need_b:  # the new checkpoint is written beside the old one, then renamed
+                problems.append(f"out_dir {out} has {free / 2**30:.2f} GiB free; a checkpoint of this run takes "
+                                f"{need_b / 2**30:.2f} GiB and needs twice that while it is replaced: free space "
+                                "or choose another out_dir")
+    if problems:
+        raise PreflightError("this run cannot start:\n  - " + "\n  - ".join(problems))
 
 
 def _train(c, dd: DistInfo, device):
@@ -1705,6 +1870,8 @@ def _train(c, dd: DistInfo, device):
     if c["model"] in VIT_MODELS and "attn_weights" in c["ses_targets"]:
         use_attention_weights(net)
     collector = ActivationCollector(net, c["ses_layers"], targets=c["ses_targets"])
+    if dd.is_main:
+        preflight(c, net)
     beta_sched = BetaSchedule.parse(c["ses_beta_schedule"]) if c["ses_beta_schedule"] is not None else None
     gather = dd.enabled and c["ses_scope"] == "global"
     model = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = best = None
@@ -1724,8 +1891,11 @@ def _train(c, dd: DistInfo, device):
             xval, yval, xtr, ytr = xtr[vi], ytr[vi], xtr[ti], ytr[ti]
         if c["train_subset"]:
             xtr, ytr = xtr[:c["train_subset"]], ytr[:c["train_subset"]]
-        if len(xtr) < c["batch_size"]:
-            raise ValueError(f"{len(xtr)} training images < batch_size {c['batch_size']}")
+        if len(xtr) < c["batch_size"]:  # name what the user set: batch_size, and train_subset only if set
+            raise ValueError(f"batch_size {c['batch_size']} is larger than the {len(xtr)} training images"
+                             + (f" (train_subset={c['train_subset']})" if c["train_subset"] else
+                                f" of {c['dataset']} in {resolve_data_dir(c['dataset'], c['data_root'], download=False)}")
+                             + ": training drops the last partial batch, so no step would run; lower batch_size")
         # every rank holds the whole (uint8) set and takes its slice of each global batch
         norm = {"mean": c["norm_mean"], "std": c["norm_std"], "device": device, "rank": dd.rank,
                 "world_size": dd.world_size}
@@ -1878,6 +2048,7 @@ def _train(c, dd: DistInfo, device):
         final = _final_metrics(history, c, net, device, evals, collector, log, best)
         final["total_seconds"] = time.time() - t_start
         env = _env_info(device, c)
+        env["data_dir"] = str(resolve_data_dir(c["dataset"], c["data_root"], download=False))  # the folder used
         env["distributed"] = ({"world_size": dd.world_size, "backend": dd.backend, "ses_scope": c["ses_scope"],
                                "sync_bn": sync_bn, "nodes": int(os.environ.get("GROUP_WORLD_SIZE", 0)) or None}
                               if dd.enabled else None)
@@ -3500,9 +3671,8 @@ MAX_FIG_INCHES = 16  # at 120 dpi: 1920 px, readable on a laptop screen and in a
 def _save(fig, out_dir, name, show=True):
     import matplotlib.pyplot as plt
     path = Path(out_dir) / "figures" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a crash never leaves half a PNG
     if show and "ipykernel" in sys.modules:  # inline in notebooks, whatever the matplotlib backend
         from IPython.display import Image, display
         display(Image(filename=str(path)))
@@ -4255,6 +4425,9 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
         try:
             res = train_fn(dict(run.cfg, resume=resume))
             rows.append(_run_row(run, "ran", res, time.time() - t0))
+        except RunLocked as e:  # another runner is training it right now: not a failure
+            print(f"[locked] {run.config} seed {run.seed}: {e}\nSES-RUN-LOCKED", flush=True)
+            rows.append(_run_row(run, "locked by another process", None))
         except Exception as e:  # noqa: BLE001 - reported and re-raised below
             print(f"[failed] {run.config} seed {run.seed}: {type(e).__name__}: {e}", flush=True)
             rows.append(_run_row(run, f"failed: {type(e).__name__}", None, time.time() - t0))
@@ -4325,6 +4498,10 @@ if "google.colab" in sys.modules and importlib.util.find_spec("seslib") is None:
         urllib.request.urlretrieve(_url.rsplit("/", 1)[0] + "/" + _f, _f)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
     sys.path.insert(0, os.getcwd())
+if importlib.util.find_spec("seslib") is None:  # a plain Jupyter kernel started somewhere else
+    raise RuntimeError("seslib.py is not importable: looked in " + os.getcwd() + ", its parent and /kaggle/input. "
+                       "Open this notebook from the repository's notebooks/ folder (or its root), or add the "
+                       "repository to the path first: import sys; sys.path.insert(0, '/path/to/the/repository')")
 """
 
 
@@ -4398,8 +4575,15 @@ def load_batch_params(params, notebooks):
     if params is None:
         params = {}
     elif not isinstance(params, dict):
-        with open(params) as f:
-            params = yaml.safe_load(f) or {}
+        where = params
+        if not Path(where).is_file():
+            raise ValueError(f"--params {where}: no such file (a YAML file such as: all: {{preset: paper}})")
+        try:
+            params = yaml.safe_load(Path(where).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--params {where}: not valid YAML ({str(e).splitlines()[0]}"
+                             + (f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else "")
+                             + ")") from None
     if not isinstance(params, dict) or not all(isinstance(v, (dict, type(None))) for v in params.values()):
         raise ValueError("batch params must map 'all' / notebook number / notebook stem to a dict of overrides")
     keys = {str(k): v or {} for k, v in params.items()}
@@ -4592,6 +4776,9 @@ def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.
                 del running[s]
                 j = jobs[i]
                 log_text = j.log.read_text(errors="replace") if j.log.exists() else ""
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-LOCKED" in log_text:
+                    finish(i, "skipped", slots[s]["name"], time.time() - t0, "locked by another process")
+                    continue
                 if rc == 0 and j.kind == "run" and not _result_ok(j.result):
                     rc, err = 1, f"the notebook finished but wrote no {j.result.name}"
                 else:
@@ -4610,11 +4797,16 @@ def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.
                     break
                 pending.remove(ready)
                 j = jobs[ready]
+                if j.kind == "run" and is_locked(j.result.parent):  # another runner is training it now
+                    finish(ready, "skipped", "", 0.0, "locked by another process")
+                    continue
                 if j.kind == "run" and result_status(j.result, j.cfg)[0] == "done":  # finished meanwhile
                     finish(ready, "skipped", "", 0.0)
                     continue
                 j.attempt += 1
                 j.output.parent.mkdir(parents=True, exist_ok=True)
+                if j.attempt == 1:
+                    _keep_previous_log(j.log)
                 fh = open(j.log, "w" if j.attempt == 1 else "a")
                 spec = {"input": str(j.nb), "output": str(j.output), "parameters": j.params, "kernel": kernel, "cwd": cwd}
                 proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(os.getpid()), json.dumps(spec, default=str)],
@@ -4632,6 +4824,19 @@ def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.
             _kill_tree(proc)
             fh.close()
     return [records[i] for i in sorted(records)]
+
+
+def _keep_previous_log(log, keep=5):
+    """log.txt -> log.1.txt (and log.1 -> log.2 ...): a re-run never overwrites the log of the attempt that failed."""
+    log = Path(log)
+    if not log.exists():
+        return
+    olds = [log.with_name(f"{log.stem}.{k}{log.suffix}") for k in range(1, keep + 1)]
+    olds[-1].unlink(missing_ok=True)
+    for k in range(keep - 1, 0, -1):
+        if olds[k - 1].exists():
+            os.replace(olds[k - 1], olds[k])
+    os.replace(log, olds[0])
 
 
 def _interrupt(signum, frame):
@@ -4895,12 +5100,17 @@ if _data:
     os.environ.setdefault("SES_DATA", _data[0])
 print("seslib from", _dirs[:1], "| data from", os.environ.get("SES_DATA"))
 # Install only what this image lacks (a blanket `pip install -r` could swap Kaggle's torch).
-_need = {{"papermill": "papermill", "nbformat": "nbformat", "yaml": "pyyaml", "timm": "timm",
-         "seaborn": "seaborn", "ipykernel": "ipykernel", "pandas": "pandas"}}
+# Everything the runs need (seslib.preflight checks it again before each run): papermill & co for the runner, timm
+# (ViTs, Mixup/CutMix), torchmetrics (the robustness pass), and the frost photos of imagecorruptions (--no-deps: only
+# its image files are read; its own dependencies would pull an OpenCV build).
+_need = {{"papermill": "papermill", "nbformat": "nbformat", "yaml": "pyyaml", "timm": "timm", "torchmetrics": "torchmetrics",
+         "seaborn": "seaborn", "ipykernel": "ipykernel", "pandas": "pandas", "tqdm": "tqdm"}}
 _missing = [pkg for mod, pkg in _need.items() if importlib.util.find_spec(mod) is None]
+import subprocess
 if _missing:
-    import subprocess
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *_missing], check=True)
+if importlib.util.find_spec("imagecorruptions") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "imagecorruptions"], check=True)
 """
     cells = [
         v4.new_markdown_cell(
@@ -4920,7 +5130,11 @@ if _missing:
             "records = S.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}}, gpus='auto', out=OUT)"),
         v4.new_code_cell(
             "import pandas as pd\n"
-            "pd.read_csv(f'{OUT}/batch_summary.csv')"),
+            "failed = [r for r in records if r['status'] == 'failed']\n"
+            "display(pd.DataFrame(records))\n"
+            "if failed:  # the kernel version then ends as an error on Kaggle, not 'successful'\n"
+            "    raise RuntimeError(f\"{len(failed)} run(s) failed: \" + '; '.join(\n"
+            "        f\"{r['notebook']} {r['config'] or ''} seed {r['seed']}: {r['error']}\" for r in failed[:5]))"),
     ]
     nb = v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -4935,8 +5149,9 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     Push with: `kaggle datasets create -p OUT/code-dataset` (once; `kaggle datasets version` after),
     then `kaggle kernels push -p OUT`. The kernel runs the batch over both T4s into /kaggle/working/outputs."""
     import nbformat
-    if not username:
-        raise ValueError("a Kaggle username is required (--username)")
+    if not username or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{1,49}", str(username)):
+        raise ValueError(f"--username {username!r} is not a Kaggle user name (letters, digits, '-' or '_', no "
+                         "spaces): the one in your profile URL kaggle.com/<username>")
     data_dataset = data_dataset or f"{username}/ses-data"
     code_dataset = code_dataset or f"{username}/seslib-code"
     out = Path(out)
@@ -4954,19 +5169,31 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     if problems:
         raise ValueError("; ".join(problems))
 
-    ds = out / "code-dataset"
-    ds.mkdir(parents=True, exist_ok=True)
-    here = _here()
-    for f in (here / "seslib.py", here / "requirements.txt"):
-        shutil.copy2(f, ds / f.name)
-    for nb in nbs:  # flat: `kaggle datasets create` skips sub-folders by default
-        shutil.copy2(nb, ds / nb.name)
-    atomic_write_json(ds / "dataset-metadata.json", data_meta)
-    driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset)
-    nbformat.write(driver, str(out / kernel_meta["code_file"]))
-    atomic_write_json(out / "kernel-metadata.json", kernel_meta)
-    validate_kaggle_metadata(out / "kernel-metadata.json")
-    validate_kaggle_metadata(ds / "dataset-metadata.json")
+    if out.exists() and any(out.iterdir()) and not (out / "kernel-metadata.json").is_file():
+        raise ValueError(f"--out {out} exists and is not a kernel bundle written by this command: choose another folder")
+    # built in a temporary folder beside `out` and moved in place only once complete and valid: a failure
+    # never leaves a half-written bundle (nor touches the previous one)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds = tmp / "code-dataset"
+        ds.mkdir(parents=True)
+        here = _here()
+        for f in (here / "seslib.py", here / "requirements.txt"):
+            shutil.copy2(f, ds / f.name)
+        for nb in nbs:  # flat: `kaggle datasets create` skips sub-folders by default
+            shutil.copy2(nb, ds / nb.name)
+        atomic_write_json(ds / "dataset-metadata.json", data_meta)
+        driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset)
+        nbformat.write(driver, str(tmp / kernel_meta["code_file"]))
+        atomic_write_json(tmp / "kernel-metadata.json", kernel_meta)
+        validate_kaggle_metadata(tmp / "kernel-metadata.json")
+        validate_kaggle_metadata(ds / "dataset-metadata.json")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -5031,8 +5258,10 @@ def _quick_args(p):
 
 
 def _quick_cmd(a):
-    """The suite's smoke preset over every notebook whose data can be found or downloaded."""
-    status, runnable = {}, []
+    """The suite's smoke preset over every notebook whose data can be found or downloaded (see the README for what
+    it proves): each notebook whole, in one kernel, through the batch runner; then the reports and SUMMARY.md."""
+    t0 = time.time()
+    status, runnable, skipped = {}, [], {}
     for nb in find_notebooks(a.notebooks or ["all"]):
         missing = []
         for ds in sorted(_notebook_datasets(nb)):
@@ -5044,19 +5273,32 @@ def _quick_cmd(a):
             if isinstance(status[ds], FileNotFoundError):
                 missing.append(ds)
         if missing:
-            print(f"[skip] {nb.stem}: no {', '.join(missing)} ({status[missing[0]]})")
+            skipped[nb.stem] = missing
         else:
             runnable.append(nb)
     for ds, where in status.items():
-        if not isinstance(where, Exception):
-            print(f"[data] {ds}: {where}")
-    params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
-    workers = a.workers or (None if torch.cuda.is_available() and a.gpus != "cpu" else 2)
-    recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out, whole_notebooks=True)
+        print(f"[data] {ds}: {where if not isinstance(where, Exception) else 'not found'}")
+    if skipped:  # one line per notebook, the data hint once
+        for stem, missing in skipped.items():
+            print(f"[skip] {stem}: needs {', '.join(missing)}")
+        first = next(v for v in status.values() if isinstance(v, Exception))
+        print(f"how to provide the data: {first}")
+    recs = []
+    if runnable:
+        params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
+        workers = a.workers or (None if torch.cuda.is_available() and a.gpus != "cpu" else 2)
+        recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out, whole_notebooks=True)
     out = _preset_folder(Path(a.out).resolve(), "smoke")
-    print(f"\nreports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; "
-          f"run table: {out}/batch_summary.csv")
-    return 1 if any(r["status"] == "failed" for r in recs) else 0
+    failed = [r for r in recs if r["status"] == "failed"]
+    print(f"\nquick job: {len(runnable) - len(failed)} notebook(s) ran, {len(failed)} failed, {len(skipped)} skipped "
+          f"for missing data, in {datetime.timedelta(seconds=int(time.time() - t0))}")
+    if runnable:
+        print(f"reports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; claims: {out}/SUMMARY.md; "
+              f"run table: {out}/batch_summary.csv")
+    if not runnable:  # nothing ran: not a success, whatever the reason
+        print("nothing ran: no data set was found or could be downloaded (see above)")
+        return 1
+    return 1 if failed else 0
 
 
 def _train_args(p):
@@ -5104,6 +5346,11 @@ CLI_COMMANDS = {
 }
 
 
+# what a user's input or machine can cause (bad values, missing files, no GPU, a run locked elsewhere): main() turns
+# these into one line; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, OSError, RunLocked, NonFiniteLossError)
+
+
 def main(argv=None):
     """`python seslib.py COMMAND ...`; exits non-zero when the command fails."""
     parser = argparse.ArgumentParser(prog="seslib.py", description="SES experiment suite")
@@ -5113,7 +5360,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         code = CLI_COMMANDS[args.command][2](args)
-    except ValueError as e:
+    except USER_ERRORS as e:  # a message, not a traceback: what was wrong and how to fix it
         parser.exit(2, f"error: {e}\n")
     except KeyboardInterrupt:
         print("interrupted: the running jobs were stopped; run the same command again to resume", file=sys.stderr)
