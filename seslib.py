@@ -141,8 +141,12 @@ def run_lock(folder):
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    except OSError as e:  # the first thing a run touches: say what to do, not errno
+        raise PreflightError(f"this run cannot start:\n  - out_dir {folder} is not writable ({e.strerror or e}): "
+                             "choose another out_dir") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1145,7 +1149,7 @@ _BASE_CONFIG = {
     "drop_path": None,  # ViTs: stochastic-depth rate (None: the recipe's 0.1)
     # per-epoch effective rank, measured two ways (see _erank_ses_view / _erank_author_view)
     "erank_batches": 4, "erank_eval_samples": 2048,
-    "out_dir": None, "resume": False, "keep_checkpoint": True,
+    "out_dir": None, "resume": False, "keep_checkpoint": False,  # a finished run keeps result.json; True: checkpoint.pt too
     "train_subset": None, "test_subset": None, "max_steps_per_epoch": None, "val_split": 0.0,
     "robustness": None, "robustness_severities": [1, 2, 3, 4, 5], "robustness_subset": None,
     "preset": None,  # label set by run_config ("paper", "smoke", ...): reports and the stale rule name it

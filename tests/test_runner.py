@@ -104,6 +104,22 @@ def test_setup_cell_finds_seslib_from_a_subfolder():
     assert set(eval(names)) <= {"sys", "os", "glob", "importlib"}  # only modules: no stray notebook parameters
 
 
+def test_setup_cell_says_what_to_do_where_seslib_is_not_importable(tmp_path):
+    """A plain Jupyter kernel started outside the repository (not Colab, not Kaggle): one clear error, not a bare
+    ModuleNotFoundError in the next cell."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", S.SETUP_CELL], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 1
+    assert f"RuntimeError: seslib.py is not importable: looked in {tmp_path}, its parent" in p.stderr
+    assert "sys.path.insert(0, '/path/to/the/repository')" in p.stderr
+
+
+def test_every_notebook_starts_with_the_current_setup_cell():
+    import nbformat
+    for path in sorted((Path(S.__file__).parent / "notebooks").glob("*.ipynb")):
+        assert nbformat.read(str(path), as_version=4).cells[1].source.strip() == S.SETUP_CELL.strip(), path.name
+
+
 # ─── batch runner (CLI, real papermill subprocesses) ───────────────────────────────────────────
 
 def test_batch_parallel_slots_failure_then_resume(tmp_path):
@@ -147,6 +163,9 @@ def test_batch_parallel_slots_failure_then_resume(tmp_path):
     again = {**_results(out, "91_runner_sleep"), **_results(out, "92_runner_fail")}
     assert all(again[k]["start"] == res[k]["start"] for k in res)  # not re-run
     assert len(pd.read_csv(out / "92_runner_fail" / "report.csv")) == 2
+    bad = out / "92_runner_fail" / "runs" / "bad_seed0"  # the failed attempt's log is kept beside the new one
+    assert "bad fails on purpose" in (bad / "log.1.txt").read_text()
+    assert "bad fails on purpose" not in (bad / "log.txt").read_text()
 
 
 def test_batch_resumes_after_sigkill(tmp_path):

@@ -1,0 +1,225 @@
+"""What a careless user and a crashing machine do (issue 14), each injected for real: corrupt and half-written
+files, two runners on one folder, missing packages and textures, bad paths and values. Every case must end in
+one clear line naming the file or value and the fix, before any training, and lose nothing already written."""
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import seslib as S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(data_root, **kw):
+    return dict(dict(model="resnet18", dataset="cifar10", data_root=str(data_root), epochs=1, batch_size=32,
+                     train_subset=64, test_subset=32, max_steps_per_epoch=1, erank_batches=1, erank_eval_samples=32,
+                     width=0.25, log="none", device="cpu"), **kw)
+
+
+# ─── files that survive ──────────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04trunc", b"garbage that is not a checkpoint"],
+                         ids=["empty", "truncated", "garbage"])
+def test_bad_checkpoint_is_moved_aside_and_the_run_starts_over(data_root, tmp_path, capsys, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(content)
+    res = S.train(tiny(data_root, out_dir=str(run), resume=True))
+    assert len(res["history"]) == 1 and (run / "result.json").is_file()
+    assert (run / "checkpoint.pt.corrupt").read_bytes() == content  # kept, never deleted
+    out = capsys.readouterr().out
+    assert f"[corrupt] {run / 'checkpoint.pt'} is unreadable" in out and "checkpoint.pt.corrupt" in out
+
+
+@pytest.mark.parametrize("content", ["", '{"config": {"epochs"', "not json"], ids=["empty", "truncated", "garbage"])
+def test_bad_result_json_is_moved_aside_and_a_plan_retrains_the_run(data_root, tmp_path, capsys, content):
+    grid = {"a": {}}
+    base = tiny(data_root)
+    run = tmp_path / "runs" / "a_seed42"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(content)
+    plan = S.plan_runs(grid, "all", [42], tmp_path, base=base)
+    assert [r.status for r in plan.runs] == ["todo"]  # never "done", never a failure on every re-run
+    S.run_plan(plan)
+    assert json.loads((run / "result.json").read_text())["final"]["test_acc"] is not None
+    assert (run / "result.json.corrupt").read_text() == content
+    assert "result.json is unreadable" in capsys.readouterr().out
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_temporary_behind(data_root, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".checkpoint.pt.x8k2p.tmp"  # what a kill during atomic_torch_save leaves
+    stale.write_bytes(b"\0" * 4096)
+    S.train(tiny(data_root, out_dir=str(run)))
+    assert not list(run.glob(".*.tmp")) and (run / "result.json").is_file()
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "result.json"
+    S.atomic_write_json(target, {"v": 1})
+
+    def boom(f):
+        f.write(b'{"v": 2')
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        S.atomic_write(target, boom)
+    assert json.loads(target.read_text()) == {"v": 1} and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_written_files_keep_the_umask_mode(tmp_path, data_root):
+    old = os.umask(0o022)
+    try:
+        S.atomic_write_json(tmp_path / "a.json", {})
+        S.atomic_torch_save({"x": 1}, tmp_path / "b.pt")
+        mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        os.umask(old)
+    assert mode == {"a.json": 0o644, "b.pt": 0o644}  # mkstemp alone would give 0600: unreadable by others
+
+
+def test_no_checkpoint_is_kept_for_a_finished_run_unless_asked(data_root, tmp_path):
+    S.train(tiny(data_root, out_dir=str(tmp_path / "a")))
+    S.train(tiny(data_root, out_dir=str(tmp_path / "b"), keep_checkpoint=True))
+    assert not (tmp_path / "a" / "checkpoint.pt").exists() and (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def _hold_lock(folder):
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import seslib as S\n"
+            f"with S.run_lock({str(folder)!r}):\n    print('held', flush=True)\n    time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_two_runners_on_one_folder_never_train_the_same_run_twice(data_root, tmp_path, capsys):
+    grid = {"a": {}, "b": {}}
+    plan = S.plan_runs(grid, "all", [42], tmp_path, base=tiny(data_root))
+    proc = _hold_lock(tmp_path / "runs" / "a_seed42")  # another live runner is training "a"
+    try:
+        with pytest.raises(S.RunLocked, match=r"a_seed42 is being trained by another live process \(pid \d+"):
+            S.train(dict(plan.runs[0].cfg, resume=True))
+        table = S.run_plan(plan)  # the notebook side skips it, trains the rest, and is not a failure
+        assert S.is_locked(tmp_path / "runs" / "a_seed42")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(table["status"]) == ["locked by another process", "ran"]
+    assert "[locked] a seed 42" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "a_seed42" / "result.json").exists()
+    assert not S.is_locked(tmp_path / "runs" / "a_seed42")  # the lock died with its process
+
+
+# ─── preflight: what the run will need, checked before anything runs ─────────────────────────────
+
+def test_preflight_names_a_hidden_package_before_any_training(data_root, tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchmetrics" else real(name, *a))
+    t0 = time.time()
+    with pytest.raises(S.PreflightError, match=r"the package 'torchmetrics' is missing \(needed for the robustness "
+                                               r"pass's calibration error\): pip install torchmetrics"):
+        S.train(tiny(data_root, out_dir=str(tmp_path / "r"), robustness=["contrast"]))
+    assert time.time() - t0 < 30 and not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_preflight_names_missing_frost_textures(data_root, tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "imagecorruptions" else real(name, *a))
+    with pytest.raises(S.PreflightError, match=r"robustness includes frost.*pip install --no-deps imagecorruptions"):
+        S.train(tiny(data_root, robustness="all15"))
+    S.preflight(S.validate_config(tiny(data_root, robustness=["contrast"])))  # no frost: nothing missing
+
+
+def test_preflight_names_an_unwritable_out_dir(data_root, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(S.PreflightError, match=r"out_dir .*a_file/run is not writable.*choose another out_dir"):
+        S.train(tiny(data_root, out_dir=str(blocker / "run")))
+
+
+# ─── clear errors, one line each ─────────────────────────────────────────────────────────────────
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_on_a_machine_without_gpu(data_root):
+    with pytest.raises(ValueError, match=r"'device' is 'cuda' but this machine has no usable CUDA GPU.*device='auto'"):
+        S.validate_config(tiny(data_root, device="cuda"))
+
+
+def test_batch_size_larger_than_the_data_names_what_the_user_set(data_root):
+    n = len(S.load_dataset("cifar10", data_root, "train")[1])
+    with pytest.raises(ValueError, match=rf"^batch_size 8192 is larger than the {n} training images of cifar10 in "
+                                         r".*cifar-10-batches-py: .*lower batch_size$"):
+        S.train(tiny(data_root, batch_size=8192, train_subset=None))  # train_subset was never set: not named
+    with pytest.raises(ValueError, match=r"'train_subset' must be >= batch_size \(64\)"):  # set by the user: named
+        S.train(tiny(data_root, batch_size=64, train_subset=40))
+
+
+def test_an_explicit_data_root_is_authoritative_and_recorded(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("SES_DATA", str(data_root))  # would have been found here: an explicit root must not fall back
+    with pytest.raises(FileNotFoundError, match=r"data_root .*nowhere does not exist \(an explicit data_root is used"):
+        S.load_dataset("cifar10", tmp_path / "nowhere")
+    res = S.train(tiny(data_root))
+    assert res["env"]["data_dir"] == str(data_root / "cifar-10-batches-py")
+
+
+def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    class NoNetwork:
+        def __init__(self, root, **kw):
+            Path(root).mkdir(parents=True, exist_ok=True)
+            (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial")  # what a broken download leaves
+            raise RuntimeError("Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", NoNetwork)
+    monkeypatch.delenv("SES_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="downloading it into .*failed.*name resolution"):
+        S.resolve_data_dir("cifar10")
+    assert not (tmp_path / "data").exists()
+
+
+def _cli(*args, cwd):
+    p = subprocess.run([sys.executable, str(ROOT / "seslib.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                       text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_params_file_errors_are_one_line(tmp_path):
+    rc, log = _cli("batch", "4", "--params", tmp_path / "nope.yaml", "--gpus", "cpu", "--dry-run", cwd=tmp_path)
+    assert rc == 2 and "error: --params" in log and "nope.yaml: no such file" in log and "Traceback" not in log
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("all: {preset: smoke\n  seeds: [1, 2\n")
+    rc, log = _cli("batch", "4", "--params", bad, "--gpus", "cpu", "--dry-run", cwd=tmp_path)
+    assert rc == 2 and f"error: --params {bad}: not valid YAML" in log and "Traceback" not in log
+
+
+def test_kaggle_bundle_rejects_a_bad_user_name_and_never_leaves_half_a_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"--username 'jane doe' is not a Kaggle user name"):
+        S.kaggle_package(tmp_path / "k", ["04"], "jane doe")
+    assert not (tmp_path / "k").exists()
+    with pytest.raises(ValueError, match="slug"):  # fails validation after the files were being written
+        S.kaggle_package(tmp_path / "k", ["04"], "jane", slug="Bad Slug!")
+    assert not (tmp_path / "k").exists() and not list(tmp_path.glob(".k.*"))
+    S.kaggle_package(tmp_path / "k", ["04"], "jane")
+    assert (tmp_path / "k" / "kernel-metadata.json").is_file()
+
+
+def test_quick_job_without_data_says_so_once_and_fails(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("SES_DATA", "KAGGLE_KERNEL_RUN_TYPE")}
+    p = subprocess.run([sys.executable, str(ROOT / "seslib.py"), "quick", "1", "2", "11", "--gpus", "cpu",
+                        "--data-root", str(tmp_path)], cwd=tmp_path, env=dict(env, TORCH_HOME=str(tmp_path)),
+                       capture_output=True, text=True, timeout=300)
+    log = p.stdout + p.stderr
+    assert p.returncode == 1, log
+    assert "0 notebook(s) ran, 0 failed, 3 skipped for missing data" in log and "nothing ran" in log
+    assert log.count("how to provide the data") == 1 and log.count("[skip]") == 3
