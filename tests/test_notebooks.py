@@ -66,10 +66,10 @@ def test_notebook_smoke(nb, tmp_path, request):
     for f in figures:  # readable on a laptop screen and in a notebook cell: no 5714-px-wide strip
         w, h = Image.open(f).size
         assert w <= 1920 and h <= 1920, (f.name, w, h)
-    # labels tell the truth: the smoke preset evaluated 1 severity on 16 images, and the title says smoke
+    # labels tell the truth: the smoke preset evaluated 1 severity on 8 images, and the title says smoke
     md = (out / "report.md").read_text()
     if number != "04":
-        assert "rob (15×1 mean, 16 images)" in md and "15×5" not in md.split("## the paper")[0]
+        assert "rob (15×1 mean, 8 images)" in md and "15×5" not in md.split("## the paper")[0]
     assert md.startswith(f"# {nb.stem}: preset smoke, ") and "Not the published setup" in md
     # the report cell showed the table and the figures inline
     shown = [o for o in executed.cells[-1].outputs if o.get("output_type") == "display_data"]
