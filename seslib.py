@@ -446,8 +446,9 @@ def hook_targets(model, preset="auto", targets=("block",)):
         mods = dict(model.named_modules())
         missing = [n for n in preset if n not in mods]
         if missing:
-            raise ValueError(f"no module named {missing} in {type(model).__name__}")
-        return [(n, mods[n], "output") for n in preset]
+            raise ValueError(f"no module named {missing} in {type(model).__name__}; valid names: {_name_list(mods)}")
+        return [(n, mods[n], "attn_weights" if n.endswith("attn_drop") and "attn_weights" in targets else "output")
+                for n in preset]
     if family in ("resnet", "wrn"):
         blocks = [(n, m, "output") for n, m in model.named_modules() if type(m).__name__ in _RESIDUAL_BLOCKS]
         pool = [("avgpool", model.avgpool, "output")]
@@ -489,7 +490,14 @@ def hook_targets(model, preset="auto", targets=("block",)):
         if chosen is None:
             raise ValueError(f"unknown MLP layer preset {preset!r}; known: all, firstN, lastN")
         return chosen
-    raise ValueError(f"no layer presets for {type(model).__name__}: pass a list of module names")
+    raise ValueError(f"no layer presets for {type(model).__name__}: pass a list of module names, e.g. from "
+                     f"{_name_list(dict(model.named_modules()), depth=2)}")
+
+
+def _name_list(mods, depth=None, limit=40) -> str:
+    """Module names for an error message: all of them, or those up to `depth` dots, the first `limit`."""
+    names = [n for n in mods if n and (depth is None or n.count(".") < depth)]
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def use_attention_weights(model):
@@ -522,6 +530,7 @@ class ActivationCollector:
         self.names = [n for n, _, _ in triples]
         self.kinds = {n: k for n, _, k in triples}
         self.pool = pool
+        self.gate = None  # optional callable: the hooks store only while it returns True (periodic SES)
         self._acts: dict = {}
         self._paused = False
         self._handles = []
@@ -539,12 +548,18 @@ class ActivationCollector:
 
     def _make_hook(self, name, kind, use_input=False):
         def hook(module, inputs, output):
-            if self._paused or not module.training:
+            if self._paused or not module.training or (self.gate is not None and not self.gate()):
                 return
             x = inputs[0] if use_input else output
-            if isinstance(x, (tuple, list)):
+            if isinstance(x, (tuple, list)) and x:
                 x = x[0]
-            self._acts[name] = pool_activation(x, kind, self.pool)
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"layer {name!r} returns {type(x).__name__}, not a tensor SES can pool: hook one of "
+                                 "its submodules instead")
+            try:
+                self._acts[name] = pool_activation(x, kind, self.pool)
+            except ValueError as e:
+                raise ValueError(f"layer {name!r}: {e}") from None
         return hook
 
     @property
@@ -587,6 +602,110 @@ class ActivationCollector:
 
     def __repr__(self):
         return f"ActivationCollector({len(self.names)} hooks: {', '.join(self.names)})"
+
+
+class SES:
+    """Spectral Entropy Shaping on any nn.Module, in your own training loop:
+
+        ses = SES(model, layers="auto", beta=0.7, lam=0.01)
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y) + ses()   # lam * sum_l (H_l - beta log d_l)^2 of this batch
+            opt.zero_grad(); loss.backward(); opt.step()
+
+    layers: "auto" (the suite's presets for torchvision ResNets, WideResNet and timm ViTs: every residual block
+    + avgpool, ResNet-50's layer4 + avgpool, all 12 ViT blocks), a preset name (see hook_targets), or a list of
+    module names. every_k: SES on every k-th step only; on the others the hooks store nothing and ses() returns 0.
+    schedule: a beta schedule (BetaSchedule.parse spec), applied by ses.set_epoch(epoch, epochs).
+    Hooks store nothing in eval mode or inside `with ses.paused():`. ses.erank() / ses.report(): per-layer effective
+    rank, d, target d^beta and their ratio on the last SES batch. train() uses this same object."""
+
+    def __init__(self, model, layers="auto", beta=0.7, lam=0.01, every_k=1, schedule=None, targets=("block",),
+                 pool="auto"):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"SES needs an nn.Module; got {type(model).__name__}")
+        if not _is_num(lam) or lam < 0:
+            raise ValueError(f"lam must be a number >= 0; got {lam!r}")
+        if not _is_int(every_k) or every_k < 1:
+            raise ValueError(f"every_k must be an int >= 1; got {every_k!r}")
+        self.model, self.beta = model, _check_beta(beta)
+        self.lam, self.every_k = float(lam), every_k
+        self.schedule = BetaSchedule.parse(schedule) if schedule is not None else None
+        if "attn_weights" in targets and hasattr(model, "blocks"):
+            use_attention_weights(model)  # timm's fused attention never materialises the weights
+        self.collector = ActivationCollector(model, layers, pool=pool, targets=tuple(targets))
+        self.collector.gate = lambda: self.active or self._measuring
+        self.step = 0  # ses() calls so far: the optimiser step the next forward belongs to
+        self._measuring = False
+        self.last_loss = None  # sum_l (H_l - beta log d_l)^2 of the last SES batch (lambda not applied), detached
+        self._last = None
+
+    @property
+    def names(self) -> list:
+        return self.collector.names
+
+    @property
+    def active(self) -> bool:
+        """Whether SES applies on the current step (every_k); lam = 0 switches it off."""
+        return self.lam > 0 and ses_active(self.step, self.every_k)
+
+    def set_epoch(self, epoch, epochs):
+        """beta of the schedule for this epoch (no-op without a schedule); returns beta."""
+        if self.schedule is not None:
+            self.beta = self.schedule.value(epoch, epochs)
+        return self.beta
+
+    def __call__(self, gather=None) -> torch.Tensor:
+        """lam * sum_l (H_l - beta log d_l)^2 for the batch of the last forward (0 on a step SES skips), and one step
+        on. gather: maps the pooled activations before the loss (DDP: gather_activations, the global batch)."""
+        active, self.step = self.active, self.step + 1
+        acts = self.collector.activations if active else []
+        self.collector.clear()
+        if not acts:
+            self.last_loss = None
+            if active:
+                raise RuntimeError(f"SES hooks stored nothing for {self.names}: was the forward pass run in train mode "
+                                   "(model.train()) before calling ses()?")
+            return torch.zeros((), device=next(self.model.parameters(), torch.empty(0)).device)
+        acts = gather(acts) if gather is not None else acts
+        reg = ses_loss(acts, self.beta)
+        self.last_loss, self._last = reg.detach(), [a.detach() for a in acts]
+        return self.lam * reg
+
+    def erank(self) -> dict:
+        """{layer: {erank, d, target, ratio}} of the last batch SES was computed on."""
+        if self._last is None:
+            raise RuntimeError("no SES batch yet: call ses() after a training forward pass first")
+        return erank_stats(self._last, self.names, self.beta)
+
+    def report(self):
+        """erank() as a table (pandas), one row per hooked layer."""
+        import pandas as pd
+        return pd.DataFrame(self.erank()).T.rename_axis("layer")
+
+    @contextlib.contextmanager
+    def measuring(self):
+        """Let the hooks store on any step (e.g. to measure erank on a fixed batch), whatever every_k says."""
+        prev, self._measuring = self._measuring, True
+        try:
+            yield self.collector
+        finally:
+            self._measuring = prev
+
+    def paused(self):
+        return self.collector.paused()
+
+    def remove(self):
+        self.collector.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self):
+        return (f"SES(beta={self.beta:g}, lam={self.lam:g}, every_k={self.every_k}, {len(self.names)} layers: "
+                f"{', '.join(self.names)})")
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -1871,13 +1990,13 @@ def _train(c, dd: DistInfo, device):
     if sync_bn:  # same parameter/buffer names as BatchNorm: checkpoints stay interchangeable
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(device)
-    if c["model"] in VIT_MODELS and "attn_weights" in c["ses_targets"]:
-        use_attention_weights(net)
-    collector = ActivationCollector(net, c["ses_layers"], targets=c["ses_targets"])
+    # the SES object users call in their own loops (lam 0 for a baseline: its hooks then serve the erank measurements)
+    ses = SES(net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
+              every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"])
+    collector = ses.collector
     if dd.is_main:
         preflight(c, net)
-    beta_sched = BetaSchedule.parse(c["ses_beta_schedule"]) if c["ses_beta_schedule"] is not None else None
-    gather = dd.enabled and c["ses_scope"] == "global"
+    gather = gather_activations if dd.enabled and c["ses_scope"] == "global" else None
     model = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = best = None
     tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c["tf32"]  # process-wide: restored below
@@ -1956,7 +2075,8 @@ def _train(c, dd: DistInfo, device):
             print(f"[{tag}] resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
 
         for epoch in range(start_epoch, c["epochs"]):
-            beta = beta_sched.value(epoch, c["epochs"]) if beta_sched else c["ses_beta"]
+            beta = ses.set_epoch(epoch, c["epochs"])
+            ses.step = epoch * steps  # periodic SES counts optimiser steps over the whole run (exact on resume)
             lr = optimizer.param_groups[0]["lr"]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -1976,22 +2096,17 @@ def _train(c, dd: DistInfo, device):
                 target = y
                 if mixer is not None:
                     x, target = mixer(x, y)  # soft targets [B, C]
-                do_ses = c["ses"] and ses_active(epoch * steps + step, c["ses_every_k"])
-                collector.clear()
-                with contextlib.nullcontext() if do_ses else collector.paused():
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        out = model(x)
-                        task = criterion(out, target) if criterion else F.cross_entropy(out, target)
-                    loss = task.float()
-                    if do_ses:  # float32, outside autocast (ses_loss upcasts); scaled with the rest below
-                        acts = collector.activations
-                        reg = ses_loss(gather_activations(acts) if gather else acts, beta)
-                        loss = loss + c["ses_lambda"] * reg  # no 1/R or R: see gather_activations
-                        sums[1] += reg.detach().double()
-                        sums[4] += 1
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = model(x)
+                    task = criterion(out, target) if criterion else F.cross_entropy(out, target)
+                # SES in float32 outside autocast, scaled with the rest below; 0 on the steps it skips (every_k).
+                # Under DDP on the gathered global batch: no 1/R or R, see gather_activations
+                loss = task.float() + ses(gather=gather)
+                if ses.last_loss is not None:
+                    sums[1] += ses.last_loss.double()
+                    sums[4] += 1
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                collector.clear()
                 if c["grad_clip"]:  # DDP's gradients are already averaged: every rank clips the same norm
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(net.parameters(), c["grad_clip"])
@@ -2024,7 +2139,8 @@ def _train(c, dd: DistInfo, device):
             for split, ev in evals.items():
                 row[f"{split}_acc"], row[f"{split}_loss"] = _evaluate(net, ev, amp_dtype, collector, dd)
             row["gap"] = row["train_acc"] - row["test_acc"]
-            row["erank"] = _erank_ses_view(net, collector, erank_batches, beta, device)
+            with ses.measuring():
+                row["erank"] = _erank_ses_view(net, collector, erank_batches, beta, device)
             row["erank_author"] = _erank_author_view(net, collector, erank_test, beta, ebs, amp_dtype)
             row.update(beta=beta, lr=lr, steps=steps, train_seconds=train_seconds,
                        epoch_seconds=time.time() - t0, peak_mem_mb=_peak_mem_mb(device))
@@ -2063,9 +2179,9 @@ def _train(c, dd: DistInfo, device):
                 ckpt_path.unlink()
         return result
     finally:  # free the device between runs (reference bug 2), also when the run fails: drop every reference
-        collector.remove()  # (rebinding, not del: a traceback keeps this frame and its locals alive)
+        ses.remove()  # (rebinding, not del: a traceback keeps this frame and its locals alive)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
-        net = model = collector = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = None  # noqa: F841
+        net = model = collector = ses = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = None  # noqa: F841
         best = None  # noqa: F841
         gc.collect()
         if device.type == "cuda":
