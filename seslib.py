@@ -1268,7 +1268,7 @@ _BASE_CONFIG = {
     "drop_path": None,  # ViTs: stochastic-depth rate (None: the recipe's 0.1)
     # per-epoch effective rank, measured two ways (see _erank_ses_view / _erank_author_view)
     "erank_batches": 4, "erank_eval_samples": 2048,
-    "out_dir": None, "resume": False, "keep_checkpoint": False,  # a finished run keeps result.json; True: checkpoint.pt too
+    "out_dir": None, "resume": False, "save_model": True, "keep_checkpoint": False,  # a finished run keeps result.json; True: checkpoint.pt too
     "train_subset": None, "test_subset": None, "max_steps_per_epoch": None, "val_split": 0.0,
     "robustness": None, "robustness_severities": [1, 2, 3, 4, 5], "robustness_subset": None,
     "preset": None,  # label set by run_config ("paper", "smoke", ...): reports and the stale rule name it
@@ -1413,7 +1413,7 @@ def validate_config(cfg) -> dict:
            "None (40/70/90% of epochs) or an increasing list of epochs >= 1")
     c["milestones"] = list(ms) if ms is not None else _derived_milestones(c["dataset"], c["epochs"])
     _resolve_pipeline(c, dataset_info(dataset))
-    for k in ("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32"):
+    for k in ("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32", "save_model"):
         _check(isinstance(c[k], bool), k, c[k], "True or False")
     _check(c["sync_bn"] is None or isinstance(c["sync_bn"], bool), "sync_bn", c["sync_bn"],
            "None (auto: on under multi-GPU DDP), True or False")
@@ -1428,6 +1428,8 @@ def validate_config(cfg) -> dict:
         torch.device("cpu" if c["device"] == "auto" else c["device"])
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"config 'device' is not a torch device: {c['device']!r} ({e})") from None
+    if torchrun_env() is not None and c["device"] not in ("auto", "cuda", "cpu"):  # before the GPU check: a
+        _dist_device(c["device"], 0)  # 'cuda:1' under torchrun is wrong on every machine, so say that first
     device = pick_device(c["device"])
     if device.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -2174,6 +2176,8 @@ def _train(c, dd: DistInfo, device):
                               if dd.enabled else None)
         result = {"config": c, "env": env, "history": history, "final": final}
         if out_dir:
+            if c["save_model"]:  # the final weights, for load_run (checkpoint.pt goes once the run is done)
+                atomic_torch_save(net.state_dict(), out_dir / "model_final.pt")
             atomic_write_json(out_dir / "result.json", result)
             if not c["keep_checkpoint"] and ckpt_path.exists():
                 ckpt_path.unlink()
@@ -3791,6 +3795,10 @@ MAX_FIG_INCHES = 16  # at 120 dpi: 1920 px, readable on a laptop screen and in a
 def _save(fig, out_dir, name, show=True):
     import matplotlib.pyplot as plt
     path = Path(out_dir) / "figures" / f"{name}.png"
+    w, h = fig.get_size_inches()
+    if max(w, h) > MAX_FIG_INCHES:  # a safety net for many configs: never a 5000-px strip
+        k = MAX_FIG_INCHES / max(w, h)
+        fig.set_size_inches(w * k, h * k)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a crash never leaves half a PNG
     if show and "ipykernel" in sys.modules:  # inline in notebooks, whatever the matplotlib backend
@@ -4053,6 +4061,112 @@ def build_summary(root="outputs"):
     return df
 
 
+# ── explore: a finished run's model, and its layers' spectra ────────────────────────────────────
+
+def load_run(run_dir, device="cpu"):
+    """(model with the run's final weights, its resolved config, its per-epoch history) of a train() run folder
+    (runs/<config>_seed<seed>/): weights from model_final.pt (written at the end of every run with save_model)
+    or else checkpoint.pt (a run still in progress, or kept with keep_checkpoint). The model is in eval mode."""
+    run_dir = Path(run_dir)
+    r = _read_result(run_dir / "result.json")
+    ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True) \
+        if (run_dir / "checkpoint.pt").is_file() else None
+    if r is None and ck is None:
+        raise FileNotFoundError(f"{run_dir}: neither result.json nor checkpoint.pt (a run folder is "
+                                "outputs/NN_name/runs/<config>_seed<seed>/)")
+    cfg, history = (r["config"], r["history"]) if r is not None else (ck["config"], ck["history"])
+    if "model" not in cfg:
+        raise ValueError(f"{run_dir} is not a train() run (the toy study's runs keep no model)")
+    if (run_dir / "model_final.pt").is_file():
+        state = torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True)
+    elif ck is not None:
+        state = ck["model"]
+    else:
+        raise FileNotFoundError(f"{run_dir}: no saved weights (neither model_final.pt nor checkpoint.pt: the run was "
+                                "made with save_model=False and keep_checkpoint=False)")
+    info = dataset_info(cfg["dataset"])
+    model = build_model(cfg["model"], info["num_classes"], info["img_size"], cfg.get("spectral_norm", False),
+                        cfg.get("width", 1.0))
+    model.load_state_dict(state)
+    return model.to(device).eval(), cfg, history
+
+
+def layer_spectra(model, images, layers="auto", targets=("block",), normalize=None, batch_size=256, mode="eval"):
+    """{layer: eigenvalues (descending, float64) of the covariance of its pooled activations} on `images` (a
+    normalised float batch, or uint8 with normalize=(mean, std)). mode "eval" (the model as it predicts, default)
+    or "train" (as SES sees it: batch statistics; BatchNorm buffers are restored afterwards). The covariance is the
+    d x d one in float64, so the spectrum is exact whatever the number of images (below d, the extra eigenvalues
+    are 0: a batch of N centred samples has rank <= N - 1)."""
+    if images.dtype == torch.uint8:
+        if normalize is None:
+            raise ValueError("uint8 images need normalize=(mean, std), as the model was trained with")
+        m, sd = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalize)
+        images = (images.float() / 255 - m) / sd
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
+    dev = next(model.parameters()).device
+    if "attn_weights" in targets and hasattr(model, "blocks"):
+        use_attention_weights(model)
+    triples = hook_targets(model, layers, targets) if isinstance(layers, (str, list, tuple)) else layers
+    was_training, bufs = model.training, [b.detach().clone() for b in model.buffers()]
+    model.train(mode == "train")
+    try:
+        acts = pooled_activations(model, [(n, k) for n, _, k in triples], images.to(dev), batch_size)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), bufs):
+                b.copy_(saved)
+    out = {}
+    for name, a in acts.items():
+        h = a.double()
+        h = h - h.mean(0, keepdim=True)
+        out[name] = torch.linalg.eigvalsh(h.T @ h / (len(h) - 1)).flip(0)
+    return out
+
+
+def spectral_erank(eigs) -> float:
+    """exp of the spectral entropy of an eigenvalue vector (the effective rank SES shapes)."""
+    return float(_entropy_from_eigs(torch.as_tensor(eigs, dtype=torch.float64)).exp())
+
+
+def fig_spectra(spectra: dict, beta, out_dir, name="spectra"):
+    """Per layer, each run's normalised eigenvalue spectrum p_i (log-log), with the effective-rank target d^beta
+    (dashed) and each run's own effective rank exp(H) (dotted, its colour): baseline vs SES side by side."""
+    import matplotlib.pyplot as plt
+    labels = list(spectra)
+    layers = list(spectra[labels[0]])
+    ncol = min(4, len(layers))
+    nrow = -(-len(layers) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(min(MAX_FIG_INCHES, 3.4 * ncol), 2.8 * nrow + 0.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, layer in zip(axes.flat, layers):
+        for k, lab in enumerate(labels):
+            eig = spectra[lab][layer].clamp(min=0)
+            p = (eig / eig.sum()).numpy()
+            rank = np.arange(1, len(p) + 1)
+            ax.loglog(rank[p > 0], p[p > 0], color=colors[k % len(colors)], lw=1.2, label=lab)
+            ax.axvline(spectral_erank(eig), color=colors[k % len(colors)], ls=":", lw=1)
+        d = len(spectra[labels[0]][layer])
+        ax.axvline(d ** beta, color="k", ls="--", lw=1, label=f"target d^β = {d ** beta:.0f}")
+        ax.set_title(f"{layer} (d = {d})", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    handles, labs = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labs, loc="lower center", ncol=len(labs), fontsize=8, frameon=False)
+    fig.suptitle("eigenvalue spectrum per layer (normalised, log-log); dotted: each run's effective rank", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    return _save(fig, out_dir, name)
+
+
+def runs_frame(results: dict):
+    """{label: result dict (result.json, or {"history": [...]})} as the frame the report figures take."""
+    import pandas as pd
+    return pd.DataFrame([{"config": label, "seed": r.get("config", {}).get("seed"), "result": r}
+                         for label, r in results.items()])
+
+
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 # toy 2-D study (Exp 4): three concentric rings, a 5 x 16 MLP, kappa of the input-output Jacobian
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -4198,7 +4312,8 @@ def fig_toy(df, out_dir, name="toy"):
     from matplotlib.colors import ListedColormap
     configs = list(dict.fromkeys(df["config"]))
     first = {c: df[df["config"] == c].iloc[0]["result"] for c in configs}
-    fig, axes = plt.subplots(1, len(configs) + 2, figsize=(4.2 * (len(configs) + 2), 3.8))
+    n = len(configs) + 2
+    fig, axes = plt.subplots(1, n, figsize=(min(MAX_FIG_INCHES, 3.9 * n), 3.8))
     for ax, c in zip(axes, configs):
         r = first[c]
         g, pts = r["decision_grid"], r["test_points"]
@@ -4264,7 +4379,7 @@ PRESETS = {
     # on 8 images at one severity, no saved weights. Proves the pipeline end to end; its numbers mean nothing.
     "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=32, max_steps_per_epoch=2, width=0.25,
                   robustness_subset=8, robustness_severities=[3], warmup_epochs=0, erank_batches=1,
-                  erank_eval_samples=32),
+                  erank_eval_samples=32, save_model=False),
 }
 NOTEBOOK_PARAMS = ("configs", "seeds", "epochs", "batch_size", "data_root", "out_dir", "device", "amp",
                    "preset", "resume", "report_only", "report", "list_runs", "torchrun")
@@ -4282,7 +4397,7 @@ def check_notebook_params(namespace: dict, defined_before: set, extra=()):
     unknown = sorted(injected - known - {"In", "Out", "get_ipython", "exit", "quit", "open"})
     if unknown:
         raise ValueError(f"unknown notebook parameter(s) {unknown}; known: {', '.join(sorted(known))}")
-    if namespace.get("preset") not in PRESETS:
+    if "preset" in namespace and namespace.get("preset") not in PRESETS:
         raise ValueError(f"preset must be one of {list(PRESETS)}; got {namespace.get('preset')!r}")
     for k in ("epochs", "batch_size"):
         v = namespace.get(k)
@@ -4314,7 +4429,7 @@ def run_config(base: dict, overrides: dict, *, preset="paper", seed=42, run_dir=
 
 # ── "done" means: the same settings ──
 # Keys that cannot change what a run computes: a result made with other values still counts as done.
-_NOT_COMPUTED = ("resume", "log", "data_root", "out_dir", "device", "keep_checkpoint", "eval_batch_size",
+_NOT_COMPUTED = ("resume", "log", "data_root", "out_dir", "device", "keep_checkpoint", "save_model", "eval_batch_size",
                  "precision", "preset")  # precision follows from amp + the device; preset is a label
 # A checkpoint may also be resumed under other robustness settings: they act only after the last epoch.
 _RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustness_subset")
@@ -4649,7 +4764,9 @@ def find_notebooks(specs, dirs=None):
             out.append(Path(s).resolve())
             continue
         if s == "all":
-            found = next((sorted(d.glob("[0-9][0-9]_*.ipynb")) for d in dirs if list(d.glob("[0-9][0-9]_*.ipynb"))), [])
+            # the 18 experiments; 00_explore is interactive, not part of a batch
+            found = next((sorted(p for p in d.glob("[0-9][0-9]_*.ipynb") if not p.name.startswith("00_"))
+                          for d in dirs if list(d.glob("[0-9][0-9]_*.ipynb"))), [])
         elif s.isdigit():
             found = next((m for d in dirs if (m := sorted(d.glob(f"{int(s):02d}_*.ipynb")))), [])
         else:

@@ -90,12 +90,19 @@ def no_data_env(monkeypatch, tmp_path):
 
 
 def test_missing_root_error_names_every_path_and_the_remedies(no_data_env):
+    with pytest.raises(FileNotFoundError) as e:  # no root given: every place searched is named
+        S.load_dataset("tinyimagenet")
+    msg = str(e.value)
+    assert str(no_data_env / "data") in msg
+    assert "SES_DATA" in msg and "data_root" in msg and "Kaggle" in msg and "tiny-imagenet-200" in msg
+
+
+def test_explicit_missing_root_is_an_error_naming_it_not_a_silent_search_elsewhere(no_data_env, monkeypatch, data_root):
+    monkeypatch.setenv("SES_DATA", str(data_root))  # the data exists elsewhere, but the user named another folder
     missing = no_data_env / "nowhere"
     with pytest.raises(FileNotFoundError) as e:
-        S.load_dataset("tinyimagenet", missing)
-    msg = str(e.value)
-    assert str(missing) in msg and str(no_data_env / "data") in msg
-    assert "SES_DATA" in msg and "data_root" in msg and "Kaggle" in msg and "tiny-imagenet-200" in msg
+        S.load_dataset("cifar10", missing)
+    assert str(missing) in str(e.value) and "fix the path" in str(e.value)
 
 
 def test_missing_cifar_without_download_is_an_error_not_fake_data(no_data_env, monkeypatch):

@@ -10,7 +10,8 @@ import papermill as pm
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb") if not p.name.startswith("00_"))
+EXPLORE = ROOT / "notebooks" / "00_explore.ipynb"  # not an experiment: its own knobs, smoke-tested in test_explore.py
 TWO_SEEDS = {"05", "06"}  # the multi-seed notebooks: exercise mean ± std with two seeds
 
 
@@ -36,6 +37,9 @@ def test_every_notebook_has_one_parameters_cell_and_no_outputs():
         for knob in ("configs", "seeds", "epochs", "batch_size", "data_root", "out_dir", "device", "amp",
                      "preset", "resume", "report_only"):
             assert f"\n{knob} = " in "\n" + tagged[0].source, (path.name, knob)
+    nb = nbformat.read(EXPLORE, as_version=4)
+    assert len([c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]) == 1
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

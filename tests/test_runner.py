@@ -241,7 +241,8 @@ def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_r
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log
-    assert "[skip] 11_resnet50_tinyimagenet: no tinyimagenet" in log and "SES_DATA" in log
+    assert "[skip] 11_resnet50_tinyimagenet: needs tinyimagenet" in log and "SES_DATA" in log
+    assert "quick job: 2 notebook(s) ran, 0 failed, 1 skipped" in log
     smoke = tmp_path / "out" / "smoke"  # the smoke preset never writes into the paper folders
     for stem in ("01_training_dynamics", "04_toy_jacobian"):
         assert _results(smoke, stem), stem
