@@ -130,6 +130,39 @@ class RunLocked(RuntimeError):
     """Another live process holds this run folder's lock (it is training this run right now)."""
 
 
+class RunPaused(RuntimeError):
+    """The run stopped at an epoch boundary because the time budget ends before its next epoch would: its
+    checkpoint is on disk and the next invocation resumes it exactly. Not a failure."""
+
+
+DEADLINE_ENV = "SES_DEADLINE"  # unix time the batch's time budget ends (the batch runner sets it for its kernels)
+
+
+def deadline() -> float | None:
+    """The time budget's end (unix seconds) from $SES_DEADLINE, or None (no budget)."""
+    v = os.environ.get(DEADLINE_ENV)
+    if not v:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"${DEADLINE_ENV} must be a unix time in seconds; got {v!r}") from None
+
+
+def parse_duration(v) -> float | None:
+    """Seconds from 11.5h / 90m / 3600s / 3600 / '1h30m' (None / '' / 0: no limit)."""
+    if v in (None, "", 0, "0"):
+        return None
+    if _is_num(v):
+        return float(v) if v > 0 else None
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", str(v))
+    if not m or not any(m.groups()):
+        raise ValueError(f"time budget {v!r}: give hours, minutes or seconds, e.g. 11.5h, 90m, 3600")
+    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+    total = 3600 * h + 60 * mi + sec
+    return total or None
+
+
 @contextlib.contextmanager
 def run_lock(folder):
     """An exclusive, non-blocking lock on {folder}/.lock (fcntl.flock: released when the process dies, so a
@@ -714,11 +747,11 @@ class SES:
 
 # Per-channel pixel statistics of each training set (in [0, 1] units, as torchvision Normalize).
 DATASETS = {
-    "cifar10": {"num_classes": 10, "img_size": 32, "folder": "cifar-10-batches-py",
+    "cifar10": {"num_classes": 10, "img_size": 32, "folder": "cifar-10-batches-py", "sizes": (50000, 10000),
                 "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
-    "cifar100": {"num_classes": 100, "img_size": 32, "folder": "cifar-100-python",
+    "cifar100": {"num_classes": 100, "img_size": 32, "folder": "cifar-100-python", "sizes": (50000, 10000),
                  "mean": (0.5071, 0.4867, 0.4408), "std": (0.2675, 0.2565, 0.2761)},
-    "tinyimagenet": {"num_classes": 200, "img_size": 64, "folder": "tiny-imagenet-200",
+    "tinyimagenet": {"num_classes": 200, "img_size": 64, "folder": "tiny-imagenet-200", "sizes": (100000, 10000),
                      "mean": (0.4802, 0.4481, 0.3975), "std": (0.2770, 0.2691, 0.2821)},
 }
 # files whose presence identifies each official layout
@@ -1538,12 +1571,16 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
 def _env_info(device, c):
     import timm
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
             "python": platform.python_version(),
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "device_name": _device_name(device),
             "cuda": torch.version.cuda, "seed": c["seed"], "hostname": socket.gethostname(),
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "threads": torch.get_num_threads(),
@@ -1881,9 +1918,13 @@ def train_torchrun(cfg: dict, nproc="auto", log=print) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__).resolve()), "train", "--config", str(out / "config.json")]
     log(f"[torchrun] {' '.join(cmd[2:])}")
+    proc_start = time.time()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:  # streamed, so a notebook cell shows the run live
             log(line.rstrip())
+    prog = _read_result(out / "progress.json") or {}
+    if not _result_ok(out / "result.json") and prog.get("paused") and prog.get("time", 0) >= proc_start:
+        raise RunPaused(f"paused after epoch {prog['epochs_done']}/{prog['epochs']} (time budget); run again to resume")
     if proc.returncode != 0 or not _result_ok(out / "result.json"):
         raise RuntimeError(f"torchrun run failed (exit {proc.returncode}); see the output above. Command: {' '.join(cmd)}")
     return json.loads((out / "result.json").read_text())
@@ -2076,7 +2117,15 @@ def _train(c, dd: DistInfo, device):
         if log in ("plain", "tqdm") and start_epoch:
             print(f"[{tag}] resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
 
+        end = deadline()
         for epoch in range(start_epoch, c["epochs"]):
+            if end is not None and _pause_now(history, c, epoch, end, dd):
+                if ckpt_path and dd.is_main:
+                    _write_progress(out_dir, c, history, device, paused=True)
+                raise RunPaused(f"paused before epoch {epoch + 1}/{c['epochs']}: the time budget ends in "
+                                f"{max(0.0, end - time.time()) / 60:.0f} min, less than the next epoch"
+                                + (" and the final evaluation" if epoch + 1 == c["epochs"] else "")
+                                + f" would take; {ckpt_note.lower()}; run it again to resume")
             beta = ses.set_epoch(epoch, c["epochs"])
             ses.step = epoch * steps  # periodic SES counts optimiser steps over the whole run (exact on resume)
             lr = optimizer.param_groups[0]["lr"]
@@ -2164,10 +2213,13 @@ def _train(c, dd: DistInfo, device):
                                    "scaler": scaler.state_dict(), "rng": _rng_state(loader), "history": history,
                                    "best": best}, ckpt_path)
                 ckpt_note = f"Last good checkpoint kept: {ckpt_path} (epoch {epoch + 1})"
+                _write_progress(out_dir, c, history, device)
 
         if not dd.is_main:  # rank 0 alone evaluates robustness and writes the result
             return None
+        t_eval = time.time()
         final = _final_metrics(history, c, net, device, evals, collector, log, best)
+        final["eval_seconds"] = time.time() - t_eval  # the final evaluation (robustness passes): for run estimates
         final["total_seconds"] = time.time() - t_start
         env = _env_info(device, c)
         env["data_dir"] = str(resolve_data_dir(c["dataset"], c["data_root"], download=False))  # the folder used
@@ -2190,6 +2242,30 @@ def _train(c, dd: DistInfo, device):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _pause_now(history, c, epoch, end, dd) -> bool:
+    """Whether the next epoch (and, before the last one, the final evaluation) would end after the deadline, by
+    this run's own measured epoch times (the slowest of the last 3; none measured yet: go, the runner only starts
+    a run it expects to fit). Rank 0 decides for all ranks."""
+    go_on = True
+    if history:
+        epoch_s = max(r["epoch_seconds"] for r in history[-3:])
+        need = 1.1 * epoch_s + (estimate_eval_seconds(c, epoch_s) if epoch + 1 == c["epochs"] else 0.0)
+        go_on = time.time() + need <= end
+    if dd.enabled:
+        box = [go_on]
+        dist.broadcast_object_list(box, src=0)
+        go_on = box[0]
+    return not go_on
+
+
+def _write_progress(out_dir, c, history, device, paused=False):
+    """progress.json beside the checkpoint: epochs done, measured epoch seconds, the GPU. Small, so the batch runner
+    and `seslib.py plan` can estimate the time left of an unfinished run without loading its checkpoint."""
+    atomic_write_json(Path(out_dir) / "progress.json", {
+        "epochs_done": len(history), "epochs": c["epochs"], "paused": paused, "time": time.time(),
+        "epoch_seconds": [round(r["epoch_seconds"], 3) for r in history], "device": _device_name(device)})
 
 
 def _final_metrics(history, c, model, device, evals, collector, log, best=None):
@@ -4148,8 +4224,8 @@ def fig_spectra(spectra: dict, beta, out_dir, name="spectra"):
             ax.loglog(rank[p > 0], p[p > 0], color=colors[k % len(colors)], lw=1.2, label=lab)
             ax.axvline(spectral_erank(eig), color=colors[k % len(colors)], ls=":", lw=1)
         d = len(spectra[labels[0]][layer])
-        ax.axvline(d ** beta, color="k", ls="--", lw=1, label=f"target d^β = {d ** beta:.0f}")
-        ax.set_title(f"{layer} (d = {d})", fontsize=8)
+        ax.axvline(d ** beta, color="k", ls="--", lw=1, label=f"target effective rank d^β (β = {beta:g})")
+        ax.set_title(f"{layer} (d = {d}, d^β = {d ** beta:.1f})", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
@@ -4481,6 +4557,7 @@ class Run:
     cost: float = 1.0
     cfg: dict = None  # the resolved config this plan runs (None for a plan without a base recipe)
     diff: list = dataclasses.field(default_factory=list)
+    est: dict = None  # estimate_run on this machine: seconds left, epoch_s, epochs_left, source
 
     @property
     def done(self) -> bool:
@@ -4600,10 +4677,13 @@ def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost
             status, diff = result_status(run_dir / "result.json", cfg)
             runs.append(Run(c, s, dict(grid[c]), run_dir, run_dir / "result.json", status, cost_of(c), cfg, diff))
     listing = bool(list_runs)
+    for r in runs:
+        if r.cfg is not None and not r.done:
+            r.est = run_estimate(r, paper, paper_gpu)
     if listing:
         atomic_write_json(list_runs, [{"config": r.config, "seed": r.seed, "cost": r.cost, "done": r.done,
                                        "status": r.status, "stale": describe_diff(r.diff), "run_dir": str(r.run_dir),
-                                       "cfg": r.cfg} for r in runs])
+                                       "cfg": r.cfg, "est": r.est} for r in runs])
     todo = [] if listing or report_only else [r for r in runs if not r.done]
     counts = {k: sum(r.status == k for r in runs) for k in ("done", "stale", "todo")}
     print(f"{len(runs)} run(s): {counts['done']} done, {counts['stale'] + counts['todo']} to do"
@@ -4649,7 +4729,14 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
             print(f"[skip] {run.config} seed {run.seed}: done ({run.result_path})")
             rows.append(_run_row(run, "done", _read_result(run.result_path)))
     errors = []
+    end, budget = deadline(), parse_duration(os.environ.get(BUDGET_ENV))
     for run in plan.todo:
+        if end is not None and not fits_budget(run.est, end, budget):
+            print(f"[budget] {run.config} seed {run.seed}: not started, needs ~{_hours(run.est['seconds'])} and the "
+                  f"time budget has {_hours(end - time.time())} left (to do in the next invocation)\nSES-RUN-BUDGET",
+                  flush=True)
+            rows.append(_run_row(run, "to do (time budget)", None))
+            continue
         if run.status == "stale":
             where = set_aside(run.run_dir, f"stale: {describe_diff(run.diff, limit=100)}")
             print(f"[stale] {run.config} seed {run.seed}: {describe_diff(run.diff)}; old files moved to {where}")
@@ -4663,6 +4750,9 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
         except RunLocked as e:  # another runner is training it right now: not a failure
             print(f"[locked] {run.config} seed {run.seed}: {e}\nSES-RUN-LOCKED", flush=True)
             rows.append(_run_row(run, "locked by another process", None))
+        except RunPaused as e:  # the time budget ends: checkpoint kept, the next invocation resumes it
+            print(f"[paused] {run.config} seed {run.seed}: {e}\nSES-RUN-PAUSED", flush=True)
+            rows.append(_run_row(run, "paused", None, time.time() - t0))
         except Exception as e:  # noqa: BLE001 - reported and re-raised below
             print(f"[failed] {run.config} seed {run.seed}: {type(e).__name__}: {e}", flush=True)
             rows.append(_run_row(run, f"failed: {type(e).__name__}", None, time.time() - t0))
@@ -4670,6 +4760,26 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
     if errors:
         raise errors[0]
     return pd.DataFrame(rows, columns=["config", "seed", "status", "test acc (final)", "rob", "minutes"])
+
+
+BUDGET_ENV = "SES_TIME_BUDGET"  # the batch's whole time budget in seconds (with SES_DEADLINE)
+
+
+def fits_budget(est, end, budget=None) -> bool:
+    """Whether a run estimated at est["seconds"] may start with the deadline `end`: it must finish before it. A run
+    longer than a whole budget can never do that, so it starts when at least half the budget is left (it pauses at an
+    epoch boundary and the next invocation resumes it)."""
+    if end is None or not est:
+        return True
+    left = end - time.time()
+    if est["seconds"] <= left:
+        return True
+    return bool(budget) and est["seconds"] > budget and left >= budget / 2
+
+
+def _hours(seconds) -> str:
+    return (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 120
+            else f"{seconds:.0f} s")
 
 
 def _run_row(run, status, result, seconds=None):
@@ -4687,6 +4797,122 @@ def run_cost(cfg: dict) -> float:
     px = 4.0 if cfg.get("dataset") == "tinyimagenet" else 1.0
     ses = 1.0 + (0.3 / cfg.get("ses_every_k", 1) if cfg.get("ses") else 0.0)
     return _MODEL_COST.get(cfg.get("model"), 1.0) * cfg.get("epochs", 50) * px * ses
+
+
+# ── run-time estimates (the time budget, `seslib.py plan`) ──
+# A run's time = epochs left x seconds per epoch + its final evaluation. Seconds per epoch, best source first: this
+# run's own measured epochs (progress.json, a paused run), the measured epochs of a finished run of the same config
+# (another seed), the paper's epoch time for the config (PAPER[...]["epoch_s"], on PAPER_GPU), else the paper's
+# ResNet-18 CIFAR times scaled by model and image size. Across GPUs, times scale by GPU_SPEED: rough training
+# throughput relative to a T4 from public CNN training benchmarks; a measured time on the GPU at hand replaces it.
+GPU_SPEED = {"h200": 6.5, "h100": 6.0, "a100": 4.0, "l40s": 3.0, "a10": 2.0, "v100": 2.0, "l4": 1.8, "p100": 1.1,
+             "t4": 1.0, "cpu": 0.02}
+_RESNET18_T4_EPOCH_S = {False: 28.9, True: 42.5}  # the paper's ResNet-18 CIFAR epoch, batch 256, fp32 (Exp 1-9)
+TOY_RUN_SECONDS = 60.0  # Exp 4's 2-D MLP: about a minute per run on a CPU core (measured), whatever the GPU
+
+
+def gpu_kind(name) -> str:
+    """'t4', 'a100', ... from a device name ('Tesla T4', 'NVIDIA A100-SXM4-40GB'), 'cpu' for a CPU model name."""
+    n = str(name or "").lower().replace("-", " ")
+    for k in sorted(GPU_SPEED, key=len, reverse=True):  # 'l40s' before 'l4'
+        if k != "cpu" and re.search(rf"\b{k}\b", n):
+            return k
+    return "cpu" if not any(w in n for w in ("nvidia", "tesla", "geforce", "rtx", "quadro")) else "t4"
+
+
+def _speed(kind) -> float:
+    if kind not in GPU_SPEED:
+        raise ValueError(f"unknown GPU {kind!r}; known: {', '.join(GPU_SPEED)}")
+    return GPU_SPEED[kind]
+
+
+def _steps_fraction(c) -> float:
+    """The share of a full epoch's steps a config runs (train_subset, max_steps_per_epoch; 1 for the paper)."""
+    n_train = DATASETS[c["dataset"]]["sizes"][0] if c.get("dataset") in DATASETS else 1
+    n = min(c.get("train_subset") or n_train, n_train)
+    if c.get("max_steps_per_epoch"):
+        n = min(n, c["max_steps_per_epoch"] * c["batch_size"])
+    return n / n_train
+
+
+def estimate_eval_seconds(c, epoch_s) -> float:
+    """The final evaluation's time from the training epoch's: every corrupted test image is one forward pass (a
+    training image costs about 3: forward + backward), over the standard protocol's corruptions x severities and
+    the paper's protocol twice (final and best weights, 5 x 3 cells each)."""
+    if not c.get("robustness") or c.get("dataset") not in DATASETS:
+        return 0.0
+    n_train, n_test = DATASETS[c["dataset"]]["sizes"]  # epoch_s / fraction: the time of a full epoch of n_train
+    n_test = min(c.get("robustness_subset") or c.get("test_subset") or n_test, n_test)
+    cells = len(_resolve_corruptions(c["robustness"])) * len(c.get("robustness_severities") or (1, 2, 3, 4, 5)) + 30
+    return epoch_s / _steps_fraction(c) * cells * n_test / (3 * n_train)
+
+
+def _paper_t4_epoch_seconds(c, paper_entry=None, paper_gpu=None):
+    """(seconds per full epoch on a T4, source) from the paper."""
+    if paper_entry and paper_entry.get("epoch_s"):
+        kind = gpu_kind(paper_gpu or "Tesla T4")
+        return paper_entry["epoch_s"] * _speed(kind), f"paper ({paper_gpu or 'T4'})"
+    px = (DATASETS.get(c.get("dataset"), {}).get("img_size", 32) / 32) ** 2
+    s = _RESNET18_T4_EPOCH_S[bool(c.get("ses"))] * _MODEL_COST.get(c.get("model"), 1.0) * px
+    return s, "est. from the paper's ResNet-18 times"
+
+
+def estimate_run(c, gpu, paper_entry=None, paper_gpu=None, measured=None, progress=None) -> dict:
+    """{seconds, epoch_s, epochs_left, source} for the resolved config c on a `gpu` kind. measured: a finished run
+    of the same config {epoch_s, eval_s, gpu}; progress: this run's progress.json (epochs done, epoch seconds)."""
+    if c.get("model") == "mlp_toy" or "radii" in c:  # the toy study (its config has no model key)
+        return {"seconds": TOY_RUN_SECONDS, "epoch_s": TOY_RUN_SECONDS / c["epochs"], "epochs_left": c["epochs"],
+                "source": "measured (CPU)"}
+    speed, frac = _speed(gpu), _steps_fraction(c)
+    eval_s = None
+    done = (progress or {}).get("epochs_done", 0)
+    own = (progress or {}).get("epoch_seconds") or []
+    if own and gpu_kind(progress.get("device")) == gpu:
+        epoch_s, source = float(np.mean(own)), "measured (this run)"
+    elif measured:
+        k = GPU_SPEED.get(gpu_kind(measured["gpu"]), 1.0) / speed
+        epoch_s, source = measured["epoch_s"] * k, f"measured ({measured['gpu']})"
+        eval_s = measured["eval_s"] * k if measured.get("eval_s") is not None else None
+    else:
+        t4, source = _paper_t4_epoch_seconds(c, paper_entry, paper_gpu)
+        epoch_s = t4 / speed * frac
+    left = max(0, c["epochs"] - done)
+    if eval_s is None:
+        eval_s = estimate_eval_seconds(c, epoch_s)
+    return {"seconds": left * epoch_s + eval_s, "epoch_s": epoch_s, "epochs_left": left, "source": source}
+
+
+def _measured(run_dir) -> dict | None:
+    """A finished run's measured epoch and evaluation seconds and its GPU, from result.json."""
+    r = _read_result(Path(run_dir) / "result.json")
+    fin = (r or {}).get("final") or {}
+    if not fin.get("epoch_seconds_mean"):
+        return None
+    return {"epoch_s": fin["epoch_seconds_mean"], "eval_s": fin.get("eval_seconds"),
+            "gpu": (r.get("env") or {}).get("device_name", "cpu")}
+
+
+def run_estimate(run, paper=None, paper_gpu=None, gpu=None) -> dict:
+    """estimate_run for one planned run: its progress.json, another finished seed of its config, the paper."""
+    if gpu is None:
+        dev = pick_device((run.cfg or {}).get("device", "auto"))
+        gpu = gpu_kind(_device_name(dev)) if dev.type == "cuda" else "cpu"
+    progress = _read_result(run.run_dir / "progress.json")
+    same = sorted(run.run_dir.parent.glob(f"{run.config}_seed*")) if run.run_dir.parent.is_dir() else []
+    measured = _measured_like(run, [d for d in same if d != run.run_dir])
+    return estimate_run(run.cfg or {}, gpu, (paper or {}).get(run.config), paper_gpu, measured, progress)
+
+
+def _measured_like(run, run_dirs):
+    """The first finished run among run_dirs made with this run's config up to the seed (so its epoch time counts)."""
+    for d in run_dirs:
+        m = _measured(d)
+        if m is None or run.cfg is None:
+            continue
+        then = (_read_result(d / "result.json") or {}).get("config") or {}
+        if not config_diff(dict(run.cfg, seed=then.get("seed")), then):
+            return m
+    return None
 
 
 def resolve_out_dir(out_dir, preset="paper", name=None) -> str:
@@ -4803,11 +5029,11 @@ def _declared_params(nb):
     return {n for n in names if not n.startswith("_")}
 
 
-def load_batch_params(params, notebooks):
-    """Overrides per notebook from a YAML file or dict: {"all": {...}, 3: {...}, "03_name": {...}}.
+BATCH_KEYS = {"time_budget"}  # params-file keys for the whole batch, not for a notebook
 
-    Later keys win: all < number < stem. Each notebook's overrides are checked against the
-    parameters its `parameters` cell declares before any work."""
+
+def _read_params(params) -> dict:
+    """The params file (YAML path) or dict, checked: {"all" / number / stem: {overrides}, "time_budget": "11.5h"}."""
     import yaml
     if params is None:
         params = {}
@@ -4821,9 +5047,19 @@ def load_batch_params(params, notebooks):
             raise ValueError(f"--params {where}: not valid YAML ({str(e).splitlines()[0]}"
                              + (f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else "")
                              + ")") from None
-    if not isinstance(params, dict) or not all(isinstance(v, (dict, type(None))) for v in params.values()):
+    if not isinstance(params, dict) or not all(isinstance(v, (dict, type(None))) for k, v in params.items()
+                                               if str(k) not in BATCH_KEYS):
         raise ValueError("batch params must map 'all' / notebook number / notebook stem to a dict of overrides")
-    keys = {str(k): v or {} for k, v in params.items()}
+    return params
+
+
+def load_batch_params(params, notebooks):
+    """Overrides per notebook from a YAML file or dict: {"all": {...}, 3: {...}, "03_name": {...}}.
+
+    Later keys win: all < number < stem. Each notebook's overrides are checked against the
+    parameters its `parameters` cell declares before any work."""
+    params = _read_params(params)
+    keys = {str(k): v or {} for k, v in params.items() if str(k) not in BATCH_KEYS}
     out, used = {}, {"all"}
     for nb in notebooks:
         num = _nb_number(nb)
@@ -4938,6 +5174,7 @@ class _Job:
     cfg: dict = None  # a run's resolved config: a result.json made with other settings is not "done"
     attempt: int = 0
     not_before: float = 0.0
+    est: dict = None  # a run's estimate (estimate_run on the listing's GPU): the time budget decides with it
 
 
 def _kill_tree(proc):
@@ -4974,13 +5211,14 @@ def _last_error(log):
                 lines[-1][:200] if lines else "")
 
 
-def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None):
-    """Run jobs over the slots, one subprocess per slot, in list order as dependencies allow.
-    Returns one record per job (by index)."""
+def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None, end=None, budget=None):
+    """Run jobs over the slots, one subprocess per slot, in list order as dependencies allow. With a deadline
+    `end`: a run that fits_budget says cannot finish is not started ("to do"); a run that pauses itself at an
+    epoch boundary is "paused". Returns one record per job (by index)."""
     pending = list(range(len(jobs)))
     running, finished, records = {}, set(), {}
     last_launch = -1e9
-    counts = {"done": 0, "failed": 0, "skipped": 0}
+    counts = {"done": 0, "failed": 0, "skipped": 0, "paused": 0, "to do": 0}
 
     def stamp():
         return f"[{datetime.timedelta(seconds=int(time.time() - t_start))}]"
@@ -5016,6 +5254,12 @@ def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.
                 if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-LOCKED" in log_text:
                     finish(i, "skipped", slots[s]["name"], time.time() - t0, "locked by another process")
                     continue
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-PAUSED" in log_text:
+                    finish(i, "paused", slots[s]["name"], time.time() - t0, "time budget: checkpoint kept, resumes next time")
+                    continue
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-BUDGET" in log_text:
+                    finish(i, "to do", slots[s]["name"], time.time() - t0, "time budget: not started")
+                    continue
                 if rc == 0 and j.kind == "run" and not _result_ok(j.result):
                     rc, err = 1, f"the notebook finished but wrote no {j.result.name}"
                 else:
@@ -5039,6 +5283,10 @@ def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.
                     continue
                 if j.kind == "run" and result_status(j.result, j.cfg)[0] == "done":  # finished meanwhile
                     finish(ready, "skipped", "", 0.0)
+                    continue
+                if j.kind == "run" and not fits_budget(j.est, end, budget):
+                    finish(ready, "to do", "", 0.0, f"time budget: needs ~{_hours(j.est['seconds'])}, "
+                                                    f"{_hours(max(0.0, end - time.time()))} left")
                     continue
                 j.attempt += 1
                 j.output.parent.mkdir(parents=True, exist_ok=True)
@@ -5086,7 +5334,7 @@ def _print(msg):
 
 def _record(nb, kind, status, config=None, seed=None, seconds=0.0, slot="", attempts=0, error="", log=""):
     return {"notebook": nb, "kind": kind, "config": config, "seed": seed, "status": status, "seconds": seconds,
-            "slot": slot, "attempts": attempts, "error": error, "log": log}
+            "slot": slot, "attempts": attempts, "error": error, "log": log, "hours_left": None}
 
 
 def _plan_jobs(lists, overrides, nb_out, cwd, report, say):
@@ -5113,7 +5361,7 @@ def _plan_jobs(lists, overrides, nb_out, cwd, report, say):
                 continue
             p = {**overrides[lj.nb], "configs": [e["config"]], "seeds": [e["seed"]], "out_dir": nb_out[lj.nb], "report": False}
             runs.append(_Job("run", lj.nb, p, rd / "notebook.ipynb", rd / "log.txt", e["config"], e["seed"],
-                             rd / "result.json", float(e.get("cost", 1.0)), cfg=e.get("cfg")))
+                             rd / "result.json", float(e.get("cost", 1.0)), cfg=e.get("cfg"), est=e.get("est")))
         if report:
             p = {**overrides[lj.nb], "out_dir": nb_out[lj.nb], "report_only": True, "report": True}
             reports.append(_Job("report", lj.nb, p, Path(nb_out[lj.nb]) / "report.ipynb",
@@ -5141,7 +5389,7 @@ def _summarize(records, out, t_start, say, save=True):
 
 def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outputs", *, params=None,
               retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False,
-              preset=None, whole_notebooks=False):
+              preset=None, whole_notebooks=False, time_budget=None):
     """Run notebooks' (config, seed) runs over the GPUs (or CPU slots) of this machine, then their reports.
 
     notebooks: paths / numbers / stems / "all" (see find_notebooks); params_file: YAML of overrides
@@ -5152,13 +5400,17 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     kernel, as a person running it would) instead of one per run: for many short runs (the smoke preset) the
     kernel starts would cost more than the runs;
     retries: re-launches of a job whose kernel failed to start; timeout: seconds per job.
-    Done runs are skipped, so calling it again resumes. Returns one record per run / report / failed
+    time_budget: "11.5h", "90m", seconds, or the params file's `time_budget`: no run starts that its estimate says
+    cannot finish in time (it stays "to do"), a run in flight pauses at an epoch boundary ("paused", checkpoint
+    kept), the reports still run. Done runs are skipped, so calling it again resumes (paused runs included). Returns one record per run / report / failed
     listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
     as {out}/batch_summary.csv."""
     if params is not None and params_file is not None:
         raise ValueError("give params_file or params, not both")
     nbs = find_notebooks(notebooks)
-    overrides = load_batch_params(params if params is not None else params_file, nbs)
+    given = _read_params(params if params is not None else params_file)
+    budget = parse_duration(time_budget if time_budget is not None else given.get("time_budget"))
+    overrides = load_batch_params(given, nbs)
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -5177,7 +5429,16 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
         [str(_here())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(tmp / "jupyter")] + ([env["JUPYTER_PATH"]] if env.get("JUPYTER_PATH") else []))
     t_start = time.time()
-    log(f"batch: {len(nbs)} notebook(s) on {len(slots)} slot(s) [{', '.join(s['name'] for s in slots)}] -> {out}")
+    end = t_start + budget if budget else None
+    if end:  # the kernels pause their runs at an epoch boundary before it
+        env[DEADLINE_ENV], env[BUDGET_ENV] = repr(end), repr(budget)
+    else:
+        env.pop(DEADLINE_ENV, None), env.pop(BUDGET_ENV, None)
+    log(f"batch: {len(nbs)} notebook(s) on {len(slots)} slot(s) [{', '.join(s['name'] for s in slots)}] -> {out}"
+        + (f"; time budget {_hours(budget)} (until {datetime.datetime.fromtimestamp(end):%H:%M})" if end else ""))
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / OUTPUTS_MARKER).touch()  # marks an outputs root, for the Kaggle copy-in of the next version
 
     prev_term = None
     try:  # SIGTERM -> KeyboardInterrupt, so the finally blocks kill the children
@@ -5191,7 +5452,7 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
                     for nb in nbs]
             jobs.sort(key=lambda j: -j.cost)  # the longest first, so the tail is short
             records = ([_record(j.nb.stem, j.kind, "todo") for j in jobs] if dry_run else
-                       _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout))
+                       _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout, end, budget))
             return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
         # 1. ask every notebook for its runs (listing mode: it writes the list and does nothing else)
         lists = []
@@ -5211,11 +5472,38 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
         if dry_run:
             records += [_record(j.nb.stem, j.kind, "todo", j.config, j.seed) for j in jobs]
         else:
-            records += _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout)
+            records += _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout, end, budget)
+            _hours_left(records, jobs, log)
     finally:
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
     return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
+
+
+OUTPUTS_MARKER = ".ses-outputs"
+
+
+def _hours_left(records, jobs, log):
+    """Put each unfinished run's estimated time left (its progress.json: epochs done) into its record, and say
+    what is done, paused and still to do."""
+    by_run = {(j.nb.stem, j.config, j.seed): j for j in jobs if j.kind == "run"}
+    left = 0.0
+    for r in records:
+        j = by_run.get((r["notebook"], r["config"], r["seed"]))
+        if r["kind"] != "run" or j is None or r["status"] not in ("paused", "to do", "failed") or not j.est:
+            continue
+        seconds = j.est["seconds"]
+        prog = _read_result(j.result.parent / "progress.json") or {}
+        if r["status"] == "paused" and prog.get("epochs") is not None:  # its own measured epochs, now
+            epoch_s = float(np.mean(prog["epoch_seconds"])) if prog.get("epoch_seconds") else j.est["epoch_s"]
+            seconds = (prog["epochs"] - prog["epochs_done"]) * epoch_s + estimate_eval_seconds(j.cfg or {}, epoch_s)
+        r["hours_left"] = round(seconds / 3600, 4)
+        left += seconds / 3600
+    n = {k: sum(r["kind"] == "run" and r["status"] == k for r in records) for k in ("done", "skipped", "paused", "to do", "failed")}
+    if n["paused"] or n["to do"]:
+        log(f"time budget: {n['done']} run(s) finished now, {n['skipped']} done before, {n['paused']} paused, "
+            f"{n['to do']} to do, {n['failed']} failed; about {_hours(left * 3600)} of GPU time left (estimate): "
+            "run the same batch again to go on")
 
 
 def _finish_batch(records, nb_out, out, t_start, log, report, dry_run):
@@ -5246,6 +5534,132 @@ def _preset_folder(out, preset):
     root/<preset> (a root that is already that folder, as outputs/smoke, is used as is)."""
     out = Path(out)
     return out if preset == "paper" or out.name == preset else out / preset
+
+
+# ─── the cost plan: python seslib.py plan ──────────────────────────────────────────────────────────
+
+KAGGLE = {"version_hours": 12.0, "quota_hours": 30.0, "working_gb": 20.0,  # a version's limit, GPU quota per week,
+          "overhead_hours": 0.25}  # /kaggle/working's size; per version: setup, installs, listings, reports
+
+
+def notebook_plan(nb, **params):
+    """A notebook's own RunPlan: its parameters cell, `params` injected after it as papermill would, then its cells
+    up to the S.plan_runs call, executed here (nothing trains, nothing is written)."""
+    import io
+    import nbformat
+    ns = {"__name__": "__notebook_plan__"}
+    started = False
+    with contextlib.redirect_stdout(io.StringIO()):
+        for cell in nbformat.read(str(nb), as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            if "parameters" in cell.metadata.get("tags", []):
+                started = True
+                exec(cell.source, ns)  # noqa: S102 - the notebook's own code, as papermill would run it
+                ns.update(params)
+                continue
+            if started:
+                exec(cell.source, ns)  # noqa: S102
+                if type(ns.get("plan")).__name__ == "RunPlan":
+                    return ns["plan"]
+    raise ValueError(f"{Path(nb).name}: no cell after the parameters cell creates `plan` with S.plan_runs")
+
+
+def _lpt(durations, slots) -> float:
+    """Makespan of jobs on `slots` machines, longest first onto the least loaded (as the batch runner starts them)."""
+    loads = [0.0] * max(1, slots)
+    for d in sorted(durations, reverse=True):
+        loads[loads.index(min(loads))] += d
+    return max(loads)
+
+
+_PARAMS_CACHE = {}
+
+
+def _model_bytes(c) -> int:
+    """The float32 weights of c's model (model_final.pt), counted once per (model, classes, width)."""
+    key = (c["model"], c.get("dataset"), c.get("width", 1.0), bool(c.get("spectral_norm")))
+    if key not in _PARAMS_CACHE:
+        if c["model"] == "mlp_toy":
+            _PARAMS_CACHE[key] = 4 * 2000
+        else:
+            info = dataset_info(c["dataset"])
+            with torch.device("meta"):  # shapes only: no memory, no time
+                m = build_model(c["model"], info["num_classes"], info["img_size"], c.get("spectral_norm", False),
+                                c.get("width", 1.0))
+            _PARAMS_CACHE[key] = 4 * sum(p.numel() for p in m.state_dict().values())
+    return _PARAMS_CACHE[key]
+
+
+def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h"):
+    """Per notebook: runs (all / left), the GPU-hours left on `gpu` and where the estimate comes from; for the
+    selection: wall time on `gpus` GPUs (longest first), Kaggle versions of `budget`, weeks of the 30-h quota, the
+    disk footprint. Done runs (under `out`) count as done. Returns (per-notebook DataFrame, totals dict)."""
+    import pandas as pd
+    _speed(gpu)
+    budget_h = parse_duration(budget) / 3600
+    rows, ests, final_bytes, ckpt_bytes = [], [], 0, 0
+    for nb in find_notebooks(notebooks):
+        out_dir = _preset_folder(Path(out).resolve(), preset) / nb.stem
+        plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir))
+        left = [r for r in plan.runs if not r.done]
+        est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu) for r in left]
+        ests += [e["seconds"] for e in est]
+        for r in plan.runs:
+            c = r.cfg or {}
+            if c.get("model") in _MODEL_COST and c.get("dataset") in DATASETS:
+                final_bytes += _model_bytes(c) if c.get("save_model", True) else 0
+                n = _model_bytes(c)
+                ckpt_bytes = max(ckpt_bytes, n * (2 + (2 if c.get("optimizer") == "adamw" else 1)))
+        rows.append({"notebook": nb.stem, "runs": len(plan.runs), "left": len(left),
+                     "gpu_hours": sum(e["seconds"] for e in est) / 3600,
+                     "source": ", ".join(sorted({e["source"] for e in est})) or "-"})
+    df = pd.DataFrame(rows)
+    wall_h = _lpt(ests, gpus) / 3600
+    per_version = max(budget_h, 1e-9)
+    versions = math.ceil(wall_h / per_version - 1e-9) if wall_h else 0
+    per_week = max(1, int(KAGGLE["quota_hours"] // (budget_h + KAGGLE["overhead_hours"])))
+    disk_gb = (final_bytes + gpus * ckpt_bytes) / 1e9
+    totals = {"gpu": gpu, "gpus": gpus, "gpu_hours": float(df["gpu_hours"].sum()) if len(df) else 0.0,
+              "wall_hours": wall_h, "budget_hours": budget_h, "versions": versions,
+              "weeks": math.ceil(versions / per_week) if versions else 0, "versions_per_week": per_week,
+              "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"]}
+    return df, totals
+
+
+def fmt_hours(h) -> str:
+    """The README's runtime format: '≈ 1.2 h', or '≈ 6 min' under an hour."""
+    return f"≈ {h:.1f} h" if h >= 1 else f"≈ {max(1, round(h * 60))} min"
+
+
+def format_plan(df, t) -> str:
+    lines = [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10}  estimate from"]
+    for r in df.itertuples():
+        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {fmt_hours(r.gpu_hours):>10}  {r.source}")
+    lines += [
+        f"total: {fmt_hours(t['gpu_hours'])} of {t['gpu']} GPU time; wall time on {t['gpus']} x {t['gpu']}: "
+        f"{fmt_hours(t['wall_hours'])} (longest runs first)",
+        f"Kaggle: {t['versions']} version(s) with --time-budget {t['budget_hours']:g}h (a version stops at "
+        f"{KAGGLE['version_hours']:g} h), {t['versions_per_week']} per week of the {KAGGLE['quota_hours']:g}-h GPU quota "
+        f"-> {t['weeks']} week(s)",
+        f"disk: {t['disk_gb']:.1f} GB (model_final.pt of every run + one checkpoint per GPU in flight or paused; "
+        f"/kaggle/working holds {KAGGLE['working_gb']:g} GB{'' if t['disk_ok'] else ': TOO MUCH, set save_model=False'})"]
+    return "\n".join(lines)
+
+
+def _plan_args(p):
+    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs working in parallel (default 2: Kaggle's T4 x2)")
+    p.add_argument("--gpu", default="t4", choices=[k for k in GPU_SPEED], help="the GPU kind (default t4)")
+    p.add_argument("--out", default="outputs", help="outputs root: runs done there count as done (default outputs)")
+    p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset planned (default paper)")
+    p.add_argument("--time-budget", default="11.5h", help="per Kaggle version (default 11.5h)")
+
+
+def _plan_cmd(a):
+    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget)
+    print(format_plan(df, t))
+    return 0
 
 
 # ─── Kaggle packaging ──────────────────────────────────────────────────────────────────────────
@@ -5326,7 +5740,36 @@ def validate_kaggle_metadata(path):
     return meta
 
 
-def _driver_notebook(notebooks, data_dataset, out_dir, preset):
+def copy_previous_outputs(dest, inputs="/kaggle/input", log=print) -> list:
+    """Continuation across Kaggle kernel versions: copy every earlier outputs root found under `inputs` (the previous
+    version's output, attached as this kernel's input: <inputs>/<slug>/outputs/, marked by .ses-outputs, up to 5
+    folders deep) into `dest`, never over a file dest already has. Results, checkpoints, progress.json, logs and
+    reports come along, so done runs are skipped and paused ones resume. Returns the roots copied from."""
+    dest = Path(dest).resolve()
+    roots = sorted({m.parent.resolve() for k in range(1, 6)
+                    for m in Path(inputs).glob("/".join(["*"] * k) + "/" + OUTPUTS_MARKER)} - {dest})
+    for root in roots:
+        n = size = 0
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                src = Path(dirpath) / f
+                if f.endswith(".tmp") or f == ".lock":  # a write cut short, or a lock: not data
+                    continue
+                target = dest / src.relative_to(root)
+                if target.exists():
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                shutil.copy2(src, tmp)  # then renamed: an interrupted copy never leaves half a checkpoint
+                os.replace(tmp, target)
+                n, size = n + 1, size + target.stat().st_size
+        log(f"continuation: copied {n} file(s), {size / 2**30:.2f} GiB, from {root} into {dest}")
+    if not roots:
+        log(f"continuation: no earlier outputs under {inputs} (a first version starts from scratch)")
+    return roots
+
+
+def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5h"):
     import nbformat
     v4 = nbformat.v4
     data_slug = data_dataset.split("/")[1]
@@ -5354,21 +5797,33 @@ if importlib.util.find_spec("imagecorruptions") is None:
             "# SES experiments: batch run on Kaggle (GPU T4 ×2)\n\n"
             "Runs the experiment notebooks with `seslib.run_batch`: one papermill process per GPU, longest runs first. "
             f"Outputs (results JSON, figures, reports, `batch_summary.csv`) go to `{out_dir}`. "
-            "Edit the parameters cell to choose notebooks and the preset; re-running resumes (done runs are skipped)."),
+            "Edit the parameters cell to choose notebooks and the preset; re-running resumes (done runs are skipped).\n\n"
+            "**Across versions.** The batch stops starting runs that cannot finish within `TIME_BUDGET` and pauses the "
+            "runs in flight at an epoch boundary (a version stops at 12 hours). When this kernel lists its own output "
+            "as an input (`seslib.py kaggle --continue-from self`), the next version first copies the previous "
+            "version's outputs into place, so done runs are skipped and paused runs resume: push again until the "
+            "summary says nothing is left to do."),
         v4.new_code_cell(SETUP_CELL + find_data),
         v4.new_code_cell(
             f"NOTEBOOKS = {[str(n) for n in notebooks]!r}  # numbers, stems or 'all'\n"
             f"PRESET = {preset!r}  # 'paper' (published setup) or 'smoke' (tiny, minutes)\n"
             "EXTRA = {}  # more overrides for every notebook, e.g. {'epochs': 10}\n"
-            f"OUT = {out_dir!r}"),
+            f"OUT = {out_dir!r}\n"
+            f"TIME_BUDGET = {time_budget!r}  # this version's share of Kaggle's 12 h: the rest is setup and reports\n"
+            "CONTINUE = True  # first copy the previous version's outputs (an attached kernel output) into OUT"),
         v4.new_code_cell(
             "!nvidia-smi -L\n"
             "import seslib as S\n"
-            "records = S.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}}, gpus='auto', out=OUT)"),
+            "if CONTINUE:\n"
+            "    S.copy_previous_outputs(OUT)\n"
+            "records = S.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}}, gpus='auto', out=OUT,\n"
+            "                      time_budget=TIME_BUDGET)"),
         v4.new_code_cell(
             "import pandas as pd\n"
             "failed = [r for r in records if r['status'] == 'failed']\n"
             "display(pd.DataFrame(records))\n"
+            "left = [r for r in records if r['status'] in ('paused', 'to do')]\n"
+            "print(f'{len(left)} run(s) paused or to do: push this kernel again to go on' if left else 'all runs done')\n"
             "if failed:  # the kernel version then ends as an error on Kaggle, not 'successful'\n"
             "    raise RuntimeError(f\"{len(failed)} run(s) failed: \" + '; '.join(\n"
             "        f\"{r['notebook']} {r['config'] or ''} seed {r['seed']}: {r['error']}\" for r in failed[:5]))"),
@@ -5380,7 +5835,7 @@ if importlib.util.find_spec("imagecorruptions") is None:
 
 
 def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", data_dataset=None,
-                   code_dataset=None, preset="paper"):
+                   code_dataset=None, preset="paper", continue_from=None, time_budget="11.5h"):
     """Write a ready-to-push Kaggle kernel folder `out` and the seslib code dataset in `out/code-dataset`.
 
     Push with: `kaggle datasets create -p OUT/code-dataset` (once; `kaggle datasets version` after),
@@ -5397,11 +5852,14 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
         "id": f"{username}/{slug}", "title": slug.replace("-", " "), "code_file": f"{slug}.ipynb",
         "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
         "enable_internet": True, "machine_shape": "NvidiaTeslaT4",  # T4 x2
-        "dataset_sources": [data_dataset, code_dataset], "competition_sources": [], "kernel_sources": []}
+        "dataset_sources": [data_dataset, code_dataset], "competition_sources": [],
+        # continuation: the previous version's output as an input ("self": this kernel's own, once it exists)
+        "kernel_sources": [] if not continue_from else [f"{username}/{slug}" if continue_from == "self" else continue_from]}
+    parse_duration(time_budget)  # a bad budget fails here, not on Kaggle
     code_slug = code_dataset.split("/")[-1]
     data_meta = {"title": code_slug.replace("-", " "), "id": code_dataset, "licenses": [{"name": "CC0-1.0"}]}
     problems = []
-    for ref, lo in ((data_dataset, 3), (code_dataset, 3), (kernel_meta["id"], 5)):
+    for ref, lo in ((data_dataset, 3), (code_dataset, 3), (kernel_meta["id"], 5), *((k, 5) for k in kernel_meta["kernel_sources"])):
         _check_ref(ref, "reference", lo, 50, problems)
     if problems:
         raise ValueError("; ".join(problems))
@@ -5421,7 +5879,7 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
         for nb in nbs:  # flat: `kaggle datasets create` skips sub-folders by default
             shutil.copy2(nb, ds / nb.name)
         atomic_write_json(ds / "dataset-metadata.json", data_meta)
-        driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset)
+        driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset, time_budget)
         nbformat.write(driver, str(tmp / kernel_meta["code_file"]))
         atomic_write_json(tmp / "kernel-metadata.json", kernel_meta)
         validate_kaggle_metadata(tmp / "kernel-metadata.json")
@@ -5453,12 +5911,15 @@ def _batch_args(p):
                    "paper); a non-paper preset writes under OUT/<preset>/")
     p.add_argument("--whole-notebooks", action="store_true", help="one job per notebook (its whole grid, then its "
                    "report, in one kernel) instead of one per run: faster for many short runs (the quick job uses it)")
+    p.add_argument("--time-budget", help="e.g. 11.5h: start no run that cannot finish in time, pause the runs in "
+                   "flight at an epoch boundary (checkpoint kept); run the batch again to go on (default: none)")
 
 
 def _batch_cmd(a):
     recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
                      stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
-                     torchrun=a.torchrun, preset=a.preset, whole_notebooks=a.whole_notebooks)
+                     torchrun=a.torchrun, preset=a.preset, whole_notebooks=a.whole_notebooks,
+                     time_budget=a.time_budget)
     return 1 if any(r["status"] == "failed" for r in recs) else 0
 
 
@@ -5470,12 +5931,17 @@ def _kaggle_args(p):
     p.add_argument("--data-dataset", help="owner/slug of the data dataset (default USERNAME/ses-data)")
     p.add_argument("--code-dataset", help="owner/slug of the seslib code dataset (default USERNAME/seslib-code)")
     p.add_argument("--preset", default="paper", choices=["paper", "smoke"])
+    p.add_argument("--time-budget", default="11.5h", help="per version (default 11.5h of Kaggle's 12)")
+    p.add_argument("--continue-from", help="USER/KERNEL whose output the kernel copies in first, or 'self' (this "
+                   "kernel's previous version: use it from the second push on)")
 
 
 def _kaggle_cmd(a):
-    out = kaggle_package(a.out, a.notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset)
+    out = kaggle_package(a.out, a.notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset,
+                         a.continue_from, a.time_budget)
     print(f"wrote {out}\n  1. kaggle datasets create -p {out / 'code-dataset'}   (later: kaggle datasets version -p ... -m msg)\n"
-          f"  2. kaggle kernels push -p {out}\n  3. kaggle kernels output {a.username}/{a.slug} -p results/")
+          f"  2. kaggle kernels push -p {out}\n  3. kaggle kernels output {a.username}/{a.slug} -p results/"
+          + ("" if a.continue_from else f"\n  next versions: rewrite with --continue-from self, then push again"))
     return 0
 
 
@@ -5580,6 +6046,8 @@ CLI_COMMANDS = {
               "downloaded", _quick_args, _quick_cmd),
     "summary": ("outputs/SUMMARY.md and .csv: every claim's verdict over the notebooks that have reports",
                 _summary_args, _summary_cmd),
+    "plan": ("the cost plan: runs, GPU-hours, wall time on N GPUs, Kaggle versions and quota weeks, disk",
+             _plan_args, _plan_cmd),
 }
 
 

@@ -54,7 +54,7 @@ def test_plan_runs_lists_marks_done_and_validates(tmp_path):
     assert [(r["config"], r["seed"], r["done"], r["cost"]) for r in rows] == [
         ("baseline", 0, False, 1.0), ("baseline", 1, False, 1.0), ("ses", 0, False, 3.0), ("ses", 1, True, 3.0)]
     assert rows[3]["run_dir"] == str(done_dir)
-    assert set(rows[0]) == {"config", "seed", "cost", "done", "status", "stale", "run_dir", "cfg"}
+    assert set(rows[0]) == {"config", "seed", "cost", "done", "status", "stale", "run_dir", "cfg", "est"}
     assert [r["status"] for r in rows] == ["todo", "todo", "todo", "done"] and rows[0]["cfg"] is None  # no recipe
 
     plan = S.plan_runs(grid, "ses", 1, tmp_path, cost=lambda c, o: 10 * o.get("beta", 1))

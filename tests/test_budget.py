@@ -1,0 +1,202 @@
+"""Finishing the suite on Kaggle (issue 15): the time budget (runs not started, runs paused at an epoch boundary and
+resumed exactly), continuation across kernel versions, and the cost plan that the README's runtime column follows."""
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+import seslib as S
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = Path(__file__).parent / "notebooks"
+NB_BUDGET, NB_SLEEP = NB_DIR / "93_runner_budget.ipynb", NB_DIR / "91_runner_sleep.ipynb"
+
+
+def _tiny(data_root, out_dir, epochs=3, **kw):
+    return dict(model="resnet18", width=0.25, dataset="cifar10", data_root=str(data_root), batch_size=32,
+                train_subset=64, test_subset=32, max_steps_per_epoch=2, erank_batches=1, erank_eval_samples=32,
+                robustness=None, log="none", device="cpu", ses=True, epochs=epochs, out_dir=str(out_dir), **kw)
+
+
+def _same_history(a, b):
+    keys = ("train_loss", "train_acc", "test_acc", "test_loss", "ses_loss", "lr", "beta")
+    return [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+
+
+# ── the rules ──────────────────────────────────────────────────────────────────────────────────
+
+def test_durations_and_the_start_rule():
+    assert S.parse_duration("11.5h") == 41400 and S.parse_duration("90m") == 5400 and S.parse_duration("1h30m") == 5400
+    assert S.parse_duration(3600) == 3600 and S.parse_duration(None) is None and S.parse_duration("0") is None
+    with pytest.raises(ValueError, match="e.g. 11.5h"):
+        S.parse_duration("eleven hours")
+    now = time.time()
+    assert S.fits_budget({"seconds": 50}, now + 100, 200)
+    assert not S.fits_budget({"seconds": 150}, now + 100, 200)  # would not finish: not started
+    assert S.fits_budget({"seconds": 500}, now + 150, 200)  # longer than any budget: starts with half of it left
+    assert not S.fits_budget({"seconds": 500}, now + 50, 200)
+    assert S.fits_budget({"seconds": 10 ** 9}, None) and S.fits_budget(None, now)
+
+
+def test_estimates_prefer_measured_times_and_scale_by_gpu(tmp_path):
+    c = S.validate_config(dict(model="resnet18", dataset="cifar100", epochs=50, ses=True, robustness=None))
+    paper = S.estimate_run(c, "t4", {"epoch_s": 28.0}, "Tesla T4")
+    assert paper["seconds"] == pytest.approx(50 * 28.0) and paper["source"] == "paper (Tesla T4)"
+    assert S.estimate_run(c, "a100", {"epoch_s": 28.0}, "Tesla T4")["seconds"] == pytest.approx(50 * 28.0 / 4.0)
+    l40s = S.estimate_run(c, "t4", {"epoch_s": 100.0}, "L40S")  # the paper's GPU converts to the one planned
+    assert l40s["epoch_s"] == pytest.approx(100.0 * S.GPU_SPEED["l40s"])
+    measured = S.estimate_run(c, "t4", {"epoch_s": 28.0}, "Tesla T4", measured={"epoch_s": 20.0, "eval_s": 60.0, "gpu": "Tesla T4"})
+    assert measured["seconds"] == pytest.approx(50 * 20.0 + 60.0) and measured["source"] == "measured (Tesla T4)"
+    own = S.estimate_run(c, "t4", {"epoch_s": 28.0}, measured=None,
+                         progress={"epochs_done": 30, "epoch_seconds": [10.0, 12.0], "device": "Tesla T4"})
+    assert own["seconds"] == pytest.approx(20 * 11.0) and own["epochs_left"] == 20
+    rob = S.validate_config(dict(c, robustness="all15"))  # + the final evaluation: 15x5 + 2x(5x3) cells of 10k images
+    assert S.estimate_run(rob, "t4", {"epoch_s": 30.0})["seconds"] == pytest.approx(50 * 30.0 + 30.0 * 105 * 10000 / 150000)
+    assert S.gpu_kind("Tesla T4") == "t4" and S.gpu_kind("NVIDIA L40S") == "l40s" and S.gpu_kind("AMD EPYC 7B12") == "cpu"
+
+
+# ── pause and resume ──────────────────────────────────────────────────────────────────────────
+
+def test_a_run_pauses_at_an_epoch_boundary_and_resumes_exactly(data_root, tmp_path, monkeypatch):
+    reference = S.train(_tiny(data_root, tmp_path / "ref"))
+    monkeypatch.setenv(S.DEADLINE_ENV, repr(time.time() + 0.01))  # over once the first epoch is measured
+    run = tmp_path / "run"
+    with pytest.raises(S.RunPaused, match="paused before epoch 2/3"):
+        S.train(_tiny(data_root, run))
+    prog = json.loads((run / "progress.json").read_text())
+    assert prog["paused"] and prog["epochs_done"] == 1 and len(prog["epoch_seconds"]) == 1
+    assert (run / "checkpoint.pt").is_file() and not (run / "result.json").exists()
+    monkeypatch.delenv(S.DEADLINE_ENV)
+    resumed = S.train(_tiny(data_root, run))
+    assert _same_history(resumed["history"], reference["history"])
+    assert resumed["final"]["test_acc"] == reference["final"]["test_acc"] and "eval_seconds" in resumed["final"]
+
+
+def _batch(out, params, budget=None, timeout=600):
+    cmd = [sys.executable, S.__file__, "batch", str(NB_BUDGET), "--params", str(params), "--gpus", "cpu",
+           "--workers", "2", "--out", str(out), *(["--time-budget", budget] if budget else [])]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_batch_with_a_budget_pauses_then_the_next_invocation_finishes_as_if_uninterrupted(data_root, tmp_path):
+    """Budget 25 s: `c` (estimated 24 s, never fits once the listing has run) is not started; `a` and `b` (estimated
+    1 s, really 40 epochs of ~1 s) start and pause at an epoch boundary; exit 0. The second invocation (no budget,
+    the "next Kaggle version") resumes a and b and runs c; every result equals an uninterrupted batch's."""
+    params = tmp_path / "p.yaml"
+    params.write_text(f"all: {{data_root: {data_root}, epochs: 40, c_seconds: 24}}\n")
+    out = tmp_path / "out"
+    rc, log = _batch(out, params, "25s")
+    assert rc == 0, log
+    summary = pd.read_csv(out / "batch_summary.csv")
+    status = dict(zip(summary["config"].fillna("report"), summary["status"]))
+    assert status == {"a": "paused", "b": "paused", "c": "to do", "report": "done"}, log
+    assert "2 paused, 1 to do" in log and "run the same batch again" in log
+    runs = out / "93_runner_budget" / "runs"
+    for r in ("a", "b"):
+        prog = json.loads((runs / f"{r}_seed0" / "progress.json").read_text())
+        assert prog["paused"] and 0 < prog["epochs_done"] < 40 and (runs / f"{r}_seed0" / "checkpoint.pt").is_file()
+    assert not (runs / "c_seed0").exists() or not (runs / "c_seed0" / "result.json").exists()
+    assert (summary.loc[summary["status"] != "done", "hours_left"] > 0).all()
+
+    rc, log = _batch(out, params)  # the next version
+    assert rc == 0, log
+    rc, ref_log = _batch(tmp_path / "ref", params)  # uninterrupted
+    assert rc == 0, ref_log
+    for r in ("a", "b", "c"):
+        got = json.loads((runs / f"{r}_seed0" / "result.json").read_text())
+        want = json.loads((tmp_path / "ref" / "93_runner_budget" / "runs" / f"{r}_seed0" / "result.json").read_text())
+        assert _same_history(got["history"], want["history"]), r
+        assert got["final"]["test_acc"] == want["final"]["test_acc"]
+
+
+# ── continuation across Kaggle versions ───────────────────────────────────────────────────────
+
+def test_kaggle_bundle_continues_from_the_previous_versions_outputs(tmp_path, monkeypatch):
+    bundle = S.kaggle_package(tmp_path / "pkg", ["1", "4"], username="alice", continue_from="self", time_budget="11h")
+    meta = S.validate_kaggle_metadata(bundle / "kernel-metadata.json")
+    assert meta["kernel_sources"] == ["alice/ses-batch-t4x2"] and meta["machine_shape"] == "NvidiaTeslaT4"
+    assert S.kaggle_package(tmp_path / "pkg2", ["1"], username="alice", continue_from="bob/old-run").name == "pkg2"
+    assert json.loads((tmp_path / "pkg2" / "kernel-metadata.json").read_text())["kernel_sources"] == ["bob/old-run"]
+    with pytest.raises(ValueError, match="time budget"):
+        S.kaggle_package(tmp_path / "pkg3", ["1"], username="alice", time_budget="soon")
+    driver = nbformat.read(bundle / meta["code_file"], as_version=4)
+    code = "\n".join(c.source for c in driver.cells if c.cell_type == "code")
+    assert "TIME_BUDGET = '11h'" in code and "time_budget=TIME_BUDGET" in code
+    assert code.index("S.copy_previous_outputs(OUT)") < code.index("S.run_batch(")
+
+    # the previous version: a real batch whose output Kaggle then mounts under /kaggle/input/<slug>/outputs
+    params = tmp_path / "p.yaml"
+    params.write_text("all: {sleep: 0.1}\n")
+    inputs = tmp_path / "kaggle" / "input"
+    prev = inputs / "ses-batch-t4x2" / "outputs"
+    rc = subprocess.run([sys.executable, S.__file__, "batch", str(NB_SLEEP), "--params", str(params), "--gpus", "cpu",
+                         "--workers", "2", "--out", str(prev)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    run_a = prev / "91_runner_sleep" / "runs" / "a_seed0"
+    (run_a / "checkpoint.pt").write_bytes(b"weights")  # a paused run's files, and a cut-short write
+    (run_a / ".checkpoint.pt.123.tmp").write_bytes(b"half")
+    working = tmp_path / "kaggle" / "working" / "outputs"
+    (working / "91_runner_sleep").mkdir(parents=True)
+    (working / "91_runner_sleep" / "report.csv").write_text("newer")  # never overwritten
+    roots = S.copy_previous_outputs(working, inputs, log=lambda m: None)
+    assert roots == [prev.resolve()]
+    got = working / "91_runner_sleep" / "runs" / "a_seed0"
+    assert (got / "result.json").read_text() == (run_a / "result.json").read_text()
+    assert (got / "checkpoint.pt").read_bytes() == b"weights" and not (got / ".checkpoint.pt.123.tmp").exists()
+    assert (working / "91_runner_sleep" / "report.csv").read_text() == "newer"
+    recs = S.run_batch([NB_SLEEP], params, gpus="cpu", workers=1, out=working, dry_run=True, log=lambda m: None)
+    assert {r["status"] for r in recs if r["kind"] == "run"} == {"skipped"}  # done runs are not run again
+
+
+# ── the cost plan and the README ───────────────────────────────────────────────────────────────
+
+def _readme_runtimes():
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = re.match(r"\| (\d+) \| \[`(\d\d_\w+)`\].*\| (≈ [\d.]+ (?:h|min)) \|$", line)
+        if m:
+            rows[m.group(2)] = m.group(3)
+    return rows
+
+
+def test_plan_matches_the_readme(tmp_path):
+    df, t = S.cost_plan("all", gpus=2, gpu="t4", out=tmp_path / "nothing-done-yet")
+    assert len(df) == 18 and (df["left"] == df["runs"]).all()
+    readme = (ROOT / "README.md").read_text()
+    assert _readme_runtimes() == {r.notebook: S.fmt_hours(r.gpu_hours) for r in df.itertuples()}
+    total = (f"{S.fmt_hours(t['gpu_hours'])} of T4 time, {S.fmt_hours(t['wall_hours'])} of wall time on a T4 ×2, "
+             f"{t['versions']} Kaggle versions of 11.5 h, {t['weeks']} weeks of the 30-h quota")
+    assert total in readme, total
+    assert t["wall_hours"] >= t["gpu_hours"] / 2 and t["versions"] == math.ceil(t["wall_hours"] / 11.5)
+    assert t["disk_ok"] and f"{t['disk_gb']:.1f} GB" in readme
+
+    p = subprocess.run([sys.executable, S.__file__, "plan", "all", "--gpus", "2", "--gpu", "t4", "--out",
+                        str(tmp_path / "nothing-done-yet")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert S.format_plan(df, t) in p.stdout
+
+
+def test_plan_counts_done_runs_and_measured_times(tmp_path):
+    out = tmp_path / "outputs"
+    df, _ = S.cost_plan(["10"], gpus=1, gpu="t4", out=out)
+    plan = S.notebook_plan(ROOT / "notebooks" / "10_periodic_ses.ipynb", out_dir=str(out / "10_periodic_ses"))
+    base = next(r for r in plan.runs if r.config == "baseline")
+    # baseline done, measured on a T4 at 20 s/epoch: no longer counted; another seed of it would use the measurement
+    S.atomic_write_json(base.result_path, {"config": base.cfg, "env": {"device_name": "Tesla T4"},
+                                           "final": {"epoch_seconds_mean": 20.0, "eval_seconds": 100.0}})
+    df2, _ = S.cost_plan(["10"], gpus=1, gpu="t4", out=out)
+    assert df2.loc[0, "left"] == df.loc[0, "left"] - 1
+    assert df.loc[0, "gpu_hours"] - df2.loc[0, "gpu_hours"] == pytest.approx(
+        S.run_estimate(base, plan.paper, plan.paper_gpu, "t4")["seconds"] / 3600)
+    other = S.Run("baseline", 7, {}, base.run_dir.parent / "baseline_seed7", base.run_dir.parent / "baseline_seed7" / "result.json",
+                  "todo", cfg=dict(base.cfg, seed=7))
+    est = S.run_estimate(other, plan.paper, plan.paper_gpu, "t4")
+    assert est["source"] == "measured (Tesla T4)" and est["seconds"] == pytest.approx(50 * 20.0 + 100.0)
