@@ -32,6 +32,15 @@ def _same_history(a, b):
 
 # ── the rules ──────────────────────────────────────────────────────────────────────────────────
 
+def test_the_params_file_carries_the_budget(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("time_budget: 11.5h\nall: {sleep: 1}\n")
+    assert S.load_batch_params(p, [NB_SLEEP.resolve()]) == {NB_SLEEP.resolve(): {"sleep": 1}}  # not a notebook key
+    said = []
+    S.run_batch([NB_SLEEP], p, gpus="cpu", workers=1, out=tmp_path / "out", dry_run=True, log=said.append)
+    assert "time budget 11.5 h" in said[0]
+
+
 def test_durations_and_the_start_rule():
     assert S.parse_duration("11.5h") == 41400 and S.parse_duration("90m") == 5400 and S.parse_duration("1h30m") == 5400
     assert S.parse_duration(3600) == 3600 and S.parse_duration(None) is None and S.parse_duration("0") is None
