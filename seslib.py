@@ -5438,7 +5438,8 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
         + (f"; time budget {_hours(budget)} (until {datetime.datetime.fromtimestamp(end):%H:%M})" if end else ""))
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
-        (out / OUTPUTS_MARKER).touch()  # marks an outputs root, for the Kaggle copy-in of the next version
+        (out / OUTPUTS_MARKER).write_text("An outputs root of the SES suite: the next Kaggle version copies this folder "
+                                          "in (seslib.copy_previous_outputs).\n")
 
     prev_term = None
     try:  # SIGTERM -> KeyboardInterrupt, so the finally blocks kill the children
@@ -5480,7 +5481,7 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
 
 
-OUTPUTS_MARKER = ".ses-outputs"
+OUTPUTS_MARKER = "ses-outputs.txt"  # a visible file: Kaggle's output listing may leave dot files out
 
 
 def _hours_left(records, jobs, log):
@@ -5742,12 +5743,12 @@ def validate_kaggle_metadata(path):
 
 def copy_previous_outputs(dest, inputs="/kaggle/input", log=print) -> list:
     """Continuation across Kaggle kernel versions: copy every earlier outputs root found under `inputs` (the previous
-    version's output, attached as this kernel's input: <inputs>/<slug>/outputs/, marked by .ses-outputs, up to 5
+    version's output, attached as this kernel's input: <inputs>/<slug>/outputs/, marked by ses-outputs.txt, up to 5
     folders deep) into `dest`, never over a file dest already has. Results, checkpoints, progress.json, logs and
     reports come along, so done runs are skipped and paused ones resume. Returns the roots copied from."""
     dest = Path(dest).resolve()
-    roots = sorted({m.parent.resolve() for k in range(1, 6)
-                    for m in Path(inputs).glob("/".join(["*"] * k) + "/" + OUTPUTS_MARKER)} - {dest})
+    found = {m.parent.resolve() for k in range(1, 6) for m in Path(inputs).glob("/".join(["*"] * k) + "/" + OUTPUTS_MARKER)}
+    roots = sorted(r for r in found - {dest} if not any(o in r.parents for o in found))  # outermost roots only
     for root in roots:
         n = size = 0
         for dirpath, _, files in os.walk(root):

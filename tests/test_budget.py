@@ -152,6 +152,8 @@ def test_kaggle_bundle_continues_from_the_previous_versions_outputs(tmp_path, mo
     run_a = prev / "91_runner_sleep" / "runs" / "a_seed0"
     (run_a / "checkpoint.pt").write_bytes(b"weights")  # a paused run's files, and a cut-short write
     (run_a / ".checkpoint.pt.123.tmp").write_bytes(b"half")
+    (prev / "smoke").mkdir()  # a preset folder of that outputs root: copied with it, not as a root of its own
+    (prev / "smoke" / S.OUTPUTS_MARKER).write_text("marker")
     working = tmp_path / "kaggle" / "working" / "outputs"
     (working / "91_runner_sleep").mkdir(parents=True)
     (working / "91_runner_sleep" / "report.csv").write_text("newer")  # never overwritten
