@@ -965,15 +965,17 @@ def color_jitter(x, factors, order):
     Batched (each step computes all three ops and keeps each image's own), since a per-image PIL loop would be
     the input pipeline's bottleneck on a GPU box with few CPU cores."""
     y = x.float()
-    f = factors.to(device=x.device, dtype=torch.float32)[:, :, None, None, None]
+    f = factors.to(device=x.device, dtype=torch.float32)
+    rows = torch.arange(len(y), device=x.device)
     for step in range(3):
+        op = order[:, step].to(x.device)
         luma = _pil_luma(y)
         mean = torch.floor(luma.mean((1, 2, 3), keepdim=True, dtype=torch.float64) + 0.5).float()
-        options = torch.stack([_pil_blend(torch.zeros_like(y), y, f[:, 0]),  # Brightness
-                               _pil_blend(mean.expand_as(y), y, f[:, 1]),  # Contrast
-                               _pil_blend(luma.expand_as(y), y, f[:, 2])])  # Color (saturation)
-        op = order[:, step].to(x.device)
-        y = options[op, torch.arange(len(y), device=x.device)]
+        # one blend per image with its own op's degenerate image (computing all three and picking cost 3x):
+        # black (Brightness), its rounded mean luma (Contrast), its luma image (Color, i.e. saturation)
+        degenerate = torch.where((op == 0).view(-1, 1, 1, 1), 0.0,
+                                 torch.where((op == 1).view(-1, 1, 1, 1), mean, luma)).expand_as(y)
+        y = _pil_blend(degenerate, y, f[rows, op].view(-1, 1, 1, 1))
     return y.to(torch.uint8)
 
 
