@@ -42,10 +42,10 @@ import torch.nn.functional as F
 import torchvision
 from tqdm.auto import tqdm
 
+
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 # utilities
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-
 
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): restored at once
 os.umask(_UMASK)
@@ -213,10 +213,101 @@ def set_seed(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def resolve_precision(amp, device_type, capability=None):
+    """(precision this device runs, note or None) for the requested amp.
+    off -> fp32; fp16 -> fp16 on CUDA; bf16 -> bf16 on compute capability >= 8, else fp16 (a T4 has no bf16
+    tensor cores: is_bf16_supported() says True there through emulation); auto -> bf16 / fp16 / fp32 by device.
+    On the CPU every request runs in fp32 (CPU autocast is slower than fp32 for these models): the recipe's
+    fp16/bf16 is a GPU setting."""
+    if amp == "off":
+        return "fp32", None
+    if device_type != "cuda":
+        return "fp32", None if amp == "auto" else f"amp={amp!r} is a GPU setting: fp32 on {device_type}"
+    native_bf16 = capability is not None and capability[0] >= 8
+    if amp == "fp16":
+        return "fp16", None
+    if amp == "bf16" and not native_bf16:
+        return "fp16", f"amp='bf16' asked for, but this GPU (compute capability {capability}) has no native bf16: fp16"
+    return ("bf16" if native_bf16 else "fp16"), None
+
+
+def _device_capability(device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(cond, key, value, want):
+    if not cond:
+        raise ValueError(f"config {key!r} must be {want}; got {value!r}")
+
+
+def _amp_dtype(precision):
+    """None (fp32) | torch.float16 (with GradScaler) | torch.bfloat16, for a resolved precision."""
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _cpu_name():
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
+class PreflightError(ValueError):
+    """Something a run will need is missing: raised before any data is read or any training (one line per fix)."""
+
+
+def _eval_amp_dtype(amp, device):
+    """The autocast dtype of an evaluation: amp = a precision ('fp32' | 'fp16' | 'bf16'), an amp request ('auto',
+    'fp16', 'bf16', 'off'), or True/False/None (auto/off). Resolved as training resolves it."""
+    if amp in PRECISIONS:
+        return _amp_dtype(amp if device.type == "cuda" else "fp32")
+    request = "auto" if amp is True else "off" if amp in (False, None) else amp
+    return _amp_dtype(resolve_precision(request, device.type, _device_capability(device))[0])
+
+
+# ── figures ──────────────────────────────────────────────────────────────────────────────────────
+MAX_FIG_INCHES = 16  # at 120 dpi: 1920 px, readable on a laptop screen and in a notebook cell
+
+
+def _save(fig, out_dir, name, show=True):
+    import matplotlib.pyplot as plt
+    path = Path(out_dir) / "figures" / f"{name}.png"
+    w, h = fig.get_size_inches()
+    if max(w, h) > MAX_FIG_INCHES:  # a safety net for many configs: never a 5000-px strip
+        k = MAX_FIG_INCHES / max(w, h)
+        fig.set_size_inches(w * k, h * k)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a crash never leaves half a PNG
+    if show and "ipykernel" in sys.modules:  # inline in notebooks, whatever the matplotlib backend
+        from IPython.display import Image, display
+        display(Image(filename=str(path)))
+    plt.close(fig)
+    return path
+
+
+def _hours(seconds) -> str:
+    return (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 120
+            else f"{seconds:.0f} s")
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-# SES
+# SES core
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 SES_EPS = 1e-12  # eigenvalue floor, as the reference; keeps log finite on rank-deficient spectra
@@ -401,6 +492,10 @@ class BetaSchedule:
             return f"step:{','.join(map(str, self.values))}"
         return f"{self.kind}:{self.start}" + (f":{self.end}" if self.end is not None else "")
 
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# hooks and the SES object
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 # ── hooks ────────────────────────────────────────────────────────────────────────────────────────
 
@@ -739,6 +834,30 @@ class SES:
     def __repr__(self):
         return (f"SES(beta={self.beta:g}, lam={self.lam:g}, every_k={self.every_k}, {len(self.names)} layers: "
                 f"{', '.join(self.names)})")
+
+
+def pooled_activations(model, layers, x, batch_size=512, amp_dtype=None):
+    """{layer name: pooled [N, d] float32 activations (CPU)} of `model` on the normalised images x, in the model's
+    current mode, through temporary hooks (any mode: ActivationCollector stores only in train mode by design).
+    layers: (name, kind) pairs, as ActivationCollector.names / .kinds."""
+    modules = dict(model.named_modules())
+    out = {name: [] for name, _ in layers}
+    handles = []
+    for name, kind in layers:
+        def hook(module, inputs, output, name=name, kind=kind):
+            t = inputs[0] if kind == "attn_weights" else output
+            t = t[0] if isinstance(t, (tuple, list)) else t
+            out[name].append(pool_activation(t, kind).float().cpu())
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    model(x[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(v) for name, v in out.items()}
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -1270,1056 +1389,9 @@ def count_params(model, trainable_only=False) -> int:
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-# train
-# ═══════════════════════════════════════════════════════════════════════════════════════════════
-
-ROBUSTNESS_PRESETS = ("all15", "paper5")
-# MultiStep milestones when a config gives none: fractions of the epochs that reproduce the reference's
-# [20, 35, 45] of 50 (CIFAR) and [25, 40, 52] of 60 (Tiny-ImageNet) exactly; gamma 0.2 as in every reference script.
-# The notebooks state the author's absolute milestones (see run_config for an epochs override).
-_MILESTONE_FRACTIONS = {"tinyimagenet": (25 / 60, 40 / 60, 52 / 60)}
-_DEFAULT_FRACTIONS = (0.4, 0.7, 0.9)
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-_BASE_CONFIG = {
-    "model": "resnet18", "dataset": "cifar10", "data_root": None,
-    "epochs": 50, "batch_size": 256, "eval_batch_size": None,
-    "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-    "schedule": "multistep", "milestones": None, "lr_gamma": 0.2, "warmup_epochs": 0, "min_lr": 1e-5,
-    "grad_clip": None,
-    "seed": 42, "device": "auto",
-    "amp": "auto",  # asked for: auto | fp16 | bf16 | off
-    "precision": None,  # derived: what this device runs (fp32 | fp16 | bf16); see resolve_precision
-    "tf32": False,  # TF32 matmuls/convs on Ampere+ (the Tiny-ImageNet script turns it on)
-    # input pipeline: normalisation (None: the dataset's statistics) and every augmentation parameter
-    "norm_mean": None, "norm_std": None,
-    "augment": "standard", "crop_padding": 4, "hflip": True, "color_jitter": None,
-    "randaugment_num_ops": None, "randaugment_magnitude": None,  # None: RandAugment(2, 9) when augment="randaugment"
-    "mix": "none", "mix_alpha": None,  # None: 1.0 with mixup/cutmix
-    "spectral_norm": False, "width": 1.0,  # width < 1: narrowed model (the smoke preset's; see build_model)
-    "ses": False, "ses_lambda": 0.01, "ses_beta": 0.7, "ses_beta_schedule": None,
-    "ses_layers": "auto", "ses_targets": ["block"], "ses_every_k": 1,
-    "ses_scope": "global", "sync_bn": None,  # multi-GPU (torchrun) only; see the "distributed" section
-    "drop_path": None,  # ViTs: stochastic-depth rate (None: the recipe's 0.1)
-    # per-epoch effective rank, measured two ways (see _erank_ses_view / _erank_author_view)
-    "erank_batches": 4, "erank_eval_samples": 2048,
-    "out_dir": None, "resume": False, "save_model": True, "keep_checkpoint": False,  # a finished run keeps result.json; True: checkpoint.pt too
-    "train_subset": None, "test_subset": None, "max_steps_per_epoch": None, "val_split": 0.0,
-    "robustness": None, "robustness_severities": [1, 2, 3, 4, 5], "robustness_subset": None,
-    "preset": None,  # label set by run_config ("paper", "smoke", ...): reports and the stale rule name it
-    "log": "auto",
-}
-
-_CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("multistep", "cosine", "constant"),
-            "amp": ("auto", "fp16", "bf16", "off"), "augment": ("standard", "randaugment", "none"),
-            "mix": ("none", "mixup", "cutmix"), "log": ("auto", "tqdm", "plain", "none"),
-            "ses_scope": ("global", "local")}
-# ses_resnet50_tinyimagenet .py: Normalize((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)) (its std is not the
-# data set's pixel std in DATASETS), RandomCrop(64, padding=8), flip, ColorJitter(0.1, 0.1, 0.1), BF16 + TF32.
-_TINY_RECIPE = dict(epochs=60, norm_mean=[0.4802, 0.4481, 0.3975], norm_std=[0.2302, 0.2265, 0.2262],
-                    crop_padding=8, color_jitter={"brightness": 0.1, "contrast": 0.1, "saturation": 0.1},
-                    amp="bf16", tf32=True)
-
-
-def default_config(model="resnet18", dataset="cifar10") -> dict:
-    """The reference recipe for (model, dataset) as a full cfg dict ("Setup tecnico di riferimento").
-    CNNs: SGD lr 0.1 mom 0.9 wd 5e-4, MultiStep x0.2 at 40/70/90% = [20, 35, 45] of 50 epochs, batch 256.
-    Tiny-ImageNet: 60 epochs, [25, 40, 52], and ses_resnet50_tinyimagenet .py's pipeline (_TINY_RECIPE).
-    ViTs: AdamW lr 1e-3 wd 0.05, 5 warm-up epochs + cosine to 1e-5, grad clip 1.0, batch 512, FP16 (every ViT script)."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    dataset_info(dataset)
-    cfg = dict(_BASE_CONFIG, model=model, dataset=dataset, ses_targets=["block"],
-               robustness_severities=[1, 2, 3, 4, 5])
-    if dataset == "tinyimagenet":
-        cfg.update(_TINY_RECIPE)
-    if model in VIT_MODELS:
-        cfg.update(optimizer="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=5,
-                   grad_clip=1.0, batch_size=512, amp="fp16")
-    return cfg
-
-
-def resolve_precision(amp, device_type, capability=None):
-    """(precision this device runs, note or None) for the requested amp.
-    off -> fp32; fp16 -> fp16 on CUDA; bf16 -> bf16 on compute capability >= 8, else fp16 (a T4 has no bf16
-    tensor cores: is_bf16_supported() says True there through emulation); auto -> bf16 / fp16 / fp32 by device.
-    On the CPU every request runs in fp32 (CPU autocast is slower than fp32 for these models): the recipe's
-    fp16/bf16 is a GPU setting."""
-    if amp == "off":
-        return "fp32", None
-    if device_type != "cuda":
-        return "fp32", None if amp == "auto" else f"amp={amp!r} is a GPU setting: fp32 on {device_type}"
-    native_bf16 = capability is not None and capability[0] >= 8
-    if amp == "fp16":
-        return "fp16", None
-    if amp == "bf16" and not native_bf16:
-        return "fp16", f"amp='bf16' asked for, but this GPU (compute capability {capability}) has no native bf16: fp16"
-    return ("bf16" if native_bf16 else "fp16"), None
-
-
-def _device_capability(device):
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check(cond, key, value, want):
-    if not cond:
-        raise ValueError(f"config {key!r} must be {want}; got {value!r}")
-
-
-def _derived_milestones(dataset, epochs):
-    fr = _MILESTONE_FRACTIONS.get(dataset, _DEFAULT_FRACTIONS)
-    return sorted({max(1, round(f * epochs)) for f in fr})
-
-
-def _resolve_pipeline(c, info):
-    """Check and fill in the input pipeline keys, so that the resolved config says exactly how inputs were made."""
-    for k, default in (("norm_mean", info["mean"]), ("norm_std", info["std"])):
-        v = default if c[k] is None else c[k]
-        _check(isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_num(x) for x in v)
-               and (k == "norm_mean" or all(x > 0 for x in v)), k, c[k], "None or 3 numbers (std > 0)")
-        c[k] = [float(x) for x in v]
-    _check(_is_int(c["crop_padding"]) and c["crop_padding"] >= 0, "crop_padding", c["crop_padding"], "an int >= 0")
-    _check(isinstance(c["hflip"], bool), "hflip", c["hflip"], "True or False")
-    cj = c["color_jitter"]
-    _check(cj is None or (isinstance(cj, dict) and set(cj) <= set(_JITTER_KEYS)
-                          and all(_is_num(v) and 0 <= v < 1 for v in cj.values())), "color_jitter", cj,
-           f"None or a dict of {', '.join(_JITTER_KEYS)} strengths in [0, 1) (torchvision ColorJitter)")
-    c["color_jitter"] = None if not cj else {k: float(cj.get(k, 0.0)) for k in _JITTER_KEYS}
-    if c["augment"] == "randaugment":
-        n, m = c["randaugment_num_ops"], c["randaugment_magnitude"]
-        c["randaugment_num_ops"], c["randaugment_magnitude"] = 2 if n is None else n, 9 if m is None else m
-        _check(_is_int(c["randaugment_num_ops"]) and c["randaugment_num_ops"] >= 1, "randaugment_num_ops", n, "an int >= 1")
-        _check(_is_int(c["randaugment_magnitude"]) and 0 <= c["randaugment_magnitude"] <= 30, "randaugment_magnitude", m,
-               "an int in 0..30")
-    else:  # not used: say so rather than carry numbers that did nothing
-        c["randaugment_num_ops"] = c["randaugment_magnitude"] = None
-    if c["mix"] == "none":
-        c["mix_alpha"] = None
-    else:
-        c["mix_alpha"] = 1.0 if c["mix_alpha"] is None else c["mix_alpha"]
-        _check(_is_num(c["mix_alpha"]) and c["mix_alpha"] > 0, "mix_alpha", c["mix_alpha"], "a number > 0")
-
-
-def validate_config(cfg) -> dict:
-    """The full cfg (defaults of default_config(model, dataset) filled in), or ValueError naming the bad key.
-    Runs before any data is touched."""
-    if not isinstance(cfg, dict):
-        raise ValueError(f"cfg must be a dict; got {type(cfg).__name__}")
-    unknown = [k for k in cfg if k not in _BASE_CONFIG]
-    if unknown:
-        hints = {k: difflib.get_close_matches(str(k), _BASE_CONFIG, n=1) for k in unknown}
-        raise ValueError("unknown config key(s): " + ", ".join(
-            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
-    model, dataset = cfg.get("model", "resnet18"), cfg.get("dataset", "cifar10")
-    recipe = default_config(model, dataset)  # rejects an unknown model or dataset
-    if model == "mlp_toy":
-        raise ValueError("model 'mlp_toy' is the toy 2-D study's network: it does not train on image datasets")
-    c = dict(recipe, **cfg)
-    for k, opts in _CHOICES.items():
-        _check(c[k] in opts, k, c[k], "one of " + ", ".join(map(repr, opts)))
-    for k in ("epochs", "batch_size", "ses_every_k", "erank_batches", "erank_eval_samples"):
-        _check(_is_int(c[k]) and c[k] >= 1, k, c[k], "an int >= 1")
-    _check(c["batch_size"] >= 2, "batch_size", c["batch_size"], "an int >= 2")
-    for k in ("eval_batch_size", "train_subset", "test_subset", "max_steps_per_epoch", "robustness_subset"):
-        _check(c[k] is None or (_is_int(c[k]) and c[k] >= 1), k, c[k], "None or an int >= 1")
-    _check(_is_int(c["seed"]), "seed", c["seed"], "an int")
-    _check(_is_int(c["warmup_epochs"]) and c["warmup_epochs"] >= 0, "warmup_epochs", c["warmup_epochs"], "an int >= 0")
-    _check(_is_num(c["lr"]) and c["lr"] > 0, "lr", c["lr"], "a number > 0")
-    _check(_is_num(c["min_lr"]) and 0 <= c["min_lr"] <= c["lr"], "min_lr", c["min_lr"], "a number in [0, lr]")
-    _check(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "weight_decay", c["weight_decay"], "a number >= 0")
-    _check(_is_num(c["momentum"]) and 0 <= c["momentum"] < 1, "momentum", c["momentum"], "a number in [0, 1)")
-    _check(_is_num(c["lr_gamma"]) and c["lr_gamma"] > 0, "lr_gamma", c["lr_gamma"], "a number > 0")
-    _check(c["grad_clip"] is None or (_is_num(c["grad_clip"]) and c["grad_clip"] > 0), "grad_clip",
-           c["grad_clip"], "None or a number > 0")
-    _check(_is_num(c["ses_lambda"]) and c["ses_lambda"] >= 0, "ses_lambda", c["ses_lambda"], "a number >= 0")
-    _check(_is_num(c["ses_beta"]) and 0 < c["ses_beta"] < 1, "ses_beta", c["ses_beta"], "a number in (0, 1)")
-    _check(_is_num(c["val_split"]) and 0 <= c["val_split"] < 1, "val_split", c["val_split"], "a number in [0, 1)")
-    ms = c["milestones"]
-    _check(ms is None or (isinstance(ms, (list, tuple)) and all(_is_int(m) and m >= 1 for m in ms)
-                          and list(ms) == sorted(set(ms))), "milestones", ms,
-           "None (40/70/90% of epochs) or an increasing list of epochs >= 1")
-    c["milestones"] = list(ms) if ms is not None else _derived_milestones(c["dataset"], c["epochs"])
-    _resolve_pipeline(c, dataset_info(dataset))
-    for k in ("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32", "save_model"):
-        _check(isinstance(c[k], bool), k, c[k], "True or False")
-    _check(c["sync_bn"] is None or isinstance(c["sync_bn"], bool), "sync_bn", c["sync_bn"],
-           "None (auto: on under multi-GPU DDP), True or False")
-    _check(c["drop_path"] is None or (c["model"] in VIT_MODELS and _is_num(c["drop_path"]) and 0 <= c["drop_path"] < 1),
-           "drop_path", c["drop_path"], "None, or for a ViT a number in [0, 1)")
-    if c["model"] in VIT_MODELS and c["drop_path"] is None:
-        c["drop_path"] = 0.1  # the reference ViT/4's stochastic depth
-    _check(c["preset"] is None or isinstance(c["preset"], str), "preset", c["preset"], "None or a preset name")
-    _check(_is_num(c["width"]) and 0 < c["width"] <= 1, "width", c["width"], "a number in (0, 1] (1: the published model)")
-    _check(isinstance(c["device"], str), "device", c["device"], "a string ('auto', 'cpu', 'cuda', 'cuda:1', ...)")
-    try:
-        torch.device("cpu" if c["device"] == "auto" else c["device"])
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"config 'device' is not a torch device: {c['device']!r} ({e})") from None
-    if torchrun_env() is not None and c["device"] not in ("auto", "cuda", "cpu"):  # before the GPU check: a
-        _dist_device(c["device"], 0)  # 'cuda:1' under torchrun is wrong on every machine, so say that first
-    device = pick_device(c["device"])
-    if device.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"config 'device' is {c['device']!r} but this machine has no usable CUDA GPU "
-                             "(torch.cuda.is_available() is False): use device='auto' (GPU when there is one) or 'cpu'")
-        if (device.index or 0) >= n:
-            raise ValueError(f"config 'device' is {c['device']!r} but only {n} CUDA device(s) are visible "
-                             f"(cuda:0..cuda:{n - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
-    c["precision"] = resolve_precision(c["amp"], device.type, _device_capability(device))[0]
-    for k in ("data_root", "out_dir"):
-        _check(c[k] is None or isinstance(c[k], (str, os.PathLike)), k, c[k], "None or a path")
-        c[k] = None if c[k] is None else str(c[k])
-    _check(not c["resume"] or c["out_dir"] is not None, "resume", c["resume"], "False when out_dir is None")
-    if c["ses_beta_schedule"] is not None:
-        _check(isinstance(c["ses_beta_schedule"], (str, dict, float)), "ses_beta_schedule",
-               c["ses_beta_schedule"], "None, a spec string ('linear:0.3:0.9') or a dict")
-        try:
-            BetaSchedule.parse(c["ses_beta_schedule"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"config 'ses_beta_schedule' {c['ses_beta_schedule']!r}: {e}") from None
-    layers = c["ses_layers"]
-    _check(isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(s, str) for s in layers)),
-           "ses_layers", layers, "a preset name or a list of module names")
-    c["ses_layers"] = layers if isinstance(layers, str) else list(layers)
-    t = c["ses_targets"]
-    _check(isinstance(t, (list, tuple)) and t and all(isinstance(s, str) for s in t), "ses_targets", t,
-           'a non-empty list like ["block"]')
-    c["ses_targets"] = list(t)
-    r = c["robustness"]
-    _check(r is None or r in ROBUSTNESS_PRESETS or (isinstance(r, (list, tuple)) and r
-                                                    and all(isinstance(s, str) for s in r)),
-           "robustness", r, "None, 'all15', 'paper5' or a list of corruption names")
-    c["robustness"] = list(r) if isinstance(r, (list, tuple)) else r
-    sev = c["robustness_severities"]
-    _check(isinstance(sev, (list, tuple)) and sev and all(_is_int(s) and 1 <= s <= 5 for s in sev),
-           "robustness_severities", sev, "a non-empty list of ints in 1..5")
-    c["robustness_severities"] = list(sev)
-    if c["mix"] != "none":
-        _check(c["batch_size"] % 2 == 0, "batch_size", c["batch_size"], "even with mixup/cutmix (timm Mixup)")
-    if c["train_subset"] is not None:
-        _check(c["train_subset"] >= c["batch_size"], "train_subset", c["train_subset"],
-               f">= batch_size ({c['batch_size']}): training drops the last partial batch")
-    return c
-
-
-# ── pieces of the loop ───────────────────────────────────────────────────────────────────────────
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN/inf; the last good checkpoint is left untouched."""
-
-
-def _amp_dtype(precision):
-    """None (fp32) | torch.float16 (with GradScaler) | torch.bfloat16, for a resolved precision."""
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
-def _eval_batch_size(c):
-    return c["eval_batch_size"] or 2 * c["batch_size"]
-
-
-def _lr_factor(c):
-    """Per-epoch LR multiplier (LambdaLR), as the reference schedules step once per epoch."""
-    E, w, ms, g = c["epochs"], c["warmup_epochs"], c["milestones"], c["lr_gamma"]
-    floor = c["min_lr"] / c["lr"]
-
-    def factor(e):
-        if e < w:
-            return (e + 1) / w  # linear warm-up: base * (e+1)/w, as ses_vit_experiment.py
-        if c["schedule"] == "cosine":
-            t = (e - w) / max(1, E - w)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-        if c["schedule"] == "multistep":
-            return g ** sum(e >= m for m in ms)
-        return 1.0
-    return factor
-
-
-def _set_drop_path(model, rate):
-    """Stochastic depth of a timm ViT at max rate `rate`, spaced linearly over the blocks as timm does."""
-    from timm.layers import DropPath
-    n = len(model.blocks)
-    for i, blk in enumerate(model.blocks):
-        p = rate * i / max(1, n - 1)
-        blk.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
-        blk.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
-
-
-def _make_optimizer(model, c):
-    if c["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
-    return torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
-
-
-def _peak_mem_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process-lifetime peak RSS
-
-
-def _cpu_name():
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-
-
-def _env_info(device, c):
-    import timm
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "python": platform.python_version(),
-            "device": str(device),
-            "device_name": _device_name(device),
-            "cuda": torch.version.cuda, "seed": c["seed"], "hostname": socket.gethostname(),
-            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "threads": torch.get_num_threads(),
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def _rng_state(loader):
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # numpy's MT state as a tensor + primitives, so torch.load(weights_only=True) accepts it
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-            "python": random.getstate(), "loader": loader.state_dict()}
-
-
-def _set_rng_state(s, loader):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    name, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
-    version, internal, gauss_next = s["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    loader.load_state_dict(s["loader"])
-
-
-def _stale_on_disk(c, out_dir, dd):
-    """Before resuming: a finished result or a checkpoint in out_dir made with other settings is set aside
-    (set_aside: moved, never deleted) and the run starts over. Returns (finished result or None, checkpoint or None)."""
-    result_path, ckpt_path = out_dir / "result.json", out_dir / "checkpoint.pt"
-    done = ck = None
-    corrupt = []  # truncated, empty or garbage files: moved aside as *.corrupt, and the run starts over
-    if c["resume"] and result_path.exists():
-        done = _read_result(result_path)
-        if not isinstance(done, dict) or not isinstance(done.get("config"), dict):
-            done = None
-            corrupt.append(result_path)
-    if c["resume"] and done is None and ckpt_path.exists():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if not isinstance(ck, dict) or not {"config", "model", "epoch"} <= set(ck):
-                raise ValueError("not a seslib checkpoint")
-        except Exception:  # noqa: BLE001 - any unreadable file: torch raises many types for garbage
-            ck = None
-            corrupt.append(ckpt_path)
-    if corrupt and dd.is_main:
-        for f in corrupt:
-            print(f"[corrupt] {f} is unreadable (truncated, empty or not a {f.suffix[1:]} file); moved to "
-                  f"{move_aside(f)}; starting the run over", flush=True)
-    diff = config_diff(c, done["config"]) if done is not None else \
-        config_diff(c, ck["config"], _RESUME_FREE) if ck is not None else []
-    diff = _same_on_all_ranks(diff, dd, "whether out_dir holds a run made with other settings")
-    if not diff:
-        if corrupt and dd.enabled:
-            dist.barrier()
-        return done, ck
-    if dd.is_main:
-        what = "result" if done is not None else "checkpoint"
-        where = set_aside(out_dir, f"stale {what}: {describe_diff(diff, limit=100)}")
-        print(f"[stale] {out_dir}: its {what} was made with other settings ({describe_diff(diff)}); "
-              f"moved to {where}; starting over", flush=True)
-    if dd.enabled:
-        dist.barrier()
-    return None, None
-
-
-def _log_mode(mode):
-    mode = os.environ.get("SES_LOG", mode) if mode == "auto" else mode
-    if mode != "auto":
-        return mode
-    return "tqdm" if (sys.stderr.isatty() or "ipykernel" in sys.modules) else "plain"
-
-
-def _erank_ses_view(model, collector, batches, beta, device):
-    """Per-layer effective rank as SES sees it: train mode, on a few fixed batches of (unaugmented) training images
-    of the training batch size (erank grows with the number of samples, so only this batch size compares with
-    the target SES pulls towards), averaged over the batches; grad off. BatchNorm running stats and spectral-norm
-    vectors are restored afterwards and the RNG is forked, so the measurement changes nothing in the run."""
-    bufs = [b.detach().clone() for b in model.buffers()]
-    devices = [device] if device.type == "cuda" else []
-    per_batch = []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        for x in batches:
-            collector.clear()
-            model(x)
-            per_batch.append(layer_erank_stats(collector, beta))
-        collector.clear()
-    with torch.no_grad():
-        for b, saved in zip(model.buffers(), bufs):
-            b.copy_(saved)
-    out = {}
-    for name, st in per_batch[0].items():
-        erank = float(np.mean([p[name]["erank"] for p in per_batch]))
-        out[name] = {"erank": erank, "d": st["d"], "target": st["target"], "ratio": erank / st["target"],
-                     "samples": len(batches[0])}
-    return out
-
-
-def pooled_activations(model, layers, x, batch_size=512, amp_dtype=None):
-    """{layer name: pooled [N, d] float32 activations (CPU)} of `model` on the normalised images x, in the model's
-    current mode, through temporary hooks (any mode: ActivationCollector stores only in train mode by design).
-    layers: (name, kind) pairs, as ActivationCollector.names / .kinds."""
-    modules = dict(model.named_modules())
-    out = {name: [] for name, _ in layers}
-    handles = []
-    for name, kind in layers:
-        def hook(module, inputs, output, name=name, kind=kind):
-            t = inputs[0] if kind == "attn_weights" else output
-            t = t[0] if isinstance(t, (tuple, list)) else t
-            out[name].append(pool_activation(t, kind).float().cpu())
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    model(x[i:i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: torch.cat(v) for name, v in out.items()}
-
-
-def _erank_author_view(model, collector, x, beta, batch_size, amp_dtype):
-    """Per-layer effective rank as the SES author measured it (ses_erank_dynamics.py measure_erank, the source of
-    the published ResNet-18 erank ratios): eval mode, the first 2048 TEST images, forward under the run's
-    autocast, outputs mean-pooled, then one spectrum of the [2048, d] matrix (the d x d covariance, float32)."""
-    was_training = model.training
-    model.eval()
-    try:
-        acts = pooled_activations(model, [(n, collector.kinds[n]) for n in collector.names], x, batch_size, amp_dtype)
-    finally:
-        model.train(was_training)
-    names = list(acts)
-    stats = erank_stats([acts[n] for n in names], names, beta)
-    for st in stats.values():
-        st["samples"] = len(x)
-    return stats
-
-
-@torch.no_grad()
-def _evaluate(model, loader, amp_dtype, collector, dd=None):
-    """(accuracy %, mean loss) over the loader; under DDP each rank scores its shard and the sums are reduced.
-    `model` is the unwrapped module: eval needs no gradient sync (and eval-mode BatchNorm no collective)."""
-    model.eval()
-    device = loader.device
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # hits, loss sum, samples
-    with collector.paused() if collector else contextlib.nullcontext():
-        for x, y in loader:
-            if len(y) == 0:  # a rank's share of the last partial batch can be empty
-                continue
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = model(x)
-            sums[0] += (out.argmax(1) == y).sum()
-            sums[1] += F.cross_entropy(out.float(), y, reduction="sum").double()
-            sums[2] += len(y)
-    model.train()
-    correct, loss_sum, n = _all_reduce_sum(sums, dd).tolist() if dd else sums.tolist()
-    return 100.0 * correct / n, loss_sum / n
-
-
-def _check_finite(pending, epoch, step0, steps, ckpt_note, dd=None):
-    vals = torch.stack(pending)
-    if dd is not None:  # a NaN on any rank reaches every rank: all stop at the same step, none hangs
-        vals = _all_reduce_sum(vals, dd)
-    bad = ~torch.isfinite(vals)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise NonFiniteLossError(f"non-finite training loss ({vals[i].item()}) at epoch {epoch + 1}, step "
-                                 f"{step0 + i + 1}/{steps}; stopped. {ckpt_note}")
-
-
-# ── distributed: one run over many GPUs / nodes (torchrun + DistributedDataParallel) ──────────────
-# Launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment), train() joins the process
-# group itself (NCCL on CUDA, gloo on CPU), one process per GPU on cuda:LOCAL_RANK. What is global, what per rank:
-#   batch_size is the GLOBAL batch: rank r trains on the r-th contiguous slice of every global batch of the
-#     shared seeded permutation (DeviceLoader(rank, world_size)), augmentation drawn for the whole global batch;
-#   gradients: DDP's all-reduce (mean over ranks); SES with ses_scope="global" sees the whole batch (below);
-#   BatchNorm: per-rank batch statistics unless sync_bn (SyncBatchNorm: CUDA only, torch has no CPU kernel);
-#   metrics: per-rank sums all-reduced; test/val evaluation sharded over the ranks and reduced; the erank pass
-#     (one fixed batch) runs whole on every rank (SyncBatchNorm needs every rank in its forward);
-#   rank 0 alone logs, writes checkpoint.pt / result.json and evaluates robustness; it returns the result,
-#     the other ranks return None (they do not wait for rank 0's robustness pass);
-#   the checkpoint holds the unwrapped model and the global loader/RNG state: any world size resumes it.
-# With torchrun over several nodes, out_dir must be a folder every node sees (rank 0 writes, all read).
-
-@dataclasses.dataclass
-class DistInfo:
-    """This process's place in the run: rank 0 of 1 when not distributed."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None  # None: no process group (plain single-process training)
-    created: bool = False  # train() initialised the group, so train() destroys it
-
-    @property
-    def enabled(self) -> bool:
-        return self.backend is not None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def torchrun_env() -> dict | None:
-    """{rank, world_size, local_rank} set by torchrun (or any env:// launcher), else None."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    try:
-        return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]),
-                "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
-    except ValueError:
-        raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
-
-
-def _dist_device(spec, local_rank) -> torch.device:
-    """One process per GPU: cuda:LOCAL_RANK ("auto" / "cuda"), or the CPU ("cpu"; "auto" without CUDA)."""
-    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if spec not in ("auto", "cuda"):
-        raise ValueError(f"config 'device' must be 'auto', 'cuda' or 'cpu' under torchrun (each rank uses "
-                         f"cuda:LOCAL_RANK); got {spec!r}")
-    if not local_rank < torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) visible: "
-                         "give torchrun --nproc_per_node <= the number of GPUs")
-    return torch.device("cuda", local_rank)
-
-
-def _has_batchnorm(model) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def dist_setup(c) -> tuple[DistInfo, torch.device]:
-    """(DistInfo, device) for validated cfg c; joins the process group under torchrun. The cfg is checked
-    against the world size (global batch divisible, ...) before the group is created."""
-    env = torchrun_env()
-    if dist.is_available() and dist.is_initialized():  # the caller built the group: use it, leave it alone
-        info = DistInfo(dist.get_rank(), dist.get_world_size(), env["local_rank"] if env else 0, dist.get_backend())
-    elif env is not None:
-        info = DistInfo(**env)
-    else:
-        return DistInfo(), pick_device(c["device"])
-    device = _dist_device(c["device"], info.local_rank)
-    R, B = info.world_size, c["batch_size"]
-    _check(B % R == 0, "batch_size", B, f"divisible by the number of ranks ({R}): it is the global batch")
-    _check(B // R >= 2, "batch_size", B, f">= 2 x the number of ranks ({R}): each rank needs 2 samples")
-    ebs = _eval_batch_size(c)
-    _check(ebs % R == 0, "eval_batch_size", ebs, f"divisible by the number of ranks ({R})")
-    if c["mix"] != "none":
-        _check(B // R % 2 == 0, "batch_size", B, f"an even number per rank with mixup/cutmix ({R} ranks)")
-    _check(not (c["sync_bn"] and device.type == "cpu"), "sync_bn", c["sync_bn"],
-           "False or None on CPU (torch's SyncBatchNorm runs on GPUs only)")
-    if info.backend is None:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        info.backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(info.backend)  # env:// rendezvous: torchrun's MASTER_ADDR / MASTER_PORT
-        info.created = True
-    return info, device
-
-
-def dist_teardown(info: DistInfo):
-    if info.created and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _use_sync_bn(c, model, device, info) -> bool:
-    """SyncBatchNorm when asked, or by default under DDP on CUDA for models with BatchNorm: without it each
-    rank normalises by its own B/R samples, so R ranks do not compute what one process on the batch would."""
-    if not info.enabled or not _has_batchnorm(model):
-        return False
-    if c["sync_bn"] is None and device.type == "cpu" and info.world_size > 1 and info.is_main:
-        warnings.warn(f"{c['model']} has BatchNorm and SyncBatchNorm needs GPUs: on CPU each of the "
-                      f"{info.world_size} ranks normalises with its own batch statistics", stacklevel=3)
-    return c["sync_bn"] if c["sync_bn"] is not None else device.type == "cuda"
-
-
-def gather_activations(acts_list) -> list:
-    """Each rank's pooled [B/R, d_l] activations -> the global [B, d_l] ones (rank order = the single-process
-    batch order, as DeviceLoader slices it), differentiably: torch.distributed.nn.functional.all_gather.
-
-    Gradient: every rank computes the same SES value S on the gathered batch; all_gather's backward SUMS
-    the R ranks' gradients for rank r's slice (reduce-scatter), so rank r's activations receive R * dS/dA_r;
-    DDP then AVERAGES the parameter gradients over the R ranks: (1/R) sum_r R dS/dA_r dA_r/dtheta = dS/dtheta,
-    exactly the single-process gradient. So no rescaling: the sum and the mean cancel. (Task loss: each
-    rank's mean over B/R, averaged over R = the mean over B.) One collective for all layers per step."""
-    from torch.distributed.nn.functional import all_gather
-    dims = [a.shape[1] for a in acts_list]
-    # half -> float32 before the collective (ses_loss would upcast anyway; the gradient exchange stays fp32)
-    flat = torch.cat([a.float() if a.dtype in (torch.float16, torch.bfloat16) else a for a in acts_list], dim=1)
-    with warnings.catch_warnings():  # 2.x marks it deprecated for a private successor; it is the public, documented one
-        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
-        parts = all_gather(flat)
-    return list(torch.cat(parts, dim=0).split(dims, dim=1))
-
-
-def _rank_seed(seed, epoch, rank) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def _all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _same_on_all_ranks(value, info: DistInfo, what: str):
-    """Fail clearly (not hang) when ranks disagree on a decision, e.g. out_dir not shared between nodes."""
-    if not info.enabled:
-        return value
-    seen = [None] * info.world_size
-    dist.all_gather_object(seen, value)
-    if any(v != seen[0] for v in seen):
-        raise RuntimeError(f"ranks disagree on {what}: {seen} (with several nodes, out_dir must be a shared folder)")
-    return value
-
-
-def train_torchrun(cfg: dict, nproc="auto", log=print) -> dict:
-    """train(cfg) as ONE run over `nproc` local processes: `torchrun --standalone --nproc_per_node nproc
-    seslib.py train --config {out_dir}/config.json`; returns its result.json. nproc: "auto" (every visible
-    GPU) or an int (CPU ranks when there is no GPU). Needs cfg["out_dir"]. Output streams through `log`."""
-    c = validate_config(cfg)
-    if c["out_dir"] is None:
-        raise ValueError("train_torchrun needs cfg['out_dir'] (the run's config and result travel through it)")
-    if nproc == "auto":
-        nproc = torch.cuda.device_count()
-        if nproc == 0:
-            raise ValueError("torchrun='auto' found no GPU; give a number of (CPU) processes instead")
-    if isinstance(nproc, str) and nproc.isdigit():
-        nproc = int(nproc)
-    if not _is_int(nproc) or nproc < 1:
-        raise ValueError(f"torchrun must be 'auto' or an int >= 1; got {nproc!r}")
-    _check(c["batch_size"] % nproc == 0, "batch_size", c["batch_size"], f"divisible by torchrun={nproc}")
-    out = Path(c["out_dir"])
-    atomic_write_json(out / "config.json", c)  # the validated cfg: also the run's record of what it ran
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "train", "--config", str(out / "config.json")]
-    log(f"[torchrun] {' '.join(cmd[2:])}")
-    proc_start = time.time()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:  # streamed, so a notebook cell shows the run live
-            log(line.rstrip())
-    prog = _read_result(out / "progress.json") or {}
-    if not _result_ok(out / "result.json") and prog.get("paused") and prog.get("time", 0) >= proc_start:
-        raise RunPaused(f"paused after epoch {prog['epochs_done']}/{prog['epochs']} (time budget); run again to resume")
-    if proc.returncode != 0 or not _result_ok(out / "result.json"):
-        raise RuntimeError(f"torchrun run failed (exit {proc.returncode}); see the output above. Command: {' '.join(cmd)}")
-    return json.loads((out / "result.json").read_text())
-
-
-# ── train ────────────────────────────────────────────────────────────────────────────────────────
-
-def train(cfg: dict) -> dict | None:
-    """Train one run (model, dataset, recipe, SES options in cfg; see default_config / validate_config) and
-    return {config, env, history, final}. With out_dir: checkpoint.pt every epoch (atomic), result.json at
-    completion (atomic); resume=True continues from the checkpoint (or returns the finished result).
-
-    Under torchrun it runs as one DDP run over all ranks (see the "distributed" notes above): rank 0
-    returns the result and writes the files, the other ranks return None. ses_scope="global" (default):
-    SES on the activations of the whole global batch, gathered from every rank: loss and gradients equal
-    one process on the batch. "local": each rank's SES on its own B/R samples, averaged over ranks (no
-    gather, but the reachable effective rank is capped at B/R - 1 instead of B - 1). sync_bn: None (auto:
-    SyncBatchNorm for BatchNorm models on CUDA), True, False."""
-    c = validate_config(cfg)
-    dd, device = dist_setup(c)  # checks c against the world size before joining the group
-    owner = c["out_dir"] and dd.is_main  # rank 0 alone writes the run folder
-    try:
-        with run_lock(c["out_dir"]) if owner else contextlib.nullcontext():
-            if owner:
-                gone = clean_temporaries(c["out_dir"])
-                if gone:
-                    print(f"removed {len(gone)} temporary file(s) an interrupted write left in {c['out_dir']}: "
-                          f"{', '.join(gone)}", flush=True)
-            return _train(c, dd, device)
-    finally:
-        dist_teardown(dd)
-
-
-class PreflightError(ValueError):
-    """Something a run will need is missing: raised before any data is read or any training (one line per fix)."""
-
-
-def _checkpoint_bytes(model, c) -> int:
-    """checkpoint.pt's size: the weights, the optimiser state (SGD momentum 1x, AdamW 2x), the best epoch's copy."""
-    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return n * (2 + (2 if c["optimizer"] == "adamw" else 1)) + (1 << 20)
-
-
-def preflight(c, model=None):
-    """Check in well under a second that everything the run `c` will need exists, so it cannot fail after hours of
-    training for a missing package or file (as a robustness pass needing the frost photos would): the packages of
-    its code path, the frost texture photos when frost will be generated, the data set (CIFAR is downloaded now if
-    absent), a writable out_dir with room for the checkpoint. Raises PreflightError listing every problem and its fix."""
-    problems = []
-    need = {"timm": ("ViT models and Mixup/CutMix", c["model"] in VIT_MODELS or c["mix"] != "none"),
-            "torchmetrics": ("the robustness pass's calibration error", bool(c["robustness"]))}
-    for mod, (why, needed) in need.items():
-        if needed and importlib.util.find_spec(mod) is None:
-            problems.append(f"the package {mod!r} is missing (needed for {why}): pip install {mod}")
-    try:
-        d = resolve_data_dir(c["dataset"], c["data_root"], download=True)
-    except FileNotFoundError as e:
-        problems.append(str(e))
-        d = None
-    if c["robustness"] and "frost" in _resolve_corruptions(c["robustness"]) and \
-            not (d is not None and corrupted_available(d.parent, c["dataset"], "frost")):
-        try:
-            _frost_dir()
-        except RuntimeError as e:
-            problems.append(f"robustness includes frost, which is generated here: {e}")
-    if c["out_dir"]:
-        out = Path(c["out_dir"])
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=out):
-                pass
-        except OSError as e:
-            problems.append(f"out_dir {out} is not writable ({e.strerror or e}): choose another out_dir")
-        else:
-            need_b = _checkpoint_bytes(model, c) if model is not None else 0
-            free = shutil.disk_usage(out).free
-            if need_b and free < 2 * need_b:  # the new checkpoint is written beside the old one, then renamed
-                problems.append(f"out_dir {out} has {free / 2**30:.2f} GiB free; a checkpoint of this run takes "
-                                f"{need_b / 2**30:.2f} GiB and needs twice that while it is replaced: free space "
-                                "or choose another out_dir")
-    if problems:
-        raise PreflightError("this run cannot start:\n  - " + "\n  - ".join(problems))
-
-
-def _train(c, dd: DistInfo, device):
-    out_dir = Path(c["out_dir"]) if c["out_dir"] else None
-    ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
-    done, ck = _stale_on_disk(c, out_dir, dd) if out_dir else (None, None)
-    finished, has_ckpt = _same_on_all_ranks((done is not None, ck is not None), dd,
-                                            "whether out_dir holds a finished result / a checkpoint")
-    if finished:  # finished already, with these settings: hand back its result
-        return done if dd.is_main else None
-    amp_dtype = _amp_dtype(c["precision"])
-    note = resolve_precision(c["amp"], device.type, _device_capability(device))[1]
-    if note and dd.is_main and _log_mode(c["log"]) != "none":
-        print(f"note: {note}", flush=True)
-    info = dataset_info(c["dataset"])
-    set_seed(c["seed"])  # the same on every rank: identical init (DDP also broadcasts rank 0's weights)
-    t_start = time.time()
-
-    # model + hooks first: a bad layer preset fails here, before any data is read
-    net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"], c["width"])
-    if c["drop_path"] is not None:
-        _set_drop_path(net, c["drop_path"])
-    sync_bn = _use_sync_bn(c, net, device, dd)
-    if sync_bn:  # same parameter/buffer names as BatchNorm: checkpoints stay interchangeable
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net = net.to(device)
-    # the SES object users call in their own loops (lam 0 for a baseline: its hooks then serve the erank measurements)
-    ses = SES(net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
-              every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"])
-    collector = ses.collector
-    if dd.is_main:
-        preflight(c, net)
-    gather = gather_activations if dd.enabled and c["ses_scope"] == "global" else None
-    model = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = best = None
-    tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c["tf32"]  # process-wide: restored below
-    try:
-        # data
-        # subsets are cut at load time (Tiny-ImageNet then decodes only those), after the val split if any
-        xtr, ytr = load_dataset(c["dataset"], c["data_root"], "train",
-                                subset=c["train_subset"] if not c["val_split"] else None)
-        xte, yte = load_dataset(c["dataset"], c["data_root"], "test", subset=c["test_subset"])
-        xval = yval = None
-        if c["val_split"] > 0:  # fixed holdout (seed-independent) so every run selects on the same images
-            perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(20240229))
-            nv = int(round(c["val_split"] * len(xtr)))
-            vi, ti = perm[:nv].sort().values, perm[nv:].sort().values
-            xval, yval, xtr, ytr = xtr[vi], ytr[vi], xtr[ti], ytr[ti]
-        if c["train_subset"]:
-            xtr, ytr = xtr[:c["train_subset"]], ytr[:c["train_subset"]]
-        if len(xtr) < c["batch_size"]:  # name what the user set: batch_size, and train_subset only if set
-            raise ValueError(f"batch_size {c['batch_size']} is larger than the {len(xtr)} training images"
-                             + (f" (train_subset={c['train_subset']})" if c["train_subset"] else
-                                f" of {c['dataset']} in {resolve_data_dir(c['dataset'], c['data_root'], download=False)}")
-                             + ": training drops the last partial batch, so no step would run; lower batch_size")
-        # every rank holds the whole (uint8) set and takes its slice of each global batch
-        norm = {"mean": c["norm_mean"], "std": c["norm_std"], "device": device, "rank": dd.rank,
-                "world_size": dd.world_size}
-        ebs = _eval_batch_size(c)
-        loader = DeviceLoader(xtr, ytr, c["batch_size"], train=True, augment=c["augment"], pad=c["crop_padding"],
-                              hflip=c["hflip"], color_jitter=c["color_jitter"],
-                              randaugment=(c["randaugment_num_ops"], c["randaugment_magnitude"]), seed=c["seed"],
-                              max_steps=c["max_steps_per_epoch"], **norm)
-        evals = {"test": DeviceLoader(xte, yte, ebs, train=False, **norm)}
-        if xval is not None:
-            evals["val"] = DeviceLoader(xval, yval, ebs, train=False, **norm)
-        # the fixed erank inputs (identical for every run, epoch and rank): the first erank_batches training batches,
-        # unaugmented, at the training batch size; and the first erank_eval_samples test images
-        B = c["batch_size"]
-        erank_batches = [loader.normalize(loader.images[i * B:(i + 1) * B])
-                         for i in range(min(c["erank_batches"], len(xtr) // B))]
-        erank_test = evals["test"].normalize(evals["test"].images[:c["erank_eval_samples"]])
-        del xtr, ytr, xte, yte, xval, yval
-
-        mixer = criterion = None
-        if c["mix"] != "none":  # under DDP the pairs are mixed within each rank's slice (numpy RNG: same lam)
-            from timm.data import Mixup
-            from timm.loss import SoftTargetCrossEntropy
-            a = c["mix_alpha"]
-            mixer = Mixup(mixup_alpha=a if c["mix"] == "mixup" else 0.0,
-                          cutmix_alpha=a if c["mix"] == "cutmix" else 0.0,
-                          label_smoothing=0.0, num_classes=info["num_classes"])
-            criterion = SoftTargetCrossEntropy()
-        optimizer = _make_optimizer(net, c)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(c))
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-        history, start_epoch = [], 0
-        if has_ckpt:  # every rank loads the same global state (saved from rank 0 by any number of ranks)
-            net.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            _set_rng_state(ck["rng"], loader)
-            best = ck.get("best")  # the best test-accuracy epoch's weights (the paper's model selection)
-            history, start_epoch = ck["history"], ck["epoch"]
-        ck = None
-        if dd.enabled:  # after loading: DDP broadcasts rank 0's state at construction
-            model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        else:
-            model = net
-        log = _log_mode(c["log"]) if dd.is_main else "none"
-        tag = (f"{c['dataset']}/{c['model']}{'+SES' if c['ses'] else ''} seed {c['seed']}"
-               + (f" x{dd.world_size} ranks" if dd.world_size > 1 else ""))
-        ckpt_note = (f"Last good checkpoint kept: {ckpt_path} (epoch {start_epoch})" if ckpt_path else
-                     "No checkpoint (out_dir=None).")
-        steps = len(loader)
-        if log in ("plain", "tqdm") and start_epoch:
-            print(f"[{tag}] resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
-
-        end = deadline()
-        for epoch in range(start_epoch, c["epochs"]):
-            if end is not None and _pause_now(history, c, epoch, end, dd):
-                if ckpt_path and dd.is_main:
-                    _write_progress(out_dir, c, history, device, paused=True)
-                raise RunPaused(f"paused before epoch {epoch + 1}/{c['epochs']}: the time budget ends in "
-                                f"{max(0.0, end - time.time()) / 60:.0f} min, less than the next epoch"
-                                + (" and the final evaluation" if epoch + 1 == c["epochs"] else "")
-                                + f" would take; {ckpt_note.lower()}; run it again to resume")
-            beta = ses.set_epoch(epoch, c["epochs"])
-            ses.step = epoch * steps  # periodic SES counts optimiser steps over the whole run (exact on resume)
-            lr = optimizer.param_groups[0]["lr"]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # DDP: in-model randomness (drop path, dropout) from its own stream per rank (equal streams would drop
-            # the same slots on every rank), seeded by (seed, epoch, rank) so a resume at any world size is exact
-            if dd.enabled:
-                torch.manual_seed(_rank_seed(c["seed"], epoch, dd.rank))
-            t0 = time.time()
-            model.train()
-            # loss sum, SES sum, hits, samples, SES steps: this rank's share, summed over ranks after the epoch
-            sums = torch.zeros(5, device=device, dtype=torch.float64)
-            pending, step0 = [], 0
-            bar = None
-            if log == "tqdm":
-                bar = tqdm(total=steps, desc=f"{tag} ep {epoch + 1}/{c['epochs']}", leave=True)
-            for step, (x, y) in enumerate(loader):
-                target = y
-                if mixer is not None:
-                    x, target = mixer(x, y)  # soft targets [B, C]
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = model(x)
-                    task = criterion(out, target) if criterion else F.cross_entropy(out, target)
-                # SES in float32 outside autocast, scaled with the rest below; 0 on the steps it skips (every_k).
-                # Under DDP on the gathered global batch: no 1/R or R, see gather_activations
-                loss = task.float() + ses(gather=gather)
-                if ses.last_loss is not None:
-                    sums[1] += ses.last_loss.double()
-                    sums[4] += 1
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if c["grad_clip"]:  # DDP's gradients are already averaged: every rank clips the same norm
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), c["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
-                with torch.no_grad():
-                    pred = out.argmax(1)
-                    # with mixed targets: the lam-weighted hit rate sum_i t_i[pred_i] (the reference's metric)
-                    hits = target.gather(1, pred[:, None]).sum() if mixer is not None else (pred == y).sum()
-                    sums[2] += hits.double()
-                    sums[0] += task.detach().double() * len(y)
-                    sums[3] += len(y)
-                pending.append(loss.detach())
-                if len(pending) == 16 or step == steps - 1:  # one host sync per 16 steps, not per step
-                    _check_finite(pending, epoch, step0, steps, ckpt_note, dd)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{pending[-1].item():.3f}")
-                    step0, pending = step + 1, []
-                if bar is not None:
-                    bar.update()
-            train_seconds = time.time() - t0
-            loss_sum, reg_sum, correct, n_seen, n_reg = _all_reduce_sum(sums, dd).tolist()
-            ses_mean = reg_sum / n_reg if n_reg else None
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "train_acc": 100.0 * correct / n_seen,
-                   "ses_loss": ses_mean}  # mean of sum_l (H_l - beta log d_l)^2 over the SES steps, lambda NOT applied
-            if n_reg:  # the SES term as it enters the loss (lambda applied, mean over ALL steps: 0 on skipped ones,
-                # as the author's reg meter), and the training loss including it (the paper's Exp 1 scale)
-                row["ses_term"] = c["ses_lambda"] * reg_sum / (steps * dd.world_size)  # reg_sum: summed over ranks
-                row["train_loss_total"] = row["train_loss"] + row["ses_term"]
-            for split, ev in evals.items():
-                row[f"{split}_acc"], row[f"{split}_loss"] = _evaluate(net, ev, amp_dtype, collector, dd)
-            row["gap"] = row["train_acc"] - row["test_acc"]
-            with ses.measuring():
-                row["erank"] = _erank_ses_view(net, collector, erank_batches, beta, device)
-            row["erank_author"] = _erank_author_view(net, collector, erank_test, beta, ebs, amp_dtype)
-            row.update(beta=beta, lr=lr, steps=steps, train_seconds=train_seconds,
-                       epoch_seconds=time.time() - t0, peak_mem_mb=_peak_mem_mb(device))
-            history.append(row)
-            if dd.is_main and (best is None or row["test_acc"] > best["test_acc"]):  # strict: first best epoch, as the
-                best = {"epoch": epoch + 1, "test_acc": row["test_acc"],  # author's `if acc > best_acc`
-                        "model": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
-            scheduler.step()
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{row['test_acc']:.2f}", gap=f"{row['gap']:.1f}")
-                bar.close()
-            elif log == "plain":
-                print(f"[{tag}] ep {epoch + 1}/{c['epochs']} loss {row['train_loss']:.4f} "
-                      f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% gap {row['gap']:.2f} "
-                      f"lr {lr:.3g} beta {beta:.2f} {row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB", flush=True)
-            if ckpt_path and dd.is_main:
-                atomic_torch_save({"format": 1, "epoch": epoch + 1, "config": c, "model": net.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "scaler": scaler.state_dict(), "rng": _rng_state(loader), "history": history,
-                                   "best": best}, ckpt_path)
-                ckpt_note = f"Last good checkpoint kept: {ckpt_path} (epoch {epoch + 1})"
-                _write_progress(out_dir, c, history, device)
-
-        if not dd.is_main:  # rank 0 alone evaluates robustness and writes the result
-            return None
-        t_eval = time.time()
-        final = _final_metrics(history, c, net, device, evals, collector, log, best)
-        final["eval_seconds"] = time.time() - t_eval  # the final evaluation (robustness passes): for run estimates
-        final["total_seconds"] = time.time() - t_start
-        env = _env_info(device, c)
-        env["data_dir"] = str(resolve_data_dir(c["dataset"], c["data_root"], download=False))  # the folder used
-        env["distributed"] = ({"world_size": dd.world_size, "backend": dd.backend, "ses_scope": c["ses_scope"],
-                               "sync_bn": sync_bn, "nodes": int(os.environ.get("GROUP_WORLD_SIZE", 0)) or None}
-                              if dd.enabled else None)
-        result = {"config": c, "env": env, "history": history, "final": final}
-        if out_dir:
-            if c["save_model"]:  # the final weights, for load_run (checkpoint.pt goes once the run is done)
-                atomic_torch_save(net.state_dict(), out_dir / "model_final.pt")
-            atomic_write_json(out_dir / "result.json", result)
-            if not c["keep_checkpoint"] and ckpt_path.exists():
-                ckpt_path.unlink()
-        return result
-    finally:  # free the device between runs (reference bug 2), also when the run fails: drop every reference
-        ses.remove()  # (rebinding, not del: a traceback keeps this frame and its locals alive)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
-        net = model = collector = ses = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = None  # noqa: F841
-        best = None  # noqa: F841
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def _pause_now(history, c, epoch, end, dd) -> bool:
-    """Whether the next epoch (and, before the last one, the final evaluation) would end after the deadline, by
-    this run's own measured epoch times (the slowest of the last 3; none measured yet: go, the runner only starts
-    a run it expects to fit). Rank 0 decides for all ranks."""
-    go_on = True
-    if history:
-        epoch_s = max(r["epoch_seconds"] for r in history[-3:])
-        need = 1.1 * epoch_s + (estimate_eval_seconds(c, epoch_s) if epoch + 1 == c["epochs"] else 0.0)
-        go_on = time.time() + need <= end
-    if dd.enabled:
-        box = [go_on]
-        dist.broadcast_object_list(box, src=0)
-        go_on = box[0]
-    return not go_on
-
-
-def _write_progress(out_dir, c, history, device, paused=False):
-    """progress.json beside the checkpoint: epochs done, measured epoch seconds, the GPU. Small, so the batch runner
-    and `seslib.py plan` can estimate the time left of an unfinished run without loading its checkpoint."""
-    atomic_write_json(Path(out_dir) / "progress.json", {
-        "epochs_done": len(history), "epochs": c["epochs"], "paused": paused, "time": time.time(),
-        "epoch_seconds": [round(r["epoch_seconds"], 3) for r in history], "device": _device_name(device)})
-
-
-def _final_metrics(history, c, model, device, evals, collector, log, best=None):
-    last = history[-1]
-    top = max(history, key=lambda r: r["test_acc"])  # the first epoch with the best test accuracy
-    final = {"test_acc": last["test_acc"],  # the headline: the FINAL epoch's test accuracy
-             "train_acc": last["train_acc"], "gap": last["gap"], "test_loss": last["test_loss"],
-             # selected on the test set (what the published reference reports as best_acc): never a headline
-             "best_test_acc_over_epochs": top["test_acc"], "best_test_epoch": top["epoch"],
-             "params_m": count_params(model) / 1e6,
-             "epoch_seconds_mean": float(np.mean([r["epoch_seconds"] for r in history])),
-             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in history])),
-             "peak_mem_mb": max(r["peak_mem_mb"] for r in history),
-             "erank": last["erank"], "erank_author": last.get("erank_author"), "epochs_run": len(history)}
-    if "val_acc" in last:  # honest model selection: the epoch with the best held-out val accuracy
-        sel = max(history, key=lambda r: r["val_acc"])
-        final.update(val_acc=last["val_acc"], best_val_epoch=sel["epoch"], test_acc_at_best_val=sel["test_acc"])
-    final["robustness"] = final["robustness_paper"] = final["robustness_paper_best"] = None
-    if c["robustness"]:
-        test = evals["test"]
-        n = c["robustness_subset"] or len(test.images)
-        x, y = test.images[:n], test.labels[:n]
-        d = resolve_data_dir(c["dataset"], c["data_root"])
-        normalize = (c["norm_mean"], c["norm_std"])
-        # the standard protocol (Hendrycks & Dietterich, pixel space) on the final weights: our headline
-        final["robustness"] = evaluate_corruptions(
-            model, x, y, corruptions=c["robustness"],
-            severities=c["robustness_severities"], batch_size=_eval_batch_size(c),
-            normalize=normalize, device=device, data_root=d.parent, dataset=c["dataset"],
-            seed=c["seed"], collector=collector, amp=c["precision"], progress=log == "tqdm",
-            classes=tinyimagenet_classes(d) if c["dataset"] == "tinyimagenet" else None,
-            files=tinyimagenet_val_files(d)[:n] if c["dataset"] == "tinyimagenet" else None)  # the same images
-        # the paper's protocol, on the final weights and on the best test-accuracy epoch's (what every SES
-        # script reloads before its robustness pass: selected on the test set, so never our headline)
-        paper = dict(normalize=normalize, batch_size=c["batch_size"], device=device, amp=c["precision"],
-                     seed=c["seed"], collector=collector)
-        final["robustness_paper"] = evaluate_paper_protocol(model, x, y, **paper)
-        if best is not None:
-            final_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            model.load_state_dict(best["model"])
-            try:
-                final["robustness_paper_best"] = evaluate_paper_protocol(model, x, y, **paper)
-                final["robustness_paper_best"].update(weights="best test-accuracy epoch (test-selected, as the paper)",
-                                                      epoch=best["epoch"], test_acc=best["test_acc"])
-            finally:
-                model.load_state_dict(final_state)
-    return final
-
-
-# ═══════════════════════════════════════════════════════════════════════════════════════════════
 # corruptions
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
+
 # The CIFAR-10-C / Tiny-ImageNet-C protocol of Hendrycks & Dietterich (hendrycks/robustness,
 # ImageNet-C/create_c/make_cifar_c.py for 32 px, make_tinyimagenet_c.py for 64 px), re-implemented as
 # batched torch ops on uint8 [N, 3, H, W] so a whole test set is corrupted on the device in one go.
@@ -3427,15 +2499,6 @@ def _paper_corruption(x, name, severity, generator=None):
     raise ValueError(f"the paper protocol has no corruption {name!r}; it has {', '.join(PAPER_PROTOCOL['corruptions'])}")
 
 
-def _eval_amp_dtype(amp, device):
-    """The autocast dtype of an evaluation: amp = a precision ('fp32' | 'fp16' | 'bf16'), an amp request ('auto',
-    'fp16', 'bf16', 'off'), or True/False/None (auto/off). Resolved as training resolves it."""
-    if amp in PRECISIONS:
-        return _amp_dtype(amp if device.type == "cuda" else "fp32")
-    request = "auto" if amp is True else "off" if amp in (False, None) else amp
-    return _amp_dtype(resolve_precision(request, device.type, _device_capability(device))[0])
-
-
 def evaluate_paper_protocol(model, images, labels, normalize, batch_size=256, device=None, amp="fp32", seed=0,
                             collector=None, generator=None):
     """The published SES robustness evaluation (see the block comment above), as an exact replica.
@@ -3484,8 +2547,1361 @@ def evaluate_paper_protocol(model, images, labels, normalize, batch_size=256, de
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
+# run folders, the stale rule and estimates
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+
+# ── "done" means: the same settings ──
+# Keys that cannot change what a run computes: a result made with other values still counts as done.
+_NOT_COMPUTED = ("resume", "log", "data_root", "out_dir", "device", "keep_checkpoint", "save_model", "eval_batch_size",
+                 "precision", "preset")  # precision follows from amp + the device; preset is a label
+# A checkpoint may also be resumed under other robustness settings: they act only after the last epoch.
+_RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustness_subset")
+
+
+def config_diff(now: dict, then: dict, ignore=_NOT_COMPUTED) -> list:
+    """[(key, then, now)] for every key that differs between a stored run's config and the one planned now
+    (a key missing from the older config counts as different: the suite's recipe grew since).
+    'preset' is listed too when anything else differs, so a message can say "preset smoke -> paper"."""
+    diff = [(k, then.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(now) | set(then))
+            if k not in ignore and then.get(k, "<absent>") != now.get(k, "<absent>")]
+    if diff and now.get("preset") != then.get("preset") and "preset" in ignore:
+        diff.append(("preset", then.get("preset"), now.get("preset")))
+    return diff
+
+
+def describe_diff(diff, limit=6) -> str:
+    """'epochs 2 → 50, preset smoke → paper' (the first `limit` keys)."""
+    parts = [f"{k} {json.dumps(a, default=str) if not isinstance(a, str) else a} → "
+             f"{json.dumps(b, default=str) if not isinstance(b, str) else b}" for k, a, b in diff[:limit]]
+    return ", ".join(parts) + (f" (+{len(diff) - limit} more)" if len(diff) > limit else "")
+
+
+def set_aside(run_dir, why: str) -> Path:
+    """Move a run folder's files (not the folder, which a lock may hold) into {out_dir}/stale/<name>.<time>/,
+    with why.txt: nothing is deleted. Returns the new folder."""
+    run_dir = Path(run_dir)
+    root = run_dir.parent.parent if run_dir.parent.name == "runs" else run_dir.parent
+    dest = root / "stale" / f"{run_dir.name}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+    dest.mkdir(parents=True)
+    for f in run_dir.iterdir():
+        if f.name != ".lock":
+            shutil.move(str(f), str(dest / f.name))
+    (dest / "why.txt").write_text(why + "\n")
+    return dest
+
+
+def _result_ok(path):
+    """A run's result.json exists and parses (train writes it atomically)."""
+    return _read_result(path) is not None
+
+
+def _read_result(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def result_status(result_path, cfg, ignore=_NOT_COMPUTED):
+    """("done" | "stale" | "todo", diff) of a run folder's result.json against the config planned now."""
+    r = _read_result(result_path)
+    if r is None:
+        return "todo", []
+    if cfg is None:  # a plan without a recipe (e.g. a custom grid): any parseable result counts
+        return "done", []
+    diff = config_diff(cfg, r.get("config") or {}, ignore)
+    return ("stale" if diff else "done"), diff
+
+
+BUDGET_ENV = "SES_TIME_BUDGET"  # the batch's whole time budget in seconds (with SES_DEADLINE)
+
+
+def fits_budget(est, end, budget=None) -> bool:
+    """Whether a run estimated at est["seconds"] may start with the deadline `end`: it must finish before it. A run
+    longer than a whole budget can never do that, so it starts when at least half the budget is left (it pauses at an
+    epoch boundary and the next invocation resumes it)."""
+    if end is None or not est:
+        return True
+    left = end - time.time()
+    if est["seconds"] <= left:
+        return True
+    return bool(budget) and est["seconds"] > budget and left >= budget / 2
+
+
+_MODEL_COST = {"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6, "mlp_toy": 0.01}
+
+
+def run_cost(cfg: dict) -> float:
+    """A run's relative cost (model x epochs x pixels, SES adds ~1/every_k); the batch runner starts the costliest first."""
+    px = 4.0 if cfg.get("dataset") == "tinyimagenet" else 1.0
+    ses = 1.0 + (0.3 / cfg.get("ses_every_k", 1) if cfg.get("ses") else 0.0)
+    return _MODEL_COST.get(cfg.get("model"), 1.0) * cfg.get("epochs", 50) * px * ses
+
+
+# ── run-time estimates (the time budget, `sesrun.py plan`) ──
+# A run's time = epochs left x seconds per epoch + its final evaluation. Seconds per epoch, best source first: this
+# run's own measured epochs (progress.json, a paused run), the measured epochs of a finished run of the same config
+# (another seed), the paper's epoch time for the config (PAPER[...]["epoch_s"], on PAPER_GPU), else the paper's
+# ResNet-18 CIFAR times scaled by model and image size. Across GPUs, times scale by GPU_SPEED: rough training
+# throughput relative to a T4 from public CNN training benchmarks; a measured time on the GPU at hand replaces it.
+GPU_SPEED = {"h200": 6.5, "h100": 6.0, "a100": 4.0, "l40s": 3.0, "a10": 2.0, "v100": 2.0, "l4": 1.8, "p100": 1.1,
+             "t4": 1.0, "cpu": 0.02}
+_RESNET18_T4_EPOCH_S = {False: 28.9, True: 42.5}  # the paper's ResNet-18 CIFAR epoch, batch 256, fp32 (Exp 1-9)
+TOY_RUN_SECONDS = 60.0  # Exp 4's 2-D MLP: about a minute per run on a CPU core (measured), whatever the GPU
+
+
+def gpu_kind(name) -> str:
+    """'t4', 'a100', ... from a device name ('Tesla T4', 'NVIDIA A100-SXM4-40GB'), 'cpu' for a CPU model name."""
+    n = str(name or "").lower().replace("-", " ")
+    for k in sorted(GPU_SPEED, key=len, reverse=True):  # 'l40s' before 'l4'
+        if k != "cpu" and re.search(rf"\b{k}\b", n):
+            return k
+    return "cpu" if not any(w in n for w in ("nvidia", "tesla", "geforce", "rtx", "quadro")) else "t4"
+
+
+def _speed(kind) -> float:
+    if kind not in GPU_SPEED:
+        raise ValueError(f"unknown GPU {kind!r}; known: {', '.join(GPU_SPEED)}")
+    return GPU_SPEED[kind]
+
+
+def _steps_fraction(c) -> float:
+    """The share of a full epoch's steps a config runs (train_subset, max_steps_per_epoch; 1 for the paper)."""
+    n_train = DATASETS[c["dataset"]]["sizes"][0] if c.get("dataset") in DATASETS else 1
+    n = min(c.get("train_subset") or n_train, n_train)
+    if c.get("max_steps_per_epoch"):
+        n = min(n, c["max_steps_per_epoch"] * c["batch_size"])
+    return n / n_train
+
+
+def estimate_eval_seconds(c, epoch_s) -> float:
+    """The final evaluation's time from the training epoch's: every corrupted test image is one forward pass (a
+    training image costs about 3: forward + backward), over the standard protocol's corruptions x severities and
+    the paper's protocol twice (final and best weights, 5 x 3 cells each)."""
+    if not c.get("robustness") or c.get("dataset") not in DATASETS:
+        return 0.0
+    n_train, n_test = DATASETS[c["dataset"]]["sizes"]  # epoch_s / fraction: the time of a full epoch of n_train
+    n_test = min(c.get("robustness_subset") or c.get("test_subset") or n_test, n_test)
+    cells = len(_resolve_corruptions(c["robustness"])) * len(c.get("robustness_severities") or (1, 2, 3, 4, 5)) + 30
+    return epoch_s / _steps_fraction(c) * cells * n_test / (3 * n_train)
+
+
+def _paper_t4_epoch_seconds(c, paper_entry=None, paper_gpu=None):
+    """(seconds per full epoch on a T4, source) from the paper."""
+    if paper_entry and paper_entry.get("epoch_s"):
+        kind = gpu_kind(paper_gpu or "Tesla T4")
+        return paper_entry["epoch_s"] * _speed(kind), f"paper ({paper_gpu or 'T4'})"
+    px = (DATASETS.get(c.get("dataset"), {}).get("img_size", 32) / 32) ** 2
+    s = _RESNET18_T4_EPOCH_S[bool(c.get("ses"))] * _MODEL_COST.get(c.get("model"), 1.0) * px
+    return s, "est. from the paper's ResNet-18 times"
+
+
+def estimate_run(c, gpu, paper_entry=None, paper_gpu=None, measured=None, progress=None) -> dict:
+    """{seconds, epoch_s, epochs_left, source} for the resolved config c on a `gpu` kind. measured: a finished run
+    of the same config {epoch_s, eval_s, gpu}; progress: this run's progress.json (epochs done, epoch seconds)."""
+    if c.get("model") == "mlp_toy" or "radii" in c:  # the toy study (its config has no model key)
+        return {"seconds": TOY_RUN_SECONDS, "epoch_s": TOY_RUN_SECONDS / c["epochs"], "epochs_left": c["epochs"],
+                "source": "measured (CPU)"}
+    speed, frac = _speed(gpu), _steps_fraction(c)
+    eval_s = None
+    done = (progress or {}).get("epochs_done", 0)
+    own = (progress or {}).get("epoch_seconds") or []
+    if own and gpu_kind(progress.get("device")) == gpu:
+        epoch_s, source = float(np.mean(own)), "measured (this run)"
+    elif measured:
+        k = GPU_SPEED.get(gpu_kind(measured["gpu"]), 1.0) / speed
+        epoch_s, source = measured["epoch_s"] * k, f"measured ({measured['gpu']})"
+        eval_s = measured["eval_s"] * k if measured.get("eval_s") is not None else None
+    else:
+        t4, source = _paper_t4_epoch_seconds(c, paper_entry, paper_gpu)
+        epoch_s = t4 / speed * frac
+    left = max(0, c["epochs"] - done)
+    if eval_s is None:
+        eval_s = estimate_eval_seconds(c, epoch_s)
+    return {"seconds": left * epoch_s + eval_s, "epoch_s": epoch_s, "epochs_left": left, "source": source}
+
+
+def _measured(run_dir) -> dict | None:
+    """A finished run's measured epoch and evaluation seconds and its GPU, from result.json."""
+    r = _read_result(Path(run_dir) / "result.json")
+    fin = (r or {}).get("final") or {}
+    if not fin.get("epoch_seconds_mean"):
+        return None
+    return {"epoch_s": fin["epoch_seconds_mean"], "eval_s": fin.get("eval_seconds"),
+            "gpu": (r.get("env") or {}).get("device_name", "cpu")}
+
+
+def run_estimate(run, paper=None, paper_gpu=None, gpu=None) -> dict:
+    """estimate_run for one planned run: its progress.json, another finished seed of its config, the paper."""
+    if gpu is None:
+        dev = pick_device((run.cfg or {}).get("device", "auto"))
+        gpu = gpu_kind(_device_name(dev)) if dev.type == "cuda" else "cpu"
+    progress = _read_result(run.run_dir / "progress.json")
+    same = sorted(run.run_dir.parent.glob(f"{run.config}_seed*")) if run.run_dir.parent.is_dir() else []
+    measured = _measured_like(run, [d for d in same if d != run.run_dir])
+    return estimate_run(run.cfg or {}, gpu, (paper or {}).get(run.config), paper_gpu, measured, progress)
+
+
+def _measured_like(run, run_dirs):
+    """The first finished run among run_dirs made with this run's config up to the seed (so its epoch time counts)."""
+    for d in run_dirs:
+        m = _measured(d)
+        if m is None or run.cfg is None:
+            continue
+        then = (_read_result(d / "result.json") or {}).get("config") or {}
+        if not config_diff(dict(run.cfg, seed=then.get("seed")), then):
+            return m
+    return None
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# train
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+
+ROBUSTNESS_PRESETS = ("all15", "paper5")
+# MultiStep milestones when a config gives none: fractions of the epochs that reproduce the reference's
+# [20, 35, 45] of 50 (CIFAR) and [25, 40, 52] of 60 (Tiny-ImageNet) exactly; gamma 0.2 as in every reference script.
+# The notebooks state the author's absolute milestones (see run_config for an epochs override).
+_MILESTONE_FRACTIONS = {"tinyimagenet": (25 / 60, 40 / 60, 52 / 60)}
+_DEFAULT_FRACTIONS = (0.4, 0.7, 0.9)
+
+_BASE_CONFIG = {
+    "model": "resnet18", "dataset": "cifar10", "data_root": None,
+    "epochs": 50, "batch_size": 256, "eval_batch_size": None,
+    "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "schedule": "multistep", "milestones": None, "lr_gamma": 0.2, "warmup_epochs": 0, "min_lr": 1e-5,
+    "grad_clip": None,
+    "seed": 42, "device": "auto",
+    "amp": "auto",  # asked for: auto | fp16 | bf16 | off
+    "precision": None,  # derived: what this device runs (fp32 | fp16 | bf16); see resolve_precision
+    "tf32": False,  # TF32 matmuls/convs on Ampere+ (the Tiny-ImageNet script turns it on)
+    # input pipeline: normalisation (None: the dataset's statistics) and every augmentation parameter
+    "norm_mean": None, "norm_std": None,
+    "augment": "standard", "crop_padding": 4, "hflip": True, "color_jitter": None,
+    "randaugment_num_ops": None, "randaugment_magnitude": None,  # None: RandAugment(2, 9) when augment="randaugment"
+    "mix": "none", "mix_alpha": None,  # None: 1.0 with mixup/cutmix
+    "spectral_norm": False, "width": 1.0,  # width < 1: narrowed model (the smoke preset's; see build_model)
+    "ses": False, "ses_lambda": 0.01, "ses_beta": 0.7, "ses_beta_schedule": None,
+    "ses_layers": "auto", "ses_targets": ["block"], "ses_every_k": 1,
+    "ses_scope": "global", "sync_bn": None,  # multi-GPU (torchrun) only; see the "distributed" section
+    "drop_path": None,  # ViTs: stochastic-depth rate (None: the recipe's 0.1)
+    # per-epoch effective rank, measured two ways (see _erank_ses_view / _erank_author_view)
+    "erank_batches": 4, "erank_eval_samples": 2048,
+    "out_dir": None, "resume": False, "save_model": True, "keep_checkpoint": False,  # a finished run keeps result.json; True: checkpoint.pt too
+    "train_subset": None, "test_subset": None, "max_steps_per_epoch": None, "val_split": 0.0,
+    "robustness": None, "robustness_severities": [1, 2, 3, 4, 5], "robustness_subset": None,
+    "preset": None,  # label set by run_config ("paper", "smoke", ...): reports and the stale rule name it
+    "log": "auto",
+}
+
+_CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("multistep", "cosine", "constant"),
+            "amp": ("auto", "fp16", "bf16", "off"), "augment": ("standard", "randaugment", "none"),
+            "mix": ("none", "mixup", "cutmix"), "log": ("auto", "tqdm", "plain", "none"),
+            "ses_scope": ("global", "local")}
+# ses_resnet50_tinyimagenet .py: Normalize((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)) (its std is not the
+# data set's pixel std in DATASETS), RandomCrop(64, padding=8), flip, ColorJitter(0.1, 0.1, 0.1), BF16 + TF32.
+_TINY_RECIPE = dict(epochs=60, norm_mean=[0.4802, 0.4481, 0.3975], norm_std=[0.2302, 0.2265, 0.2262],
+                    crop_padding=8, color_jitter={"brightness": 0.1, "contrast": 0.1, "saturation": 0.1},
+                    amp="bf16", tf32=True)
+
+
+def default_config(model="resnet18", dataset="cifar10") -> dict:
+    """The reference recipe for (model, dataset) as a full cfg dict ("Setup tecnico di riferimento").
+    CNNs: SGD lr 0.1 mom 0.9 wd 5e-4, MultiStep x0.2 at 40/70/90% = [20, 35, 45] of 50 epochs, batch 256.
+    Tiny-ImageNet: 60 epochs, [25, 40, 52], and ses_resnet50_tinyimagenet .py's pipeline (_TINY_RECIPE).
+    ViTs: AdamW lr 1e-3 wd 0.05, 5 warm-up epochs + cosine to 1e-5, grad clip 1.0, batch 512, FP16 (every ViT script)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    dataset_info(dataset)
+    cfg = dict(_BASE_CONFIG, model=model, dataset=dataset, ses_targets=["block"],
+               robustness_severities=[1, 2, 3, 4, 5])
+    if dataset == "tinyimagenet":
+        cfg.update(_TINY_RECIPE)
+    if model in VIT_MODELS:
+        cfg.update(optimizer="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=5,
+                   grad_clip=1.0, batch_size=512, amp="fp16")
+    return cfg
+
+
+def _derived_milestones(dataset, epochs):
+    fr = _MILESTONE_FRACTIONS.get(dataset, _DEFAULT_FRACTIONS)
+    return sorted({max(1, round(f * epochs)) for f in fr})
+
+
+def _resolve_pipeline(c, info):
+    """Check and fill in the input pipeline keys, so that the resolved config says exactly how inputs were made."""
+    for k, default in (("norm_mean", info["mean"]), ("norm_std", info["std"])):
+        v = default if c[k] is None else c[k]
+        _check(isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_num(x) for x in v)
+               and (k == "norm_mean" or all(x > 0 for x in v)), k, c[k], "None or 3 numbers (std > 0)")
+        c[k] = [float(x) for x in v]
+    _check(_is_int(c["crop_padding"]) and c["crop_padding"] >= 0, "crop_padding", c["crop_padding"], "an int >= 0")
+    _check(isinstance(c["hflip"], bool), "hflip", c["hflip"], "True or False")
+    cj = c["color_jitter"]
+    _check(cj is None or (isinstance(cj, dict) and set(cj) <= set(_JITTER_KEYS)
+                          and all(_is_num(v) and 0 <= v < 1 for v in cj.values())), "color_jitter", cj,
+           f"None or a dict of {', '.join(_JITTER_KEYS)} strengths in [0, 1) (torchvision ColorJitter)")
+    c["color_jitter"] = None if not cj else {k: float(cj.get(k, 0.0)) for k in _JITTER_KEYS}
+    if c["augment"] == "randaugment":
+        n, m = c["randaugment_num_ops"], c["randaugment_magnitude"]
+        c["randaugment_num_ops"], c["randaugment_magnitude"] = 2 if n is None else n, 9 if m is None else m
+        _check(_is_int(c["randaugment_num_ops"]) and c["randaugment_num_ops"] >= 1, "randaugment_num_ops", n, "an int >= 1")
+        _check(_is_int(c["randaugment_magnitude"]) and 0 <= c["randaugment_magnitude"] <= 30, "randaugment_magnitude", m,
+               "an int in 0..30")
+    else:  # not used: say so rather than carry numbers that did nothing
+        c["randaugment_num_ops"] = c["randaugment_magnitude"] = None
+    if c["mix"] == "none":
+        c["mix_alpha"] = None
+    else:
+        c["mix_alpha"] = 1.0 if c["mix_alpha"] is None else c["mix_alpha"]
+        _check(_is_num(c["mix_alpha"]) and c["mix_alpha"] > 0, "mix_alpha", c["mix_alpha"], "a number > 0")
+
+
+def validate_config(cfg) -> dict:
+    """The full cfg (defaults of default_config(model, dataset) filled in), or ValueError naming the bad key.
+    Runs before any data is touched."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"cfg must be a dict; got {type(cfg).__name__}")
+    unknown = [k for k in cfg if k not in _BASE_CONFIG]
+    if unknown:
+        hints = {k: difflib.get_close_matches(str(k), _BASE_CONFIG, n=1) for k in unknown}
+        raise ValueError("unknown config key(s): " + ", ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+    model, dataset = cfg.get("model", "resnet18"), cfg.get("dataset", "cifar10")
+    recipe = default_config(model, dataset)  # rejects an unknown model or dataset
+    if model == "mlp_toy":
+        raise ValueError("model 'mlp_toy' is the toy 2-D study's network: it does not train on image datasets")
+    c = dict(recipe, **cfg)
+    for k, opts in _CHOICES.items():
+        _check(c[k] in opts, k, c[k], "one of " + ", ".join(map(repr, opts)))
+    for k in ("epochs", "batch_size", "ses_every_k", "erank_batches", "erank_eval_samples"):
+        _check(_is_int(c[k]) and c[k] >= 1, k, c[k], "an int >= 1")
+    _check(c["batch_size"] >= 2, "batch_size", c["batch_size"], "an int >= 2")
+    for k in ("eval_batch_size", "train_subset", "test_subset", "max_steps_per_epoch", "robustness_subset"):
+        _check(c[k] is None or (_is_int(c[k]) and c[k] >= 1), k, c[k], "None or an int >= 1")
+    _check(_is_int(c["seed"]), "seed", c["seed"], "an int")
+    _check(_is_int(c["warmup_epochs"]) and c["warmup_epochs"] >= 0, "warmup_epochs", c["warmup_epochs"], "an int >= 0")
+    _check(_is_num(c["lr"]) and c["lr"] > 0, "lr", c["lr"], "a number > 0")
+    _check(_is_num(c["min_lr"]) and 0 <= c["min_lr"] <= c["lr"], "min_lr", c["min_lr"], "a number in [0, lr]")
+    _check(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "weight_decay", c["weight_decay"], "a number >= 0")
+    _check(_is_num(c["momentum"]) and 0 <= c["momentum"] < 1, "momentum", c["momentum"], "a number in [0, 1)")
+    _check(_is_num(c["lr_gamma"]) and c["lr_gamma"] > 0, "lr_gamma", c["lr_gamma"], "a number > 0")
+    _check(c["grad_clip"] is None or (_is_num(c["grad_clip"]) and c["grad_clip"] > 0), "grad_clip",
+           c["grad_clip"], "None or a number > 0")
+    _check(_is_num(c["ses_lambda"]) and c["ses_lambda"] >= 0, "ses_lambda", c["ses_lambda"], "a number >= 0")
+    _check(_is_num(c["ses_beta"]) and 0 < c["ses_beta"] < 1, "ses_beta", c["ses_beta"], "a number in (0, 1)")
+    _check(_is_num(c["val_split"]) and 0 <= c["val_split"] < 1, "val_split", c["val_split"], "a number in [0, 1)")
+    ms = c["milestones"]
+    _check(ms is None or (isinstance(ms, (list, tuple)) and all(_is_int(m) and m >= 1 for m in ms)
+                          and list(ms) == sorted(set(ms))), "milestones", ms,
+           "None (40/70/90% of epochs) or an increasing list of epochs >= 1")
+    c["milestones"] = list(ms) if ms is not None else _derived_milestones(c["dataset"], c["epochs"])
+    _resolve_pipeline(c, dataset_info(dataset))
+    for k in ("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32", "save_model"):
+        _check(isinstance(c[k], bool), k, c[k], "True or False")
+    _check(c["sync_bn"] is None or isinstance(c["sync_bn"], bool), "sync_bn", c["sync_bn"],
+           "None (auto: on under multi-GPU DDP), True or False")
+    _check(c["drop_path"] is None or (c["model"] in VIT_MODELS and _is_num(c["drop_path"]) and 0 <= c["drop_path"] < 1),
+           "drop_path", c["drop_path"], "None, or for a ViT a number in [0, 1)")
+    if c["model"] in VIT_MODELS and c["drop_path"] is None:
+        c["drop_path"] = 0.1  # the reference ViT/4's stochastic depth
+    _check(c["preset"] is None or isinstance(c["preset"], str), "preset", c["preset"], "None or a preset name")
+    _check(_is_num(c["width"]) and 0 < c["width"] <= 1, "width", c["width"], "a number in (0, 1] (1: the published model)")
+    _check(isinstance(c["device"], str), "device", c["device"], "a string ('auto', 'cpu', 'cuda', 'cuda:1', ...)")
+    try:
+        torch.device("cpu" if c["device"] == "auto" else c["device"])
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"config 'device' is not a torch device: {c['device']!r} ({e})") from None
+    if torchrun_env() is not None and c["device"] not in ("auto", "cuda", "cpu"):  # before the GPU check: a
+        _dist_device(c["device"], 0)  # 'cuda:1' under torchrun is wrong on every machine, so say that first
+    device = pick_device(c["device"])
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"config 'device' is {c['device']!r} but this machine has no usable CUDA GPU "
+                             "(torch.cuda.is_available() is False): use device='auto' (GPU when there is one) or 'cpu'")
+        if (device.index or 0) >= n:
+            raise ValueError(f"config 'device' is {c['device']!r} but only {n} CUDA device(s) are visible "
+                             f"(cuda:0..cuda:{n - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    c["precision"] = resolve_precision(c["amp"], device.type, _device_capability(device))[0]
+    for k in ("data_root", "out_dir"):
+        _check(c[k] is None or isinstance(c[k], (str, os.PathLike)), k, c[k], "None or a path")
+        c[k] = None if c[k] is None else str(c[k])
+    _check(not c["resume"] or c["out_dir"] is not None, "resume", c["resume"], "False when out_dir is None")
+    if c["ses_beta_schedule"] is not None:
+        _check(isinstance(c["ses_beta_schedule"], (str, dict, float)), "ses_beta_schedule",
+               c["ses_beta_schedule"], "None, a spec string ('linear:0.3:0.9') or a dict")
+        try:
+            BetaSchedule.parse(c["ses_beta_schedule"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config 'ses_beta_schedule' {c['ses_beta_schedule']!r}: {e}") from None
+    layers = c["ses_layers"]
+    _check(isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(s, str) for s in layers)),
+           "ses_layers", layers, "a preset name or a list of module names")
+    c["ses_layers"] = layers if isinstance(layers, str) else list(layers)
+    t = c["ses_targets"]
+    _check(isinstance(t, (list, tuple)) and t and all(isinstance(s, str) for s in t), "ses_targets", t,
+           'a non-empty list like ["block"]')
+    c["ses_targets"] = list(t)
+    r = c["robustness"]
+    _check(r is None or r in ROBUSTNESS_PRESETS or (isinstance(r, (list, tuple)) and r
+                                                    and all(isinstance(s, str) for s in r)),
+           "robustness", r, "None, 'all15', 'paper5' or a list of corruption names")
+    c["robustness"] = list(r) if isinstance(r, (list, tuple)) else r
+    sev = c["robustness_severities"]
+    _check(isinstance(sev, (list, tuple)) and sev and all(_is_int(s) and 1 <= s <= 5 for s in sev),
+           "robustness_severities", sev, "a non-empty list of ints in 1..5")
+    c["robustness_severities"] = list(sev)
+    if c["mix"] != "none":
+        _check(c["batch_size"] % 2 == 0, "batch_size", c["batch_size"], "even with mixup/cutmix (timm Mixup)")
+    if c["train_subset"] is not None:
+        _check(c["train_subset"] >= c["batch_size"], "train_subset", c["train_subset"],
+               f">= batch_size ({c['batch_size']}): training drops the last partial batch")
+    return c
+
+
+# ── pieces of the loop ───────────────────────────────────────────────────────────────────────────
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+def _eval_batch_size(c):
+    return c["eval_batch_size"] or 2 * c["batch_size"]
+
+
+def _lr_factor(c):
+    """Per-epoch LR multiplier (LambdaLR), as the reference schedules step once per epoch."""
+    E, w, ms, g = c["epochs"], c["warmup_epochs"], c["milestones"], c["lr_gamma"]
+    floor = c["min_lr"] / c["lr"]
+
+    def factor(e):
+        if e < w:
+            return (e + 1) / w  # linear warm-up: base * (e+1)/w, as ses_vit_experiment.py
+        if c["schedule"] == "cosine":
+            t = (e - w) / max(1, E - w)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        if c["schedule"] == "multistep":
+            return g ** sum(e >= m for m in ms)
+        return 1.0
+    return factor
+
+
+def _set_drop_path(model, rate):
+    """Stochastic depth of a timm ViT at max rate `rate`, spaced linearly over the blocks as timm does."""
+    from timm.layers import DropPath
+    n = len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        p = rate * i / max(1, n - 1)
+        blk.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        blk.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+
+
+def _make_optimizer(model, c):
+    if c["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
+    return torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+
+
+def _peak_mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process-lifetime peak RSS
+
+
+def _env_info(device, c):
+    import timm
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "device_name": _device_name(device),
+            "cuda": torch.version.cuda, "seed": c["seed"], "hostname": socket.gethostname(),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "threads": torch.get_num_threads(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _rng_state(loader):
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # numpy's MT state as a tensor + primitives, so torch.load(weights_only=True) accepts it
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+            "python": random.getstate(), "loader": loader.state_dict()}
+
+
+def _set_rng_state(s, loader):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, internal, gauss_next = s["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    loader.load_state_dict(s["loader"])
+
+
+def _stale_on_disk(c, out_dir, dd):
+    """Before resuming: a finished result or a checkpoint in out_dir made with other settings is set aside
+    (set_aside: moved, never deleted) and the run starts over. Returns (finished result or None, checkpoint or None)."""
+    result_path, ckpt_path = out_dir / "result.json", out_dir / "checkpoint.pt"
+    done = ck = None
+    corrupt = []  # truncated, empty or garbage files: moved aside as *.corrupt, and the run starts over
+    if c["resume"] and result_path.exists():
+        done = _read_result(result_path)
+        if not isinstance(done, dict) or not isinstance(done.get("config"), dict):
+            done = None
+            corrupt.append(result_path)
+    if c["resume"] and done is None and ckpt_path.exists():
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or not {"config", "model", "epoch"} <= set(ck):
+                raise ValueError("not a seslib checkpoint")
+        except Exception:  # noqa: BLE001 - any unreadable file: torch raises many types for garbage
+            ck = None
+            corrupt.append(ckpt_path)
+    if corrupt and dd.is_main:
+        for f in corrupt:
+            print(f"[corrupt] {f} is unreadable (truncated, empty or not a {f.suffix[1:]} file); moved to "
+                  f"{move_aside(f)}; starting the run over", flush=True)
+    diff = config_diff(c, done["config"]) if done is not None else \
+        config_diff(c, ck["config"], _RESUME_FREE) if ck is not None else []
+    diff = _same_on_all_ranks(diff, dd, "whether out_dir holds a run made with other settings")
+    if not diff:
+        if corrupt and dd.enabled:
+            dist.barrier()
+        return done, ck
+    if dd.is_main:
+        what = "result" if done is not None else "checkpoint"
+        where = set_aside(out_dir, f"stale {what}: {describe_diff(diff, limit=100)}")
+        print(f"[stale] {out_dir}: its {what} was made with other settings ({describe_diff(diff)}); "
+              f"moved to {where}; starting over", flush=True)
+    if dd.enabled:
+        dist.barrier()
+    return None, None
+
+
+def _log_mode(mode):
+    mode = os.environ.get("SES_LOG", mode) if mode == "auto" else mode
+    if mode != "auto":
+        return mode
+    return "tqdm" if (sys.stderr.isatty() or "ipykernel" in sys.modules) else "plain"
+
+
+def _erank_ses_view(model, collector, batches, beta, device):
+    """Per-layer effective rank as SES sees it: train mode, on a few fixed batches of (unaugmented) training images
+    of the training batch size (erank grows with the number of samples, so only this batch size compares with
+    the target SES pulls towards), averaged over the batches; grad off. BatchNorm running stats and spectral-norm
+    vectors are restored afterwards and the RNG is forked, so the measurement changes nothing in the run."""
+    bufs = [b.detach().clone() for b in model.buffers()]
+    devices = [device] if device.type == "cuda" else []
+    per_batch = []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        for x in batches:
+            collector.clear()
+            model(x)
+            per_batch.append(layer_erank_stats(collector, beta))
+        collector.clear()
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), bufs):
+            b.copy_(saved)
+    out = {}
+    for name, st in per_batch[0].items():
+        erank = float(np.mean([p[name]["erank"] for p in per_batch]))
+        out[name] = {"erank": erank, "d": st["d"], "target": st["target"], "ratio": erank / st["target"],
+                     "samples": len(batches[0])}
+    return out
+
+
+def _erank_author_view(model, collector, x, beta, batch_size, amp_dtype):
+    """Per-layer effective rank as the SES author measured it (ses_erank_dynamics.py measure_erank, the source of
+    the published ResNet-18 erank ratios): eval mode, the first 2048 TEST images, forward under the run's
+    autocast, outputs mean-pooled, then one spectrum of the [2048, d] matrix (the d x d covariance, float32)."""
+    was_training = model.training
+    model.eval()
+    try:
+        acts = pooled_activations(model, [(n, collector.kinds[n]) for n in collector.names], x, batch_size, amp_dtype)
+    finally:
+        model.train(was_training)
+    names = list(acts)
+    stats = erank_stats([acts[n] for n in names], names, beta)
+    for st in stats.values():
+        st["samples"] = len(x)
+    return stats
+
+
+@torch.no_grad()
+def _evaluate(model, loader, amp_dtype, collector, dd=None):
+    """(accuracy %, mean loss) over the loader; under DDP each rank scores its shard and the sums are reduced.
+    `model` is the unwrapped module: eval needs no gradient sync (and eval-mode BatchNorm no collective)."""
+    model.eval()
+    device = loader.device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # hits, loss sum, samples
+    with collector.paused() if collector else contextlib.nullcontext():
+        for x, y in loader:
+            if len(y) == 0:  # a rank's share of the last partial batch can be empty
+                continue
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = model(x)
+            sums[0] += (out.argmax(1) == y).sum()
+            sums[1] += F.cross_entropy(out.float(), y, reduction="sum").double()
+            sums[2] += len(y)
+    model.train()
+    correct, loss_sum, n = _all_reduce_sum(sums, dd).tolist() if dd else sums.tolist()
+    return 100.0 * correct / n, loss_sum / n
+
+
+def _check_finite(pending, epoch, step0, steps, ckpt_note, dd=None):
+    vals = torch.stack(pending)
+    if dd is not None:  # a NaN on any rank reaches every rank: all stop at the same step, none hangs
+        vals = _all_reduce_sum(vals, dd)
+    bad = ~torch.isfinite(vals)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise NonFiniteLossError(f"non-finite training loss ({vals[i].item()}) at epoch {epoch + 1}, step "
+                                 f"{step0 + i + 1}/{steps}; stopped. {ckpt_note}")
+
+
+# ── distributed: one run over many GPUs / nodes (torchrun + DistributedDataParallel) ──────────────
+# Launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment), train() joins the process
+# group itself (NCCL on CUDA, gloo on CPU), one process per GPU on cuda:LOCAL_RANK. What is global, what per rank:
+#   batch_size is the GLOBAL batch: rank r trains on the r-th contiguous slice of every global batch of the
+#     shared seeded permutation (DeviceLoader(rank, world_size)), augmentation drawn for the whole global batch;
+#   gradients: DDP's all-reduce (mean over ranks); SES with ses_scope="global" sees the whole batch (below);
+#   BatchNorm: per-rank batch statistics unless sync_bn (SyncBatchNorm: CUDA only, torch has no CPU kernel);
+#   metrics: per-rank sums all-reduced; test/val evaluation sharded over the ranks and reduced; the erank pass
+#     (one fixed batch) runs whole on every rank (SyncBatchNorm needs every rank in its forward);
+#   rank 0 alone logs, writes checkpoint.pt / result.json and evaluates robustness; it returns the result,
+#     the other ranks return None (they do not wait for rank 0's robustness pass);
+#   the checkpoint holds the unwrapped model and the global loader/RNG state: any world size resumes it.
+# With torchrun over several nodes, out_dir must be a folder every node sees (rank 0 writes, all read).
+
+@dataclasses.dataclass
+class DistInfo:
+    """This process's place in the run: rank 0 of 1 when not distributed."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # None: no process group (plain single-process training)
+    created: bool = False  # train() initialised the group, so train() destroys it
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_env() -> dict | None:
+    """{rank, world_size, local_rank} set by torchrun (or any env:// launcher), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]),
+                "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
+    except ValueError:
+        raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
+
+
+def _dist_device(spec, local_rank) -> torch.device:
+    """One process per GPU: cuda:LOCAL_RANK ("auto" / "cuda"), or the CPU ("cpu"; "auto" without CUDA)."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if spec not in ("auto", "cuda"):
+        raise ValueError(f"config 'device' must be 'auto', 'cuda' or 'cpu' under torchrun (each rank uses "
+                         f"cuda:LOCAL_RANK); got {spec!r}")
+    if not local_rank < torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) visible: "
+                         "give torchrun --nproc_per_node <= the number of GPUs")
+    return torch.device("cuda", local_rank)
+
+
+def _has_batchnorm(model) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def dist_setup(c) -> tuple[DistInfo, torch.device]:
+    """(DistInfo, device) for validated cfg c; joins the process group under torchrun. The cfg is checked
+    against the world size (global batch divisible, ...) before the group is created."""
+    env = torchrun_env()
+    if dist.is_available() and dist.is_initialized():  # the caller built the group: use it, leave it alone
+        info = DistInfo(dist.get_rank(), dist.get_world_size(), env["local_rank"] if env else 0, dist.get_backend())
+    elif env is not None:
+        info = DistInfo(**env)
+    else:
+        return DistInfo(), pick_device(c["device"])
+    device = _dist_device(c["device"], info.local_rank)
+    R, B = info.world_size, c["batch_size"]
+    _check(B % R == 0, "batch_size", B, f"divisible by the number of ranks ({R}): it is the global batch")
+    _check(B // R >= 2, "batch_size", B, f">= 2 x the number of ranks ({R}): each rank needs 2 samples")
+    ebs = _eval_batch_size(c)
+    _check(ebs % R == 0, "eval_batch_size", ebs, f"divisible by the number of ranks ({R})")
+    if c["mix"] != "none":
+        _check(B // R % 2 == 0, "batch_size", B, f"an even number per rank with mixup/cutmix ({R} ranks)")
+    _check(not (c["sync_bn"] and device.type == "cpu"), "sync_bn", c["sync_bn"],
+           "False or None on CPU (torch's SyncBatchNorm runs on GPUs only)")
+    if info.backend is None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        info.backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(info.backend)  # env:// rendezvous: torchrun's MASTER_ADDR / MASTER_PORT
+        info.created = True
+    return info, device
+
+
+def dist_teardown(info: DistInfo):
+    if info.created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _use_sync_bn(c, model, device, info) -> bool:
+    """SyncBatchNorm when asked, or by default under DDP on CUDA for models with BatchNorm: without it each
+    rank normalises by its own B/R samples, so R ranks do not compute what one process on the batch would."""
+    if not info.enabled or not _has_batchnorm(model):
+        return False
+    if c["sync_bn"] is None and device.type == "cpu" and info.world_size > 1 and info.is_main:
+        warnings.warn(f"{c['model']} has BatchNorm and SyncBatchNorm needs GPUs: on CPU each of the "
+                      f"{info.world_size} ranks normalises with its own batch statistics", stacklevel=3)
+    return c["sync_bn"] if c["sync_bn"] is not None else device.type == "cuda"
+
+
+def gather_activations(acts_list) -> list:
+    """Each rank's pooled [B/R, d_l] activations -> the global [B, d_l] ones (rank order = the single-process
+    batch order, as DeviceLoader slices it), differentiably: torch.distributed.nn.functional.all_gather.
+
+    Gradient: every rank computes the same SES value S on the gathered batch; all_gather's backward SUMS
+    the R ranks' gradients for rank r's slice (reduce-scatter), so rank r's activations receive R * dS/dA_r;
+    DDP then AVERAGES the parameter gradients over the R ranks: (1/R) sum_r R dS/dA_r dA_r/dtheta = dS/dtheta,
+    exactly the single-process gradient. So no rescaling: the sum and the mean cancel. (Task loss: each
+    rank's mean over B/R, averaged over R = the mean over B.) One collective for all layers per step."""
+    from torch.distributed.nn.functional import all_gather
+    dims = [a.shape[1] for a in acts_list]
+    # half -> float32 before the collective (ses_loss would upcast anyway; the gradient exchange stays fp32)
+    flat = torch.cat([a.float() if a.dtype in (torch.float16, torch.bfloat16) else a for a in acts_list], dim=1)
+    with warnings.catch_warnings():  # 2.x marks it deprecated for a private successor; it is the public, documented one
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+        parts = all_gather(flat)
+    return list(torch.cat(parts, dim=0).split(dims, dim=1))
+
+
+def _rank_seed(seed, epoch, rank) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _same_on_all_ranks(value, info: DistInfo, what: str):
+    """Fail clearly (not hang) when ranks disagree on a decision, e.g. out_dir not shared between nodes."""
+    if not info.enabled:
+        return value
+    seen = [None] * info.world_size
+    dist.all_gather_object(seen, value)
+    if any(v != seen[0] for v in seen):
+        raise RuntimeError(f"ranks disagree on {what}: {seen} (with several nodes, out_dir must be a shared folder)")
+    return value
+
+
+def train_torchrun(cfg: dict, nproc="auto", log=print) -> dict:
+    """train(cfg) as ONE run over `nproc` local processes: `torchrun --standalone --nproc_per_node nproc
+    seslib.py train --config {out_dir}/config.json`; returns its result.json. nproc: "auto" (every visible
+    GPU) or an int (CPU ranks when there is no GPU). Needs cfg["out_dir"]. Output streams through `log`."""
+    c = validate_config(cfg)
+    if c["out_dir"] is None:
+        raise ValueError("train_torchrun needs cfg['out_dir'] (the run's config and result travel through it)")
+    if nproc == "auto":
+        nproc = torch.cuda.device_count()
+        if nproc == 0:
+            raise ValueError("torchrun='auto' found no GPU; give a number of (CPU) processes instead")
+    if isinstance(nproc, str) and nproc.isdigit():
+        nproc = int(nproc)
+    if not _is_int(nproc) or nproc < 1:
+        raise ValueError(f"torchrun must be 'auto' or an int >= 1; got {nproc!r}")
+    _check(c["batch_size"] % nproc == 0, "batch_size", c["batch_size"], f"divisible by torchrun={nproc}")
+    out = Path(c["out_dir"])
+    atomic_write_json(out / "config.json", c)  # the validated cfg: also the run's record of what it ran
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), "train", "--config", str(out / "config.json")]
+    log(f"[torchrun] {' '.join(cmd[2:])}")
+    proc_start = time.time()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:  # streamed, so a notebook cell shows the run live
+            log(line.rstrip())
+    prog = _read_result(out / "progress.json") or {}
+    if not _result_ok(out / "result.json") and prog.get("paused") and prog.get("time", 0) >= proc_start:
+        raise RunPaused(f"paused after epoch {prog['epochs_done']}/{prog['epochs']} (time budget); run again to resume")
+    if proc.returncode != 0 or not _result_ok(out / "result.json"):
+        raise RuntimeError(f"torchrun run failed (exit {proc.returncode}); see the output above. Command: {' '.join(cmd)}")
+    return json.loads((out / "result.json").read_text())
+
+
+# ── train ────────────────────────────────────────────────────────────────────────────────────────
+
+def train(cfg: dict) -> dict | None:
+    """Train one run (model, dataset, recipe, SES options in cfg; see default_config / validate_config) and
+    return {config, env, history, final}. With out_dir: checkpoint.pt every epoch (atomic), result.json at
+    completion (atomic); resume=True continues from the checkpoint (or returns the finished result).
+
+    Under torchrun it runs as one DDP run over all ranks (see the "distributed" notes above): rank 0
+    returns the result and writes the files, the other ranks return None. ses_scope="global" (default):
+    SES on the activations of the whole global batch, gathered from every rank: loss and gradients equal
+    one process on the batch. "local": each rank's SES on its own B/R samples, averaged over ranks (no
+    gather, but the reachable effective rank is capped at B/R - 1 instead of B - 1). sync_bn: None (auto:
+    SyncBatchNorm for BatchNorm models on CUDA), True, False."""
+    c = validate_config(cfg)
+    dd, device = dist_setup(c)  # checks c against the world size before joining the group
+    owner = c["out_dir"] and dd.is_main  # rank 0 alone writes the run folder
+    try:
+        with run_lock(c["out_dir"]) if owner else contextlib.nullcontext():
+            if owner:
+                gone = clean_temporaries(c["out_dir"])
+                if gone:
+                    print(f"removed {len(gone)} temporary file(s) an interrupted write left in {c['out_dir']}: "
+                          f"{', '.join(gone)}", flush=True)
+            return _train(c, dd, device)
+    finally:
+        dist_teardown(dd)
+
+
+def _checkpoint_bytes(model, c) -> int:
+    """checkpoint.pt's size: the weights, the optimiser state (SGD momentum 1x, AdamW 2x), the best epoch's copy."""
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return n * (2 + (2 if c["optimizer"] == "adamw" else 1)) + (1 << 20)
+
+
+def preflight(c, model=None):
+    """Check in well under a second that everything the run `c` will need exists, so it cannot fail after hours of
+    training for a missing package or file (as a robustness pass needing the frost photos would): the packages of
+    its code path, the frost texture photos when frost will be generated, the data set (CIFAR is downloaded now if
+    absent), a writable out_dir with room for the checkpoint. Raises PreflightError listing every problem and its fix."""
+    problems = []
+    need = {"timm": ("ViT models and Mixup/CutMix", c["model"] in VIT_MODELS or c["mix"] != "none"),
+            "torchmetrics": ("the robustness pass's calibration error", bool(c["robustness"]))}
+    for mod, (why, needed) in need.items():
+        if needed and importlib.util.find_spec(mod) is None:
+            problems.append(f"the package {mod!r} is missing (needed for {why}): pip install {mod}")
+    try:
+        d = resolve_data_dir(c["dataset"], c["data_root"], download=True)
+    except FileNotFoundError as e:
+        problems.append(str(e))
+        d = None
+    if c["robustness"] and "frost" in _resolve_corruptions(c["robustness"]) and \
+            not (d is not None and corrupted_available(d.parent, c["dataset"], "frost")):
+        try:
+            _frost_dir()
+        except RuntimeError as e:
+            problems.append(f"robustness includes frost, which is generated here: {e}")
+    if c["out_dir"]:
+        out = Path(c["out_dir"])
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            problems.append(f"out_dir {out} is not writable ({e.strerror or e}): choose another out_dir")
+        else:
+            need_b = _checkpoint_bytes(model, c) if model is not None else 0
+            free = shutil.disk_usage(out).free
+            if need_b and free < 2 * need_b:  # the new checkpoint is written beside the old one, then renamed
+                problems.append(f"out_dir {out} has {free / 2**30:.2f} GiB free; a checkpoint of this run takes "
+                                f"{need_b / 2**30:.2f} GiB and needs twice that while it is replaced: free space "
+                                "or choose another out_dir")
+    if problems:
+        raise PreflightError("this run cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def _train(c, dd: DistInfo, device):
+    out_dir = Path(c["out_dir"]) if c["out_dir"] else None
+    ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
+    done, ck = _stale_on_disk(c, out_dir, dd) if out_dir else (None, None)
+    finished, has_ckpt = _same_on_all_ranks((done is not None, ck is not None), dd,
+                                            "whether out_dir holds a finished result / a checkpoint")
+    if finished:  # finished already, with these settings: hand back its result
+        return done if dd.is_main else None
+    amp_dtype = _amp_dtype(c["precision"])
+    note = resolve_precision(c["amp"], device.type, _device_capability(device))[1]
+    if note and dd.is_main and _log_mode(c["log"]) != "none":
+        print(f"note: {note}", flush=True)
+    info = dataset_info(c["dataset"])
+    set_seed(c["seed"])  # the same on every rank: identical init (DDP also broadcasts rank 0's weights)
+    t_start = time.time()
+
+    # model + hooks first: a bad layer preset fails here, before any data is read
+    net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"], c["width"])
+    if c["drop_path"] is not None:
+        _set_drop_path(net, c["drop_path"])
+    sync_bn = _use_sync_bn(c, net, device, dd)
+    if sync_bn:  # same parameter/buffer names as BatchNorm: checkpoints stay interchangeable
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    # the SES object users call in their own loops (lam 0 for a baseline: its hooks then serve the erank measurements)
+    ses = SES(net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
+              every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"])
+    collector = ses.collector
+    if dd.is_main:
+        preflight(c, net)
+    gather = gather_activations if dd.enabled and c["ses_scope"] == "global" else None
+    model = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = best = None
+    tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c["tf32"]  # process-wide: restored below
+    try:
+        # data
+        # subsets are cut at load time (Tiny-ImageNet then decodes only those), after the val split if any
+        xtr, ytr = load_dataset(c["dataset"], c["data_root"], "train",
+                                subset=c["train_subset"] if not c["val_split"] else None)
+        xte, yte = load_dataset(c["dataset"], c["data_root"], "test", subset=c["test_subset"])
+        xval = yval = None
+        if c["val_split"] > 0:  # fixed holdout (seed-independent) so every run selects on the same images
+            perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(20240229))
+            nv = int(round(c["val_split"] * len(xtr)))
+            vi, ti = perm[:nv].sort().values, perm[nv:].sort().values
+            xval, yval, xtr, ytr = xtr[vi], ytr[vi], xtr[ti], ytr[ti]
+        if c["train_subset"]:
+            xtr, ytr = xtr[:c["train_subset"]], ytr[:c["train_subset"]]
+        if len(xtr) < c["batch_size"]:  # name what the user set: batch_size, and train_subset only if set
+            raise ValueError(f"batch_size {c['batch_size']} is larger than the {len(xtr)} training images"
+                             + (f" (train_subset={c['train_subset']})" if c["train_subset"] else
+                                f" of {c['dataset']} in {resolve_data_dir(c['dataset'], c['data_root'], download=False)}")
+                             + ": training drops the last partial batch, so no step would run; lower batch_size")
+        # every rank holds the whole (uint8) set and takes its slice of each global batch
+        norm = {"mean": c["norm_mean"], "std": c["norm_std"], "device": device, "rank": dd.rank,
+                "world_size": dd.world_size}
+        ebs = _eval_batch_size(c)
+        loader = DeviceLoader(xtr, ytr, c["batch_size"], train=True, augment=c["augment"], pad=c["crop_padding"],
+                              hflip=c["hflip"], color_jitter=c["color_jitter"],
+                              randaugment=(c["randaugment_num_ops"], c["randaugment_magnitude"]), seed=c["seed"],
+                              max_steps=c["max_steps_per_epoch"], **norm)
+        evals = {"test": DeviceLoader(xte, yte, ebs, train=False, **norm)}
+        if xval is not None:
+            evals["val"] = DeviceLoader(xval, yval, ebs, train=False, **norm)
+        # the fixed erank inputs (identical for every run, epoch and rank): the first erank_batches training batches,
+        # unaugmented, at the training batch size; and the first erank_eval_samples test images
+        B = c["batch_size"]
+        erank_batches = [loader.normalize(loader.images[i * B:(i + 1) * B])
+                         for i in range(min(c["erank_batches"], len(xtr) // B))]
+        erank_test = evals["test"].normalize(evals["test"].images[:c["erank_eval_samples"]])
+        del xtr, ytr, xte, yte, xval, yval
+
+        mixer = criterion = None
+        if c["mix"] != "none":  # under DDP the pairs are mixed within each rank's slice (numpy RNG: same lam)
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+            a = c["mix_alpha"]
+            mixer = Mixup(mixup_alpha=a if c["mix"] == "mixup" else 0.0,
+                          cutmix_alpha=a if c["mix"] == "cutmix" else 0.0,
+                          label_smoothing=0.0, num_classes=info["num_classes"])
+            criterion = SoftTargetCrossEntropy()
+        optimizer = _make_optimizer(net, c)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(c))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+        history, start_epoch = [], 0
+        if has_ckpt:  # every rank loads the same global state (saved from rank 0 by any number of ranks)
+            net.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            _set_rng_state(ck["rng"], loader)
+            best = ck.get("best")  # the best test-accuracy epoch's weights (the paper's model selection)
+            history, start_epoch = ck["history"], ck["epoch"]
+        ck = None
+        if dd.enabled:  # after loading: DDP broadcasts rank 0's state at construction
+            model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            model = net
+        log = _log_mode(c["log"]) if dd.is_main else "none"
+        tag = (f"{c['dataset']}/{c['model']}{'+SES' if c['ses'] else ''} seed {c['seed']}"
+               + (f" x{dd.world_size} ranks" if dd.world_size > 1 else ""))
+        ckpt_note = (f"Last good checkpoint kept: {ckpt_path} (epoch {start_epoch})" if ckpt_path else
+                     "No checkpoint (out_dir=None).")
+        steps = len(loader)
+        if log in ("plain", "tqdm") and start_epoch:
+            print(f"[{tag}] resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
+
+        end = deadline()
+        for epoch in range(start_epoch, c["epochs"]):
+            if end is not None and _pause_now(history, c, epoch, end, dd):
+                if ckpt_path and dd.is_main:
+                    _write_progress(out_dir, c, history, device, paused=True)
+                raise RunPaused(f"paused before epoch {epoch + 1}/{c['epochs']}: the time budget ends in "
+                                f"{max(0.0, end - time.time()) / 60:.0f} min, less than the next epoch"
+                                + (" and the final evaluation" if epoch + 1 == c["epochs"] else "")
+                                + f" would take; {ckpt_note.lower()}; run it again to resume")
+            beta = ses.set_epoch(epoch, c["epochs"])
+            ses.step = epoch * steps  # periodic SES counts optimiser steps over the whole run (exact on resume)
+            lr = optimizer.param_groups[0]["lr"]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # DDP: in-model randomness (drop path, dropout) from its own stream per rank (equal streams would drop
+            # the same slots on every rank), seeded by (seed, epoch, rank) so a resume at any world size is exact
+            if dd.enabled:
+                torch.manual_seed(_rank_seed(c["seed"], epoch, dd.rank))
+            t0 = time.time()
+            model.train()
+            # loss sum, SES sum, hits, samples, SES steps: this rank's share, summed over ranks after the epoch
+            sums = torch.zeros(5, device=device, dtype=torch.float64)
+            pending, step0 = [], 0
+            bar = None
+            if log == "tqdm":
+                bar = tqdm(total=steps, desc=f"{tag} ep {epoch + 1}/{c['epochs']}", leave=True)
+            for step, (x, y) in enumerate(loader):
+                target = y
+                if mixer is not None:
+                    x, target = mixer(x, y)  # soft targets [B, C]
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = model(x)
+                    task = criterion(out, target) if criterion else F.cross_entropy(out, target)
+                # SES in float32 outside autocast, scaled with the rest below; 0 on the steps it skips (every_k).
+                # Under DDP on the gathered global batch: no 1/R or R, see gather_activations
+                loss = task.float() + ses(gather=gather)
+                if ses.last_loss is not None:
+                    sums[1] += ses.last_loss.double()
+                    sums[4] += 1
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if c["grad_clip"]:  # DDP's gradients are already averaged: every rank clips the same norm
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), c["grad_clip"])
+                scaler.step(optimizer)
+                scaler.update()
+                with torch.no_grad():
+                    pred = out.argmax(1)
+                    # with mixed targets: the lam-weighted hit rate sum_i t_i[pred_i] (the reference's metric)
+                    hits = target.gather(1, pred[:, None]).sum() if mixer is not None else (pred == y).sum()
+                    sums[2] += hits.double()
+                    sums[0] += task.detach().double() * len(y)
+                    sums[3] += len(y)
+                pending.append(loss.detach())
+                if len(pending) == 16 or step == steps - 1:  # one host sync per 16 steps, not per step
+                    _check_finite(pending, epoch, step0, steps, ckpt_note, dd)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{pending[-1].item():.3f}")
+                    step0, pending = step + 1, []
+                if bar is not None:
+                    bar.update()
+            train_seconds = time.time() - t0
+            loss_sum, reg_sum, correct, n_seen, n_reg = _all_reduce_sum(sums, dd).tolist()
+            ses_mean = reg_sum / n_reg if n_reg else None
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "train_acc": 100.0 * correct / n_seen,
+                   "ses_loss": ses_mean}  # mean of sum_l (H_l - beta log d_l)^2 over the SES steps, lambda NOT applied
+            if n_reg:  # the SES term as it enters the loss (lambda applied, mean over ALL steps: 0 on skipped ones,
+                # as the author's reg meter), and the training loss including it (the paper's Exp 1 scale)
+                row["ses_term"] = c["ses_lambda"] * reg_sum / (steps * dd.world_size)  # reg_sum: summed over ranks
+                row["train_loss_total"] = row["train_loss"] + row["ses_term"]
+            for split, ev in evals.items():
+                row[f"{split}_acc"], row[f"{split}_loss"] = _evaluate(net, ev, amp_dtype, collector, dd)
+            row["gap"] = row["train_acc"] - row["test_acc"]
+            with ses.measuring():
+                row["erank"] = _erank_ses_view(net, collector, erank_batches, beta, device)
+            row["erank_author"] = _erank_author_view(net, collector, erank_test, beta, ebs, amp_dtype)
+            row.update(beta=beta, lr=lr, steps=steps, train_seconds=train_seconds,
+                       epoch_seconds=time.time() - t0, peak_mem_mb=_peak_mem_mb(device))
+            history.append(row)
+            if dd.is_main and (best is None or row["test_acc"] > best["test_acc"]):  # strict: first best epoch, as the
+                best = {"epoch": epoch + 1, "test_acc": row["test_acc"],  # author's `if acc > best_acc`
+                        "model": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
+            scheduler.step()
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{row['test_acc']:.2f}", gap=f"{row['gap']:.1f}")
+                bar.close()
+            elif log == "plain":
+                print(f"[{tag}] ep {epoch + 1}/{c['epochs']} loss {row['train_loss']:.4f} "
+                      f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% gap {row['gap']:.2f} "
+                      f"lr {lr:.3g} beta {beta:.2f} {row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB", flush=True)
+            if ckpt_path and dd.is_main:
+                atomic_torch_save({"format": 1, "epoch": epoch + 1, "config": c, "model": net.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "scaler": scaler.state_dict(), "rng": _rng_state(loader), "history": history,
+                                   "best": best}, ckpt_path)
+                ckpt_note = f"Last good checkpoint kept: {ckpt_path} (epoch {epoch + 1})"
+                _write_progress(out_dir, c, history, device)
+
+        if not dd.is_main:  # rank 0 alone evaluates robustness and writes the result
+            return None
+        t_eval = time.time()
+        final = _final_metrics(history, c, net, device, evals, collector, log, best)
+        final["eval_seconds"] = time.time() - t_eval  # the final evaluation (robustness passes): for run estimates
+        final["total_seconds"] = time.time() - t_start
+        env = _env_info(device, c)
+        env["data_dir"] = str(resolve_data_dir(c["dataset"], c["data_root"], download=False))  # the folder used
+        env["distributed"] = ({"world_size": dd.world_size, "backend": dd.backend, "ses_scope": c["ses_scope"],
+                               "sync_bn": sync_bn, "nodes": int(os.environ.get("GROUP_WORLD_SIZE", 0)) or None}
+                              if dd.enabled else None)
+        result = {"config": c, "env": env, "history": history, "final": final}
+        if out_dir:
+            if c["save_model"]:  # the final weights, for load_run (checkpoint.pt goes once the run is done)
+                atomic_torch_save(net.state_dict(), out_dir / "model_final.pt")
+            atomic_write_json(out_dir / "result.json", result)
+            if not c["keep_checkpoint"] and ckpt_path.exists():
+                ckpt_path.unlink()
+        return result
+    finally:  # free the device between runs (reference bug 2), also when the run fails: drop every reference
+        ses.remove()  # (rebinding, not del: a traceback keeps this frame and its locals alive)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
+        net = model = collector = ses = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = None  # noqa: F841
+        best = None  # noqa: F841
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _pause_now(history, c, epoch, end, dd) -> bool:
+    """Whether the next epoch (and, before the last one, the final evaluation) would end after the deadline, by
+    this run's own measured epoch times (the slowest of the last 3; none measured yet: go, the runner only starts
+    a run it expects to fit). Rank 0 decides for all ranks."""
+    go_on = True
+    if history:
+        epoch_s = max(r["epoch_seconds"] for r in history[-3:])
+        need = 1.1 * epoch_s + (estimate_eval_seconds(c, epoch_s) if epoch + 1 == c["epochs"] else 0.0)
+        go_on = time.time() + need <= end
+    if dd.enabled:
+        box = [go_on]
+        dist.broadcast_object_list(box, src=0)
+        go_on = box[0]
+    return not go_on
+
+
+def _write_progress(out_dir, c, history, device, paused=False):
+    """progress.json beside the checkpoint: epochs done, measured epoch seconds, the GPU. Small, so the batch runner
+    and `sesrun.py plan` can estimate the time left of an unfinished run without loading its checkpoint."""
+    atomic_write_json(Path(out_dir) / "progress.json", {
+        "epochs_done": len(history), "epochs": c["epochs"], "paused": paused, "time": time.time(),
+        "epoch_seconds": [round(r["epoch_seconds"], 3) for r in history], "device": _device_name(device)})
+
+
+def _final_metrics(history, c, model, device, evals, collector, log, best=None):
+    last = history[-1]
+    top = max(history, key=lambda r: r["test_acc"])  # the first epoch with the best test accuracy
+    final = {"test_acc": last["test_acc"],  # the headline: the FINAL epoch's test accuracy
+             "train_acc": last["train_acc"], "gap": last["gap"], "test_loss": last["test_loss"],
+             # selected on the test set (what the published reference reports as best_acc): never a headline
+             "best_test_acc_over_epochs": top["test_acc"], "best_test_epoch": top["epoch"],
+             "params_m": count_params(model) / 1e6,
+             "epoch_seconds_mean": float(np.mean([r["epoch_seconds"] for r in history])),
+             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in history])),
+             "peak_mem_mb": max(r["peak_mem_mb"] for r in history),
+             "erank": last["erank"], "erank_author": last.get("erank_author"), "epochs_run": len(history)}
+    if "val_acc" in last:  # honest model selection: the epoch with the best held-out val accuracy
+        sel = max(history, key=lambda r: r["val_acc"])
+        final.update(val_acc=last["val_acc"], best_val_epoch=sel["epoch"], test_acc_at_best_val=sel["test_acc"])
+    final["robustness"] = final["robustness_paper"] = final["robustness_paper_best"] = None
+    if c["robustness"]:
+        test = evals["test"]
+        n = c["robustness_subset"] or len(test.images)
+        x, y = test.images[:n], test.labels[:n]
+        d = resolve_data_dir(c["dataset"], c["data_root"])
+        normalize = (c["norm_mean"], c["norm_std"])
+        # the standard protocol (Hendrycks & Dietterich, pixel space) on the final weights: our headline
+        final["robustness"] = evaluate_corruptions(
+            model, x, y, corruptions=c["robustness"],
+            severities=c["robustness_severities"], batch_size=_eval_batch_size(c),
+            normalize=normalize, device=device, data_root=d.parent, dataset=c["dataset"],
+            seed=c["seed"], collector=collector, amp=c["precision"], progress=log == "tqdm",
+            classes=tinyimagenet_classes(d) if c["dataset"] == "tinyimagenet" else None,
+            files=tinyimagenet_val_files(d)[:n] if c["dataset"] == "tinyimagenet" else None)  # the same images
+        # the paper's protocol, on the final weights and on the best test-accuracy epoch's (what every SES
+        # script reloads before its robustness pass: selected on the test set, so never our headline)
+        paper = dict(normalize=normalize, batch_size=c["batch_size"], device=device, amp=c["precision"],
+                     seed=c["seed"], collector=collector)
+        final["robustness_paper"] = evaluate_paper_protocol(model, x, y, **paper)
+        if best is not None:
+            final_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            model.load_state_dict(best["model"])
+            try:
+                final["robustness_paper_best"] = evaluate_paper_protocol(model, x, y, **paper)
+                final["robustness_paper_best"].update(weights="best test-accuracy epoch (test-selected, as the paper)",
+                                                      epoch=best["epoch"], test_acc=best["test_acc"])
+            finally:
+                model.load_state_dict(final_state)
+    return final
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# toy
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+
+# The paper gives only: 3 ring classes, a 5-layer MLP of 16 units, beta = 0.6, both models at 100%,
+# kappa(J) 57.3 +- 156.2 -> 23.4 +- 30.7, every layer's erank within 5% of 16^0.6. Everything else
+# (points, radii, noise, activation, optimiser, epochs, lambda) is our documented choice below.
+
+TOY_PRESETS = {"paper": {}, "smoke": dict(epochs=20, n_per_class=100, log_every=5)}
+TOY_DEFAULTS = dict(
+    seed=42, ses=False, ses_beta=0.6, ses_lambda=0.1, n_per_class=500, radii=[1.0, 2.0, 3.0], noise=0.15,
+    test_fraction=0.2, activation="tanh", epochs=300, batch_size=128, lr=3e-3, weight_decay=0.0,
+    log_every=10, out_dir=None, resume=True, device="cpu", preset=None,
+)
+
+
+def make_rings(n_per_class=500, radii=(1.0, 2.0, 3.0), noise=0.15, seed=0):
+    """Three concentric rings in 2-D (class = ring), radial Gaussian noise; float32 [N, 2], int64 [N]."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for cls, r in enumerate(radii):
+        theta = torch.rand(n_per_class, generator=g) * 2 * math.pi
+        rad = r + noise * torch.randn(n_per_class, generator=g)
+        xs.append(torch.stack([rad * theta.cos(), rad * theta.sin()], 1))
+        ys.append(torch.full((n_per_class,), cls, dtype=torch.long))
+    x, y = torch.cat(xs), torch.cat(ys)
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]
+
+
+def jacobian_condition(model, x) -> torch.Tensor:
+    """kappa(J) = sigma_max / sigma_min of the logits' Jacobian w.r.t. the input, at every point of x.
+
+    torch.func (vmap of jacrev) gives all N Jacobians [N, classes, 2] in one batched call."""
+    from torch.func import jacrev, vmap
+    model.eval()
+    J = vmap(jacrev(lambda p: model(p[None])[0]))(x)
+    s = torch.linalg.svdvals(J)
+    return s[:, 0] / s[:, -1].clamp_min(1e-12)
+
+
+def resolve_toy_config(cfg):
+    unknown = sorted(set(cfg) - set(TOY_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown toy config key(s) {unknown}; known: {', '.join(sorted(TOY_DEFAULTS))}")
+    c = {**TOY_DEFAULTS, **cfg}
+    _check_beta(c["ses_beta"])
+    if c["ses_lambda"] < 0 or c["epochs"] < 1:
+        raise ValueError("ses_lambda must be >= 0 and epochs >= 1")
+    return c
+
+
+def train_toy(cfg: dict) -> dict:
+    """Train the toy MLP (baseline or SES on all 5 hidden layers) and measure kappa(J) and erank."""
+    c = resolve_toy_config(cfg)
+    out = Path(c["out_dir"]) if c["out_dir"] else None
+    set_seed(c["seed"])
+    x, y = make_rings(c["n_per_class"], c["radii"], c["noise"], seed=c["seed"])
+    n_test = int(len(y) * c["test_fraction"])
+    xte, yte, xtr, ytr = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
+    model = ToyMLP(activation=c["activation"])
+    collector = ActivationCollector(model, "all")
+    opt = torch.optim.Adam(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+    g = torch.Generator().manual_seed(c["seed"])
+    history, names = [], collector.names
+    t0 = time.time()
+    for epoch in range(c["epochs"]):
+        model.train()
+        perm = torch.randperm(len(ytr), generator=g)
+        losses = []
+        for i in range(0, len(perm) - c["batch_size"] + 1, c["batch_size"]):  # drop_last
+            idx = perm[i:i + c["batch_size"]]
+            collector.clear()
+            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            if c["ses"]:
+                loss = loss + c["ses_lambda"] * ses_loss(collector.activations, c["ses_beta"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        if epoch % c["log_every"] == 0 or epoch == c["epochs"] - 1:
+            history.append(_toy_epoch_log(model, collector, epoch, float(np.mean(losses)), xtr, ytr, xte, yte, c))
+    collector.remove()
+    kappa = jacobian_condition(model, xte).double()
+    last = history[-1]
+    final = dict(test_acc=last["test_acc"], train_acc=last["train_acc"], gap=last["train_acc"] - last["test_acc"],
+                 kappa_mean=kappa.mean().item(), kappa_std=kappa.std().item(), kappa_median=kappa.median().item(),
+                 erank={n: last["erank"][n]["erank"] for n in names}, erank_target=16 ** c["ses_beta"],
+                 erank_within_5pct=all(abs(last["erank"][n]["ratio"] - 1) <= 0.05 for n in names),
+                 epoch_seconds_mean=(time.time() - t0) / c["epochs"], best_test_acc_over_epochs=max(h["test_acc"] for h in history))
+    grid = _toy_decision_grid(model)
+    result = dict(config=c, env=dict(torch=torch.__version__, device="cpu"), history=history, final=final,
+                  kappa=kappa.tolist(), decision_grid=grid, test_points=dict(x=xte.tolist(), y=yte.tolist()))
+    if out:
+        atomic_write_json(out / "result.json", result)
+    return result
+
+
+def _toy_epoch_log(model, collector, epoch, loss, xtr, ytr, xte, yte, c):
+    model.train()  # erank on the whole test set, measured the way SES sees it (hooks fire in train mode)
+    with torch.no_grad():
+        collector.clear()
+        model(xte)
+        er = erank_stats(collector.activations, collector.names, c["ses_beta"])
+        collector.clear()
+        model.eval()
+        tr = (model(xtr).argmax(1) == ytr).float().mean().item() * 100
+        te = (model(xte).argmax(1) == yte).float().mean().item() * 100
+    return dict(epoch=epoch, train_loss=loss, train_acc=tr, test_acc=te, erank=er)
+
+
+def _toy_decision_grid(model, lim=4.0, n=121):
+    xs = torch.linspace(-lim, lim, n)
+    gx, gy = torch.meshgrid(xs, xs, indexing="xy")
+    with torch.no_grad():
+        model.eval()
+        pred = model(torch.stack([gx.flatten(), gy.flatten()], 1)).argmax(1).view(n, n)
+    return dict(lim=lim, n=n, pred=pred.tolist())
+
+
+def toy_table(df, paper=None):
+    """kappa(J) and erank per config (mean over seeds) beside the paper's numbers."""
+    import pandas as pd
+    paper = paper or {}
+    rows = []
+    for cfgname, sub in df.groupby("config", sort=False):
+        fins = [r["final"] for r in sub["result"]]
+        er = [v for f in fins for v in f["erank"].values()]
+        p = paper.get(cfgname, {})
+        rows.append({"config": cfgname, "seeds": len(fins),
+                     "test acc": round(float(np.mean([f["test_acc"] for f in fins])), 2), "paper acc": p.get("acc"),
+                     "κ(J) mean": round(float(np.mean([f["kappa_mean"] for f in fins])), 2),
+                     "κ(J) std": round(float(np.mean([f["kappa_std"] for f in fins])), 2),
+                     "κ(J) median": round(float(np.mean([f["kappa_median"] for f in fins])), 2),
+                     "paper κ mean": p.get("kappa_mean"), "paper κ std": p.get("kappa_std"),
+                     "erank range": f"{min(er):.2f}–{max(er):.2f}", "target 16^β": round(fins[0]["erank_target"], 2),
+                     "all layers within ±5%": all(f["erank_within_5pct"] for f in fins)})
+    return pd.DataFrame(rows).set_index("config")
+
+
+def fig_toy(df, out_dir, name="toy"):
+    """Decision boundaries, the kappa(J) distribution, and erank convergence to 16^beta."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    configs = list(dict.fromkeys(df["config"]))
+    first = {c: df[df["config"] == c].iloc[0]["result"] for c in configs}
+    n = len(configs) + 2
+    fig, axes = plt.subplots(1, n, figsize=(min(MAX_FIG_INCHES, 3.9 * n), 3.8))
+    for ax, c in zip(axes, configs):
+        r = first[c]
+        g, pts = r["decision_grid"], r["test_points"]
+        ax.imshow(np.array(g["pred"]), extent=(-g["lim"], g["lim"], -g["lim"], g["lim"]), origin="lower",
+                  cmap=ListedColormap(["#fbb4ae", "#b3cde3", "#ccebc5"]), vmin=0, vmax=2)
+        p = np.array(pts["x"])
+        ax.scatter(p[:, 0], p[:, 1], c=pts["y"], s=4, cmap=ListedColormap(["#e41a1c", "#377eb8", "#4daf4a"]),
+                   vmin=0, vmax=2)
+        ax.set_title(f"{c}: κ(J) {r['final']['kappa_mean']:.1f} ± {r['final']['kappa_std']:.1f}", fontsize=9)
+    ax = axes[len(configs)]
+    for c in configs:
+        k = np.concatenate([np.array(r["kappa"]) for r in df[df["config"] == c]["result"]])
+        ax.hist(np.log10(k), bins=40, alpha=0.6, label=c)
+    ax.set_xlabel("log10 κ(J) over test points")
+    ax.legend()
+    ax = axes[-1]
+    for c in configs:
+        r = first[c]
+        for layer in r["history"][0]["erank"]:
+            ax.plot([h["epoch"] for h in r["history"]], [h["erank"][layer]["erank"] for h in r["history"]],
+                    ls="-" if r["config"].get("ses") else ":", label=f"{c} {layer}")
+    ax.axhline(16 ** 0.6, color="k", ls="--", lw=1)
+    ax.set_title("erank per hidden layer (dashed: 16^0.6)", fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=5, ncol=2)
+    return _save(fig, out_dir, name)
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
 # results & reports
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
+
 # One run = one result.json (see train); a notebook's report reads whatever results exist under
 # {out_dir}/runs/*/result.json, aggregates over seeds, puts the paper's number beside ours, and draws
 # the figures the reference published for that experiment into {out_dir}/figures/.
@@ -3866,26 +4282,6 @@ def write_report(rep: Report, out_dir):
         (out_dir / "claims.csv").unlink(missing_ok=True)
 
 
-# ── figures ──────────────────────────────────────────────────────────────────────────────────────
-MAX_FIG_INCHES = 16  # at 120 dpi: 1920 px, readable on a laptop screen and in a notebook cell
-
-
-def _save(fig, out_dir, name, show=True):
-    import matplotlib.pyplot as plt
-    path = Path(out_dir) / "figures" / f"{name}.png"
-    w, h = fig.get_size_inches()
-    if max(w, h) > MAX_FIG_INCHES:  # a safety net for many configs: never a 5000-px strip
-        k = MAX_FIG_INCHES / max(w, h)
-        fig.set_size_inches(w * k, h * k)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a crash never leaves half a PNG
-    if show and "ipykernel" in sys.modules:  # inline in notebooks, whatever the matplotlib backend
-        from IPython.display import Image, display
-        display(Image(filename=str(path)))
-    plt.close(fig)
-    return path
-
-
 def _history_frame(df):
     import pandas as pd
     rows = []
@@ -4084,7 +4480,7 @@ def fig_dynamics(df, out_dir, name="dynamics"):
 
 
 FIGURES = {"bars": fig_bars, "curves": fig_curves, "dynamics": fig_dynamics, "erank": fig_erank,
-           "per_corruption": fig_per_corruption, "pareto": fig_pareto, "beta": fig_beta}
+           "per_corruption": fig_per_corruption, "pareto": fig_pareto, "beta": fig_beta, "toy": fig_toy}
 
 
 def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=None, show=True):
@@ -4138,6 +4534,17 @@ def build_summary(root="outputs"):
     atomic_write_bytes(root / "SUMMARY.md", "\n".join(md).encode())
     return df
 
+
+def runs_frame(results: dict):
+    """{label: result dict (result.json, or {"history": [...]})} as the frame the report figures take."""
+    import pandas as pd
+    return pd.DataFrame([{"config": label, "seed": r.get("config", {}).get("seed"), "result": r}
+                         for label, r in results.items()])
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# explore
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 # ── explore: a finished run's model, and its layers' spectra ────────────────────────────────────
 
@@ -4238,195 +4645,10 @@ def fig_spectra(spectra: dict, beta, out_dir, name="spectra"):
     return _save(fig, out_dir, name)
 
 
-def runs_frame(results: dict):
-    """{label: result dict (result.json, or {"history": [...]})} as the frame the report figures take."""
-    import pandas as pd
-    return pd.DataFrame([{"config": label, "seed": r.get("config", {}).get("seed"), "result": r}
-                         for label, r in results.items()])
-
-
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-# toy 2-D study (Exp 4): three concentric rings, a 5 x 16 MLP, kappa of the input-output Jacobian
+# notebook side
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-# The paper gives only: 3 ring classes, a 5-layer MLP of 16 units, beta = 0.6, both models at 100%,
-# kappa(J) 57.3 +- 156.2 -> 23.4 +- 30.7, every layer's erank within 5% of 16^0.6. Everything else
-# (points, radii, noise, activation, optimiser, epochs, lambda) is our documented choice below.
 
-TOY_PRESETS = {"paper": {}, "smoke": dict(epochs=20, n_per_class=100, log_every=5)}
-TOY_DEFAULTS = dict(
-    seed=42, ses=False, ses_beta=0.6, ses_lambda=0.1, n_per_class=500, radii=[1.0, 2.0, 3.0], noise=0.15,
-    test_fraction=0.2, activation="tanh", epochs=300, batch_size=128, lr=3e-3, weight_decay=0.0,
-    log_every=10, out_dir=None, resume=True, device="cpu", preset=None,
-)
-
-
-def make_rings(n_per_class=500, radii=(1.0, 2.0, 3.0), noise=0.15, seed=0):
-    """Three concentric rings in 2-D (class = ring), radial Gaussian noise; float32 [N, 2], int64 [N]."""
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for cls, r in enumerate(radii):
-        theta = torch.rand(n_per_class, generator=g) * 2 * math.pi
-        rad = r + noise * torch.randn(n_per_class, generator=g)
-        xs.append(torch.stack([rad * theta.cos(), rad * theta.sin()], 1))
-        ys.append(torch.full((n_per_class,), cls, dtype=torch.long))
-    x, y = torch.cat(xs), torch.cat(ys)
-    perm = torch.randperm(len(y), generator=g)
-    return x[perm], y[perm]
-
-
-def jacobian_condition(model, x) -> torch.Tensor:
-    """kappa(J) = sigma_max / sigma_min of the logits' Jacobian w.r.t. the input, at every point of x.
-
-    torch.func (vmap of jacrev) gives all N Jacobians [N, classes, 2] in one batched call."""
-    from torch.func import jacrev, vmap
-    model.eval()
-    J = vmap(jacrev(lambda p: model(p[None])[0]))(x)
-    s = torch.linalg.svdvals(J)
-    return s[:, 0] / s[:, -1].clamp_min(1e-12)
-
-
-def resolve_toy_config(cfg):
-    unknown = sorted(set(cfg) - set(TOY_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown toy config key(s) {unknown}; known: {', '.join(sorted(TOY_DEFAULTS))}")
-    c = {**TOY_DEFAULTS, **cfg}
-    _check_beta(c["ses_beta"])
-    if c["ses_lambda"] < 0 or c["epochs"] < 1:
-        raise ValueError("ses_lambda must be >= 0 and epochs >= 1")
-    return c
-
-
-def train_toy(cfg: dict) -> dict:
-    """Train the toy MLP (baseline or SES on all 5 hidden layers) and measure kappa(J) and erank."""
-    c = resolve_toy_config(cfg)
-    out = Path(c["out_dir"]) if c["out_dir"] else None
-    set_seed(c["seed"])
-    x, y = make_rings(c["n_per_class"], c["radii"], c["noise"], seed=c["seed"])
-    n_test = int(len(y) * c["test_fraction"])
-    xte, yte, xtr, ytr = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
-    model = ToyMLP(activation=c["activation"])
-    collector = ActivationCollector(model, "all")
-    opt = torch.optim.Adam(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
-    g = torch.Generator().manual_seed(c["seed"])
-    history, names = [], collector.names
-    t0 = time.time()
-    for epoch in range(c["epochs"]):
-        model.train()
-        perm = torch.randperm(len(ytr), generator=g)
-        losses = []
-        for i in range(0, len(perm) - c["batch_size"] + 1, c["batch_size"]):  # drop_last
-            idx = perm[i:i + c["batch_size"]]
-            collector.clear()
-            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-            if c["ses"]:
-                loss = loss + c["ses_lambda"] * ses_loss(collector.activations, c["ses_beta"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        if epoch % c["log_every"] == 0 or epoch == c["epochs"] - 1:
-            history.append(_toy_epoch_log(model, collector, epoch, float(np.mean(losses)), xtr, ytr, xte, yte, c))
-    collector.remove()
-    kappa = jacobian_condition(model, xte).double()
-    last = history[-1]
-    final = dict(test_acc=last["test_acc"], train_acc=last["train_acc"], gap=last["train_acc"] - last["test_acc"],
-                 kappa_mean=kappa.mean().item(), kappa_std=kappa.std().item(), kappa_median=kappa.median().item(),
-                 erank={n: last["erank"][n]["erank"] for n in names}, erank_target=16 ** c["ses_beta"],
-                 erank_within_5pct=all(abs(last["erank"][n]["ratio"] - 1) <= 0.05 for n in names),
-                 epoch_seconds_mean=(time.time() - t0) / c["epochs"], best_test_acc_over_epochs=max(h["test_acc"] for h in history))
-    grid = _toy_decision_grid(model)
-    result = dict(config=c, env=dict(torch=torch.__version__, device="cpu"), history=history, final=final,
-                  kappa=kappa.tolist(), decision_grid=grid, test_points=dict(x=xte.tolist(), y=yte.tolist()))
-    if out:
-        atomic_write_json(out / "result.json", result)
-    return result
-
-
-def _toy_epoch_log(model, collector, epoch, loss, xtr, ytr, xte, yte, c):
-    model.train()  # erank on the whole test set, measured the way SES sees it (hooks fire in train mode)
-    with torch.no_grad():
-        collector.clear()
-        model(xte)
-        er = erank_stats(collector.activations, collector.names, c["ses_beta"])
-        collector.clear()
-        model.eval()
-        tr = (model(xtr).argmax(1) == ytr).float().mean().item() * 100
-        te = (model(xte).argmax(1) == yte).float().mean().item() * 100
-    return dict(epoch=epoch, train_loss=loss, train_acc=tr, test_acc=te, erank=er)
-
-
-def _toy_decision_grid(model, lim=4.0, n=121):
-    xs = torch.linspace(-lim, lim, n)
-    gx, gy = torch.meshgrid(xs, xs, indexing="xy")
-    with torch.no_grad():
-        model.eval()
-        pred = model(torch.stack([gx.flatten(), gy.flatten()], 1)).argmax(1).view(n, n)
-    return dict(lim=lim, n=n, pred=pred.tolist())
-
-
-def toy_table(df, paper=None):
-    """kappa(J) and erank per config (mean over seeds) beside the paper's numbers."""
-    import pandas as pd
-    paper = paper or {}
-    rows = []
-    for cfgname, sub in df.groupby("config", sort=False):
-        fins = [r["final"] for r in sub["result"]]
-        er = [v for f in fins for v in f["erank"].values()]
-        p = paper.get(cfgname, {})
-        rows.append({"config": cfgname, "seeds": len(fins),
-                     "test acc": round(float(np.mean([f["test_acc"] for f in fins])), 2), "paper acc": p.get("acc"),
-                     "κ(J) mean": round(float(np.mean([f["kappa_mean"] for f in fins])), 2),
-                     "κ(J) std": round(float(np.mean([f["kappa_std"] for f in fins])), 2),
-                     "κ(J) median": round(float(np.mean([f["kappa_median"] for f in fins])), 2),
-                     "paper κ mean": p.get("kappa_mean"), "paper κ std": p.get("kappa_std"),
-                     "erank range": f"{min(er):.2f}–{max(er):.2f}", "target 16^β": round(fins[0]["erank_target"], 2),
-                     "all layers within ±5%": all(f["erank_within_5pct"] for f in fins)})
-    return pd.DataFrame(rows).set_index("config")
-
-
-def fig_toy(df, out_dir, name="toy"):
-    """Decision boundaries, the kappa(J) distribution, and erank convergence to 16^beta."""
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    configs = list(dict.fromkeys(df["config"]))
-    first = {c: df[df["config"] == c].iloc[0]["result"] for c in configs}
-    n = len(configs) + 2
-    fig, axes = plt.subplots(1, n, figsize=(min(MAX_FIG_INCHES, 3.9 * n), 3.8))
-    for ax, c in zip(axes, configs):
-        r = first[c]
-        g, pts = r["decision_grid"], r["test_points"]
-        ax.imshow(np.array(g["pred"]), extent=(-g["lim"], g["lim"], -g["lim"], g["lim"]), origin="lower",
-                  cmap=ListedColormap(["#fbb4ae", "#b3cde3", "#ccebc5"]), vmin=0, vmax=2)
-        p = np.array(pts["x"])
-        ax.scatter(p[:, 0], p[:, 1], c=pts["y"], s=4, cmap=ListedColormap(["#e41a1c", "#377eb8", "#4daf4a"]),
-                   vmin=0, vmax=2)
-        ax.set_title(f"{c}: κ(J) {r['final']['kappa_mean']:.1f} ± {r['final']['kappa_std']:.1f}", fontsize=9)
-    ax = axes[len(configs)]
-    for c in configs:
-        k = np.concatenate([np.array(r["kappa"]) for r in df[df["config"] == c]["result"]])
-        ax.hist(np.log10(k), bins=40, alpha=0.6, label=c)
-    ax.set_xlabel("log10 κ(J) over test points")
-    ax.legend()
-    ax = axes[-1]
-    for c in configs:
-        r = first[c]
-        for layer in r["history"][0]["erank"]:
-            ax.plot([h["epoch"] for h in r["history"]], [h["erank"][layer]["erank"] for h in r["history"]],
-                    ls="-" if r["config"].get("ses") else ":", label=f"{c} {layer}")
-    ax.axhline(16 ** 0.6, color="k", ls="--", lw=1)
-    ax.set_title("erank per hidden layer (dashed: 16^0.6)", fontsize=9)
-    ax.set_xlabel("epoch")
-    ax.legend(fontsize=5, ncol=2)
-    return _save(fig, out_dir, name)
-
-
-
-
-FIGURES["toy"] = fig_toy
-
-# ═══════════════════════════════════════════════════════════════════════════════════════════════
-# runner + CLI
-# ═══════════════════════════════════════════════════════════════════════════════════════════════
 # Notebook side of the run contract (plan_runs), the batch runner that
 # drives the notebooks over the GPUs of one machine (one papermill subprocess per GPU: threads in one
 # process serialize on the GIL), Kaggle/Colab packaging, and the `python seslib.py ...` command line.
@@ -4505,46 +4727,6 @@ def run_config(base: dict, overrides: dict, *, preset="paper", seed=42, run_dir=
     return cfg
 
 
-# ── "done" means: the same settings ──
-# Keys that cannot change what a run computes: a result made with other values still counts as done.
-_NOT_COMPUTED = ("resume", "log", "data_root", "out_dir", "device", "keep_checkpoint", "save_model", "eval_batch_size",
-                 "precision", "preset")  # precision follows from amp + the device; preset is a label
-# A checkpoint may also be resumed under other robustness settings: they act only after the last epoch.
-_RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustness_subset")
-
-
-def config_diff(now: dict, then: dict, ignore=_NOT_COMPUTED) -> list:
-    """[(key, then, now)] for every key that differs between a stored run's config and the one planned now
-    (a key missing from the older config counts as different: the suite's recipe grew since).
-    'preset' is listed too when anything else differs, so a message can say "preset smoke -> paper"."""
-    diff = [(k, then.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(now) | set(then))
-            if k not in ignore and then.get(k, "<absent>") != now.get(k, "<absent>")]
-    if diff and now.get("preset") != then.get("preset") and "preset" in ignore:
-        diff.append(("preset", then.get("preset"), now.get("preset")))
-    return diff
-
-
-def describe_diff(diff, limit=6) -> str:
-    """'epochs 2 → 50, preset smoke → paper' (the first `limit` keys)."""
-    parts = [f"{k} {json.dumps(a, default=str) if not isinstance(a, str) else a} → "
-             f"{json.dumps(b, default=str) if not isinstance(b, str) else b}" for k, a, b in diff[:limit]]
-    return ", ".join(parts) + (f" (+{len(diff) - limit} more)" if len(diff) > limit else "")
-
-
-def set_aside(run_dir, why: str) -> Path:
-    """Move a run folder's files (not the folder, which a lock may hold) into {out_dir}/stale/<name>.<time>/,
-    with why.txt: nothing is deleted. Returns the new folder."""
-    run_dir = Path(run_dir)
-    root = run_dir.parent.parent if run_dir.parent.name == "runs" else run_dir.parent
-    dest = root / "stale" / f"{run_dir.name}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
-    dest.mkdir(parents=True)
-    for f in run_dir.iterdir():
-        if f.name != ".lock":
-            shutil.move(str(f), str(dest / f.name))
-    (dest / "why.txt").write_text(why + "\n")
-    return dest
-
-
 @dataclasses.dataclass
 class Run:
     """One (config, seed) run of a notebook; `overrides` are the grid's settings for `config`.
@@ -4600,30 +4782,6 @@ def _as_list(x, what):
     if not x:
         raise ValueError(f"{what} is empty")
     return x
-
-
-def _result_ok(path):
-    """A run's result.json exists and parses (train writes it atomically)."""
-    return _read_result(path) is not None
-
-
-def _read_result(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def result_status(result_path, cfg, ignore=_NOT_COMPUTED):
-    """("done" | "stale" | "todo", diff) of a run folder's result.json against the config planned now."""
-    r = _read_result(result_path)
-    if r is None:
-        return "todo", []
-    if cfg is None:  # a plan without a recipe (e.g. a custom grid): any parseable result counts
-        return "done", []
-    diff = config_diff(cfg, r.get("config") or {}, ignore)
-    return ("stale" if diff else "done"), diff
 
 
 def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost=None, report=True,
@@ -4715,7 +4873,7 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
     """Run every planned (config, seed) that is not done; resume interrupted ones; set stale results aside first.
 
     torchrun: None / 0 (each run in this process), "auto" or N: each run as ONE DDP run over all GPUs
-    (N processes) via train_torchrun; None reads $SES_TORCHRUN (set by `seslib.py batch --torchrun`).
+    (N processes) via train_torchrun; None reads $SES_TORCHRUN (set by `sesrun.py batch --torchrun`).
     A failing run does not stop the others; the first error is re-raised at the end so papermill and
     the batch runner still see the failure. Returns a compact table (pandas) of the runs and their headline
     numbers, not the result dicts (a notebook cell would print all of them)."""
@@ -4764,157 +4922,11 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
     return pd.DataFrame(rows, columns=["config", "seed", "status", "test acc (final)", "rob", "minutes"])
 
 
-BUDGET_ENV = "SES_TIME_BUDGET"  # the batch's whole time budget in seconds (with SES_DEADLINE)
-
-
-def fits_budget(est, end, budget=None) -> bool:
-    """Whether a run estimated at est["seconds"] may start with the deadline `end`: it must finish before it. A run
-    longer than a whole budget can never do that, so it starts when at least half the budget is left (it pauses at an
-    epoch boundary and the next invocation resumes it)."""
-    if end is None or not est:
-        return True
-    left = end - time.time()
-    if est["seconds"] <= left:
-        return True
-    return bool(budget) and est["seconds"] > budget and left >= budget / 2
-
-
-def _hours(seconds) -> str:
-    return (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 120
-            else f"{seconds:.0f} s")
-
-
 def _run_row(run, status, result, seconds=None):
     fin = (result or {}).get("final") or {}
     rob = (fin.get("robustness") or {}).get("mean_corruption_acc")
     return {"config": run.config, "seed": run.seed, "status": status, "test acc (final)": fin.get("test_acc"),
             "rob": rob, "minutes": None if seconds is None else round(seconds / 60, 1)}
-
-
-_MODEL_COST = {"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6, "mlp_toy": 0.01}
-
-
-def run_cost(cfg: dict) -> float:
-    """A run's relative cost (model x epochs x pixels, SES adds ~1/every_k); the batch runner starts the costliest first."""
-    px = 4.0 if cfg.get("dataset") == "tinyimagenet" else 1.0
-    ses = 1.0 + (0.3 / cfg.get("ses_every_k", 1) if cfg.get("ses") else 0.0)
-    return _MODEL_COST.get(cfg.get("model"), 1.0) * cfg.get("epochs", 50) * px * ses
-
-
-# ── run-time estimates (the time budget, `seslib.py plan`) ──
-# A run's time = epochs left x seconds per epoch + its final evaluation. Seconds per epoch, best source first: this
-# run's own measured epochs (progress.json, a paused run), the measured epochs of a finished run of the same config
-# (another seed), the paper's epoch time for the config (PAPER[...]["epoch_s"], on PAPER_GPU), else the paper's
-# ResNet-18 CIFAR times scaled by model and image size. Across GPUs, times scale by GPU_SPEED: rough training
-# throughput relative to a T4 from public CNN training benchmarks; a measured time on the GPU at hand replaces it.
-GPU_SPEED = {"h200": 6.5, "h100": 6.0, "a100": 4.0, "l40s": 3.0, "a10": 2.0, "v100": 2.0, "l4": 1.8, "p100": 1.1,
-             "t4": 1.0, "cpu": 0.02}
-_RESNET18_T4_EPOCH_S = {False: 28.9, True: 42.5}  # the paper's ResNet-18 CIFAR epoch, batch 256, fp32 (Exp 1-9)
-TOY_RUN_SECONDS = 60.0  # Exp 4's 2-D MLP: about a minute per run on a CPU core (measured), whatever the GPU
-
-
-def gpu_kind(name) -> str:
-    """'t4', 'a100', ... from a device name ('Tesla T4', 'NVIDIA A100-SXM4-40GB'), 'cpu' for a CPU model name."""
-    n = str(name or "").lower().replace("-", " ")
-    for k in sorted(GPU_SPEED, key=len, reverse=True):  # 'l40s' before 'l4'
-        if k != "cpu" and re.search(rf"\b{k}\b", n):
-            return k
-    return "cpu" if not any(w in n for w in ("nvidia", "tesla", "geforce", "rtx", "quadro")) else "t4"
-
-
-def _speed(kind) -> float:
-    if kind not in GPU_SPEED:
-        raise ValueError(f"unknown GPU {kind!r}; known: {', '.join(GPU_SPEED)}")
-    return GPU_SPEED[kind]
-
-
-def _steps_fraction(c) -> float:
-    """The share of a full epoch's steps a config runs (train_subset, max_steps_per_epoch; 1 for the paper)."""
-    n_train = DATASETS[c["dataset"]]["sizes"][0] if c.get("dataset") in DATASETS else 1
-    n = min(c.get("train_subset") or n_train, n_train)
-    if c.get("max_steps_per_epoch"):
-        n = min(n, c["max_steps_per_epoch"] * c["batch_size"])
-    return n / n_train
-
-
-def estimate_eval_seconds(c, epoch_s) -> float:
-    """The final evaluation's time from the training epoch's: every corrupted test image is one forward pass (a
-    training image costs about 3: forward + backward), over the standard protocol's corruptions x severities and
-    the paper's protocol twice (final and best weights, 5 x 3 cells each)."""
-    if not c.get("robustness") or c.get("dataset") not in DATASETS:
-        return 0.0
-    n_train, n_test = DATASETS[c["dataset"]]["sizes"]  # epoch_s / fraction: the time of a full epoch of n_train
-    n_test = min(c.get("robustness_subset") or c.get("test_subset") or n_test, n_test)
-    cells = len(_resolve_corruptions(c["robustness"])) * len(c.get("robustness_severities") or (1, 2, 3, 4, 5)) + 30
-    return epoch_s / _steps_fraction(c) * cells * n_test / (3 * n_train)
-
-
-def _paper_t4_epoch_seconds(c, paper_entry=None, paper_gpu=None):
-    """(seconds per full epoch on a T4, source) from the paper."""
-    if paper_entry and paper_entry.get("epoch_s"):
-        kind = gpu_kind(paper_gpu or "Tesla T4")
-        return paper_entry["epoch_s"] * _speed(kind), f"paper ({paper_gpu or 'T4'})"
-    px = (DATASETS.get(c.get("dataset"), {}).get("img_size", 32) / 32) ** 2
-    s = _RESNET18_T4_EPOCH_S[bool(c.get("ses"))] * _MODEL_COST.get(c.get("model"), 1.0) * px
-    return s, "est. from the paper's ResNet-18 times"
-
-
-def estimate_run(c, gpu, paper_entry=None, paper_gpu=None, measured=None, progress=None) -> dict:
-    """{seconds, epoch_s, epochs_left, source} for the resolved config c on a `gpu` kind. measured: a finished run
-    of the same config {epoch_s, eval_s, gpu}; progress: this run's progress.json (epochs done, epoch seconds)."""
-    if c.get("model") == "mlp_toy" or "radii" in c:  # the toy study (its config has no model key)
-        return {"seconds": TOY_RUN_SECONDS, "epoch_s": TOY_RUN_SECONDS / c["epochs"], "epochs_left": c["epochs"],
-                "source": "measured (CPU)"}
-    speed, frac = _speed(gpu), _steps_fraction(c)
-    eval_s = None
-    done = (progress or {}).get("epochs_done", 0)
-    own = (progress or {}).get("epoch_seconds") or []
-    if own and gpu_kind(progress.get("device")) == gpu:
-        epoch_s, source = float(np.mean(own)), "measured (this run)"
-    elif measured:
-        k = GPU_SPEED.get(gpu_kind(measured["gpu"]), 1.0) / speed
-        epoch_s, source = measured["epoch_s"] * k, f"measured ({measured['gpu']})"
-        eval_s = measured["eval_s"] * k if measured.get("eval_s") is not None else None
-    else:
-        t4, source = _paper_t4_epoch_seconds(c, paper_entry, paper_gpu)
-        epoch_s = t4 / speed * frac
-    left = max(0, c["epochs"] - done)
-    if eval_s is None:
-        eval_s = estimate_eval_seconds(c, epoch_s)
-    return {"seconds": left * epoch_s + eval_s, "epoch_s": epoch_s, "epochs_left": left, "source": source}
-
-
-def _measured(run_dir) -> dict | None:
-    """A finished run's measured epoch and evaluation seconds and its GPU, from result.json."""
-    r = _read_result(Path(run_dir) / "result.json")
-    fin = (r or {}).get("final") or {}
-    if not fin.get("epoch_seconds_mean"):
-        return None
-    return {"epoch_s": fin["epoch_seconds_mean"], "eval_s": fin.get("eval_seconds"),
-            "gpu": (r.get("env") or {}).get("device_name", "cpu")}
-
-
-def run_estimate(run, paper=None, paper_gpu=None, gpu=None) -> dict:
-    """estimate_run for one planned run: its progress.json, another finished seed of its config, the paper."""
-    if gpu is None:
-        dev = pick_device((run.cfg or {}).get("device", "auto"))
-        gpu = gpu_kind(_device_name(dev)) if dev.type == "cuda" else "cpu"
-    progress = _read_result(run.run_dir / "progress.json")
-    same = sorted(run.run_dir.parent.glob(f"{run.config}_seed*")) if run.run_dir.parent.is_dir() else []
-    measured = _measured_like(run, [d for d in same if d != run.run_dir])
-    return estimate_run(run.cfg or {}, gpu, (paper or {}).get(run.config), paper_gpu, measured, progress)
-
-
-def _measured_like(run, run_dirs):
-    """The first finished run among run_dirs made with this run's config up to the seed (so its epoch time counts)."""
-    for d in run_dirs:
-        m = _measured(d)
-        if m is None or run.cfg is None:
-            continue
-        then = (_read_result(d / "result.json") or {}).get("config") or {}
-        if not config_diff(dict(run.cfg, seed=then.get("seed")), then):
-            return m
-    return None
 
 
 def resolve_out_dir(out_dir, preset="paper", name=None) -> str:
@@ -4937,1075 +4949,9 @@ def resolve_out_dir(out_dir, preset="paper", name=None) -> str:
     return str(Path.cwd() / p)
 
 
-# ─── first cell of every notebook (Colab / Kaggle / repo) ─────────────────────────────────────
-
-# Finds seslib.py in cwd, .. or an attached Kaggle dataset (bounded depth: a recursive glob would
-# walk the image data sets too); on Colab, if still not importable, fetches it + requirements from
-# $SESLIB_URL (the raw URL of seslib.py in your copy of the repository).
-# Defines only underscore names and modules, so check_notebook_params ignores it.
-SETUP_CELL = """\
-# Setup: make seslib importable (repo checkout, Kaggle dataset, or Colab download).
-import sys, os, glob, importlib.util
-_dirs = [os.getcwd(), os.path.dirname(os.getcwd())] + sorted(
-    os.path.dirname(p) for k in (1, 2, 3) for p in glob.glob("/kaggle/input" + "/*" * k + "/seslib.py"))
-_dirs = [d for d in _dirs if os.path.isfile(os.path.join(d, "seslib.py"))]
-if _dirs and _dirs[0] not in sys.path:
-    sys.path.insert(0, _dirs[0])
-if "google.colab" in sys.modules and importlib.util.find_spec("seslib") is None:
-    import subprocess, urllib.request
-    _url = os.environ.get("SESLIB_URL", "")  # raw URL of seslib.py in your copy of the repository
-    if not _url:
-        raise RuntimeError("seslib.py is not importable: upload seslib.py and requirements.txt to this session, "
-                           "or set os.environ['SESLIB_URL'] to the raw URL of seslib.py, then run this cell again")
-    for _f in ("seslib.py", "requirements.txt"):
-        urllib.request.urlretrieve(_url.rsplit("/", 1)[0] + "/" + _f, _f)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
-    sys.path.insert(0, os.getcwd())
-if importlib.util.find_spec("seslib") is None:  # a plain Jupyter kernel started somewhere else
-    raise RuntimeError("seslib.py is not importable: looked in " + os.getcwd() + ", its parent and /kaggle/input. "
-                       "Open this notebook from the repository's notebooks/ folder (or its root), or add the "
-                       "repository to the path first: import sys; sys.path.insert(0, '/path/to/the/repository')")
-"""
-
-
-# ─── batch runner ──────────────────────────────────────────────────────────────────────────────
-
-def _here():
-    """Folder holding seslib.py (the runner's children import it from there)."""
-    return Path(__file__).resolve().parent
-
-
-def _nb_number(path):
-    m = re.match(r"(\d+)_", Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def find_notebooks(specs, dirs=None):
-    """Resolve notebook specs: paths, numbers (3 -> 03_*.ipynb), stems, or "all".
-
-    Looked up in ./notebooks, then notebooks/ beside seslib.py, then beside seslib.py (Kaggle dataset)."""
-    dirs = list(dict.fromkeys(Path(d).resolve() for d in (dirs or [Path.cwd() / "notebooks", _here() / "notebooks", _here()])))
-    out = []
-    for spec in [specs] if isinstance(specs, (str, int, Path)) else specs:
-        s = str(spec)
-        if Path(s).is_file():
-            out.append(Path(s).resolve())
-            continue
-        if s == "all":
-            # the 18 experiments; 00_explore is interactive, not part of a batch
-            found = next((sorted(p for p in d.glob("[0-9][0-9]_*.ipynb") if not p.name.startswith("00_"))
-                          for d in dirs if list(d.glob("[0-9][0-9]_*.ipynb"))), [])
-        elif s.isdigit():
-            found = next((m for d in dirs if (m := sorted(d.glob(f"{int(s):02d}_*.ipynb")))), [])
-        else:
-            stem = s[:-6] if s.endswith(".ipynb") else s
-            found = next(([d / f"{stem}.ipynb"] for d in dirs if (d / f"{stem}.ipynb").is_file()), [])
-        if not found or (s != "all" and len(found) > 1):
-            raise ValueError(f"notebook {s!r}: {'ambiguous ' + str(found) if found else 'not found'} "
-                             f"(looked in {', '.join(map(str, dirs))})")
-        out += [p.resolve() for p in found]
-    out = list(dict.fromkeys(out))
-    stems = [p.stem for p in out]
-    if len(set(stems)) != len(stems):
-        raise ValueError(f"two notebooks share a name (their outputs would collide): {stems}")
-    return out
-
-
-def _declared_params(nb):
-    """Names assigned at top level of the notebook's `parameters` cell. Parsed with ast: papermill's
-    own line parser skips lines whose comment holds quotes or '=' (papermill.inspect_notebook)."""
-    import ast
-    import nbformat
-    cells = [c for c in nbformat.read(str(nb), as_version=4).cells
-             if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
-    if not cells:
-        raise ValueError(f"{nb.name}: no cell tagged 'parameters'")
-    try:
-        tree = ast.parse(cells[0].source)
-    except SyntaxError as e:
-        raise ValueError(f"{nb.name}: the parameters cell is not plain Python ({e})") from None
-    names = set()
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        names |= {t.id for t in targets if isinstance(t, ast.Name)}
-    return {n for n in names if not n.startswith("_")}
-
-
-BATCH_KEYS = {"time_budget"}  # params-file keys for the whole batch, not for a notebook
-
-
-def _read_params(params) -> dict:
-    """The params file (YAML path) or dict, checked: {"all" / number / stem: {overrides}, "time_budget": "11.5h"}."""
-    import yaml
-    if params is None:
-        params = {}
-    elif not isinstance(params, dict):
-        where = params
-        if not Path(where).is_file():
-            raise ValueError(f"--params {where}: no such file (a YAML file such as: all: {{preset: paper}})")
-        try:
-            params = yaml.safe_load(Path(where).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--params {where}: not valid YAML ({str(e).splitlines()[0]}"
-                             + (f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else "")
-                             + ")") from None
-    if not isinstance(params, dict) or not all(isinstance(v, (dict, type(None))) for k, v in params.items()
-                                               if str(k) not in BATCH_KEYS):
-        raise ValueError("batch params must map 'all' / notebook number / notebook stem to a dict of overrides")
-    return params
-
-
-def load_batch_params(params, notebooks):
-    """Overrides per notebook from a YAML file or dict: {"all": {...}, 3: {...}, "03_name": {...}}.
-
-    Later keys win: all < number < stem. Each notebook's overrides are checked against the
-    parameters its `parameters` cell declares before any work."""
-    params = _read_params(params)
-    keys = {str(k): v or {} for k, v in params.items() if str(k) not in BATCH_KEYS}
-    out, used = {}, {"all"}
-    for nb in notebooks:
-        num = _nb_number(nb)
-        mine = [k for k in keys if (k.isdigit() and int(k) == num) or k in (nb.stem, nb.name)]
-        used |= set(mine)
-        merged = dict(keys.get("all", {}))
-        for k in sorted(mine, key=lambda k: not k.isdigit()):  # numbers first, then stems
-            merged.update(keys[k])
-        declared = _declared_params(nb)
-        missing = ({"out_dir", "configs", "seeds"} | RUNNER_PARAMS) - set(declared)
-        if missing:
-            raise ValueError(f"{nb.name} does not follow the run contract: no parameter(s) {sorted(missing)}")
-        reserved = RUNNER_PARAMS & set(merged)
-        if reserved:
-            raise ValueError(f"{sorted(reserved)} are set by the batch runner; remove them from the params")
-        out[nb] = validate_params(merged, set(declared), where=nb.name)
-    for k in set(keys) - used:
-        print(f"note: params for {k!r} match no notebook of this batch")
-    return out
-
-
-def batch_slots(gpus="auto", workers=None, torchrun=False):
-    """One slot per GPU (× workers per GPU), or `workers` CPU slots when there is no GPU.
-
-    gpus: "auto" (every visible CUDA device), "0,1" (indices among the visible devices; mapped
-    through the parent's CUDA_VISIBLE_DEVICES), or "cpu". Each slot is {name, env} for its process.
-    torchrun=True: ONE slot holding all those GPUs (or `workers` CPU ranks), whose runs each go through
-    torchrun as one DDP run over them ($SES_TORCHRUN, read by run_plan)."""
-    if torchrun:
-        per_gpu = batch_slots(gpus)
-        on_gpu = per_gpu[0]["name"].startswith("gpu")
-        n = len(per_gpu) if on_gpu else int(workers or 2)
-        env = {"SES_SLOT": "0", "SES_TORCHRUN": str(n),
-               "CUDA_VISIBLE_DEVICES": ",".join(s["env"]["CUDA_VISIBLE_DEVICES"] for s in per_gpu) if on_gpu else ""}
-        if not on_gpu:  # no oversubscription between the CPU ranks
-            env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-        return [{"name": f"torchrun:{n}{'gpu' if on_gpu else 'cpu'}", "env": env}]
-    spec = str(gpus).strip().lower() if gpus is not None else "cpu"
-    if spec in ("cpu", "none", ""):
-        ids = []
-    else:
-        n = torch.cuda.device_count()
-        try:
-            ids = list(range(n)) if spec == "auto" else [int(x) for x in spec.split(",")]
-        except ValueError:
-            raise ValueError(f"--gpus must be 'auto', 'cpu' or a list like 0,1; got {gpus!r}") from None
-        if any(not 0 <= i < n for i in ids):
-            raise ValueError(f"--gpus {gpus}: only {n} CUDA device(s) visible")
-    if workers is not None and int(workers) < 1:
-        raise ValueError("workers must be >= 1")
-    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if ids:  # a process sees only its own GPU, as cuda:0
-        per = int(workers or 1)
-        gpu_ids = [visible[i] if i < len(visible) else str(i) for i in ids]
-        devs = [g for g in gpu_ids for _ in range(per)]
-        return [{"name": f"gpu{g}", "env": {"CUDA_VISIBLE_DEVICES": g, "SES_SLOT": str(k)}} for k, g in enumerate(devs)]
-    n = int(workers or 1)
-    threads = str(max(1, (os.cpu_count() or 1) // n))  # no oversubscription between CPU slots
-    return [{"name": f"cpu{k}", "env": {"CUDA_VISIBLE_DEVICES": "", "SES_SLOT": str(k),
-                                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}}
-            for k in range(n)]
-
-
-# The subprocess of one job: dies with the runner even when the runner is SIGKILLed (PR_SET_PDEATHSIG;
-# its kernel then exits by itself, ipykernel polls its parent), runs papermill with cell output
-# streamed to the log, and prints one SES-RUN-ERROR line the runner shows in its table.
-_DRIVER = r"""
-import ctypes, json, logging, os, signal, sys
-try:
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit("runner already gone")
-spec = json.loads(sys.argv[2])
-logging.basicConfig(level=logging.INFO, format="%(message)s")
-import papermill as pm
-try:
-    pm.execute_notebook(spec["input"], spec["output"], parameters=spec["parameters"], kernel_name=spec["kernel"],
-                        log_output=True, progress_bar=False, cwd=spec["cwd"])
-except BaseException as e:
-    msg = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}".strip().splitlines()
-    print("SES-RUN-ERROR:", msg[0] if msg else type(e).__name__, flush=True)
-    raise
-"""
-# papermill/nbclient kernel-start races: retried once after a stagger.
-_START_RACE = ("Kernel didn't respond", "Address already in use", "ZMQError", "Kernel died before replying to kernel_info")
-_KERNEL = "seslib-python"
-
-
-def _kernel_dir(root):
-    """A kernelspec pinned to this interpreter, so every run uses the runner's own environment
-    (a user-level 'python3' kernelspec may point at another Python). Shown to jupyter via JUPYTER_PATH."""
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": f"Python ({sys.executable})", "language": "python"}
-    atomic_write_json(Path(root) / "kernels" / _KERNEL / "kernel.json", spec)
-    return str(root)
-
-
-@dataclasses.dataclass
-class _Job:
-    kind: str  # "list" | "run" | "report"
-    nb: Path
-    params: dict
-    output: Path  # executed notebook
-    log: Path
-    config: str = None
-    seed: int = None
-    result: Path = None
-    cost: float = 0.0
-    after: tuple = ()  # indices of jobs that must finish first
-    cfg: dict = None  # a run's resolved config: a result.json made with other settings is not "done"
-    attempt: int = 0
-    not_before: float = 0.0
-    est: dict = None  # a run's estimate (estimate_run on the listing's GPU): the time budget decides with it
-
-
-def _kill_tree(proc):
-    """SIGTERM the job's process group and its kernel (own session), SIGKILL what is left after 5 s."""
-    try:
-        import psutil
-        procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    except Exception:
-        procs = []
-    for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
-        try:
-            os.killpg(proc.pid, sig) if hasattr(os, "killpg") else proc.send_signal(sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except Exception:
-                pass
-        try:
-            proc.wait(5)
-            if not any(p.is_running() for p in procs[1:]):
-                return
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _last_error(log):
-    try:
-        lines = Path(log).read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return next((ln.split("SES-RUN-ERROR:", 1)[1].strip() for ln in reversed(lines) if "SES-RUN-ERROR:" in ln),
-                lines[-1][:200] if lines else "")
-
-
-def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None, end=None, budget=None):
-    """Run jobs over the slots, one subprocess per slot, in list order as dependencies allow. With a deadline
-    `end`: a run that fits_budget says cannot finish is not started ("to do"); a run that pauses itself at an
-    epoch boundary is "paused". Returns one record per job (by index)."""
-    pending = list(range(len(jobs)))
-    running, finished, records = {}, set(), {}
-    last_launch = -1e9
-    counts = {"done": 0, "failed": 0, "skipped": 0, "paused": 0, "to do": 0}
-
-    def stamp():
-        return f"[{datetime.timedelta(seconds=int(time.time() - t_start))}]"
-
-    def label(j):
-        return f"{j.nb.stem} {j.config} seed{j.seed}" if j.kind == "run" else f"{j.nb.stem} ({j.kind})"
-
-    def finish(i, status, slot, seconds, error=""):
-        j = jobs[i]
-        finished.add(i)
-        counts[status] += 1
-        records[i] = _record(j.nb.stem, j.kind, status, j.config, j.seed, round(seconds, 1), slot, j.attempt, error,
-                             str(j.log) if status != "skipped" else "")
-        left = len(pending) + len(running)
-        if j.kind != "list" or status == "failed":
-            say(f"{stamp()} {status:<7} {label(j)} on {slot} in {seconds:.1f}s"
-                + (f"  {error}  (log: {j.log})" if status == "failed" else "")
-                + f"  | done {counts['done']}, failed {counts['failed']}, left {left}")
-
-    try:
-        while pending or running:
-            for s, (i, proc, t0, fh) in list(running.items()):
-                rc = proc.poll()
-                if rc is None and timeout and time.time() - t0 > timeout:
-                    _kill_tree(proc)
-                    rc = "timeout"
-                if rc is None:
-                    continue
-                fh.close()
-                del running[s]
-                j = jobs[i]
-                log_text = j.log.read_text(errors="replace") if j.log.exists() else ""
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-LOCKED" in log_text:
-                    finish(i, "skipped", slots[s]["name"], time.time() - t0, "locked by another process")
-                    continue
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-PAUSED" in log_text:
-                    finish(i, "paused", slots[s]["name"], time.time() - t0, "time budget: checkpoint kept, resumes next time")
-                    continue
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-BUDGET" in log_text:
-                    finish(i, "to do", slots[s]["name"], time.time() - t0, "time budget: not started")
-                    continue
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result):
-                    rc, err = 1, f"the notebook finished but wrote no {j.result.name}"
-                else:
-                    err = f"timeout after {timeout}s" if rc == "timeout" else _last_error(j.log)
-                if rc not in (0, "timeout") and j.attempt <= retries and any(m in log_text for m in _START_RACE):
-                    j.not_before = time.time() + stagger * (2 + s) + random.random()
-                    pending.insert(0, i)
-                    say(f"{stamp()} retry   {label(j)}: kernel start race ({err})")
-                    continue
-                finish(i, "done" if rc == 0 else "failed", slots[s]["name"], time.time() - t0, "" if rc == 0 else err)
-            for s in range(len(slots)):
-                if s in running or time.time() - last_launch < stagger:
-                    continue
-                ready = next((i for i in pending if set(jobs[i].after) <= finished and jobs[i].not_before <= time.time()), None)
-                if ready is None:
-                    break
-                pending.remove(ready)
-                j = jobs[ready]
-                if j.kind == "run" and is_locked(j.result.parent):  # another runner is training it now
-                    finish(ready, "skipped", "", 0.0, "locked by another process")
-                    continue
-                if j.kind == "run" and result_status(j.result, j.cfg)[0] == "done":  # finished meanwhile
-                    finish(ready, "skipped", "", 0.0)
-                    continue
-                if j.kind == "run" and not fits_budget(j.est, end, budget):
-                    finish(ready, "to do", "", 0.0, f"time budget: needs ~{_hours(j.est['seconds'])}, "
-                                                    f"{_hours(max(0.0, end - time.time()))} left")
-                    continue
-                j.attempt += 1
-                j.output.parent.mkdir(parents=True, exist_ok=True)
-                if j.attempt == 1:
-                    _keep_previous_log(j.log)
-                fh = open(j.log, "w" if j.attempt == 1 else "a")
-                spec = {"input": str(j.nb), "output": str(j.output), "parameters": j.params, "kernel": kernel, "cwd": cwd}
-                proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(os.getpid()), json.dumps(spec, default=str)],
-                                        stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                        env={**env, **slots[s]["env"]})
-                running[s] = (ready, proc, time.time(), fh)
-                last_launch = time.time()
-                if j.kind != "list":
-                    say(f"{stamp()} start   {label(j)} on {slots[s]['name']}"
-                        + (f" (attempt {j.attempt})" if j.attempt > 1 else "")
-                        + f"  | running {len(running)}, queued {len(pending)}")
-            time.sleep(0.2)
-    finally:  # interrupted (Ctrl-C, SIGTERM) or crashed: take the children down with us
-        for i, proc, t0, fh in running.values():
-            _kill_tree(proc)
-            fh.close()
-    return [records[i] for i in sorted(records)]
-
-
-def _keep_previous_log(log, keep=5):
-    """log.txt -> log.1.txt (and log.1 -> log.2 ...): a re-run never overwrites the log of the attempt that failed."""
-    log = Path(log)
-    if not log.exists():
-        return
-    olds = [log.with_name(f"{log.stem}.{k}{log.suffix}") for k in range(1, keep + 1)]
-    olds[-1].unlink(missing_ok=True)
-    for k in range(keep - 1, 0, -1):
-        if olds[k - 1].exists():
-            os.replace(olds[k - 1], olds[k])
-    os.replace(log, olds[0])
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _print(msg):
-    print(msg, flush=True)  # progress must show up live through pipes and in notebook cells
-
-
-def _record(nb, kind, status, config=None, seed=None, seconds=0.0, slot="", attempts=0, error="", log=""):
-    return {"notebook": nb, "kind": kind, "config": config, "seed": seed, "status": status, "seconds": seconds,
-            "slot": slot, "attempts": attempts, "error": error, "log": log, "hours_left": None}
-
-
-def _plan_jobs(lists, overrides, nb_out, cwd, report, say):
-    """From the listings: records of done runs (skipped) and unreadable lists (failed), and the jobs:
-    the runs costliest first, then one report per notebook that waits for that notebook's runs."""
-    records, runs, reports = [], [], []
-    for lj in lists:
-        try:
-            entries = json.loads(lj.result.read_text())
-        except (OSError, ValueError):
-            records.append(_record(lj.nb.stem, "list", "failed", log=str(lj.log),
-                                   error="no run list written (does the notebook call S.plan_runs(..., list_runs)?)"))
-            continue
-        stale = [e for e in entries if e.get("status") == "stale"]
-        say(f"  {lj.nb.stem}: {len(entries)} run(s), {sum(bool(e['done']) for e in entries)} done"
-            + (f", {len(stale)} stale (made with other settings: set aside and redone)" if stale else ""))
-        for e in stale:
-            say(f"    stale: {e['config']} seed {e['seed']}: {e['stale']}")
-        start = len(runs)
-        for e in entries:
-            rd = Path(e["run_dir"]) if Path(e["run_dir"]).is_absolute() else Path(cwd) / e["run_dir"]
-            if e["done"] and result_status(rd / "result.json", e.get("cfg"))[0] == "done":
-                records.append(_record(lj.nb.stem, "run", "skipped", e["config"], e["seed"]))
-                continue
-            p = {**overrides[lj.nb], "configs": [e["config"]], "seeds": [e["seed"]], "out_dir": nb_out[lj.nb], "report": False}
-            runs.append(_Job("run", lj.nb, p, rd / "notebook.ipynb", rd / "log.txt", e["config"], e["seed"],
-                             rd / "result.json", float(e.get("cost", 1.0)), cfg=e.get("cfg"), est=e.get("est")))
-        if report:
-            p = {**overrides[lj.nb], "out_dir": nb_out[lj.nb], "report_only": True, "report": True}
-            reports.append(_Job("report", lj.nb, p, Path(nb_out[lj.nb]) / "report.ipynb",
-                                Path(nb_out[lj.nb]) / "report_log.txt", after=tuple(range(start, len(runs)))))
-    order = sorted(range(len(runs)), key=lambda i: -runs[i].cost)  # stable: notebook order among equals
-    where = {old: new for new, old in enumerate(order)}
-    for r in reports:
-        r.after = tuple(where[i] for i in r.after)
-    return records, [runs[i] for i in order] + reports
-
-
-def _summarize(records, out, t_start, say, save=True):
-    """Print the table of runs and save it as {out}/batch_summary.csv."""
-    import pandas as pd
-    df = pd.DataFrame(records, columns=list(_record("", "", "")))
-    df["seed"] = df["seed"].astype("Int64")
-    if save:
-        atomic_write_bytes(out / "batch_summary.csv", df.to_csv(index=False).encode())
-    shown = df.drop(columns=["log"]).astype(object)
-    say(shown.where(shown.notna(), "").to_string(index=False) if len(df) else "(nothing to run)")
-    say(f"batch finished in {datetime.timedelta(seconds=int(time.time() - t_start))}: "
-        + ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
-        + (f"; table: {out / 'batch_summary.csv'}" if save else ""))
-
-
-def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outputs", *, params=None,
-              retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False,
-              preset=None, whole_notebooks=False, time_budget=None):
-    """Run notebooks' (config, seed) runs over the GPUs (or CPU slots) of this machine, then their reports.
-
-    notebooks: paths / numbers / stems / "all" (see find_notebooks); params_file: YAML of overrides
-    (or params= the same as a dict); gpus: "auto" | "0,1" | "cpu"; workers: CPU slots (or slots per GPU);
-    out: outputs root, each notebook writes to {out}/{stem} (paper preset) or {out}/{preset}/{stem} (any other
-    preset: presets never share a folder) unless its overrides set out_dir; preset: every notebook's preset
-    (overrides the params' `preset`); whole_notebooks: one job per notebook (its whole grid and its report in one
-    kernel, as a person running it would) instead of one per run: for many short runs (the smoke preset) the
-    kernel starts would cost more than the runs;
-    retries: re-launches of a job whose kernel failed to start; timeout: seconds per job.
-    time_budget: "11.5h", "90m", seconds, or the params file's `time_budget`: no run starts that its estimate says
-    cannot finish in time (it stays "to do"), a run in flight pauses at an epoch boundary ("paused", checkpoint
-    kept), the reports still run. Done runs are skipped, so calling it again resumes (paused runs included). Returns one record per run / report / failed
-    listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
-    as {out}/batch_summary.csv."""
-    if params is not None and params_file is not None:
-        raise ValueError("give params_file or params, not both")
-    nbs = find_notebooks(notebooks)
-    given = _read_params(params if params is not None else params_file)
-    budget = parse_duration(time_budget if time_budget is not None else given.get("time_budget"))
-    overrides = load_batch_params(given, nbs)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        overrides = {nb: {**o, "preset": preset} for nb, o in overrides.items()}
-    slots = batch_slots(gpus, workers, torchrun)
-    out, cwd = Path(out).resolve(), os.getcwd()
-    nb_out = {nb: str(Path(overrides[nb].get("out_dir") or _preset_folder(out, overrides[nb].get("preset", "paper"))
-                           / nb.stem).resolve()) for nb in nbs}
-    if len(set(nb_out.values())) < len(nbs):
-        raise ValueError(f"two notebooks would write to the same out_dir: {sorted(nb_out.values())}")
-    tmp = out / ".batch"
-    env = dict(os.environ)
-    if env.get("SES_DATA"):  # absolute, so a relative SES_DATA means the same in every kernel whatever its cwd
-        env["SES_DATA"] = str(Path(env["SES_DATA"]).expanduser().resolve())
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
-        [str(_here())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    env["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(tmp / "jupyter")] + ([env["JUPYTER_PATH"]] if env.get("JUPYTER_PATH") else []))
-    t_start = time.time()
-    end = t_start + budget if budget else None
-    if end:  # the kernels pause their runs at an epoch boundary before it
-        env[DEADLINE_ENV], env[BUDGET_ENV] = repr(end), repr(budget)
-    else:
-        env.pop(DEADLINE_ENV, None), env.pop(BUDGET_ENV, None)
-    log(f"batch: {len(nbs)} notebook(s) on {len(slots)} slot(s) [{', '.join(s['name'] for s in slots)}] -> {out}"
-        + (f"; time budget {_hours(budget)} (until {datetime.datetime.fromtimestamp(end):%H:%M})" if end else ""))
-    if not dry_run:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / OUTPUTS_MARKER).write_text("An outputs root of the SES suite: the next Kaggle version copies this folder "
-                                          "in (seslib.copy_previous_outputs).\n")
-
-    prev_term = None
-    try:  # SIGTERM -> KeyboardInterrupt, so the finally blocks kill the children
-        prev_term = signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread: no handler, the caller cleans up
-        pass
-    try:
-        if whole_notebooks:
-            jobs = [_Job("notebook", nb, {**overrides[nb], "out_dir": nb_out[nb], "report": report},
-                         Path(nb_out[nb]) / "notebook.ipynb", Path(nb_out[nb]) / "log.txt", cost=_notebook_cost(nb))
-                    for nb in nbs]
-            jobs.sort(key=lambda j: -j.cost)  # the longest first, so the tail is short
-            records = ([_record(j.nb.stem, j.kind, "todo") for j in jobs] if dry_run else
-                       _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout, end, budget))
-            return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
-        # 1. ask every notebook for its runs (listing mode: it writes the list and does nothing else)
-        lists = []
-        for nb in nbs:
-            path = tmp / f"{nb.stem}.runs.json"
-            path.unlink(missing_ok=True)
-            p = {**overrides[nb], "out_dir": nb_out[nb], "list_runs": str(path), "report": False}
-            lists.append(_Job("list", nb, p, tmp / f"{nb.stem}.listing.ipynb", tmp / f"{nb.stem}.listing.log", result=path))
-        listed = _schedule(lists, slots, env, cwd, _KERNEL, log, t_start, retries, stagger)
-        failed = [r for r in listed if r["status"] == "failed"]
-        # 2. the runs, costliest first, then each notebook's report once its runs are over
-        records, jobs = _plan_jobs([lj for lj, r in zip(lists, listed) if r["status"] == "done"],
-                                   overrides, nb_out, cwd, report, log)
-        records = failed + records
-        log(f"{sum(j.kind == 'run' for j in jobs)} run(s) to do, {sum(r['status'] == 'skipped' for r in records)} "
-            f"already done, {sum(j.kind == 'report' for j in jobs)} report(s)")
-        if dry_run:
-            records += [_record(j.nb.stem, j.kind, "todo", j.config, j.seed) for j in jobs]
-        else:
-            records += _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout, end, budget)
-            _hours_left(records, jobs, log)
-    finally:
-        if prev_term is not None:
-            signal.signal(signal.SIGTERM, prev_term)
-    return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
-
-
-OUTPUTS_MARKER = "ses-outputs.txt"  # a visible file: Kaggle's output listing may leave dot files out
-
-
-def _hours_left(records, jobs, log):
-    """Put each unfinished run's estimated time left (its progress.json: epochs done) into its record, and say
-    what is done, paused and still to do."""
-    by_run = {(j.nb.stem, j.config, j.seed): j for j in jobs if j.kind == "run"}
-    left = 0.0
-    for r in records:
-        j = by_run.get((r["notebook"], r["config"], r["seed"]))
-        if r["kind"] != "run" or j is None or r["status"] not in ("paused", "to do", "failed") or not j.est:
-            continue
-        seconds = j.est["seconds"]
-        prog = _read_result(j.result.parent / "progress.json") or {}
-        if r["status"] == "paused" and prog.get("epochs") is not None:  # its own measured epochs, now
-            epoch_s = float(np.mean(prog["epoch_seconds"])) if prog.get("epoch_seconds") else j.est["epoch_s"]
-            seconds = (prog["epochs"] - prog["epochs_done"]) * epoch_s + estimate_eval_seconds(j.cfg or {}, epoch_s)
-        r["hours_left"] = round(seconds / 3600, 4)
-        left += seconds / 3600
-    n = {k: sum(r["kind"] == "run" and r["status"] == k for r in records) for k in ("done", "skipped", "paused", "to do", "failed")}
-    if n["paused"] or n["to do"]:
-        log(f"time budget: {n['done']} run(s) finished now, {n['skipped']} done before, {n['paused']} paused, "
-            f"{n['to do']} to do, {n['failed']} failed; about {_hours(left * 3600)} of GPU time left (estimate): "
-            "run the same batch again to go on")
-
-
-def _finish_batch(records, nb_out, out, t_start, log, report, dry_run):
-    """The run table (batch_summary.csv in the preset's folder, never the paper folder for a smoke batch) and
-    SUMMARY.md (one row per claim over every notebook folder that has a report)."""
-    roots = sorted({Path(d).parent for d in nb_out.values()})
-    _summarize(records, roots[0] if len(roots) == 1 else out, t_start, log, save=not dry_run)
-    if report and not dry_run:
-        for root in roots:
-            if build_summary(root) is not None:
-                log(f"claims: {root / 'SUMMARY.md'}")
-    return records
-
-
-def _notebook_cost(nb):
-    """A rough cost of a whole notebook from its source: run_cost of its recipe's model x its number of configs."""
-    import nbformat
-    src = "\n".join(c.source for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
-    models = re.findall(r"model\s*=\s*['\"](\w+)['\"]", src)
-    grid = src[src.find("GRID = {"):]
-    n = max(1, len(re.findall(r"^\s+'[^']+':\s*dict\(", grid[:grid.find("\n}")], re.M)))
-    ds = "tinyimagenet" if "tinyimagenet" in src else "cifar"
-    return run_cost({"model": models[0] if models else "resnet18", "dataset": ds, "epochs": 1}) * n
-
-
-def _preset_folder(out, preset):
-    """Where a preset's notebook folders live under an outputs root: the root for the paper preset, else
-    root/<preset> (a root that is already that folder, as outputs/smoke, is used as is)."""
-    out = Path(out)
-    return out if preset == "paper" or out.name == preset else out / preset
-
-
-# ─── the cost plan: python seslib.py plan ──────────────────────────────────────────────────────────
-
-KAGGLE = {"version_hours": 12.0, "quota_hours": 30.0, "working_gb": 20.0,  # a version's limit, GPU quota per week,
-          "overhead_hours": 0.25}  # /kaggle/working's size; per version: setup, installs, listings, reports
-
-
-def notebook_plan(nb, **params):
-    """A notebook's own RunPlan: its parameters cell, `params` injected after it as papermill would, then its cells
-    up to the S.plan_runs call, executed here (nothing trains, nothing is written)."""
-    import io
-    import nbformat
-    ns = {"__name__": "__notebook_plan__"}
-    started = False
-    with contextlib.redirect_stdout(io.StringIO()):
-        for cell in nbformat.read(str(nb), as_version=4).cells:
-            if cell.cell_type != "code":
-                continue
-            if "parameters" in cell.metadata.get("tags", []):
-                started = True
-                exec(cell.source, ns)  # noqa: S102 - the notebook's own code, as papermill would run it
-                ns.update(params)
-                continue
-            if started:
-                exec(cell.source, ns)  # noqa: S102
-                if type(ns.get("plan")).__name__ == "RunPlan":
-                    return ns["plan"]
-    raise ValueError(f"{Path(nb).name}: no cell after the parameters cell creates `plan` with S.plan_runs")
-
-
-def _lpt(durations, slots) -> float:
-    """Makespan of jobs on `slots` machines, longest first onto the least loaded (as the batch runner starts them)."""
-    loads = [0.0] * max(1, slots)
-    for d in sorted(durations, reverse=True):
-        loads[loads.index(min(loads))] += d
-    return max(loads)
-
-
-_PARAMS_CACHE = {}
-
-
-def _model_bytes(c) -> int:
-    """The float32 weights of c's model (model_final.pt), counted once per (model, classes, width)."""
-    key = (c["model"], c.get("dataset"), c.get("width", 1.0), bool(c.get("spectral_norm")))
-    if key not in _PARAMS_CACHE:
-        if c["model"] == "mlp_toy":
-            _PARAMS_CACHE[key] = 4 * 2000
-        else:
-            info = dataset_info(c["dataset"])
-            with torch.device("meta"):  # shapes only: no memory, no time
-                m = build_model(c["model"], info["num_classes"], info["img_size"], c.get("spectral_norm", False),
-                                c.get("width", 1.0))
-            _PARAMS_CACHE[key] = 4 * sum(p.numel() for p in m.state_dict().values())
-    return _PARAMS_CACHE[key]
-
-
-def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h"):
-    """Per notebook: runs (all / left), the GPU-hours left on `gpu` and where the estimate comes from; for the
-    selection: wall time on `gpus` GPUs (longest first), Kaggle versions of `budget`, weeks of the 30-h quota, the
-    disk footprint. Done runs (under `out`) count as done. Returns (per-notebook DataFrame, totals dict)."""
-    import pandas as pd
-    _speed(gpu)
-    budget_h = parse_duration(budget) / 3600
-    rows, ests, final_bytes, ckpt_bytes = [], [], 0, 0
-    for nb in find_notebooks(notebooks):
-        out_dir = _preset_folder(Path(out).resolve(), preset) / nb.stem
-        plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir))
-        left = [r for r in plan.runs if not r.done]
-        est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu) for r in left]
-        ests += [e["seconds"] for e in est]
-        for r in plan.runs:
-            c = r.cfg or {}
-            if c.get("model") in _MODEL_COST and c.get("dataset") in DATASETS:
-                final_bytes += _model_bytes(c) if c.get("save_model", True) else 0
-                n = _model_bytes(c)
-                ckpt_bytes = max(ckpt_bytes, n * (2 + (2 if c.get("optimizer") == "adamw" else 1)))
-        rows.append({"notebook": nb.stem, "runs": len(plan.runs), "left": len(left),
-                     "gpu_hours": sum(e["seconds"] for e in est) / 3600,
-                     "source": ", ".join(sorted({e["source"] for e in est})) or "-"})
-    df = pd.DataFrame(rows)
-    wall_h = _lpt(ests, gpus) / 3600
-    per_version = max(budget_h, 1e-9)
-    versions = math.ceil(wall_h / per_version - 1e-9) if wall_h else 0
-    per_week = max(1, int(KAGGLE["quota_hours"] // (budget_h + KAGGLE["overhead_hours"])))
-    disk_gb = (final_bytes + gpus * ckpt_bytes) / 1e9
-    totals = {"gpu": gpu, "gpus": gpus, "gpu_hours": float(df["gpu_hours"].sum()) if len(df) else 0.0,
-              "wall_hours": wall_h, "budget_hours": budget_h, "versions": versions,
-              "weeks": math.ceil(versions / per_week) if versions else 0, "versions_per_week": per_week,
-              "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"]}
-    return df, totals
-
-
-def fmt_hours(h) -> str:
-    """The README's runtime format: '≈ 1.2 h', or '≈ 6 min' under an hour."""
-    return f"≈ {h:.1f} h" if h >= 1 else f"≈ {max(1, round(h * 60))} min"
-
-
-def format_plan(df, t) -> str:
-    lines = [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10}  estimate from"]
-    for r in df.itertuples():
-        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {fmt_hours(r.gpu_hours):>10}  {r.source}")
-    lines += [
-        f"total: {fmt_hours(t['gpu_hours'])} of {t['gpu']} GPU time; wall time on {t['gpus']} x {t['gpu']}: "
-        f"{fmt_hours(t['wall_hours'])} (longest runs first)",
-        f"Kaggle: {t['versions']} version(s) with --time-budget {t['budget_hours']:g}h (a version stops at "
-        f"{KAGGLE['version_hours']:g} h), {t['versions_per_week']} per week of the {KAGGLE['quota_hours']:g}-h GPU quota "
-        f"-> {t['weeks']} week(s)",
-        f"disk: {t['disk_gb']:.1f} GB (model_final.pt of every run + one checkpoint per GPU in flight or paused; "
-        f"/kaggle/working holds {KAGGLE['working_gb']:g} GB{'' if t['disk_ok'] else ': TOO MUCH, set save_model=False'})"]
-    return "\n".join(lines)
-
-
-def _plan_args(p):
-    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
-    p.add_argument("--gpus", type=int, default=2, help="GPUs working in parallel (default 2: Kaggle's T4 x2)")
-    p.add_argument("--gpu", default="t4", choices=[k for k in GPU_SPEED], help="the GPU kind (default t4)")
-    p.add_argument("--out", default="outputs", help="outputs root: runs done there count as done (default outputs)")
-    p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset planned (default paper)")
-    p.add_argument("--time-budget", default="11.5h", help="per Kaggle version (default 11.5h)")
-
-
-def _plan_cmd(a):
-    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget)
-    print(format_plan(df, t))
-    return 0
-
-
-# ─── Kaggle packaging ──────────────────────────────────────────────────────────────────────────
-
-def kaggle_slug(title):
-    """Kaggle's clean-URL slug of a title: lowercase, runs of other characters -> '-'."""
-    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-
-
-def _check_ref(ref, what, lo, hi, problems):
-    owner, _, slug = str(ref).partition("/")
-    if not owner or "/" in slug or not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug or "") or not lo <= len(slug) <= hi:
-        problems.append(f"{what} {ref!r} must be 'owner/slug' with a slug of {lo}-{hi} lowercase letters, digits and hyphens")
-    return slug
-
-
-def validate_kaggle_metadata(path):
-    """Check a kernel-metadata.json or dataset-metadata.json (or a folder holding one) before pushing.
-
-    Kernel: required fields, id 'owner/slug' (slug 5-50 chars, lowercase and hyphens), title
-    slugifying to the slug, language/kernel_type values, the code file present (a valid notebook for
-    kernel_type notebook), boolean flags, source refs. Dataset: title 6-50 chars, slug 3-50, one license.
-    Raises ValueError listing every problem; returns the metadata."""
-    path = Path(path)
-    if path.is_dir():
-        found = [path / n for n in ("kernel-metadata.json", "dataset-metadata.json") if (path / n).is_file()]
-        if not found:
-            raise ValueError(f"{path}: no kernel-metadata.json or dataset-metadata.json")
-        path = found[0]
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable metadata ({e})") from None
-    problems = []
-    if path.name == "dataset-metadata.json":
-        slug = _check_ref(meta.get("id", ""), "id", 3, 50, problems)
-        title = str(meta.get("title", ""))
-        if not 6 <= len(title) <= 50:
-            problems.append(f"title {title!r} must be 6-50 characters")
-        if not isinstance(meta.get("licenses"), list) or len(meta["licenses"]) != 1 or "name" not in meta["licenses"][0]:
-            problems.append("licenses must hold exactly one {'name': ...}")
-    else:
-        missing = [k for k in ("id", "title", "code_file", "language", "kernel_type") if not meta.get(k)]
-        if missing:
-            problems.append(f"missing field(s) {missing}")
-        slug = _check_ref(meta.get("id", ""), "id", 5, 50, problems)
-        title = str(meta.get("title", ""))
-        if len(title) < 5 or kaggle_slug(title) != slug:
-            problems.append(f"title {title!r} must be >= 5 characters and slugify to the id's slug {slug!r} "
-                            f"(it gives {kaggle_slug(title)!r})")
-        if meta.get("language") not in ("python", "r", "rmarkdown"):
-            problems.append(f"language {meta.get('language')!r} must be python, r or rmarkdown")
-        if meta.get("kernel_type") not in ("script", "notebook"):
-            problems.append(f"kernel_type {meta.get('kernel_type')!r} must be script or notebook")
-        for k in ("is_private", "enable_gpu", "enable_internet", "enable_tpu"):
-            if k in meta and meta[k] not in (True, False, "true", "false"):
-                problems.append(f"{k} must be true or false, got {meta[k]!r}")
-        for k, kind in (("dataset_sources", "dataset"), ("kernel_sources", "kernel"), ("competition_sources", None)):
-            v = meta.get(k, [])
-            if not isinstance(v, list):
-                problems.append(f"{k} must be a list")
-            elif kind:
-                for ref in v:
-                    _check_ref(ref, f"{k} entry", 3 if kind == "dataset" else 5, 50, problems)
-        if "machine_shape" in meta and not (isinstance(meta["machine_shape"], str) and meta["machine_shape"]):
-            problems.append("machine_shape must be a non-empty string such as 'NvidiaTeslaT4'")
-        code = path.parent / str(meta.get("code_file", ""))
-        if meta.get("code_file") and not code.is_file():
-            problems.append(f"code file {code} not found")
-        elif meta.get("code_file") and meta.get("kernel_type") == "notebook":
-            import nbformat
-            try:
-                nbformat.validate(nbformat.read(str(code), as_version=4))
-            except Exception as e:
-                problems.append(f"code file {code.name} is not a valid notebook ({str(e).splitlines()[0]})")
-    if problems:
-        raise ValueError(f"{path}:\n  " + "\n  ".join(problems))
-    return meta
-
-
-def copy_previous_outputs(dest, inputs="/kaggle/input", log=print) -> list:
-    """Continuation across Kaggle kernel versions: copy every earlier outputs root found under `inputs` (the previous
-    version's output, attached as this kernel's input: <inputs>/<slug>/outputs/, marked by ses-outputs.txt, up to 5
-    folders deep) into `dest`, never over a file dest already has. Results, checkpoints, progress.json, logs and
-    reports come along, so done runs are skipped and paused ones resume. Returns the roots copied from."""
-    dest = Path(dest).resolve()
-    found = {m.parent.resolve() for k in range(1, 6) for m in Path(inputs).glob("/".join(["*"] * k) + "/" + OUTPUTS_MARKER)}
-    roots = sorted(r for r in found - {dest} if not any(o in r.parents for o in found))  # outermost roots only
-    for root in roots:
-        n = size = 0
-        for dirpath, _, files in os.walk(root):
-            for f in files:
-                src = Path(dirpath) / f
-                if f.endswith(".tmp") or f == ".lock":  # a write cut short, or a lock: not data
-                    continue
-                target = dest / src.relative_to(root)
-                if target.exists():
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                shutil.copy2(src, tmp)  # then renamed: an interrupted copy never leaves half a checkpoint
-                os.replace(tmp, target)
-                n, size = n + 1, size + target.stat().st_size
-        log(f"continuation: copied {n} file(s), {size / 2**30:.2f} GiB, from {root} into {dest}")
-    if not roots:
-        log(f"continuation: no earlier outputs under {inputs} (a first version starts from scratch)")
-    return roots
-
-
-def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5h"):
-    import nbformat
-    v4 = nbformat.v4
-    data_slug = data_dataset.split("/")[1]
-    find_data = f"""\
-# The data set attached as a Kaggle dataset -> SES_DATA (the notebooks' data_root default).
-_data = [p for k in (1, 2, 3) for p in glob.glob("/kaggle/input" + "/*" * k) if os.path.basename(p) == {data_slug!r}]
-if _data:
-    os.environ.setdefault("SES_DATA", _data[0])
-print("seslib from", _dirs[:1], "| data from", os.environ.get("SES_DATA"))
-# Install only what this image lacks (a blanket `pip install -r` could swap Kaggle's torch).
-# Everything the runs need (seslib.preflight checks it again before each run): papermill & co for the runner, timm
-# (ViTs, Mixup/CutMix), torchmetrics (the robustness pass), and the frost photos of imagecorruptions (--no-deps: only
-# its image files are read; its own dependencies would pull an OpenCV build).
-_need = {{"papermill": "papermill", "nbformat": "nbformat", "yaml": "pyyaml", "timm": "timm", "torchmetrics": "torchmetrics",
-         "seaborn": "seaborn", "ipykernel": "ipykernel", "pandas": "pandas", "tqdm": "tqdm"}}
-_missing = [pkg for mod, pkg in _need.items() if importlib.util.find_spec(mod) is None]
-import subprocess
-if _missing:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *_missing], check=True)
-if importlib.util.find_spec("imagecorruptions") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "imagecorruptions"], check=True)
-"""
-    cells = [
-        v4.new_markdown_cell(
-            "# SES experiments: batch run on Kaggle (GPU T4 ×2)\n\n"
-            "Runs the experiment notebooks with `seslib.run_batch`: one papermill process per GPU, longest runs first. "
-            f"Outputs (results JSON, figures, reports, `batch_summary.csv`) go to `{out_dir}`. "
-            "Edit the parameters cell to choose notebooks and the preset; re-running resumes (done runs are skipped).\n\n"
-            "**Across versions.** The batch stops starting runs that cannot finish within `TIME_BUDGET` and pauses the "
-            "runs in flight at an epoch boundary (a version stops at 12 hours). When this kernel lists its own output "
-            "as an input (`seslib.py kaggle --continue-from self`), the next version first copies the previous "
-            "version's outputs into place, so done runs are skipped and paused runs resume: push again until the "
-            "summary says nothing is left to do."),
-        v4.new_code_cell(SETUP_CELL + find_data),
-        v4.new_code_cell(
-            f"NOTEBOOKS = {[str(n) for n in notebooks]!r}  # numbers, stems or 'all'\n"
-            f"PRESET = {preset!r}  # 'paper' (published setup) or 'smoke' (tiny, minutes)\n"
-            "EXTRA = {}  # more overrides for every notebook, e.g. {'epochs': 10}\n"
-            f"OUT = {out_dir!r}\n"
-            f"TIME_BUDGET = {time_budget!r}  # this version's share of Kaggle's 12 h: the rest is setup and reports\n"
-            "CONTINUE = True  # first copy the previous version's outputs (an attached kernel output) into OUT"),
-        v4.new_code_cell(
-            "!nvidia-smi -L\n"
-            "import seslib as S\n"
-            "if CONTINUE:\n"
-            "    S.copy_previous_outputs(OUT)\n"
-            "records = S.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}}, gpus='auto', out=OUT,\n"
-            "                      time_budget=TIME_BUDGET)"),
-        v4.new_code_cell(
-            "import pandas as pd\n"
-            "failed = [r for r in records if r['status'] == 'failed']\n"
-            "display(pd.DataFrame(records))\n"
-            "left = [r for r in records if r['status'] in ('paused', 'to do')]\n"
-            "print(f'{len(left)} run(s) paused or to do: push this kernel again to go on' if left else 'all runs done')\n"
-            "if failed:  # the kernel version then ends as an error on Kaggle, not 'successful'\n"
-            "    raise RuntimeError(f\"{len(failed)} run(s) failed: \" + '; '.join(\n"
-            "        f\"{r['notebook']} {r['config'] or ''} seed {r['seed']}: {r['error']}\" for r in failed[:5]))"),
-    ]
-    nb = v4.new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", data_dataset=None,
-                   code_dataset=None, preset="paper", continue_from=None, time_budget="11.5h"):
-    """Write a ready-to-push Kaggle kernel folder `out` and the seslib code dataset in `out/code-dataset`.
-
-    Push with: `kaggle datasets create -p OUT/code-dataset` (once; `kaggle datasets version` after),
-    then `kaggle kernels push -p OUT`. The kernel runs the batch over both T4s into /kaggle/working/outputs."""
-    import nbformat
-    if not username or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{1,49}", str(username)):
-        raise ValueError(f"--username {username!r} is not a Kaggle user name (letters, digits, '-' or '_', no "
-                         "spaces): the one in your profile URL kaggle.com/<username>")
-    data_dataset = data_dataset or f"{username}/ses-data"
-    code_dataset = code_dataset or f"{username}/seslib-code"
-    out = Path(out)
-    nbs = find_notebooks(notebooks)
-    kernel_meta = {
-        "id": f"{username}/{slug}", "title": slug.replace("-", " "), "code_file": f"{slug}.ipynb",
-        "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
-        "enable_internet": True, "machine_shape": "NvidiaTeslaT4",  # T4 x2
-        "dataset_sources": [data_dataset, code_dataset], "competition_sources": [],
-        # continuation: the previous version's output as an input ("self": this kernel's own, once it exists)
-        "kernel_sources": [] if not continue_from else [f"{username}/{slug}" if continue_from == "self" else continue_from]}
-    parse_duration(time_budget)  # a bad budget fails here, not on Kaggle
-    code_slug = code_dataset.split("/")[-1]
-    data_meta = {"title": code_slug.replace("-", " "), "id": code_dataset, "licenses": [{"name": "CC0-1.0"}]}
-    problems = []
-    for ref, lo in ((data_dataset, 3), (code_dataset, 3), (kernel_meta["id"], 5), *((k, 5) for k in kernel_meta["kernel_sources"])):
-        _check_ref(ref, "reference", lo, 50, problems)
-    if problems:
-        raise ValueError("; ".join(problems))
-
-    if out.exists() and any(out.iterdir()) and not (out / "kernel-metadata.json").is_file():
-        raise ValueError(f"--out {out} exists and is not a kernel bundle written by this command: choose another folder")
-    # built in a temporary folder beside `out` and moved in place only once complete and valid: a failure
-    # never leaves a half-written bundle (nor touches the previous one)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        ds = tmp / "code-dataset"
-        ds.mkdir(parents=True)
-        here = _here()
-        for f in (here / "seslib.py", here / "requirements.txt"):
-            shutil.copy2(f, ds / f.name)
-        for nb in nbs:  # flat: `kaggle datasets create` skips sub-folders by default
-            shutil.copy2(nb, ds / nb.name)
-        atomic_write_json(ds / "dataset-metadata.json", data_meta)
-        driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset, time_budget)
-        nbformat.write(driver, str(tmp / kernel_meta["code_file"]))
-        atomic_write_json(tmp / "kernel-metadata.json", kernel_meta)
-        validate_kaggle_metadata(tmp / "kernel-metadata.json")
-        validate_kaggle_metadata(ds / "dataset-metadata.json")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-# ─── command line: python seslib.py COMMAND ... ────────────────────────────────────────────────
-
-def _batch_args(p):
-    p.add_argument("notebooks", nargs="+", help="notebook paths, numbers (3 -> notebooks/03_*.ipynb), stems or 'all'")
-    p.add_argument("--params", help="YAML of overrides: {all: {...}, 3: {...}, 03_name: {...}}")
-    p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
-    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 1); with GPUs: slots per GPU")
-    p.add_argument("--out", default="outputs", help="outputs root; notebook NN_name writes to OUT/NN_name")
-    p.add_argument("--retries", type=int, default=1, help="retries of a run whose kernel failed to start (default 1)")
-    p.add_argument("--timeout", type=float, help="seconds after which a run is killed and counted failed")
-    p.add_argument("--stagger", type=float, default=1.0, help="seconds between process launches (kernel-start races)")
-    p.add_argument("--no-report", action="store_true", help="skip the report_only pass")
-    p.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
-    p.add_argument("--torchrun", action="store_true", help="one run at a time over ALL the GPUs (DDP via torchrun) "
-                   "instead of one run per GPU; with --gpus cpu: --workers CPU ranks (default 2)")
-    p.add_argument("--preset", choices=list(PRESETS), help="every notebook's preset (default: the params file's, else "
-                   "paper); a non-paper preset writes under OUT/<preset>/")
-    p.add_argument("--whole-notebooks", action="store_true", help="one job per notebook (its whole grid, then its "
-                   "report, in one kernel) instead of one per run: faster for many short runs (the quick job uses it)")
-    p.add_argument("--time-budget", help="e.g. 11.5h: start no run that cannot finish in time, pause the runs in "
-                   "flight at an epoch boundary (checkpoint kept); run the batch again to go on (default: none)")
-
-
-def _batch_cmd(a):
-    recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
-                     stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
-                     torchrun=a.torchrun, preset=a.preset, whole_notebooks=a.whole_notebooks,
-                     time_budget=a.time_budget)
-    return 1 if any(r["status"] == "failed" for r in recs) else 0
-
-
-def _kaggle_args(p):
-    p.add_argument("--out", required=True, help="folder to write (kernel) and OUT/code-dataset (seslib dataset)")
-    p.add_argument("--notebooks", nargs="+", default=["all"], help="notebooks the kernel runs (default all)")
-    p.add_argument("--username", required=True, help="your Kaggle user name")
-    p.add_argument("--slug", default="ses-batch-t4x2", help="kernel slug (5-50 chars, lowercase, hyphens)")
-    p.add_argument("--data-dataset", help="owner/slug of the data dataset (default USERNAME/ses-data)")
-    p.add_argument("--code-dataset", help="owner/slug of the seslib code dataset (default USERNAME/seslib-code)")
-    p.add_argument("--preset", default="paper", choices=["paper", "smoke"])
-    p.add_argument("--time-budget", default="11.5h", help="per version (default 11.5h of Kaggle's 12)")
-    p.add_argument("--continue-from", help="USER/KERNEL whose output the kernel copies in first, or 'self' (this "
-                   "kernel's previous version: use it from the second push on)")
-
-
-def _kaggle_cmd(a):
-    out = kaggle_package(a.out, a.notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset,
-                         a.continue_from, a.time_budget)
-    print(f"wrote {out}\n  1. kaggle datasets create -p {out / 'code-dataset'}   (later: kaggle datasets version -p ... -m msg)\n"
-          f"  2. kaggle kernels push -p {out}\n  3. kaggle kernels output {a.username}/{a.slug} -p results/"
-          + ("" if a.continue_from else f"\n  next versions: rewrite with --continue-from self, then push again"))
-    return 0
-
-
-def _notebook_datasets(nb) -> set:
-    """The data sets a notebook's code names (dataset="...")."""
-    import nbformat
-    src = "\n".join(c.source for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
-    return set(re.findall(r"dataset\s*=\s*['\"](\w+)['\"]", src)) & set(DATASETS)
-
-
-def _quick_args(p):
-    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
-    p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
-    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 2)")
-    p.add_argument("--data-root", help="folder holding the data sets (default: $SES_DATA, Kaggle inputs, ./data)")
-    p.add_argument("--out", default="outputs", help="outputs root (default outputs): the smoke results land in OUT/smoke/")
-
-
-def _quick_cmd(a):
-    """The suite's smoke preset over every notebook whose data can be found or downloaded (see the README for what
-    it proves): each notebook whole, in one kernel, through the batch runner; then the reports and SUMMARY.md."""
-    t0 = time.time()
-    status, runnable, skipped = {}, [], {}
-    for nb in find_notebooks(a.notebooks or ["all"]):
-        missing = []
-        for ds in sorted(_notebook_datasets(nb)):
-            if ds not in status:
-                try:
-                    status[ds] = str(resolve_data_dir(ds, a.data_root, download=True))
-                except FileNotFoundError as e:
-                    status[ds] = e
-            if isinstance(status[ds], FileNotFoundError):
-                missing.append(ds)
-        if missing:
-            skipped[nb.stem] = missing
-        else:
-            runnable.append(nb)
-    for ds, where in status.items():
-        print(f"[data] {ds}: {where if not isinstance(where, Exception) else 'not found'}")
-    if skipped:  # one line per notebook, the data hint once
-        for stem, missing in skipped.items():
-            print(f"[skip] {stem}: needs {', '.join(missing)}")
-        first = next(v for v in status.values() if isinstance(v, Exception))
-        print(f"how to provide the data: {first}")
-    recs = []
-    if runnable:
-        params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
-        workers = a.workers or (None if torch.cuda.is_available() and a.gpus != "cpu" else 2)
-        recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out, whole_notebooks=True)
-    out = _preset_folder(Path(a.out).resolve(), "smoke")
-    failed = [r for r in recs if r["status"] == "failed"]
-    print(f"\nquick job: {len(runnable) - len(failed)} notebook(s) ran, {len(failed)} failed, {len(skipped)} skipped "
-          f"for missing data, in {datetime.timedelta(seconds=int(time.time() - t0))}")
-    if runnable:
-        print(f"reports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; claims: {out}/SUMMARY.md; "
-              f"run table: {out}/batch_summary.csv")
-    if not runnable:  # nothing ran: not a success, whatever the reason
-        print("nothing ran: no data set was found or could be downloaded (see above)")
-        return 1
-    return 1 if failed else 0
-
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# the train --config entry
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 def _train_args(p):
     p.add_argument("--config", required=True, help="JSON file holding one run's train() cfg (as run_config builds it)")
@@ -6025,53 +4971,33 @@ def _train_cmd(a):
     return 0
 
 
-def _summary_args(p):
-    p.add_argument("--out", default="outputs", help="outputs root holding the notebook folders (default outputs; "
-                   "outputs/smoke for the smoke preset)")
-
-
-def _summary_cmd(a):
-    df = build_summary(a.out)
-    if df is None:
-        print(f"no notebook reports with claims under {a.out}/ yet (run a notebook or a batch first)")
-        return 1
-    print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims in {df['notebook'].nunique()} notebooks; "
-          + ", ".join(f"{v} {k}" for k, v in df["verdict"].value_counts().items()))
-    return 0
-
-
-# name -> (help, add_arguments(parser), run(args) -> exit status). Add a command by adding an entry.
-CLI_COMMANDS = {
-    "train": ("train one run from a JSON cfg (under torchrun: one DDP run over all ranks)", _train_args, _train_cmd),
-    "batch": ("run notebooks' runs over this machine's GPUs (or CPU slots), then their reports", _batch_args, _batch_cmd),
-    "kaggle": ("write a ready-to-push Kaggle kernel + seslib code dataset", _kaggle_args, _kaggle_cmd),
-    "quick": ("the quick job: every notebook's smoke preset through the batch runner, on the data found or "
-              "downloaded", _quick_args, _quick_cmd),
-    "summary": ("outputs/SUMMARY.md and .csv: every claim's verdict over the notebooks that have reports",
-                _summary_args, _summary_cmd),
-    "plan": ("the cost plan: runs, GPU-hours, wall time on N GPUs, Kaggle versions and quota weeks, disk",
-             _plan_args, _plan_cmd),
-}
-
-
 # what a user's input or machine can cause (bad values, missing files, no GPU, a run locked elsewhere): main() turns
 # these into one line; anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, OSError, RunLocked, NonFiniteLossError)
 
+# The commands that moved to the batch runner's own file (the parent process only): seslib.py names the command that
+# replaced each one and exits 2, so an old habit or script gets one line, not an argparse error.
+MOVED_COMMANDS = ("quick", "batch", "plan", "kaggle", "summary")
+
 
 def main(argv=None):
-    """`python seslib.py COMMAND ...`; exits non-zero when the command fails."""
-    parser = argparse.ArgumentParser(prog="seslib.py", description="SES experiment suite")
+    """`python seslib.py train --config run.json` (torchrun launches exactly this); exits non-zero on failure."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in MOVED_COMMANDS:
+        print(f"error: `seslib.py {argv[0]}` moved: run `python sesrun.py {' '.join(argv)}` instead", file=sys.stderr)
+        raise SystemExit(2)
+    parser = argparse.ArgumentParser(prog="seslib.py", description="SES experiment suite: one training run "
+                                     "(the batch runner and the other commands: python sesrun.py --help)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_, add_args, _) in CLI_COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_, description=help_))
+    _train_args(sub.add_parser("train", help="train one run from a JSON cfg (under torchrun: one DDP run over all "
+                                             "ranks)"))
     args = parser.parse_args(argv)
     try:
-        code = CLI_COMMANDS[args.command][2](args)
+        code = _train_cmd(args)
     except USER_ERRORS as e:  # a message, not a traceback: what was wrong and how to fix it
         parser.exit(2, f"error: {e}\n")
     except KeyboardInterrupt:
-        print("interrupted: the running jobs were stopped; run the same command again to resume", file=sys.stderr)
+        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         code = 130
     if code:
         raise SystemExit(code)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import seslib as S
+import sesrun as R
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = Path(__file__).parent / "notebooks"
@@ -35,9 +36,9 @@ def _same_history(a, b):
 def test_the_params_file_carries_the_budget(tmp_path):
     p = tmp_path / "p.yaml"
     p.write_text("time_budget: 11.5h\nall: {sleep: 1}\n")
-    assert S.load_batch_params(p, [NB_SLEEP.resolve()]) == {NB_SLEEP.resolve(): {"sleep": 1}}  # not a notebook key
+    assert R.load_batch_params(p, [NB_SLEEP.resolve()]) == {NB_SLEEP.resolve(): {"sleep": 1}}  # not a notebook key
     said = []
-    S.run_batch([NB_SLEEP], p, gpus="cpu", workers=1, out=tmp_path / "out", dry_run=True, log=said.append)
+    R.run_batch([NB_SLEEP], p, gpus="cpu", workers=1, out=tmp_path / "out", dry_run=True, log=said.append)
     assert "time budget 11.5 h" in said[0]
 
 
@@ -89,7 +90,7 @@ def test_a_run_pauses_at_an_epoch_boundary_and_resumes_exactly(data_root, tmp_pa
 
 
 def _batch(out, params, budget=None, timeout=600):
-    cmd = [sys.executable, S.__file__, "batch", str(NB_BUDGET), "--params", str(params), "--gpus", "cpu",
+    cmd = [sys.executable, R.__file__, "batch", str(NB_BUDGET), "--params", str(params), "--gpus", "cpu",
            "--workers", "2", "--out", str(out), *(["--time-budget", budget] if budget else [])]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
@@ -129,41 +130,41 @@ def test_batch_with_a_budget_pauses_then_the_next_invocation_finishes_as_if_unin
 # ── continuation across Kaggle versions ───────────────────────────────────────────────────────
 
 def test_kaggle_bundle_continues_from_the_previous_versions_outputs(tmp_path, monkeypatch):
-    bundle = S.kaggle_package(tmp_path / "pkg", ["1", "4"], username="alice", continue_from="self", time_budget="11h")
-    meta = S.validate_kaggle_metadata(bundle / "kernel-metadata.json")
+    bundle = R.kaggle_package(tmp_path / "pkg", ["1", "4"], username="alice", continue_from="self", time_budget="11h")
+    meta = R.validate_kaggle_metadata(bundle / "kernel-metadata.json")
     assert meta["kernel_sources"] == ["alice/ses-batch-t4x2"] and meta["machine_shape"] == "NvidiaTeslaT4"
-    assert S.kaggle_package(tmp_path / "pkg2", ["1"], username="alice", continue_from="bob/old-run").name == "pkg2"
+    assert R.kaggle_package(tmp_path / "pkg2", ["1"], username="alice", continue_from="bob/old-run").name == "pkg2"
     assert json.loads((tmp_path / "pkg2" / "kernel-metadata.json").read_text())["kernel_sources"] == ["bob/old-run"]
     with pytest.raises(ValueError, match="time budget"):
-        S.kaggle_package(tmp_path / "pkg3", ["1"], username="alice", time_budget="soon")
+        R.kaggle_package(tmp_path / "pkg3", ["1"], username="alice", time_budget="soon")
     driver = nbformat.read(bundle / meta["code_file"], as_version=4)
     code = "\n".join(c.source for c in driver.cells if c.cell_type == "code")
     assert "TIME_BUDGET = '11h'" in code and "time_budget=TIME_BUDGET" in code
-    assert code.index("S.copy_previous_outputs(OUT)") < code.index("S.run_batch(")
+    assert code.index("R.copy_previous_outputs(OUT)") < code.index("R.run_batch(")
 
     # the previous version: a real batch whose output Kaggle then mounts under /kaggle/input/<slug>/outputs
     params = tmp_path / "p.yaml"
     params.write_text("all: {sleep: 0.1}\n")
     inputs = tmp_path / "kaggle" / "input"
     prev = inputs / "ses-batch-t4x2" / "outputs"
-    rc = subprocess.run([sys.executable, S.__file__, "batch", str(NB_SLEEP), "--params", str(params), "--gpus", "cpu",
+    rc = subprocess.run([sys.executable, R.__file__, "batch", str(NB_SLEEP), "--params", str(params), "--gpus", "cpu",
                          "--workers", "2", "--out", str(prev)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stdout + rc.stderr
     run_a = prev / "91_runner_sleep" / "runs" / "a_seed0"
     (run_a / "checkpoint.pt").write_bytes(b"weights")  # a paused run's files, and a cut-short write
     (run_a / ".checkpoint.pt.123.tmp").write_bytes(b"half")
     (prev / "smoke").mkdir()  # a preset folder of that outputs root: copied with it, not as a root of its own
-    (prev / "smoke" / S.OUTPUTS_MARKER).write_text("marker")
+    (prev / "smoke" / R.OUTPUTS_MARKER).write_text("marker")
     working = tmp_path / "kaggle" / "working" / "outputs"
     (working / "91_runner_sleep").mkdir(parents=True)
     (working / "91_runner_sleep" / "report.csv").write_text("newer")  # never overwritten
-    roots = S.copy_previous_outputs(working, inputs, log=lambda m: None)
+    roots = R.copy_previous_outputs(working, inputs, log=lambda m: None)
     assert roots == [prev.resolve()]
     got = working / "91_runner_sleep" / "runs" / "a_seed0"
     assert (got / "result.json").read_text() == (run_a / "result.json").read_text()
     assert (got / "checkpoint.pt").read_bytes() == b"weights" and not (got / ".checkpoint.pt.123.tmp").exists()
     assert (working / "91_runner_sleep" / "report.csv").read_text() == "newer"
-    recs = S.run_batch([NB_SLEEP], params, gpus="cpu", workers=1, out=working, dry_run=True, log=lambda m: None)
+    recs = R.run_batch([NB_SLEEP], params, gpus="cpu", workers=1, out=working, dry_run=True, log=lambda m: None)
     assert {r["status"] for r in recs if r["kind"] == "run"} == {"skipped"}  # done runs are not run again
 
 
@@ -179,11 +180,11 @@ def _readme_runtimes():
 
 
 def test_plan_matches_the_readme(tmp_path):
-    df, t = S.cost_plan("all", gpus=2, gpu="t4", out=tmp_path / "nothing-done-yet")
+    df, t = R.cost_plan("all", gpus=2, gpu="t4", out=tmp_path / "nothing-done-yet")
     assert len(df) == 18 and (df["left"] == df["runs"]).all()
     readme = (ROOT / "README.md").read_text()
-    assert _readme_runtimes() == {r.notebook: S.fmt_hours(r.gpu_hours) for r in df.itertuples()}
-    total = (f"{S.fmt_hours(t['gpu_hours'])} of T4 time, {S.fmt_hours(t['wall_hours'])} of wall time on a T4 ×2, "
+    assert _readme_runtimes() == {r.notebook: R.fmt_hours(r.gpu_hours) for r in df.itertuples()}
+    total = (f"{R.fmt_hours(t['gpu_hours'])} of T4 time, {R.fmt_hours(t['wall_hours'])} of wall time on a T4 ×2, "
              f"{t['versions']} Kaggle versions of 11.5 h, {t['weeks']} weeks of the 30-h quota")
     assert total in readme, total
     assert t["wall_hours"] >= t["gpu_hours"] / 2 and t["versions"] == math.ceil(t["wall_hours"] / 11.5)
@@ -192,18 +193,18 @@ def test_plan_matches_the_readme(tmp_path):
     p = subprocess.run([sys.executable, S.__file__, "plan", "all", "--gpus", "2", "--gpu", "t4", "--out",
                         str(tmp_path / "nothing-done-yet")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert S.format_plan(df, t) in p.stdout
+    assert R.format_plan(df, t) in p.stdout
 
 
 def test_plan_counts_done_runs_and_measured_times(tmp_path):
     out = tmp_path / "outputs"
-    df, _ = S.cost_plan(["10"], gpus=1, gpu="t4", out=out)
-    plan = S.notebook_plan(ROOT / "notebooks" / "10_periodic_ses.ipynb", out_dir=str(out / "10_periodic_ses"))
+    df, _ = R.cost_plan(["10"], gpus=1, gpu="t4", out=out)
+    plan = R.notebook_plan(ROOT / "notebooks" / "10_periodic_ses.ipynb", out_dir=str(out / "10_periodic_ses"))
     base = next(r for r in plan.runs if r.config == "baseline")
     # baseline done, measured on a T4 at 20 s/epoch: no longer counted; another seed of it would use the measurement
     S.atomic_write_json(base.result_path, {"config": base.cfg, "env": {"device_name": "Tesla T4"},
                                            "final": {"epoch_seconds_mean": 20.0, "eval_seconds": 100.0}})
-    df2, _ = S.cost_plan(["10"], gpus=1, gpu="t4", out=out)
+    df2, _ = R.cost_plan(["10"], gpus=1, gpu="t4", out=out)
     assert df2.loc[0, "left"] == df.loc[0, "left"] - 1
     assert df.loc[0, "gpu_hours"] - df2.loc[0, "gpu_hours"] == pytest.approx(
         S.run_estimate(base, plan.paper, plan.paper_gpu, "t4")["seconds"] / 3600)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import seslib as S
+import sesrun as R
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,4 +155,4 @@ def test_explore_notebook_runs_and_draws(data_root, tmp_path):
     assert figs == ["explore_erank.png", "explore_spectra.png", "run_erank.png", "run_spectra.png"]
     shown = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(shown) == 4  # drawn inline
-    assert "00_explore" not in [p.stem for p in S.find_notebooks("all")]  # not part of `batch all`
+    assert "00_explore" not in [p.stem for p in R.find_notebooks("all")]  # not part of `batch all`

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import seslib as S
+import sesrun as R
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,7 @@ def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
 
 
 def _cli(*args, cwd):
-    p = subprocess.run([sys.executable, str(ROOT / "seslib.py"), *map(str, args)], cwd=cwd, capture_output=True,
+    p = subprocess.run([sys.executable, str(ROOT / "sesrun.py"), *map(str, args)], cwd=cwd, capture_output=True,
                        text=True, timeout=300)
     return p.returncode, p.stdout + p.stderr
 
@@ -205,18 +206,18 @@ def test_params_file_errors_are_one_line(tmp_path):
 
 def test_kaggle_bundle_rejects_a_bad_user_name_and_never_leaves_half_a_folder(tmp_path):
     with pytest.raises(ValueError, match=r"--username 'jane doe' is not a Kaggle user name"):
-        S.kaggle_package(tmp_path / "k", ["04"], "jane doe")
+        R.kaggle_package(tmp_path / "k", ["04"], "jane doe")
     assert not (tmp_path / "k").exists()
     with pytest.raises(ValueError, match="slug"):  # fails validation after the files were being written
-        S.kaggle_package(tmp_path / "k", ["04"], "jane", slug="Bad Slug!")
+        R.kaggle_package(tmp_path / "k", ["04"], "jane", slug="Bad Slug!")
     assert not (tmp_path / "k").exists() and not list(tmp_path.glob(".k.*"))
-    S.kaggle_package(tmp_path / "k", ["04"], "jane")
+    R.kaggle_package(tmp_path / "k", ["04"], "jane")
     assert (tmp_path / "k" / "kernel-metadata.json").is_file()
 
 
 def test_quick_job_without_data_says_so_once_and_fails(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("SES_DATA", "KAGGLE_KERNEL_RUN_TYPE")}
-    p = subprocess.run([sys.executable, str(ROOT / "seslib.py"), "quick", "1", "2", "11", "--gpus", "cpu",
+    p = subprocess.run([sys.executable, str(ROOT / "sesrun.py"), "quick", "1", "2", "11", "--gpus", "cpu",
                         "--data-root", str(tmp_path)], cwd=tmp_path, env=dict(env, TORCH_HOME=str(tmp_path)),
                        capture_output=True, text=True, timeout=300)
     log = p.stdout + p.stderr

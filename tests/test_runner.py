@@ -14,13 +14,14 @@ import psutil
 import pytest
 
 import seslib as S
+import sesrun as R
 
 NB_DIR = Path(__file__).parent / "notebooks"
 NB_SLEEP, NB_FAIL = NB_DIR / "91_runner_sleep.ipynb", NB_DIR / "92_runner_fail.ipynb"
 
 
 def _batch_cmd(out, params, *notebooks, extra=()):
-    return [sys.executable, S.__file__, "batch", *map(str, notebooks), "--params", str(params),
+    return [sys.executable, R.__file__, "batch", *map(str, notebooks), "--params", str(params),
             "--gpus", "cpu", "--workers", "2", "--out", str(out), *extra]
 
 
@@ -69,35 +70,35 @@ def test_plan_runs_lists_marks_done_and_validates(tmp_path):
 def test_validate_params_and_batch_params(tmp_path):
     with pytest.raises(ValueError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
         S.validate_params({"epoch": 3}, {"epochs", "seeds"})
-    assert S.find_notebooks(["91", "92_runner_fail"], dirs=[NB_DIR]) == [NB_SLEEP.resolve(), NB_FAIL.resolve()]
+    assert R.find_notebooks(["91", "92_runner_fail"], dirs=[NB_DIR]) == [NB_SLEEP.resolve(), NB_FAIL.resolve()]
     with pytest.raises(ValueError, match="not found"):
-        S.find_notebooks(["7"], dirs=[NB_DIR])
+        R.find_notebooks(["7"], dirs=[NB_DIR])
 
     nbs = [NB_SLEEP.resolve(), NB_FAIL.resolve()]
     p = tmp_path / "p.yaml"
     p.write_text("all: {sleep: 1, seeds: [0, 1]}\n92: {fail_config: bad}\n92_runner_fail: {sleep: 2}\n")
-    got = S.load_batch_params(p, nbs)
+    got = R.load_batch_params(p, nbs)
     assert got[nbs[0]] == {"sleep": 1, "seeds": [0, 1]}
     assert got[nbs[1]] == {"sleep": 2, "seeds": [0, 1], "fail_config": "bad"}
     with pytest.raises(ValueError, match=r"'slep' \(did you mean 'sleep'\?\)"):
-        S.load_batch_params({"91": {"slep": 1}}, nbs)
+        R.load_batch_params({"91": {"slep": 1}}, nbs)
     with pytest.raises(ValueError, match="set by the batch runner"):
-        S.load_batch_params({"all": {"list_runs": "x"}}, nbs)
+        R.load_batch_params({"all": {"list_runs": "x"}}, nbs)
 
 
 def test_batch_slots():
-    cpu = S.batch_slots("cpu", workers=2)
+    cpu = R.batch_slots("cpu", workers=2)
     assert [s["name"] for s in cpu] == ["cpu0", "cpu1"]
     assert [(s["env"]["CUDA_VISIBLE_DEVICES"], s["env"]["SES_SLOT"]) for s in cpu] == [("", "0"), ("", "1")]
     import torch
     if torch.cuda.device_count() < 8:
         with pytest.raises(ValueError, match="CUDA device"):
-            S.batch_slots("0,7")
+            R.batch_slots("0,7")
 
 
 def test_setup_cell_finds_seslib_from_a_subfolder():
     root = Path(S.__file__).resolve().parent
-    code = S.SETUP_CELL + "\nprint(sys.path[0]); print(sorted(k for k in dir() if not k.startswith('_')))"
+    code = R.SETUP_CELL + "\nprint(sys.path[0]); print(sorted(k for k in dir() if not k.startswith('_')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=root / "tests", capture_output=True, text=True, check=True).stdout
     first, names = out.splitlines()
     assert first == str(root)
@@ -108,7 +109,7 @@ def test_setup_cell_says_what_to_do_where_seslib_is_not_importable(tmp_path):
     """A plain Jupyter kernel started outside the repository (not Colab, not Kaggle): one clear error, not a bare
     ModuleNotFoundError in the next cell."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    p = subprocess.run([sys.executable, "-c", S.SETUP_CELL], cwd=tmp_path, env=env, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", R.SETUP_CELL], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 1
     assert f"RuntimeError: seslib.py is not importable: looked in {tmp_path}, its parent" in p.stderr
     assert "sys.path.insert(0, '/path/to/the/repository')" in p.stderr
@@ -117,7 +118,7 @@ def test_setup_cell_says_what_to_do_where_seslib_is_not_importable(tmp_path):
 def test_every_notebook_starts_with_the_current_setup_cell():
     import nbformat
     for path in sorted((Path(S.__file__).parent / "notebooks").glob("*.ipynb")):
-        assert nbformat.read(str(path), as_version=4).cells[1].source.strip() == S.SETUP_CELL.strip(), path.name
+        assert nbformat.read(str(path), as_version=4).cells[1].source.strip() == R.SETUP_CELL.strip(), path.name
 
 
 # ─── batch runner (CLI, real papermill subprocesses) ───────────────────────────────────────────
@@ -197,16 +198,16 @@ def test_batch_resumes_after_sigkill(tmp_path):
 
 def test_kaggle_package_validates_and_broken_metadata_is_rejected(tmp_path):
     out = tmp_path / "kaggle"
-    rc, log = _run_cli([sys.executable, S.__file__, "kaggle", "--out", str(out), "--username", "tester",
+    rc, log = _run_cli([sys.executable, R.__file__, "kaggle", "--out", str(out), "--username", "tester",
                         "--notebooks", str(NB_SLEEP), str(NB_FAIL), "--data-dataset", "tester/ses-data"], tmp_path)
     assert rc == 0, log
-    meta = S.validate_kaggle_metadata(out)
+    meta = R.validate_kaggle_metadata(out)
     assert meta["id"] == "tester/ses-batch-t4x2" and meta["machine_shape"] == "NvidiaTeslaT4"
     assert meta["enable_gpu"] is True and meta["kernel_type"] == "notebook"
     assert meta["dataset_sources"] == ["tester/ses-data", "tester/seslib-code"]
     ds = out / "code-dataset"
-    assert S.validate_kaggle_metadata(ds)["id"] == "tester/seslib-code"
-    assert {"seslib.py", "requirements.txt", NB_SLEEP.name, NB_FAIL.name} <= {f.name for f in ds.iterdir()}
+    assert R.validate_kaggle_metadata(ds)["id"] == "tester/seslib-code"
+    assert {"seslib.py", "sesrun.py", "requirements.txt", NB_SLEEP.name, NB_FAIL.name} <= {f.name for f in ds.iterdir()}
     import nbformat
     driver = nbformat.read(str(out / meta["code_file"]), as_version=4)
     src = "\n".join(c.source for c in driver.cells)
@@ -216,7 +217,7 @@ def test_kaggle_package_validates_and_broken_metadata_is_rejected(tmp_path):
         bad = {**meta, **change}
         (out / "kernel-metadata.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError) as e:
-            S.validate_kaggle_metadata(out / "kernel-metadata.json")
+            R.validate_kaggle_metadata(out / "kernel-metadata.json")
         return str(e.value)
 
     assert "slugify" in broken(title="Another Title")
@@ -226,7 +227,7 @@ def test_kaggle_package_validates_and_broken_metadata_is_rejected(tmp_path):
     assert "kernel_type" in broken(kernel_type="notebok")
     assert "missing field" in broken(language="")
     (out / "kernel-metadata.json").write_text(json.dumps(meta))
-    S.validate_kaggle_metadata(out)
+    R.validate_kaggle_metadata(out)
 
 
 def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_root):
@@ -236,7 +237,7 @@ def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_r
     root.mkdir()
     (root / "cifar-10-batches-py").symlink_to(data_root / "cifar-10-batches-py")
     env = {k: v for k, v in os.environ.items() if k not in ("SES_DATA", "KAGGLE_KERNEL_RUN_TYPE")}
-    cmd = [sys.executable, S.__file__, "quick", "1", "4", "11", "--gpus", "cpu", "--workers", "2",
+    cmd = [sys.executable, R.__file__, "quick", "1", "4", "11", "--gpus", "cpu", "--workers", "2",
            "--data-root", str(root), "--out", str(tmp_path / "out")]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = p.stdout + p.stderr

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import seslib as S
+import sesrun as R
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(model="resnet18", dataset="cifar10", batch_size=32, train_subset=64, test_subset=32,
@@ -66,7 +67,7 @@ def test_non_paper_settings_are_in_the_report_title(data_root, tmp_path):
 
 
 def _cli(*args, cwd):
-    p = subprocess.run([sys.executable, S.__file__, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, R.__file__, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                        timeout=600)
     return p.returncode, p.stdout + p.stderr
 

@@ -1,0 +1,1174 @@
+"""sesrun: the SES suite's batch runner and command line (the parent process; notebooks never import it).
+
+    python sesrun.py quick                      the smoke preset over every notebook (the first command to run)
+    python sesrun.py batch 5 6 --gpus auto      notebooks' runs over this machine's GPUs, then their reports
+    python sesrun.py plan all --gpus 2          the cost plan: runs, GPU-hours, wall time, Kaggle versions, disk
+    python sesrun.py kaggle --out pkg ...       a ready-to-push Kaggle kernel + the code dataset
+    python sesrun.py summary --out outputs      outputs/SUMMARY.md: every claim's verdict
+
+It imports seslib (the notebooks' helper) and talks to the notebook kernels it starts only through seslib's run
+contract: the notebook parameters in seslib.RUNNER_PARAMS, the environment variables and the SES-RUN-* log markers
+(seslib section "utilities"), checked once at start against seslib.CONTRACT_VERSION.
+
+Sections: first cell of every notebook | batch runner | the cost plan | Kaggle packaging | command line
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import seslib
+from seslib import (BUDGET_ENV, DATASETS, DEADLINE_ENV, GPU_SPEED, PRESETS, RUNNER_PARAMS, USER_ERRORS, _MODEL_COST,
+                    _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
+                    build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
+                    report, resolve_data_dir, result_status, run_cost, run_estimate, validate_params)
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# first cell of every notebook
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# (Colab / Kaggle / repo)
+
+# Finds seslib.py in cwd, .. or an attached Kaggle dataset (bounded depth: a recursive glob would
+# walk the image data sets too); on Colab, if still not importable, fetches it + requirements from
+# $SESLIB_URL (the raw URL of seslib.py in your copy of the repository).
+# Defines only underscore names and modules, so check_notebook_params ignores it.
+SETUP_CELL = """\
+# Setup: make seslib importable (repo checkout, Kaggle dataset, or Colab download).
+import sys, os, glob, importlib.util
+_dirs = [os.getcwd(), os.path.dirname(os.getcwd())] + sorted(
+    os.path.dirname(p) for k in (1, 2, 3) for p in glob.glob("/kaggle/input" + "/*" * k + "/seslib.py"))
+_dirs = [d for d in _dirs if os.path.isfile(os.path.join(d, "seslib.py"))]
+if _dirs and _dirs[0] not in sys.path:
+    sys.path.insert(0, _dirs[0])
+if "google.colab" in sys.modules and importlib.util.find_spec("seslib") is None:
+    import subprocess, urllib.request
+    _url = os.environ.get("SESLIB_URL", "")  # raw URL of seslib.py in your copy of the repository
+    if not _url:
+        raise RuntimeError("seslib.py is not importable: upload seslib.py and requirements.txt to this session, "
+                           "or set os.environ['SESLIB_URL'] to the raw URL of seslib.py, then run this cell again")
+    for _f in ("seslib.py", "requirements.txt"):
+        urllib.request.urlretrieve(_url.rsplit("/", 1)[0] + "/" + _f, _f)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
+    sys.path.insert(0, os.getcwd())
+if importlib.util.find_spec("seslib") is None:  # a plain Jupyter kernel started somewhere else
+    raise RuntimeError("seslib.py is not importable: looked in " + os.getcwd() + ", its parent and /kaggle/input. "
+                       "Open this notebook from the repository's notebooks/ folder (or its root), or add the "
+                       "repository to the path first: import sys; sys.path.insert(0, '/path/to/the/repository')")
+"""
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# batch runner
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+
+def _here():
+    """Folder holding seslib.py (the runner's children import it from there)."""
+    return Path(__file__).resolve().parent
+
+
+def _nb_number(path):
+    m = re.match(r"(\d+)_", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def find_notebooks(specs, dirs=None):
+    """Resolve notebook specs: paths, numbers (3 -> 03_*.ipynb), stems, or "all".
+
+    Looked up in ./notebooks, then notebooks/ beside seslib.py, then beside seslib.py (Kaggle dataset)."""
+    dirs = list(dict.fromkeys(Path(d).resolve() for d in (dirs or [Path.cwd() / "notebooks", _here() / "notebooks", _here()])))
+    out = []
+    for spec in [specs] if isinstance(specs, (str, int, Path)) else specs:
+        s = str(spec)
+        if Path(s).is_file():
+            out.append(Path(s).resolve())
+            continue
+        if s == "all":
+            # the 18 experiments; 00_explore is interactive, not part of a batch
+            found = next((sorted(p for p in d.glob("[0-9][0-9]_*.ipynb") if not p.name.startswith("00_"))
+                          for d in dirs if list(d.glob("[0-9][0-9]_*.ipynb"))), [])
+        elif s.isdigit():
+            found = next((m for d in dirs if (m := sorted(d.glob(f"{int(s):02d}_*.ipynb")))), [])
+        else:
+            stem = s[:-6] if s.endswith(".ipynb") else s
+            found = next(([d / f"{stem}.ipynb"] for d in dirs if (d / f"{stem}.ipynb").is_file()), [])
+        if not found or (s != "all" and len(found) > 1):
+            raise ValueError(f"notebook {s!r}: {'ambiguous ' + str(found) if found else 'not found'} "
+                             f"(looked in {', '.join(map(str, dirs))})")
+        out += [p.resolve() for p in found]
+    out = list(dict.fromkeys(out))
+    stems = [p.stem for p in out]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"two notebooks share a name (their outputs would collide): {stems}")
+    return out
+
+
+def _declared_params(nb):
+    """Names assigned at top level of the notebook's `parameters` cell. Parsed with ast: papermill's
+    own line parser skips lines whose comment holds quotes or '=' (papermill.inspect_notebook)."""
+    import ast
+    import nbformat
+    cells = [c for c in nbformat.read(str(nb), as_version=4).cells
+             if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise ValueError(f"{nb.name}: no cell tagged 'parameters'")
+    try:
+        tree = ast.parse(cells[0].source)
+    except SyntaxError as e:
+        raise ValueError(f"{nb.name}: the parameters cell is not plain Python ({e})") from None
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return {n for n in names if not n.startswith("_")}
+
+
+BATCH_KEYS = {"time_budget"}  # params-file keys for the whole batch, not for a notebook
+
+
+def _read_params(params) -> dict:
+    """The params file (YAML path) or dict, checked: {"all" / number / stem: {overrides}, "time_budget": "11.5h"}."""
+    import yaml
+    if params is None:
+        params = {}
+    elif not isinstance(params, dict):
+        where = params
+        if not Path(where).is_file():
+            raise ValueError(f"--params {where}: no such file (a YAML file such as: all: {{preset: paper}})")
+        try:
+            params = yaml.safe_load(Path(where).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--params {where}: not valid YAML ({str(e).splitlines()[0]}"
+                             + (f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else "")
+                             + ")") from None
+    if not isinstance(params, dict) or not all(isinstance(v, (dict, type(None))) for k, v in params.items()
+                                               if str(k) not in BATCH_KEYS):
+        raise ValueError("batch params must map 'all' / notebook number / notebook stem to a dict of overrides")
+    return params
+
+
+def load_batch_params(params, notebooks):
+    """Overrides per notebook from a YAML file or dict: {"all": {...}, 3: {...}, "03_name": {...}}.
+
+    Later keys win: all < number < stem. Each notebook's overrides are checked against the
+    parameters its `parameters` cell declares before any work."""
+    params = _read_params(params)
+    keys = {str(k): v or {} for k, v in params.items() if str(k) not in BATCH_KEYS}
+    out, used = {}, {"all"}
+    for nb in notebooks:
+        num = _nb_number(nb)
+        mine = [k for k in keys if (k.isdigit() and int(k) == num) or k in (nb.stem, nb.name)]
+        used |= set(mine)
+        merged = dict(keys.get("all", {}))
+        for k in sorted(mine, key=lambda k: not k.isdigit()):  # numbers first, then stems
+            merged.update(keys[k])
+        declared = _declared_params(nb)
+        missing = ({"out_dir", "configs", "seeds"} | RUNNER_PARAMS) - set(declared)
+        if missing:
+            raise ValueError(f"{nb.name} does not follow the run contract: no parameter(s) {sorted(missing)}")
+        reserved = RUNNER_PARAMS & set(merged)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} are set by the batch runner; remove them from the params")
+        out[nb] = validate_params(merged, set(declared), where=nb.name)
+    for k in set(keys) - used:
+        print(f"note: params for {k!r} match no notebook of this batch")
+    return out
+
+
+def batch_slots(gpus="auto", workers=None, torchrun=False):
+    """One slot per GPU (× workers per GPU), or `workers` CPU slots when there is no GPU.
+
+    gpus: "auto" (every visible CUDA device), "0,1" (indices among the visible devices; mapped
+    through the parent's CUDA_VISIBLE_DEVICES), or "cpu". Each slot is {name, env} for its process.
+    torchrun=True: ONE slot holding all those GPUs (or `workers` CPU ranks), whose runs each go through
+    torchrun as one DDP run over them ($SES_TORCHRUN, read by run_plan)."""
+    if torchrun:
+        per_gpu = batch_slots(gpus)
+        on_gpu = per_gpu[0]["name"].startswith("gpu")
+        n = len(per_gpu) if on_gpu else int(workers or 2)
+        env = {"SES_SLOT": "0", "SES_TORCHRUN": str(n),
+               "CUDA_VISIBLE_DEVICES": ",".join(s["env"]["CUDA_VISIBLE_DEVICES"] for s in per_gpu) if on_gpu else ""}
+        if not on_gpu:  # no oversubscription between the CPU ranks
+            env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+        return [{"name": f"torchrun:{n}{'gpu' if on_gpu else 'cpu'}", "env": env}]
+    spec = str(gpus).strip().lower() if gpus is not None else "cpu"
+    if spec in ("cpu", "none", ""):
+        ids = []
+    else:
+        n = torch.cuda.device_count()
+        try:
+            ids = list(range(n)) if spec == "auto" else [int(x) for x in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"--gpus must be 'auto', 'cpu' or a list like 0,1; got {gpus!r}") from None
+        if any(not 0 <= i < n for i in ids):
+            raise ValueError(f"--gpus {gpus}: only {n} CUDA device(s) visible")
+    if workers is not None and int(workers) < 1:
+        raise ValueError("workers must be >= 1")
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if ids:  # a process sees only its own GPU, as cuda:0
+        per = int(workers or 1)
+        gpu_ids = [visible[i] if i < len(visible) else str(i) for i in ids]
+        devs = [g for g in gpu_ids for _ in range(per)]
+        return [{"name": f"gpu{g}", "env": {"CUDA_VISIBLE_DEVICES": g, "SES_SLOT": str(k)}} for k, g in enumerate(devs)]
+    n = int(workers or 1)
+    threads = str(max(1, (os.cpu_count() or 1) // n))  # no oversubscription between CPU slots
+    return [{"name": f"cpu{k}", "env": {"CUDA_VISIBLE_DEVICES": "", "SES_SLOT": str(k),
+                                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}}
+            for k in range(n)]
+
+
+# The subprocess of one job: dies with the runner even when the runner is SIGKILLed (PR_SET_PDEATHSIG;
+# its kernel then exits by itself, ipykernel polls its parent), runs papermill with cell output
+# streamed to the log, and prints one SES-RUN-ERROR line the runner shows in its table.
+_DRIVER = r"""
+import ctypes, json, logging, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("runner already gone")
+spec = json.loads(sys.argv[2])
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+import papermill as pm
+try:
+    pm.execute_notebook(spec["input"], spec["output"], parameters=spec["parameters"], kernel_name=spec["kernel"],
+                        log_output=True, progress_bar=False, cwd=spec["cwd"])
+except BaseException as e:
+    msg = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}".strip().splitlines()
+    print("SES-RUN-ERROR:", msg[0] if msg else type(e).__name__, flush=True)
+    raise
+"""
+# papermill/nbclient kernel-start races: retried once after a stagger.
+_START_RACE = ("Kernel didn't respond", "Address already in use", "ZMQError", "Kernel died before replying to kernel_info")
+_KERNEL = "seslib-python"
+
+
+def _kernel_dir(root):
+    """A kernelspec pinned to this interpreter, so every run uses the runner's own environment
+    (a user-level 'python3' kernelspec may point at another Python). Shown to jupyter via JUPYTER_PATH."""
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"Python ({sys.executable})", "language": "python"}
+    atomic_write_json(Path(root) / "kernels" / _KERNEL / "kernel.json", spec)
+    return str(root)
+
+
+@dataclasses.dataclass
+class _Job:
+    kind: str  # "list" | "run" | "report"
+    nb: Path
+    params: dict
+    output: Path  # executed notebook
+    log: Path
+    config: str = None
+    seed: int = None
+    result: Path = None
+    cost: float = 0.0
+    after: tuple = ()  # indices of jobs that must finish first
+    cfg: dict = None  # a run's resolved config: a result.json made with other settings is not "done"
+    attempt: int = 0
+    not_before: float = 0.0
+    est: dict = None  # a run's estimate (estimate_run on the listing's GPU): the time budget decides with it
+
+
+def _kill_tree(proc):
+    """SIGTERM the job's process group and its kernel (own session), SIGKILL what is left after 5 s."""
+    try:
+        import psutil
+        procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except Exception:
+        procs = []
+    for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
+        try:
+            os.killpg(proc.pid, sig) if hasattr(os, "killpg") else proc.send_signal(sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except Exception:
+                pass
+        try:
+            proc.wait(5)
+            if not any(p.is_running() for p in procs[1:]):
+                return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _last_error(log):
+    try:
+        lines = Path(log).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((ln.split("SES-RUN-ERROR:", 1)[1].strip() for ln in reversed(lines) if "SES-RUN-ERROR:" in ln),
+                lines[-1][:200] if lines else "")
+
+
+def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None, end=None, budget=None):
+    """Run jobs over the slots, one subprocess per slot, in list order as dependencies allow. With a deadline
+    `end`: a run that fits_budget says cannot finish is not started ("to do"); a run that pauses itself at an
+    epoch boundary is "paused". Returns one record per job (by index)."""
+    pending = list(range(len(jobs)))
+    running, finished, records = {}, set(), {}
+    last_launch = -1e9
+    counts = {"done": 0, "failed": 0, "skipped": 0, "paused": 0, "to do": 0}
+
+    def stamp():
+        return f"[{datetime.timedelta(seconds=int(time.time() - t_start))}]"
+
+    def label(j):
+        return f"{j.nb.stem} {j.config} seed{j.seed}" if j.kind == "run" else f"{j.nb.stem} ({j.kind})"
+
+    def finish(i, status, slot, seconds, error=""):
+        j = jobs[i]
+        finished.add(i)
+        counts[status] += 1
+        records[i] = _record(j.nb.stem, j.kind, status, j.config, j.seed, round(seconds, 1), slot, j.attempt, error,
+                             str(j.log) if status != "skipped" else "")
+        left = len(pending) + len(running)
+        if j.kind != "list" or status == "failed":
+            say(f"{stamp()} {status:<7} {label(j)} on {slot} in {seconds:.1f}s"
+                + (f"  {error}  (log: {j.log})" if status == "failed" else "")
+                + f"  | done {counts['done']}, failed {counts['failed']}, left {left}")
+
+    try:
+        while pending or running:
+            for s, (i, proc, t0, fh) in list(running.items()):
+                rc = proc.poll()
+                if rc is None and timeout and time.time() - t0 > timeout:
+                    _kill_tree(proc)
+                    rc = "timeout"
+                if rc is None:
+                    continue
+                fh.close()
+                del running[s]
+                j = jobs[i]
+                log_text = j.log.read_text(errors="replace") if j.log.exists() else ""
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-LOCKED" in log_text:
+                    finish(i, "skipped", slots[s]["name"], time.time() - t0, "locked by another process")
+                    continue
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-PAUSED" in log_text:
+                    finish(i, "paused", slots[s]["name"], time.time() - t0, "time budget: checkpoint kept, resumes next time")
+                    continue
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-BUDGET" in log_text:
+                    finish(i, "to do", slots[s]["name"], time.time() - t0, "time budget: not started")
+                    continue
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result):
+                    rc, err = 1, f"the notebook finished but wrote no {j.result.name}"
+                else:
+                    err = f"timeout after {timeout}s" if rc == "timeout" else _last_error(j.log)
+                if rc not in (0, "timeout") and j.attempt <= retries and any(m in log_text for m in _START_RACE):
+                    j.not_before = time.time() + stagger * (2 + s) + random.random()
+                    pending.insert(0, i)
+                    say(f"{stamp()} retry   {label(j)}: kernel start race ({err})")
+                    continue
+                finish(i, "done" if rc == 0 else "failed", slots[s]["name"], time.time() - t0, "" if rc == 0 else err)
+            for s in range(len(slots)):
+                if s in running or time.time() - last_launch < stagger:
+                    continue
+                ready = next((i for i in pending if set(jobs[i].after) <= finished and jobs[i].not_before <= time.time()), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                j = jobs[ready]
+                if j.kind == "run" and is_locked(j.result.parent):  # another runner is training it now
+                    finish(ready, "skipped", "", 0.0, "locked by another process")
+                    continue
+                if j.kind == "run" and result_status(j.result, j.cfg)[0] == "done":  # finished meanwhile
+                    finish(ready, "skipped", "", 0.0)
+                    continue
+                if j.kind == "run" and not fits_budget(j.est, end, budget):
+                    finish(ready, "to do", "", 0.0, f"time budget: needs ~{_hours(j.est['seconds'])}, "
+                                                    f"{_hours(max(0.0, end - time.time()))} left")
+                    continue
+                j.attempt += 1
+                j.output.parent.mkdir(parents=True, exist_ok=True)
+                if j.attempt == 1:
+                    _keep_previous_log(j.log)
+                fh = open(j.log, "w" if j.attempt == 1 else "a")
+                spec = {"input": str(j.nb), "output": str(j.output), "parameters": j.params, "kernel": kernel, "cwd": cwd}
+                proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(os.getpid()), json.dumps(spec, default=str)],
+                                        stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
+                                        env={**env, **slots[s]["env"]})
+                running[s] = (ready, proc, time.time(), fh)
+                last_launch = time.time()
+                if j.kind != "list":
+                    say(f"{stamp()} start   {label(j)} on {slots[s]['name']}"
+                        + (f" (attempt {j.attempt})" if j.attempt > 1 else "")
+                        + f"  | running {len(running)}, queued {len(pending)}")
+            time.sleep(0.2)
+    finally:  # interrupted (Ctrl-C, SIGTERM) or crashed: take the children down with us
+        for i, proc, t0, fh in running.values():
+            _kill_tree(proc)
+            fh.close()
+    return [records[i] for i in sorted(records)]
+
+
+def _keep_previous_log(log, keep=5):
+    """log.txt -> log.1.txt (and log.1 -> log.2 ...): a re-run never overwrites the log of the attempt that failed."""
+    log = Path(log)
+    if not log.exists():
+        return
+    olds = [log.with_name(f"{log.stem}.{k}{log.suffix}") for k in range(1, keep + 1)]
+    olds[-1].unlink(missing_ok=True)
+    for k in range(keep - 1, 0, -1):
+        if olds[k - 1].exists():
+            os.replace(olds[k - 1], olds[k])
+    os.replace(log, olds[0])
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _print(msg):
+    print(msg, flush=True)  # progress must show up live through pipes and in notebook cells
+
+
+def _record(nb, kind, status, config=None, seed=None, seconds=0.0, slot="", attempts=0, error="", log=""):
+    return {"notebook": nb, "kind": kind, "config": config, "seed": seed, "status": status, "seconds": seconds,
+            "slot": slot, "attempts": attempts, "error": error, "log": log, "hours_left": None}
+
+
+def _plan_jobs(lists, overrides, nb_out, cwd, report, say):
+    """From the listings: records of done runs (skipped) and unreadable lists (failed), and the jobs:
+    the runs costliest first, then one report per notebook that waits for that notebook's runs."""
+    records, runs, reports = [], [], []
+    for lj in lists:
+        try:
+            entries = json.loads(lj.result.read_text())
+        except (OSError, ValueError):
+            records.append(_record(lj.nb.stem, "list", "failed", log=str(lj.log),
+                                   error="no run list written (does the notebook call S.plan_runs(..., list_runs)?)"))
+            continue
+        stale = [e for e in entries if e.get("status") == "stale"]
+        say(f"  {lj.nb.stem}: {len(entries)} run(s), {sum(bool(e['done']) for e in entries)} done"
+            + (f", {len(stale)} stale (made with other settings: set aside and redone)" if stale else ""))
+        for e in stale:
+            say(f"    stale: {e['config']} seed {e['seed']}: {e['stale']}")
+        start = len(runs)
+        for e in entries:
+            rd = Path(e["run_dir"]) if Path(e["run_dir"]).is_absolute() else Path(cwd) / e["run_dir"]
+            if e["done"] and result_status(rd / "result.json", e.get("cfg"))[0] == "done":
+                records.append(_record(lj.nb.stem, "run", "skipped", e["config"], e["seed"]))
+                continue
+            p = {**overrides[lj.nb], "configs": [e["config"]], "seeds": [e["seed"]], "out_dir": nb_out[lj.nb], "report": False}
+            runs.append(_Job("run", lj.nb, p, rd / "notebook.ipynb", rd / "log.txt", e["config"], e["seed"],
+                             rd / "result.json", float(e.get("cost", 1.0)), cfg=e.get("cfg"), est=e.get("est")))
+        if report:
+            p = {**overrides[lj.nb], "out_dir": nb_out[lj.nb], "report_only": True, "report": True}
+            reports.append(_Job("report", lj.nb, p, Path(nb_out[lj.nb]) / "report.ipynb",
+                                Path(nb_out[lj.nb]) / "report_log.txt", after=tuple(range(start, len(runs)))))
+    order = sorted(range(len(runs)), key=lambda i: -runs[i].cost)  # stable: notebook order among equals
+    where = {old: new for new, old in enumerate(order)}
+    for r in reports:
+        r.after = tuple(where[i] for i in r.after)
+    return records, [runs[i] for i in order] + reports
+
+
+def _summarize(records, out, t_start, say, save=True):
+    """Print the table of runs and save it as {out}/batch_summary.csv."""
+    import pandas as pd
+    df = pd.DataFrame(records, columns=list(_record("", "", "")))
+    df["seed"] = df["seed"].astype("Int64")
+    if save:
+        atomic_write_bytes(out / "batch_summary.csv", df.to_csv(index=False).encode())
+    shown = df.drop(columns=["log"]).astype(object)
+    say(shown.where(shown.notna(), "").to_string(index=False) if len(df) else "(nothing to run)")
+    say(f"batch finished in {datetime.timedelta(seconds=int(time.time() - t_start))}: "
+        + ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
+        + (f"; table: {out / 'batch_summary.csv'}" if save else ""))
+
+
+def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outputs", *, params=None,
+              retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False,
+              preset=None, whole_notebooks=False, time_budget=None):
+    """Run notebooks' (config, seed) runs over the GPUs (or CPU slots) of this machine, then their reports.
+
+    notebooks: paths / numbers / stems / "all" (see find_notebooks); params_file: YAML of overrides
+    (or params= the same as a dict); gpus: "auto" | "0,1" | "cpu"; workers: CPU slots (or slots per GPU);
+    out: outputs root, each notebook writes to {out}/{stem} (paper preset) or {out}/{preset}/{stem} (any other
+    preset: presets never share a folder) unless its overrides set out_dir; preset: every notebook's preset
+    (overrides the params' `preset`); whole_notebooks: one job per notebook (its whole grid and its report in one
+    kernel, as a person running it would) instead of one per run: for many short runs (the smoke preset) the
+    kernel starts would cost more than the runs;
+    retries: re-launches of a job whose kernel failed to start; timeout: seconds per job.
+    time_budget: "11.5h", "90m", seconds, or the params file's `time_budget`: no run starts that its estimate says
+    cannot finish in time (it stays "to do"), a run in flight pauses at an epoch boundary ("paused", checkpoint
+    kept), the reports still run. Done runs are skipped, so calling it again resumes (paused runs included). Returns one record per run / report / failed
+    listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
+    as {out}/batch_summary.csv."""
+    if params is not None and params_file is not None:
+        raise ValueError("give params_file or params, not both")
+    nbs = find_notebooks(notebooks)
+    given = _read_params(params if params is not None else params_file)
+    budget = parse_duration(time_budget if time_budget is not None else given.get("time_budget"))
+    overrides = load_batch_params(given, nbs)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        overrides = {nb: {**o, "preset": preset} for nb, o in overrides.items()}
+    slots = batch_slots(gpus, workers, torchrun)
+    out, cwd = Path(out).resolve(), os.getcwd()
+    nb_out = {nb: str(Path(overrides[nb].get("out_dir") or _preset_folder(out, overrides[nb].get("preset", "paper"))
+                           / nb.stem).resolve()) for nb in nbs}
+    if len(set(nb_out.values())) < len(nbs):
+        raise ValueError(f"two notebooks would write to the same out_dir: {sorted(nb_out.values())}")
+    tmp = out / ".batch"
+    env = dict(os.environ)
+    if env.get("SES_DATA"):  # absolute, so a relative SES_DATA means the same in every kernel whatever its cwd
+        env["SES_DATA"] = str(Path(env["SES_DATA"]).expanduser().resolve())
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
+        [str(_here())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(tmp / "jupyter")] + ([env["JUPYTER_PATH"]] if env.get("JUPYTER_PATH") else []))
+    t_start = time.time()
+    end = t_start + budget if budget else None
+    if end:  # the kernels pause their runs at an epoch boundary before it
+        env[DEADLINE_ENV], env[BUDGET_ENV] = repr(end), repr(budget)
+    else:
+        env.pop(DEADLINE_ENV, None), env.pop(BUDGET_ENV, None)
+    log(f"batch: {len(nbs)} notebook(s) on {len(slots)} slot(s) [{', '.join(s['name'] for s in slots)}] -> {out}"
+        + (f"; time budget {_hours(budget)} (until {datetime.datetime.fromtimestamp(end):%H:%M})" if end else ""))
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / OUTPUTS_MARKER).write_text("An outputs root of the SES suite: the next Kaggle version copies this folder "
+                                          "in (sesrun.copy_previous_outputs).\n")
+
+    prev_term = None
+    try:  # SIGTERM -> KeyboardInterrupt, so the finally blocks kill the children
+        prev_term = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: no handler, the caller cleans up
+        pass
+    try:
+        if whole_notebooks:
+            jobs = [_Job("notebook", nb, {**overrides[nb], "out_dir": nb_out[nb], "report": report},
+                         Path(nb_out[nb]) / "notebook.ipynb", Path(nb_out[nb]) / "log.txt", cost=_notebook_cost(nb))
+                    for nb in nbs]
+            jobs.sort(key=lambda j: -j.cost)  # the longest first, so the tail is short
+            records = ([_record(j.nb.stem, j.kind, "todo") for j in jobs] if dry_run else
+                       _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout, end, budget))
+            return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
+        # 1. ask every notebook for its runs (listing mode: it writes the list and does nothing else)
+        lists = []
+        for nb in nbs:
+            path = tmp / f"{nb.stem}.runs.json"
+            path.unlink(missing_ok=True)
+            p = {**overrides[nb], "out_dir": nb_out[nb], "list_runs": str(path), "report": False}
+            lists.append(_Job("list", nb, p, tmp / f"{nb.stem}.listing.ipynb", tmp / f"{nb.stem}.listing.log", result=path))
+        listed = _schedule(lists, slots, env, cwd, _KERNEL, log, t_start, retries, stagger)
+        failed = [r for r in listed if r["status"] == "failed"]
+        # 2. the runs, costliest first, then each notebook's report once its runs are over
+        records, jobs = _plan_jobs([lj for lj, r in zip(lists, listed) if r["status"] == "done"],
+                                   overrides, nb_out, cwd, report, log)
+        records = failed + records
+        log(f"{sum(j.kind == 'run' for j in jobs)} run(s) to do, {sum(r['status'] == 'skipped' for r in records)} "
+            f"already done, {sum(j.kind == 'report' for j in jobs)} report(s)")
+        if dry_run:
+            records += [_record(j.nb.stem, j.kind, "todo", j.config, j.seed) for j in jobs]
+        else:
+            records += _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout, end, budget)
+            _hours_left(records, jobs, log)
+    finally:
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
+    return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
+
+
+OUTPUTS_MARKER = "ses-outputs.txt"  # a visible file: Kaggle's output listing may leave dot files out
+
+
+def _hours_left(records, jobs, log):
+    """Put each unfinished run's estimated time left (its progress.json: epochs done) into its record, and say
+    what is done, paused and still to do."""
+    by_run = {(j.nb.stem, j.config, j.seed): j for j in jobs if j.kind == "run"}
+    left = 0.0
+    for r in records:
+        j = by_run.get((r["notebook"], r["config"], r["seed"]))
+        if r["kind"] != "run" or j is None or r["status"] not in ("paused", "to do", "failed") or not j.est:
+            continue
+        seconds = j.est["seconds"]
+        prog = _read_result(j.result.parent / "progress.json") or {}
+        if r["status"] == "paused" and prog.get("epochs") is not None:  # its own measured epochs, now
+            epoch_s = float(np.mean(prog["epoch_seconds"])) if prog.get("epoch_seconds") else j.est["epoch_s"]
+            seconds = (prog["epochs"] - prog["epochs_done"]) * epoch_s + estimate_eval_seconds(j.cfg or {}, epoch_s)
+        r["hours_left"] = round(seconds / 3600, 4)
+        left += seconds / 3600
+    n = {k: sum(r["kind"] == "run" and r["status"] == k for r in records) for k in ("done", "skipped", "paused", "to do", "failed")}
+    if n["paused"] or n["to do"]:
+        log(f"time budget: {n['done']} run(s) finished now, {n['skipped']} done before, {n['paused']} paused, "
+            f"{n['to do']} to do, {n['failed']} failed; about {_hours(left * 3600)} of GPU time left (estimate): "
+            "run the same batch again to go on")
+
+
+def _finish_batch(records, nb_out, out, t_start, log, report, dry_run):
+    """The run table (batch_summary.csv in the preset's folder, never the paper folder for a smoke batch) and
+    SUMMARY.md (one row per claim over every notebook folder that has a report)."""
+    roots = sorted({Path(d).parent for d in nb_out.values()})
+    _summarize(records, roots[0] if len(roots) == 1 else out, t_start, log, save=not dry_run)
+    if report and not dry_run:
+        for root in roots:
+            if build_summary(root) is not None:
+                log(f"claims: {root / 'SUMMARY.md'}")
+    return records
+
+
+def _notebook_cost(nb):
+    """A rough cost of a whole notebook from its source: run_cost of its recipe's model x its number of configs."""
+    import nbformat
+    src = "\n".join(c.source for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
+    models = re.findall(r"model\s*=\s*['\"](\w+)['\"]", src)
+    grid = src[src.find("GRID = {"):]
+    n = max(1, len(re.findall(r"^\s+'[^']+':\s*dict\(", grid[:grid.find("\n}")], re.M)))
+    ds = "tinyimagenet" if "tinyimagenet" in src else "cifar"
+    return run_cost({"model": models[0] if models else "resnet18", "dataset": ds, "epochs": 1}) * n
+
+
+def _preset_folder(out, preset):
+    """Where a preset's notebook folders live under an outputs root: the root for the paper preset, else
+    root/<preset> (a root that is already that folder, as outputs/smoke, is used as is)."""
+    out = Path(out)
+    return out if preset == "paper" or out.name == preset else out / preset
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# the cost plan
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# python sesrun.py plan
+
+KAGGLE = {"version_hours": 12.0, "quota_hours": 30.0, "working_gb": 20.0,  # a version's limit, GPU quota per week,
+          "overhead_hours": 0.25}  # /kaggle/working's size; per version: setup, installs, listings, reports
+
+
+def notebook_plan(nb, **params):
+    """A notebook's own RunPlan: its parameters cell, `params` injected after it as papermill would, then its cells
+    up to the S.plan_runs call, executed here (nothing trains, nothing is written)."""
+    import io
+    import nbformat
+    ns = {"__name__": "__notebook_plan__"}
+    started = False
+    with contextlib.redirect_stdout(io.StringIO()):
+        for cell in nbformat.read(str(nb), as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            if "parameters" in cell.metadata.get("tags", []):
+                started = True
+                exec(cell.source, ns)  # noqa: S102 - the notebook's own code, as papermill would run it
+                ns.update(params)
+                continue
+            if started:
+                exec(cell.source, ns)  # noqa: S102
+                if type(ns.get("plan")).__name__ == "RunPlan":
+                    return ns["plan"]
+    raise ValueError(f"{Path(nb).name}: no cell after the parameters cell creates `plan` with S.plan_runs")
+
+
+def _lpt(durations, slots) -> float:
+    """Makespan of jobs on `slots` machines, longest first onto the least loaded (as the batch runner starts them)."""
+    loads = [0.0] * max(1, slots)
+    for d in sorted(durations, reverse=True):
+        loads[loads.index(min(loads))] += d
+    return max(loads)
+
+
+_PARAMS_CACHE = {}
+
+
+def _model_bytes(c) -> int:
+    """The float32 weights of c's model (model_final.pt), counted once per (model, classes, width)."""
+    key = (c["model"], c.get("dataset"), c.get("width", 1.0), bool(c.get("spectral_norm")))
+    if key not in _PARAMS_CACHE:
+        if c["model"] == "mlp_toy":
+            _PARAMS_CACHE[key] = 4 * 2000
+        else:
+            info = dataset_info(c["dataset"])
+            with torch.device("meta"):  # shapes only: no memory, no time
+                m = build_model(c["model"], info["num_classes"], info["img_size"], c.get("spectral_norm", False),
+                                c.get("width", 1.0))
+            _PARAMS_CACHE[key] = 4 * sum(p.numel() for p in m.state_dict().values())
+    return _PARAMS_CACHE[key]
+
+
+def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h"):
+    """Per notebook: runs (all / left), the GPU-hours left on `gpu` and where the estimate comes from; for the
+    selection: wall time on `gpus` GPUs (longest first), Kaggle versions of `budget`, weeks of the 30-h quota, the
+    disk footprint. Done runs (under `out`) count as done. Returns (per-notebook DataFrame, totals dict)."""
+    import pandas as pd
+    _speed(gpu)
+    budget_h = parse_duration(budget) / 3600
+    rows, ests, final_bytes, ckpt_bytes = [], [], 0, 0
+    for nb in find_notebooks(notebooks):
+        out_dir = _preset_folder(Path(out).resolve(), preset) / nb.stem
+        plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir))
+        left = [r for r in plan.runs if not r.done]
+        est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu) for r in left]
+        ests += [e["seconds"] for e in est]
+        for r in plan.runs:
+            c = r.cfg or {}
+            if c.get("model") in _MODEL_COST and c.get("dataset") in DATASETS:
+                final_bytes += _model_bytes(c) if c.get("save_model", True) else 0
+                n = _model_bytes(c)
+                ckpt_bytes = max(ckpt_bytes, n * (2 + (2 if c.get("optimizer") == "adamw" else 1)))
+        rows.append({"notebook": nb.stem, "runs": len(plan.runs), "left": len(left),
+                     "gpu_hours": sum(e["seconds"] for e in est) / 3600,
+                     "source": ", ".join(sorted({e["source"] for e in est})) or "-"})
+    df = pd.DataFrame(rows)
+    wall_h = _lpt(ests, gpus) / 3600
+    per_version = max(budget_h, 1e-9)
+    versions = math.ceil(wall_h / per_version - 1e-9) if wall_h else 0
+    per_week = max(1, int(KAGGLE["quota_hours"] // (budget_h + KAGGLE["overhead_hours"])))
+    disk_gb = (final_bytes + gpus * ckpt_bytes) / 1e9
+    totals = {"gpu": gpu, "gpus": gpus, "gpu_hours": float(df["gpu_hours"].sum()) if len(df) else 0.0,
+              "wall_hours": wall_h, "budget_hours": budget_h, "versions": versions,
+              "weeks": math.ceil(versions / per_week) if versions else 0, "versions_per_week": per_week,
+              "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"]}
+    return df, totals
+
+
+def fmt_hours(h) -> str:
+    """The README's runtime format: '≈ 1.2 h', or '≈ 6 min' under an hour."""
+    return f"≈ {h:.1f} h" if h >= 1 else f"≈ {max(1, round(h * 60))} min"
+
+
+def format_plan(df, t) -> str:
+    lines = [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10}  estimate from"]
+    for r in df.itertuples():
+        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {fmt_hours(r.gpu_hours):>10}  {r.source}")
+    lines += [
+        f"total: {fmt_hours(t['gpu_hours'])} of {t['gpu']} GPU time; wall time on {t['gpus']} x {t['gpu']}: "
+        f"{fmt_hours(t['wall_hours'])} (longest runs first)",
+        f"Kaggle: {t['versions']} version(s) with --time-budget {t['budget_hours']:g}h (a version stops at "
+        f"{KAGGLE['version_hours']:g} h), {t['versions_per_week']} per week of the {KAGGLE['quota_hours']:g}-h GPU quota "
+        f"-> {t['weeks']} week(s)",
+        f"disk: {t['disk_gb']:.1f} GB (model_final.pt of every run + one checkpoint per GPU in flight or paused; "
+        f"/kaggle/working holds {KAGGLE['working_gb']:g} GB{'' if t['disk_ok'] else ': TOO MUCH, set save_model=False'})"]
+    return "\n".join(lines)
+
+
+def _plan_args(p):
+    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs working in parallel (default 2: Kaggle's T4 x2)")
+    p.add_argument("--gpu", default="t4", choices=[k for k in GPU_SPEED], help="the GPU kind (default t4)")
+    p.add_argument("--out", default="outputs", help="outputs root: runs done there count as done (default outputs)")
+    p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset planned (default paper)")
+    p.add_argument("--time-budget", default="11.5h", help="per Kaggle version (default 11.5h)")
+
+
+def _plan_cmd(a):
+    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget)
+    print(format_plan(df, t))
+    return 0
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# Kaggle packaging
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+
+def kaggle_slug(title):
+    """Kaggle's clean-URL slug of a title: lowercase, runs of other characters -> '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def _check_ref(ref, what, lo, hi, problems):
+    owner, _, slug = str(ref).partition("/")
+    if not owner or "/" in slug or not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug or "") or not lo <= len(slug) <= hi:
+        problems.append(f"{what} {ref!r} must be 'owner/slug' with a slug of {lo}-{hi} lowercase letters, digits and hyphens")
+    return slug
+
+
+def validate_kaggle_metadata(path):
+    """Check a kernel-metadata.json or dataset-metadata.json (or a folder holding one) before pushing.
+
+    Kernel: required fields, id 'owner/slug' (slug 5-50 chars, lowercase and hyphens), title
+    slugifying to the slug, language/kernel_type values, the code file present (a valid notebook for
+    kernel_type notebook), boolean flags, source refs. Dataset: title 6-50 chars, slug 3-50, one license.
+    Raises ValueError listing every problem; returns the metadata."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("kernel-metadata.json", "dataset-metadata.json") if (path / n).is_file()]
+        if not found:
+            raise ValueError(f"{path}: no kernel-metadata.json or dataset-metadata.json")
+        path = found[0]
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable metadata ({e})") from None
+    problems = []
+    if path.name == "dataset-metadata.json":
+        slug = _check_ref(meta.get("id", ""), "id", 3, 50, problems)
+        title = str(meta.get("title", ""))
+        if not 6 <= len(title) <= 50:
+            problems.append(f"title {title!r} must be 6-50 characters")
+        if not isinstance(meta.get("licenses"), list) or len(meta["licenses"]) != 1 or "name" not in meta["licenses"][0]:
+            problems.append("licenses must hold exactly one {'name': ...}")
+    else:
+        missing = [k for k in ("id", "title", "code_file", "language", "kernel_type") if not meta.get(k)]
+        if missing:
+            problems.append(f"missing field(s) {missing}")
+        slug = _check_ref(meta.get("id", ""), "id", 5, 50, problems)
+        title = str(meta.get("title", ""))
+        if len(title) < 5 or kaggle_slug(title) != slug:
+            problems.append(f"title {title!r} must be >= 5 characters and slugify to the id's slug {slug!r} "
+                            f"(it gives {kaggle_slug(title)!r})")
+        if meta.get("language") not in ("python", "r", "rmarkdown"):
+            problems.append(f"language {meta.get('language')!r} must be python, r or rmarkdown")
+        if meta.get("kernel_type") not in ("script", "notebook"):
+            problems.append(f"kernel_type {meta.get('kernel_type')!r} must be script or notebook")
+        for k in ("is_private", "enable_gpu", "enable_internet", "enable_tpu"):
+            if k in meta and meta[k] not in (True, False, "true", "false"):
+                problems.append(f"{k} must be true or false, got {meta[k]!r}")
+        for k, kind in (("dataset_sources", "dataset"), ("kernel_sources", "kernel"), ("competition_sources", None)):
+            v = meta.get(k, [])
+            if not isinstance(v, list):
+                problems.append(f"{k} must be a list")
+            elif kind:
+                for ref in v:
+                    _check_ref(ref, f"{k} entry", 3 if kind == "dataset" else 5, 50, problems)
+        if "machine_shape" in meta and not (isinstance(meta["machine_shape"], str) and meta["machine_shape"]):
+            problems.append("machine_shape must be a non-empty string such as 'NvidiaTeslaT4'")
+        code = path.parent / str(meta.get("code_file", ""))
+        if meta.get("code_file") and not code.is_file():
+            problems.append(f"code file {code} not found")
+        elif meta.get("code_file") and meta.get("kernel_type") == "notebook":
+            import nbformat
+            try:
+                nbformat.validate(nbformat.read(str(code), as_version=4))
+            except Exception as e:
+                problems.append(f"code file {code.name} is not a valid notebook ({str(e).splitlines()[0]})")
+    if problems:
+        raise ValueError(f"{path}:\n  " + "\n  ".join(problems))
+    return meta
+
+
+def copy_previous_outputs(dest, inputs="/kaggle/input", log=print) -> list:
+    """Continuation across Kaggle kernel versions: copy every earlier outputs root found under `inputs` (the previous
+    version's output, attached as this kernel's input: <inputs>/<slug>/outputs/, marked by ses-outputs.txt, up to 5
+    folders deep) into `dest`, never over a file dest already has. Results, checkpoints, progress.json, logs and
+    reports come along, so done runs are skipped and paused ones resume. Returns the roots copied from."""
+    dest = Path(dest).resolve()
+    found = {m.parent.resolve() for k in range(1, 6) for m in Path(inputs).glob("/".join(["*"] * k) + "/" + OUTPUTS_MARKER)}
+    roots = sorted(r for r in found - {dest} if not any(o in r.parents for o in found))  # outermost roots only
+    for root in roots:
+        n = size = 0
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                src = Path(dirpath) / f
+                if f.endswith(".tmp") or f == ".lock":  # a write cut short, or a lock: not data
+                    continue
+                target = dest / src.relative_to(root)
+                if target.exists():
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                shutil.copy2(src, tmp)  # then renamed: an interrupted copy never leaves half a checkpoint
+                os.replace(tmp, target)
+                n, size = n + 1, size + target.stat().st_size
+        log(f"continuation: copied {n} file(s), {size / 2**30:.2f} GiB, from {root} into {dest}")
+    if not roots:
+        log(f"continuation: no earlier outputs under {inputs} (a first version starts from scratch)")
+    return roots
+
+
+def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5h"):
+    import nbformat
+    v4 = nbformat.v4
+    data_slug = data_dataset.split("/")[1]
+    find_data = f"""\
+# The data set attached as a Kaggle dataset -> SES_DATA (the notebooks' data_root default).
+_data = [p for k in (1, 2, 3) for p in glob.glob("/kaggle/input" + "/*" * k) if os.path.basename(p) == {data_slug!r}]
+if _data:
+    os.environ.setdefault("SES_DATA", _data[0])
+print("seslib from", _dirs[:1], "| data from", os.environ.get("SES_DATA"))
+# Install only what this image lacks (a blanket `pip install -r` could swap Kaggle's torch).
+# Everything the runs need (seslib.preflight checks it again before each run): papermill & co for the runner, timm
+# (ViTs, Mixup/CutMix), torchmetrics (the robustness pass), and the frost photos of imagecorruptions (--no-deps: only
+# its image files are read; its own dependencies would pull an OpenCV build).
+_need = {{"papermill": "papermill", "nbformat": "nbformat", "yaml": "pyyaml", "timm": "timm", "torchmetrics": "torchmetrics",
+         "seaborn": "seaborn", "ipykernel": "ipykernel", "pandas": "pandas", "tqdm": "tqdm"}}
+_missing = [pkg for mod, pkg in _need.items() if importlib.util.find_spec(mod) is None]
+import subprocess
+if _missing:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *_missing], check=True)
+if importlib.util.find_spec("imagecorruptions") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "imagecorruptions"], check=True)
+"""
+    cells = [
+        v4.new_markdown_cell(
+            "# SES experiments: batch run on Kaggle (GPU T4 ×2)\n\n"
+            "Runs the experiment notebooks with `sesrun.run_batch`: one papermill process per GPU, longest runs first. "
+            f"Outputs (results JSON, figures, reports, `batch_summary.csv`) go to `{out_dir}`. "
+            "Edit the parameters cell to choose notebooks and the preset; re-running resumes (done runs are skipped).\n\n"
+            "**Across versions.** The batch stops starting runs that cannot finish within `TIME_BUDGET` and pauses the "
+            "runs in flight at an epoch boundary (a version stops at 12 hours). When this kernel lists its own output "
+            "as an input (`sesrun.py kaggle --continue-from self`), the next version first copies the previous "
+            "version's outputs into place, so done runs are skipped and paused runs resume: push again until the "
+            "summary says nothing is left to do."),
+        v4.new_code_cell(SETUP_CELL + find_data),
+        v4.new_code_cell(
+            f"NOTEBOOKS = {[str(n) for n in notebooks]!r}  # numbers, stems or 'all'\n"
+            f"PRESET = {preset!r}  # 'paper' (published setup) or 'smoke' (tiny, minutes)\n"
+            "EXTRA = {}  # more overrides for every notebook, e.g. {'epochs': 10}\n"
+            f"OUT = {out_dir!r}\n"
+            f"TIME_BUDGET = {time_budget!r}  # this version's share of Kaggle's 12 h: the rest is setup and reports\n"
+            "CONTINUE = True  # first copy the previous version's outputs (an attached kernel output) into OUT"),
+        v4.new_code_cell(
+            "!nvidia-smi -L\n"
+            "import sesrun as R\n"
+            "if CONTINUE:\n"
+            "    R.copy_previous_outputs(OUT)\n"
+            "records = R.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}}, gpus='auto', out=OUT,\n"
+            "                      time_budget=TIME_BUDGET)"),
+        v4.new_code_cell(
+            "import pandas as pd\n"
+            "failed = [r for r in records if r['status'] == 'failed']\n"
+            "display(pd.DataFrame(records))\n"
+            "left = [r for r in records if r['status'] in ('paused', 'to do')]\n"
+            "print(f'{len(left)} run(s) paused or to do: push this kernel again to go on' if left else 'all runs done')\n"
+            "if failed:  # the kernel version then ends as an error on Kaggle, not 'successful'\n"
+            "    raise RuntimeError(f\"{len(failed)} run(s) failed: \" + '; '.join(\n"
+            "        f\"{r['notebook']} {r['config'] or ''} seed {r['seed']}: {r['error']}\" for r in failed[:5]))"),
+    ]
+    nb = v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", data_dataset=None,
+                   code_dataset=None, preset="paper", continue_from=None, time_budget="11.5h"):
+    """Write a ready-to-push Kaggle kernel folder `out` and the seslib code dataset in `out/code-dataset`.
+
+    Push with: `kaggle datasets create -p OUT/code-dataset` (once; `kaggle datasets version` after),
+    then `kaggle kernels push -p OUT`. The kernel runs the batch over both T4s into /kaggle/working/outputs."""
+    import nbformat
+    if not username or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{1,49}", str(username)):
+        raise ValueError(f"--username {username!r} is not a Kaggle user name (letters, digits, '-' or '_', no "
+                         "spaces): the one in your profile URL kaggle.com/<username>")
+    data_dataset = data_dataset or f"{username}/ses-data"
+    code_dataset = code_dataset or f"{username}/seslib-code"
+    out = Path(out)
+    nbs = find_notebooks(notebooks)
+    kernel_meta = {
+        "id": f"{username}/{slug}", "title": slug.replace("-", " "), "code_file": f"{slug}.ipynb",
+        "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
+        "enable_internet": True, "machine_shape": "NvidiaTeslaT4",  # T4 x2
+        "dataset_sources": [data_dataset, code_dataset], "competition_sources": [],
+        # continuation: the previous version's output as an input ("self": this kernel's own, once it exists)
+        "kernel_sources": [] if not continue_from else [f"{username}/{slug}" if continue_from == "self" else continue_from]}
+    parse_duration(time_budget)  # a bad budget fails here, not on Kaggle
+    code_slug = code_dataset.split("/")[-1]
+    data_meta = {"title": code_slug.replace("-", " "), "id": code_dataset, "licenses": [{"name": "CC0-1.0"}]}
+    problems = []
+    for ref, lo in ((data_dataset, 3), (code_dataset, 3), (kernel_meta["id"], 5), *((k, 5) for k in kernel_meta["kernel_sources"])):
+        _check_ref(ref, "reference", lo, 50, problems)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+    if out.exists() and any(out.iterdir()) and not (out / "kernel-metadata.json").is_file():
+        raise ValueError(f"--out {out} exists and is not a kernel bundle written by this command: choose another folder")
+    # built in a temporary folder beside `out` and moved in place only once complete and valid: a failure
+    # never leaves a half-written bundle (nor touches the previous one)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds = tmp / "code-dataset"
+        ds.mkdir(parents=True)
+        here = _here()
+        for f in (here / "seslib.py", here / "sesrun.py", here / "requirements.txt"):
+            shutil.copy2(f, ds / f.name)
+        for nb in nbs:  # flat: `kaggle datasets create` skips sub-folders by default
+            shutil.copy2(nb, ds / nb.name)
+        atomic_write_json(ds / "dataset-metadata.json", data_meta)
+        driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset, time_budget)
+        nbformat.write(driver, str(tmp / kernel_meta["code_file"]))
+        atomic_write_json(tmp / "kernel-metadata.json", kernel_meta)
+        validate_kaggle_metadata(tmp / "kernel-metadata.json")
+        validate_kaggle_metadata(ds / "dataset-metadata.json")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# command line
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+# python sesrun.py COMMAND ...
+
+def _batch_args(p):
+    p.add_argument("notebooks", nargs="+", help="notebook paths, numbers (3 -> notebooks/03_*.ipynb), stems or 'all'")
+    p.add_argument("--params", help="YAML of overrides: {all: {...}, 3: {...}, 03_name: {...}}")
+    p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
+    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 1); with GPUs: slots per GPU")
+    p.add_argument("--out", default="outputs", help="outputs root; notebook NN_name writes to OUT/NN_name")
+    p.add_argument("--retries", type=int, default=1, help="retries of a run whose kernel failed to start (default 1)")
+    p.add_argument("--timeout", type=float, help="seconds after which a run is killed and counted failed")
+    p.add_argument("--stagger", type=float, default=1.0, help="seconds between process launches (kernel-start races)")
+    p.add_argument("--no-report", action="store_true", help="skip the report_only pass")
+    p.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
+    p.add_argument("--torchrun", action="store_true", help="one run at a time over ALL the GPUs (DDP via torchrun) "
+                   "instead of one run per GPU; with --gpus cpu: --workers CPU ranks (default 2)")
+    p.add_argument("--preset", choices=list(PRESETS), help="every notebook's preset (default: the params file's, else "
+                   "paper); a non-paper preset writes under OUT/<preset>/")
+    p.add_argument("--whole-notebooks", action="store_true", help="one job per notebook (its whole grid, then its "
+                   "report, in one kernel) instead of one per run: faster for many short runs (the quick job uses it)")
+    p.add_argument("--time-budget", help="e.g. 11.5h: start no run that cannot finish in time, pause the runs in "
+                   "flight at an epoch boundary (checkpoint kept); run the batch again to go on (default: none)")
+
+
+def _batch_cmd(a):
+    recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
+                     stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
+                     torchrun=a.torchrun, preset=a.preset, whole_notebooks=a.whole_notebooks,
+                     time_budget=a.time_budget)
+    return 1 if any(r["status"] == "failed" for r in recs) else 0
+
+
+def _kaggle_args(p):
+    p.add_argument("--out", required=True, help="folder to write (kernel) and OUT/code-dataset (seslib dataset)")
+    p.add_argument("--notebooks", nargs="+", default=["all"], help="notebooks the kernel runs (default all)")
+    p.add_argument("--username", required=True, help="your Kaggle user name")
+    p.add_argument("--slug", default="ses-batch-t4x2", help="kernel slug (5-50 chars, lowercase, hyphens)")
+    p.add_argument("--data-dataset", help="owner/slug of the data dataset (default USERNAME/ses-data)")
+    p.add_argument("--code-dataset", help="owner/slug of the seslib code dataset (default USERNAME/seslib-code)")
+    p.add_argument("--preset", default="paper", choices=["paper", "smoke"])
+    p.add_argument("--time-budget", default="11.5h", help="per version (default 11.5h of Kaggle's 12)")
+    p.add_argument("--continue-from", help="USER/KERNEL whose output the kernel copies in first, or 'self' (this "
+                   "kernel's previous version: use it from the second push on)")
+
+
+def _kaggle_cmd(a):
+    out = kaggle_package(a.out, a.notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset,
+                         a.continue_from, a.time_budget)
+    print(f"wrote {out}\n  1. kaggle datasets create -p {out / 'code-dataset'}   (later: kaggle datasets version -p ... -m msg)\n"
+          f"  2. kaggle kernels push -p {out}\n  3. kaggle kernels output {a.username}/{a.slug} -p results/"
+          + ("" if a.continue_from else f"\n  next versions: rewrite with --continue-from self, then push again"))
+    return 0
+
+
+def _notebook_datasets(nb) -> set:
+    """The data sets a notebook's code names (dataset="...")."""
+    import nbformat
+    src = "\n".join(c.source for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
+    return set(re.findall(r"dataset\s*=\s*['\"](\w+)['\"]", src)) & set(DATASETS)
+
+
+def _quick_args(p):
+    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
+    p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
+    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 2)")
+    p.add_argument("--data-root", help="folder holding the data sets (default: $SES_DATA, Kaggle inputs, ./data)")
+    p.add_argument("--out", default="outputs", help="outputs root (default outputs): the smoke results land in OUT/smoke/")
+
+
+def _quick_cmd(a):
+    """The suite's smoke preset over every notebook whose data can be found or downloaded (see the README for what
+    it proves): each notebook whole, in one kernel, through the batch runner; then the reports and SUMMARY.md."""
+    t0 = time.time()
+    status, runnable, skipped = {}, [], {}
+    for nb in find_notebooks(a.notebooks or ["all"]):
+        missing = []
+        for ds in sorted(_notebook_datasets(nb)):
+            if ds not in status:
+                try:
+                    status[ds] = str(resolve_data_dir(ds, a.data_root, download=True))
+                except FileNotFoundError as e:
+                    status[ds] = e
+            if isinstance(status[ds], FileNotFoundError):
+                missing.append(ds)
+        if missing:
+            skipped[nb.stem] = missing
+        else:
+            runnable.append(nb)
+    for ds, where in status.items():
+        print(f"[data] {ds}: {where if not isinstance(where, Exception) else 'not found'}")
+    if skipped:  # one line per notebook, the data hint once
+        for stem, missing in skipped.items():
+            print(f"[skip] {stem}: needs {', '.join(missing)}")
+        first = next(v for v in status.values() if isinstance(v, Exception))
+        print(f"how to provide the data: {first}")
+    recs = []
+    if runnable:
+        params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
+        workers = a.workers or (None if torch.cuda.is_available() and a.gpus != "cpu" else 2)
+        recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out, whole_notebooks=True)
+    out = _preset_folder(Path(a.out).resolve(), "smoke")
+    failed = [r for r in recs if r["status"] == "failed"]
+    print(f"\nquick job: {len(runnable) - len(failed)} notebook(s) ran, {len(failed)} failed, {len(skipped)} skipped "
+          f"for missing data, in {datetime.timedelta(seconds=int(time.time() - t0))}")
+    if runnable:
+        print(f"reports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; claims: {out}/SUMMARY.md; "
+              f"run table: {out}/batch_summary.csv")
+    if not runnable:  # nothing ran: not a success, whatever the reason
+        print("nothing ran: no data set was found or could be downloaded (see above)")
+        return 1
+    return 1 if failed else 0
+
+
+def _summary_args(p):
+    p.add_argument("--out", default="outputs", help="outputs root holding the notebook folders (default outputs; "
+                   "outputs/smoke for the smoke preset)")
+
+
+def _summary_cmd(a):
+    df = build_summary(a.out)
+    if df is None:
+        print(f"no notebook reports with claims under {a.out}/ yet (run a notebook or a batch first)")
+        return 1
+    print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims in {df['notebook'].nunique()} notebooks; "
+          + ", ".join(f"{v} {k}" for k, v in df["verdict"].value_counts().items()))
+    return 0
+
+
+# name -> (help, add_arguments(parser), run(args) -> exit status). Add a command by adding an entry.
+CLI_COMMANDS = {
+    "batch": ("run notebooks' runs over this machine's GPUs (or CPU slots), then their reports", _batch_args, _batch_cmd),
+    "kaggle": ("write a ready-to-push Kaggle kernel + seslib code dataset", _kaggle_args, _kaggle_cmd),
+    "quick": ("the quick job: every notebook's smoke preset through the batch runner, on the data found or "
+              "downloaded", _quick_args, _quick_cmd),
+    "summary": ("outputs/SUMMARY.md and .csv: every claim's verdict over the notebooks that have reports",
+                _summary_args, _summary_cmd),
+    "plan": ("the cost plan: runs, GPU-hours, wall time on N GPUs, Kaggle versions and quota weeks, disk",
+             _plan_args, _plan_cmd),
+}
+
+
+def main(argv=None):
+    """`python sesrun.py COMMAND ...`; exits non-zero when the command fails."""
+    parser = argparse.ArgumentParser(prog="sesrun.py", description="SES experiment suite: batch runner and CLI")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, add_args, _) in CLI_COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_, description=help_))
+    args = parser.parse_args(argv)
+    try:
+        code = CLI_COMMANDS[args.command][2](args)
+    except USER_ERRORS as e:  # a message, not a traceback: what was wrong and how to fix it
+        parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:
+        print("interrupted: the running jobs were stopped; run the same command again to resume", file=sys.stderr)
+        code = 130
+    if code:
+        raise SystemExit(code)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
