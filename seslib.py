@@ -47,6 +47,24 @@ from tqdm.auto import tqdm
 # utilities
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
+# ── the run contract: what the batch runner (sesrun.py, the parent) and the notebook kernels it starts share ──
+# The runner sets notebook parameters and environment variables and reads the log markers a kernel prints; nothing
+# else crosses the process boundary. sesrun checks CONTRACT_VERSION at start: bump it whenever one of these changes
+# meaning, so a seslib.py from another version fails with one line instead of logs read the wrong way.
+CONTRACT_VERSION = 1
+RUNNER_PARAMS = frozenset({"list_runs", "report_only", "report"})  # notebook parameters only the runner sets
+DATA_ENV = "SES_DATA"  # the data root (absolute in every kernel)
+DEADLINE_ENV = "SES_DEADLINE"  # unix time the batch's time budget ends
+BUDGET_ENV = "SES_TIME_BUDGET"  # the batch's whole time budget in seconds (with SES_DEADLINE)
+TORCHRUN_ENV = "SES_TORCHRUN"  # N: each run of the kernel as ONE DDP run over N processes (run_plan reads it)
+SLOT_ENV = "SES_SLOT"  # the kernel's slot index in the batch (for a person reading its environment)
+LOG_ENV = "SES_LOG"  # a run's progress display: "bar" | "lines" | "auto"
+MARK_ERROR = "SES-RUN-ERROR:"  # + the first line of the exception that failed the notebook
+MARK_LOCKED = "SES-RUN-LOCKED"  # a run another process is training: skipped, not failed
+MARK_PAUSED = "SES-RUN-PAUSED"  # a run paused at an epoch boundary by the time budget: checkpoint kept
+MARK_BUDGET = "SES-RUN-BUDGET"  # a run not started: its estimate does not fit the time left
+
+
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): restored at once
 os.umask(_UMASK)
 
@@ -133,9 +151,6 @@ class RunLocked(RuntimeError):
 class RunPaused(RuntimeError):
     """The run stopped at an epoch boundary because the time budget ends before its next epoch would: its
     checkpoint is on disk and the next invocation resumes it exactly. Not a failure."""
-
-
-DEADLINE_ENV = "SES_DEADLINE"  # unix time the batch's time budget ends (the batch runner sets it for its kernels)
 
 
 def deadline() -> float | None:
@@ -266,6 +281,30 @@ def _cpu_name():
 
 def _device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
+def autocast(device, amp_dtype):
+    """torch.autocast on the device's own type at amp_dtype (torch.float16 / bfloat16), or a no-op for fp32 (None)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+@contextlib.contextmanager
+def measuring(model, mode="eval"):
+    """A measuring forward: the model in `mode` ("eval", or "train" to see activations as SES sees them), without
+    gradients, and afterwards exactly as before: its own train/eval mode back, and in train mode its buffers too
+    (BatchNorm's running statistics would otherwise move with every measured batch)."""
+    was_training = model.training
+    saved = [b.detach().clone() for b in model.buffers()] if mode == "train" else None
+    model.train(mode == "train")
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for b, v in zip(model.buffers(), saved):
+                    b.copy_(v)
+        model.train(was_training)
 
 
 class PreflightError(ValueError):
@@ -914,8 +953,8 @@ def _candidate_roots(root):
     if root is not None:
         return [("data_root", Path(root).expanduser(), 2)]
     cands = []
-    if os.environ.get("SES_DATA"):
-        cands.append(("SES_DATA", Path(os.environ["SES_DATA"]).expanduser(), 2))
+    if os.environ.get(DATA_ENV):
+        cands.append((DATA_ENV, Path(os.environ[DATA_ENV]).expanduser(), 2))
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
         cands.append(("Kaggle inputs", Path("/kaggle/input"), 4))  # attached datasets nest a level or two
     cands.append(("./data", Path("data").resolve(), 2))
@@ -2614,9 +2653,6 @@ def result_status(result_path, cfg, ignore=_NOT_COMPUTED):
     return ("stale" if diff else "done"), diff
 
 
-BUDGET_ENV = "SES_TIME_BUDGET"  # the batch's whole time budget in seconds (with SES_DEADLINE)
-
-
 def fits_budget(est, end, budget=None) -> bool:
     """Whether a run estimated at est["seconds"] may start with the deadline `end`: it must finish before it. A run
     longer than a whole budget can never do that, so it starts when at least half the budget is left (it pauses at an
@@ -3083,7 +3119,7 @@ def _stale_on_disk(c, out_dir, dd):
 
 
 def _log_mode(mode):
-    mode = os.environ.get("SES_LOG", mode) if mode == "auto" else mode
+    mode = os.environ.get(LOG_ENV, mode) if mode == "auto" else mode
     if mode != "auto":
         return mode
     return "tqdm" if (sys.stderr.isatty() or "ipykernel" in sys.modules) else "plain"
@@ -4656,9 +4692,6 @@ def fig_spectra(spectra: dict, beta, out_dir, name="spectra"):
 
 # ─── notebook side: parameters and the run plan ────────────────────────────────────────────────
 
-RUNNER_PARAMS = frozenset({"list_runs", "report_only", "report"})  # set by the batch runner only
-
-
 def validate_params(params, allowed, where="notebook"):
     """Raise ValueError naming every key of `params` not in `allowed` (with a did-you-mean).
     The runner checks the params YAML with it against each notebook's declared parameters."""
@@ -4878,7 +4911,7 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
     the batch runner still see the failure. Returns a compact table (pandas) of the runs and their headline
     numbers, not the result dicts (a notebook cell would print all of them)."""
     import pandas as pd
-    torchrun = os.environ.get("SES_TORCHRUN") if torchrun is None else torchrun
+    torchrun = os.environ.get(TORCHRUN_ENV) if torchrun is None else torchrun
     train_fn = train_fn or plan.train_fn
     if train_fn is None and torchrun not in (None, "", 0, "0", False):
         train_fn = lambda cfg: train_torchrun(cfg, torchrun)  # noqa: E731
@@ -4893,7 +4926,7 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
     for run in plan.todo:
         if end is not None and not fits_budget(run.est, end, budget):
             print(f"[budget] {run.config} seed {run.seed}: not started, needs ~{_hours(run.est['seconds'])} and the "
-                  f"time budget has {_hours(end - time.time())} left (to do in the next invocation)\nSES-RUN-BUDGET",
+                  f"time budget has {_hours(end - time.time())} left (to do in the next invocation)\n{MARK_BUDGET}",
                   flush=True)
             rows.append(_run_row(run, "to do (time budget)", None))
             continue
@@ -4908,10 +4941,10 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
             res = train_fn(dict(run.cfg, resume=resume))
             rows.append(_run_row(run, "ran", res, time.time() - t0))
         except RunLocked as e:  # another runner is training it right now: not a failure
-            print(f"[locked] {run.config} seed {run.seed}: {e}\nSES-RUN-LOCKED", flush=True)
+            print(f"[locked] {run.config} seed {run.seed}: {e}\n{MARK_LOCKED}", flush=True)
             rows.append(_run_row(run, "locked by another process", None))
         except RunPaused as e:  # the time budget ends: checkpoint kept, the next invocation resumes it
-            print(f"[paused] {run.config} seed {run.seed}: {e}\nSES-RUN-PAUSED", flush=True)
+            print(f"[paused] {run.config} seed {run.seed}: {e}\n{MARK_PAUSED}", flush=True)
             rows.append(_run_row(run, "paused", None, time.time() - t0))
         except Exception as e:  # noqa: BLE001 - reported and re-raised below
             print(f"[failed] {run.config} seed {run.seed}: {type(e).__name__}: {e}", flush=True)

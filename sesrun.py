@@ -34,7 +34,20 @@ import numpy as np
 import torch
 
 import seslib
-from seslib import (BUDGET_ENV, DATASETS, DEADLINE_ENV, GPU_SPEED, PRESETS, RUNNER_PARAMS, USER_ERRORS, _MODEL_COST,
+
+# The run contract this runner speaks (seslib section "utilities"): a seslib.py from another version of the suite
+# would set other parameters or print other markers, so it is refused here, in one line, before anything runs.
+CONTRACT_VERSION = 1
+if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
+    _msg = (f"error: {seslib.__file__} speaks run contract {getattr(seslib, 'CONTRACT_VERSION', 'none (older)')}, this "
+            f"sesrun.py speaks {CONTRACT_VERSION}: use seslib.py and sesrun.py from the same version of the suite")
+    if __name__ == "__main__":
+        print(_msg, file=sys.stderr)
+        raise SystemExit(2)
+    raise ImportError(_msg)
+
+from seslib import (BUDGET_ENV, DATA_ENV, DATASETS, DEADLINE_ENV, MARK_BUDGET, MARK_ERROR, MARK_LOCKED, MARK_PAUSED,
+                    SLOT_ENV, TORCHRUN_ENV, GPU_SPEED, PRESETS, RUNNER_PARAMS, USER_ERRORS, _MODEL_COST,
                     _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
                     report, resolve_data_dir, result_status, run_cost, run_estimate, validate_params)
@@ -202,7 +215,7 @@ def batch_slots(gpus="auto", workers=None, torchrun=False):
         per_gpu = batch_slots(gpus)
         on_gpu = per_gpu[0]["name"].startswith("gpu")
         n = len(per_gpu) if on_gpu else int(workers or 2)
-        env = {"SES_SLOT": "0", "SES_TORCHRUN": str(n),
+        env = {SLOT_ENV: "0", TORCHRUN_ENV: str(n),
                "CUDA_VISIBLE_DEVICES": ",".join(s["env"]["CUDA_VISIBLE_DEVICES"] for s in per_gpu) if on_gpu else ""}
         if not on_gpu:  # no oversubscription between the CPU ranks
             env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
@@ -225,17 +238,17 @@ def batch_slots(gpus="auto", workers=None, torchrun=False):
         per = int(workers or 1)
         gpu_ids = [visible[i] if i < len(visible) else str(i) for i in ids]
         devs = [g for g in gpu_ids for _ in range(per)]
-        return [{"name": f"gpu{g}", "env": {"CUDA_VISIBLE_DEVICES": g, "SES_SLOT": str(k)}} for k, g in enumerate(devs)]
+        return [{"name": f"gpu{g}", "env": {"CUDA_VISIBLE_DEVICES": g, SLOT_ENV: str(k)}} for k, g in enumerate(devs)]
     n = int(workers or 1)
     threads = str(max(1, (os.cpu_count() or 1) // n))  # no oversubscription between CPU slots
-    return [{"name": f"cpu{k}", "env": {"CUDA_VISIBLE_DEVICES": "", "SES_SLOT": str(k),
+    return [{"name": f"cpu{k}", "env": {"CUDA_VISIBLE_DEVICES": "", SLOT_ENV: str(k),
                                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}}
             for k in range(n)]
 
 
 # The subprocess of one job: dies with the runner even when the runner is SIGKILLed (PR_SET_PDEATHSIG;
 # its kernel then exits by itself, ipykernel polls its parent), runs papermill with cell output
-# streamed to the log, and prints one SES-RUN-ERROR line the runner shows in its table.
+# streamed to the log, and prints one MARK_ERROR line (SES-RUN-ERROR:) the runner shows in its table.
 _DRIVER = r"""
 import ctypes, json, logging, os, signal, sys
 try:
@@ -252,7 +265,7 @@ try:
                         log_output=True, progress_bar=False, cwd=spec["cwd"])
 except BaseException as e:
     msg = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}".strip().splitlines()
-    print("SES-RUN-ERROR:", msg[0] if msg else type(e).__name__, flush=True)
+    print(spec["mark_error"], msg[0] if msg else type(e).__name__, flush=True)
     raise
 """
 # papermill/nbclient kernel-start races: retried once after a stagger.
@@ -317,7 +330,7 @@ def _last_error(log):
         lines = Path(log).read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    return next((ln.split("SES-RUN-ERROR:", 1)[1].strip() for ln in reversed(lines) if "SES-RUN-ERROR:" in ln),
+    return next((ln.split(MARK_ERROR, 1)[1].strip() for ln in reversed(lines) if MARK_ERROR in ln),
                 lines[-1][:200] if lines else "")
 
 
@@ -361,13 +374,13 @@ def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.
                 del running[s]
                 j = jobs[i]
                 log_text = j.log.read_text(errors="replace") if j.log.exists() else ""
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-LOCKED" in log_text:
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and MARK_LOCKED in log_text:
                     finish(i, "skipped", slots[s]["name"], time.time() - t0, "locked by another process")
                     continue
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-PAUSED" in log_text:
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and MARK_PAUSED in log_text:
                     finish(i, "paused", slots[s]["name"], time.time() - t0, "time budget: checkpoint kept, resumes next time")
                     continue
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and "SES-RUN-BUDGET" in log_text:
+                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and MARK_BUDGET in log_text:
                     finish(i, "to do", slots[s]["name"], time.time() - t0, "time budget: not started")
                     continue
                 if rc == 0 and j.kind == "run" and not _result_ok(j.result):
@@ -403,7 +416,8 @@ def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.
                 if j.attempt == 1:
                     _keep_previous_log(j.log)
                 fh = open(j.log, "w" if j.attempt == 1 else "a")
-                spec = {"input": str(j.nb), "output": str(j.output), "parameters": j.params, "kernel": kernel, "cwd": cwd}
+                spec = {"input": str(j.nb), "output": str(j.output), "parameters": j.params, "kernel": kernel, "cwd": cwd,
+                        "mark_error": MARK_ERROR}
                 proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(os.getpid()), json.dumps(spec, default=str)],
                                         stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
                                         env={**env, **slots[s]["env"]})
@@ -533,8 +547,8 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
         raise ValueError(f"two notebooks would write to the same out_dir: {sorted(nb_out.values())}")
     tmp = out / ".batch"
     env = dict(os.environ)
-    if env.get("SES_DATA"):  # absolute, so a relative SES_DATA means the same in every kernel whatever its cwd
-        env["SES_DATA"] = str(Path(env["SES_DATA"]).expanduser().resolve())
+    if env.get(DATA_ENV):  # absolute, so a relative SES_DATA means the same in every kernel whatever its cwd
+        env[DATA_ENV] = str(Path(env[DATA_ENV]).expanduser().resolve())
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
         [str(_here())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(tmp / "jupyter")] + ([env["JUPYTER_PATH"]] if env.get("JUPYTER_PATH") else []))
