@@ -1087,6 +1087,17 @@ def load_dataset(name, root=None, split="train", download=True, subset=None):
     return x[:subset], y[:subset]
 
 
+def normalize_u8(x, mean=None, std=None):
+    """uint8 images [N, C, H, W] -> the model's float input on x's device: ToTensor's /255, then Normalize(mean, std)
+    when given, exactly as torchvision computes them (the evaluations and the paper protocol replay rely on that).
+    DeviceLoader folds the same two steps into one multiply-add per batch (its hot path)."""
+    x = x.float() / 255
+    if mean is None:
+        return x
+    m, s = (torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    return (x - m) / s
+
+
 def random_crop_flip(x, oy, ox, flip, pad=4):
     """Per-sample random crop (zero padding, as torchvision RandomCrop(size, padding=pad)) + horizontal flip
     of a uint8 batch [B, C, H, W], vectorised. oy, ox in [0, 2*pad]: crop offsets in the padded image;
