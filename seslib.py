@@ -1,9 +1,25 @@
-"""seslib: Spectral Entropy Shaping (SES) experiment suite, in one module.
+"""seslib: Spectral Entropy Shaping (SES), the one helper every notebook of the suite imports.
 
 SES adds  lambda * sum_l alpha_l (H_l - beta * log d_l)^2  to the training loss, where H_l is the
 spectral entropy of layer l's batch activations (pooled to [B, d]) and exp(H_l) its effective rank.
 
-Sections: utilities | SES | data | models | corruptions | train | results & reports | runner + CLI
+The batch runner and the command line (quick, batch, plan, kaggle, summary) live in sesrun.py, which imports this
+module; this module never imports it. `python seslib.py train --config run.json` stays here: torchrun launches it.
+
+Sections (in data-flow order: each uses only itself and those above it):
+  utilities: the run contract with the runner, atomic writes, locks, type checks, device and precision, figures
+  SES core: spectral entropy, effective rank, the SES loss, beta schedules
+  hooks and the SES object: which layers, pooled activations, ActivationCollector, SES for any nn.Module
+  data: data sets on disk, loading, the on-device loader and its augmentations
+  models: ResNet-18/50, WRN-28-10, the ViTs, the toy MLP
+  corruptions: CIFAR-10-C / Tiny-ImageNet-C generated or read, their evaluation, the paper's own protocol
+  run folders, the stale rule and estimates: when a result counts as done, setting stale ones aside, time estimates
+  train: a run's config, the training loop as named steps, distributed runs, result.json
+  toy 2-D study (Exp 4): rings, a 5 x 16 MLP, the Jacobian's condition number
+  results & reports: results, claims and verdicts, tables, figures, report.md, SUMMARY.md
+  explore: a finished run's model and its layers' spectra
+  notebook side: parameters, presets, the run plan a notebook makes and runs
+  the train command: `python seslib.py train --config run.json`, one run (one process or one torchrun rank)
 """
 from __future__ import annotations
 
@@ -29,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -144,6 +161,7 @@ def move_aside(path, tag="corrupt") -> Path:
     return dest
 
 
+# ── run outcomes other than success ────────────────────────────────────────────────────────────
 class RunLocked(RuntimeError):
     """Another live process holds this run folder's lock (it is training this run right now)."""
 
@@ -153,15 +171,37 @@ class RunPaused(RuntimeError):
     checkpoint is on disk and the next invocation resumes it exactly. Not a failure."""
 
 
-def deadline() -> float | None:
-    """The time budget's end (unix seconds) from $SES_DEADLINE, or None (no budget)."""
-    v = os.environ.get(DEADLINE_ENV)
-    if not v:
-        return None
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"${DEADLINE_ENV} must be a unix time in seconds; got {v!r}") from None
+class PreflightError(ValueError):
+    """Something a run will need is missing: raised before any data is read or any training (one line per fix)."""
+
+
+# ── type checks, durations, the time budget ────────────────────────────────────────────────────
+def _is_int(v):
+    """An int and not a bool (True is an int to Python): every integer setting is checked with this."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    """A real number and not a bool (True is an int to Python, never a value a user means)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    """A finite real number and not a bool."""
+    return _is_real(v) and math.isfinite(v)
+
+
+def _check(cond, key, value, want):
+    if not cond:
+        raise ValueError(f"config {key!r} must be {want}; got {value!r}")
+
+
+def read_only(table: dict):
+    """A module-level table (nested dicts too) as a read-only view. A notebook cell that writes
+    S.PRESETS["smoke"]["epochs"] = 5 would otherwise change every later run of that kernel; now it gets a TypeError
+    (to change a copy: {**S.PRESETS["smoke"], "epochs": 5}). Lists inside stay lists: configs compare equal to the
+    ones stored in result.json."""
+    return types.MappingProxyType({k: read_only(v) if isinstance(v, dict) else v for k, v in table.items()})
 
 
 def parse_duration(v) -> float | None:
@@ -178,6 +218,18 @@ def parse_duration(v) -> float | None:
     return total or None
 
 
+def deadline() -> float | None:
+    """The time budget's end (unix seconds) from $SES_DEADLINE, or None (no budget)."""
+    v = os.environ.get(DEADLINE_ENV)
+    if not v:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"${DEADLINE_ENV} must be a unix time in seconds; got {v!r}") from None
+
+
+# ── run folder locks ───────────────────────────────────────────────────────────────────────────
 @contextlib.contextmanager
 def run_lock(folder):
     """An exclusive, non-blocking lock on {folder}/.lock (fcntl.flock: released when the process dies, so a
@@ -218,6 +270,7 @@ def is_locked(folder) -> bool:
         return True
 
 
+# ── device, seeds, precision ───────────────────────────────────────────────────────────────────
 def pick_device(device="auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,6 +281,20 @@ def set_seed(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _cpu_name():
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -253,34 +320,18 @@ def _device_capability(device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check(cond, key, value, want):
-    if not cond:
-        raise ValueError(f"config {key!r} must be {want}; got {value!r}")
-
-
 def _amp_dtype(precision):
     """None (fp32) | torch.float16 (with GradScaler) | torch.bfloat16, for a resolved precision."""
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def _cpu_name():
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+def _eval_amp_dtype(amp, device):
+    """The autocast dtype of an evaluation: amp = a precision ('fp32' | 'fp16' | 'bf16'), an amp request ('auto',
+    'fp16', 'bf16', 'off'), or True/False/None (auto/off). Resolved as training resolves it."""
+    if amp in PRECISIONS:
+        return _amp_dtype(amp if device.type == "cuda" else "fp32")
+    request = "auto" if amp is True else "off" if amp in (False, None) else amp
+    return _amp_dtype(resolve_precision(request, device.type, _device_capability(device))[0])
 
 
 def autocast(device, amp_dtype):
@@ -307,19 +358,6 @@ def measuring(model, mode="eval"):
         model.train(was_training)
 
 
-class PreflightError(ValueError):
-    """Something a run will need is missing: raised before any data is read or any training (one line per fix)."""
-
-
-def _eval_amp_dtype(amp, device):
-    """The autocast dtype of an evaluation: amp = a precision ('fp32' | 'fp16' | 'bf16'), an amp request ('auto',
-    'fp16', 'bf16', 'off'), or True/False/None (auto/off). Resolved as training resolves it."""
-    if amp in PRECISIONS:
-        return _amp_dtype(amp if device.type == "cuda" else "fp32")
-    request = "auto" if amp is True else "off" if amp in (False, None) else amp
-    return _amp_dtype(resolve_precision(request, device.type, _device_capability(device))[0])
-
-
 # ── figures ──────────────────────────────────────────────────────────────────────────────────────
 MAX_FIG_INCHES = 16  # at 120 dpi: 1920 px, readable on a laptop screen and in a notebook cell
 
@@ -340,7 +378,12 @@ def _save(fig, out_dir, name, show=True):
     return path
 
 
-def _hours(seconds) -> str:
+def _hours(seconds, approx=False) -> str:
+    """A duration for people, the suite's one format of time: '11.5 h', '25 min' (from 2 min on), '40 s'.
+    approx=True, the cost plan's and the README's runtime column: '≈ 1.2 h', or '≈ 25 min' under an hour (at least
+    '≈ 1 min': an estimate never reads as seconds)."""
+    if approx:
+        return f"≈ {seconds / 3600:.1f} h" if seconds >= 3600 else f"≈ {max(1, round(seconds / 60))} min"
     return (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 120
             else f"{seconds:.0f} s")
 
@@ -354,7 +397,7 @@ _warned_unreachable: set = set()
 
 
 def _check_beta(beta):
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 < float(beta) < 1.0:
+    if not _is_real(beta) or not 0.0 < float(beta) < 1.0:
         raise ValueError(f"beta must be a number in (0, 1) (the target normalised entropy); got {beta!r}")
     return float(beta)
 
@@ -503,7 +546,7 @@ class BetaSchedule:
         | {"kind": ..., ...} | a BetaSchedule."""
         if isinstance(spec, BetaSchedule):
             return spec
-        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        if _is_real(spec):
             return cls("fixed", start=spec)
         if isinstance(spec, dict):
             return cls(**spec)
@@ -891,7 +934,7 @@ def pooled_activations(model, layers, x, batch_size=512, amp_dtype=None):
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with autocast(x.device, amp_dtype):
                     model(x[i:i + batch_size])
     finally:
         for h in handles:
@@ -904,14 +947,14 @@ def pooled_activations(model, layers, x, batch_size=512, amp_dtype=None):
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 # Per-channel pixel statistics of each training set (in [0, 1] units, as torchvision Normalize).
-DATASETS = {
+DATASETS = read_only({
     "cifar10": {"num_classes": 10, "img_size": 32, "folder": "cifar-10-batches-py", "sizes": (50000, 10000),
                 "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
     "cifar100": {"num_classes": 100, "img_size": 32, "folder": "cifar-100-python", "sizes": (50000, 10000),
                  "mean": (0.5071, 0.4867, 0.4408), "std": (0.2675, 0.2565, 0.2761)},
     "tinyimagenet": {"num_classes": 200, "img_size": 64, "folder": "tiny-imagenet-200", "sizes": (100000, 10000),
                      "mean": (0.4802, 0.4481, 0.3975), "std": (0.2770, 0.2691, 0.2821)},
-}
+})
 # files whose presence identifies each official layout
 _LAYOUT = {"cifar10": ("data_batch_1", "test_batch"), "cifar100": ("train", "test"),
            "tinyimagenet": ("wnids.txt", "train", "val/val_annotations.txt")}
@@ -1074,7 +1117,7 @@ def load_dataset(name, root=None, split="train", download=True, subset=None):
     Order: CIFAR as in the official batches; Tiny-ImageNet train round-robin over the classes (sorted wnids),
     val as in val_annotations.txt. See resolve_data_dir for how root is found."""
     dataset_info(name)
-    if subset is not None and (not isinstance(subset, int) or isinstance(subset, bool) or subset < 1):
+    if subset is not None and (not _is_int(subset) or subset < 1):
         raise ValueError(f"subset must be None or an int >= 1; got {subset!r}")
     if split == "val" and name == "tinyimagenet":
         split = "test"
@@ -1419,9 +1462,9 @@ def build_model(name, num_classes, img_size=32, spectral_norm=False, width=1.0):
     same depth, modules and hook points: the smoke preset's narrow models (width=1 is the published model)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+    if not _is_int(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
-    if not isinstance(width, (int, float)) or isinstance(width, bool) or not 0 < width <= 1:
+    if not _is_real(width) or not 0 < width <= 1:
         raise ValueError(f"width must be a number in (0, 1] (1: the published model); got {width!r}")
     if name in ("resnet18", "resnet50"):
         model = _cifar_resnet(name, num_classes, width)
@@ -1468,9 +1511,18 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", 
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
                "elastic_transform", "pixelate", "jpeg_compression")
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-# The published SES evaluation (ses_kaggle_dual_gpu.py / ses_phase3.py, evaluate_robustness) used these 5,
-# at severities 1, 3, 5 on normalised tensors; here they run with the standard pixel-space parameters.
-PAPER5 = ("gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise")
+# The named corruption sets, defined here only: evaluate_corruptions(corruptions=<name>) and a run's "robustness"
+# (ROBUSTNESS_PRESETS in the train section) take these names. Every set runs the STANDARD pixel-space protocol above.
+# "paper5" is the five corruptions of the published SES evaluation (ses_kaggle_dual_gpu.py / ses_phase3.py,
+# evaluate_robustness) under that standard protocol, comparable with all15; the published evaluation itself (its
+# own parameters on normalised tensors, severities 1, 3, 5) is another measurement: PAPER_PROTOCOL, protocol="paper".
+CORRUPTION_SETS = read_only({
+    "all15": CORRUPTIONS,  # Hendrycks & Dietterich's 15 benchmark corruptions: the headline
+    "paper5": ("gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise"),
+    "extra": EXTRA_CORRUPTIONS,  # the 4 the benchmark holds out for validation
+    "all19": CORRUPTIONS + EXTRA_CORRUPTIONS,
+})
+PAPER5 = CORRUPTION_SETS["paper5"]  # the set's old name, kept for callers: standard protocol, not PAPER_PROTOCOL
 
 # Per-severity parameters, copied from make_cifar_c.py (32) and make_tinyimagenet_c.py (64).
 _ZOOMS = [np.arange(1, e, 0.01) for e in (1.06, 1.11, 1.16, 1.21, 1.26)]  # float arange: 7,12,16,21,26 factors
@@ -1546,7 +1598,7 @@ def _check_name_severity(name, severity):
     valid = CORRUPTIONS + EXTRA_CORRUPTIONS
     if name not in valid:
         raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(valid)}")
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
+    if not (_is_int(severity) or isinstance(severity, np.integer)) or not 1 <= severity <= 5:
         raise ValueError(f"severity must be an integer in 1..5 (valid: 1, 2, 3, 4, 5), got {severity!r}")
 
 
@@ -1775,6 +1827,9 @@ def _zoom_operator(H, W, factors, device):
     return (K / (len(factors) + 1)).T.to(device=device, dtype=torch.float32).contiguous()
 
 
+# Operators built once per shape/parameters/device (filter and zoom matrices, frost textures, glass schedules): the
+# module's only mutable state. Device tensors (the 64-px zoom-blur operators alone ~335 MB), so a run's cleanup
+# empties it with the rest of its device memory (clear_corruption_cache).
 _CACHE: dict = {}
 
 
@@ -1782,6 +1837,11 @@ def _cached(key, make):
     if key not in _CACHE:
         _CACHE[key] = make()
     return _CACHE[key]
+
+
+def clear_corruption_cache():
+    """Drop every cached corruption operator (they are rebuilt on demand)."""
+    _CACHE.clear()
 
 
 def _zoom_blur(img, c, g):
@@ -2286,54 +2346,43 @@ def load_corrupted(root, dataset, name, severity, classes=None, limit=None, file
     key = _dataset_key(dataset)
     d = _c_dir(root, key)
     if key != "tinyimagenet":
-        f, fl = d / f"{name}.npy", d / "labels.npy"
-        if not f.is_file() or not fl.is_file():
-            raise FileNotFoundError(f"official {_C_DIRS[key]} files not found: need {f} and {fl}")
-        arr, lab = _npy(f, "images"), _npy(fl, "labels")
-        size = size or 32
-        if arr.dtype != np.uint8:
-            raise ValueError(f"{f}: images must be uint8 (the official files are); got {arr.dtype}")
-        if arr.ndim != 4 or arr.shape[1:] != (size, size, 3) or arr.shape[0] % 5:
-            raise ValueError(f"{f}: expected uint8 [5*n, {size}, {size}, 3]; got {arr.shape}")
-        if lab.ndim != 1 or lab.shape[0] != arr.shape[0]:
-            raise ValueError(f"{fl}: expected one label per image, shape [{arr.shape[0]}]; got {lab.shape}")
-        n = arr.shape[0] // 5
-        stop = (severity - 1) * n + (n if limit is None else min(limit, n))
-        block = np.array(arr[(severity - 1) * n:stop])  # a copy: the memmap slice is read-only
-        labels = torch.from_numpy(np.asarray(lab[(severity - 1) * n:stop]).astype(np.int64))
-        return torch.from_numpy(block).permute(0, 3, 1, 2).contiguous(), labels
+        return _load_cifar_c(d, key, name, severity, limit, size or 32)
+    return _load_tiny_c(d, name, severity, classes, limit, files, labels, size or 64)
+
+
+def _load_cifar_c(d, key, name, severity, limit, size):
+    """One severity's block of <d>/<name>.npy and labels.npy (memory-mapped: only the block is read)."""
+    f, fl = d / f"{name}.npy", d / "labels.npy"
+    if not f.is_file() or not fl.is_file():
+        raise FileNotFoundError(f"official {_C_DIRS[key]} files not found: need {f} and {fl}")
+    arr, lab = _npy(f, "images"), _npy(fl, "labels")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{f}: images must be uint8 (the official files are); got {arr.dtype}")
+    if arr.ndim != 4 or arr.shape[1:] != (size, size, 3) or arr.shape[0] % 5:
+        raise ValueError(f"{f}: expected uint8 [5*n, {size}, {size}, 3]; got {arr.shape}")
+    if lab.ndim != 1 or lab.shape[0] != arr.shape[0]:
+        raise ValueError(f"{fl}: expected one label per image, shape [{arr.shape[0]}]; got {lab.shape}")
+    n = arr.shape[0] // 5
+    start = (severity - 1) * n
+    stop = start + (n if limit is None else min(limit, n))
+    block = np.array(arr[start:stop])  # a copy: the memmap slice is read-only
+    labels = torch.from_numpy(np.asarray(lab[start:stop]).astype(np.int64))
+    return torch.from_numpy(block).permute(0, 3, 1, 2).contiguous(), labels
+
+
+def _load_tiny_c(d, name, severity, classes, limit, files, labels, size):
+    """<d>/<name>/<severity>/<wnid>/*.JPEG: the images `files` names, or the whole folder (its first `limit`)."""
     sd = d / name / str(severity)
     if not sd.is_dir():
         raise FileNotFoundError(f"official Tiny-ImageNet-C folder not found: {sd}")
-    if classes is None:
-        wn = d.parent / DATASETS["tinyimagenet"]["folder"]
-        if not (wn / "wnids.txt").is_file():
-            raise FileNotFoundError(f"Tiny-ImageNet-C labels need the clean set's class order: no {wn / 'wnids.txt'}; "
-                                    "pass classes=seslib.tinyimagenet_classes(<tiny-imagenet-200 folder>)")
-        classes = tinyimagenet_classes(wn)
-    index = {w: i for i, w in enumerate(classes)}
-    if files is not None:  # the clean subset, image for image
-        if labels is None or len(labels) != len(files):
-            raise ValueError("files= needs labels= (one per file) to find each image's class folder")
-        paths = [sd / classes[int(y)] / f for f, y in zip(files, labels)]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of the evaluated clean images have no corrupted copy, e.g. "
-                                    f"{missing[0]} (an incomplete Tiny-ImageNet-C folder?)")
-        labels = [int(y) for y in labels]
+    classes = classes if classes is not None else _tiny_c_classes(d)
+    if files is not None:
+        paths, labels = _tiny_c_files(sd, classes, files, labels)
     else:
-        paths, labels = [], []
-        for w in sorted(p.name for p in sd.iterdir() if p.is_dir()):
-            if w not in index:
-                raise ValueError(f"{sd / w}: class {w!r} is not one of the clean set's classes")
-            fs = sorted(p for p in (sd / w).iterdir() if p.suffix.lower() in _IMG_SUFFIXES)
-            paths += fs
-            labels += [index[w]] * len(fs)
-        paths, labels = paths[:limit], labels[:limit]  # decode only what is used
+        paths, labels = _tiny_c_folder(sd, classes, limit)
     if not paths:
         raise FileNotFoundError(f"no images under {sd}")
     imgs = _decode_images(paths)
-    size = size or 64
     bad = [str(p) for p, im in zip(paths, imgs) if tuple(im.shape[1:]) != (size, size)]
     if bad:
         raise ValueError(f"{bad[0]}: a Tiny-ImageNet-C image must be {size}x{size}"
@@ -2341,19 +2390,54 @@ def load_corrupted(root, dataset, name, severity, classes=None, limit=None, file
     return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64)
 
 
+def _tiny_c_classes(d):
+    """The clean set's wnids in class order, from the tiny-imagenet-200 folder beside the -C folder (counting the
+    -C class folders would shift every later label when one is missing from a severity)."""
+    wn = d.parent / DATASETS["tinyimagenet"]["folder"]
+    if not (wn / "wnids.txt").is_file():
+        raise FileNotFoundError(f"Tiny-ImageNet-C labels need the clean set's class order: no {wn / 'wnids.txt'}; "
+                                "pass classes=seslib.tinyimagenet_classes(<tiny-imagenet-200 folder>)")
+    return tinyimagenet_classes(wn)
+
+
+def _tiny_c_files(sd, classes, files, labels):
+    """The corrupted copies of the clean images evaluated, image for image -> (paths, labels)."""
+    if labels is None or len(labels) != len(files):
+        raise ValueError("files= needs labels= (one per file) to find each image's class folder")
+    paths = [sd / classes[int(y)] / f for f, y in zip(files, labels)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the evaluated clean images have no corrupted copy, e.g. "
+                                f"{missing[0]} (an incomplete Tiny-ImageNet-C folder?)")
+    return paths, [int(y) for y in labels]
+
+
+def _tiny_c_folder(sd, classes, limit):
+    """Every image of a severity folder, class by class -> (paths, labels), the first `limit` of them."""
+    index = {w: i for i, w in enumerate(classes)}
+    paths, labels = [], []
+    for w in sorted(p.name for p in sd.iterdir() if p.is_dir()):
+        if w not in index:
+            raise ValueError(f"{sd / w}: class {w!r} is not one of the clean set's classes")
+        fs = sorted(p for p in (sd / w).iterdir() if p.suffix.lower() in _IMG_SUFFIXES)
+        paths += fs
+        labels += [index[w]] * len(fs)
+    return paths[:limit], labels[:limit]  # decode only what is used
+
+
 # ─── evaluation ─────────────────────────────────────────────────────────────────────────────────
 def _resolve_corruptions(corruptions):
+    """A set's name (CORRUPTION_SETS), one corruption's name or a list of names -> the list of names."""
     if isinstance(corruptions, str):
-        sets = {"all15": CORRUPTIONS, "paper5": PAPER5, "extra": EXTRA_CORRUPTIONS,
-                "all19": CORRUPTIONS + EXTRA_CORRUPTIONS}
-        if corruptions in sets:
-            return list(sets[corruptions])
+        if corruptions in CORRUPTION_SETS:
+            return list(CORRUPTION_SETS[corruptions])
         corruptions = [corruptions]
     names = list(corruptions)
-    bad = [n for n in names if n not in CORRUPTIONS + EXTRA_CORRUPTIONS]
+    valid = CORRUPTIONS + EXTRA_CORRUPTIONS
+    bad = [n for n in names if n not in valid]
     if bad or not names:
-        raise ValueError(f"unknown corruption(s) {bad}; valid: 'all15', 'paper5', 'extra', 'all19' or names from "
-                         f"{', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
+        raise ValueError(f"unknown corruption(s) {bad}; valid: {', '.join(map(repr, CORRUPTION_SETS))} or names from "
+                         f"{', '.join(valid)}")
     return names
 
 
@@ -2676,7 +2760,8 @@ def fits_budget(est, end, budget=None) -> bool:
     return bool(budget) and est["seconds"] > budget and left >= budget / 2
 
 
-_MODEL_COST = {"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6, "mlp_toy": 0.01}
+_MODEL_COST = read_only({"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6,
+                          "mlp_toy": 0.01})
 
 
 def run_cost(cfg: dict) -> float:
@@ -2692,8 +2777,8 @@ def run_cost(cfg: dict) -> float:
 # (another seed), the paper's epoch time for the config (PAPER[...]["epoch_s"], on PAPER_GPU), else the paper's
 # ResNet-18 CIFAR times scaled by model and image size. Across GPUs, times scale by GPU_SPEED: rough training
 # throughput relative to a T4 from public CNN training benchmarks; a measured time on the GPU at hand replaces it.
-GPU_SPEED = {"h200": 6.5, "h100": 6.0, "a100": 4.0, "l40s": 3.0, "a10": 2.0, "v100": 2.0, "l4": 1.8, "p100": 1.1,
-             "t4": 1.0, "cpu": 0.02}
+GPU_SPEED = read_only({"h200": 6.5, "h100": 6.0, "a100": 4.0, "l40s": 3.0, "a10": 2.0, "v100": 2.0, "l4": 1.8,
+                       "p100": 1.1, "t4": 1.0, "cpu": 0.02})
 _RESNET18_T4_EPOCH_S = {False: 28.9, True: 42.5}  # the paper's ResNet-18 CIFAR epoch, batch 256, fp32 (Exp 1-9)
 TOY_RUN_SECONDS = 60.0  # Exp 4's 2-D MLP: about a minute per run on a CPU core (measured), whatever the GPU
 
@@ -3770,19 +3855,19 @@ def _final_metrics(history, c, model, device, evals, collector, log, best=None):
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-# toy
+# toy 2-D study (Exp 4)
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 # The paper gives only: 3 ring classes, a 5-layer MLP of 16 units, beta = 0.6, both models at 100%,
 # kappa(J) 57.3 +- 156.2 -> 23.4 +- 30.7, every layer's erank within 5% of 16^0.6. Everything else
 # (points, radii, noise, activation, optimiser, epochs, lambda) is our documented choice below.
 
-TOY_PRESETS = {"paper": {}, "smoke": dict(epochs=20, n_per_class=100, log_every=5)}
-TOY_DEFAULTS = dict(
+TOY_PRESETS = read_only({"paper": {}, "smoke": dict(epochs=20, n_per_class=100, log_every=5)})
+TOY_DEFAULTS = read_only(dict(
     seed=42, ses=False, ses_beta=0.6, ses_lambda=0.1, n_per_class=500, radii=[1.0, 2.0, 3.0], noise=0.15,
     test_fraction=0.2, activation="tanh", epochs=300, batch_size=128, lr=3e-3, weight_decay=0.0,
     log_every=10, out_dir=None, resume=True, device="cpu", preset=None,
-)
+))
 
 
 def make_rings(n_per_class=500, radii=(1.0, 2.0, 3.0), noise=0.15, seed=0):
@@ -3909,7 +3994,7 @@ def toy_table(df, paper=None):
     return pd.DataFrame(rows).set_index("config")
 
 
-def fig_toy(df, out_dir, name="toy"):
+def fig_toy(df, out_dir, name="toy", show=True):
     """Decision boundaries, the kappa(J) distribution, and erank convergence to 16^beta."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
@@ -3942,7 +4027,7 @@ def fig_toy(df, out_dir, name="toy"):
     ax.set_title("erank per hidden layer (dashed: 16^0.6)", fontsize=9)
     ax.set_xlabel("epoch")
     ax.legend(fontsize=5, ncol=2)
-    return _save(fig, out_dir, name)
+    return _save(fig, out_dir, name, show)
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -3954,7 +4039,7 @@ def fig_toy(df, out_dir, name="toy"):
 # the figures the reference published for that experiment into {out_dir}/figures/.
 
 def _num(v):
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+    return float(v) if _is_real(v) else float("nan")
 
 
 def _rob_mean(final: dict, key="robustness"):
@@ -4023,14 +4108,14 @@ def plan_results(plan):
 # Each claim is judged twice: on the paper's metric definition (accuracy = best test accuracy over epochs,
 # robustness = its own protocol on the test-selected weights) and on our headline definition (final epoch,
 # the standard 15 x 5 corruptions).
-CLAIM_METRICS = {  # metric -> (paper's definition, our headline definition, PAPER key, higher is better)
+CLAIM_METRICS = read_only({  # metric -> (paper's definition, our headline definition, PAPER key, higher is better)
     "acc": ("acc_best", "acc_final", "acc", True),
     "rob": ("rob_paper_best", "rob", "rob", True),
     "gap": ("gap", "gap", "gap", False),
     "epoch_s": ("epoch_s", "epoch_s", "epoch_s", False),
     "kappa": ("kappa_mean", "kappa_mean", "kappa_mean", False),
     "erank_dev": ("erank_dev", "erank_dev", "erank_dev", False),  # max_l |erank_l / d_l^β - 1| in %
-}
+})
 CLAIM_KINDS = ("delta", "tie", "best", "spread", "at_most")
 VERDICT_RULE = ("Verdict rule (seslib.verdict): with fewer than 2 seeds per config a claim is inconclusive. "
                 "Otherwise, with Δ our difference of seed means and SE its standard error "
@@ -4346,7 +4431,7 @@ def _legend_below(fig, ax, ncol=4):
         fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), fontsize=8, frameon=False)
 
 
-def fig_bars(df, out_dir, paper=None, order=None, name="bars"):
+def fig_bars(df, out_dir, paper=None, order=None, name="bars", show=True):
     """Accuracy, gap and robustness per config (mean ± sd over seeds): ours on our headline definition, ours on
     the paper's definition, and the paper's number; the legend sits below the axes, never on a bar."""
     import matplotlib.pyplot as plt
@@ -4382,10 +4467,10 @@ def fig_bars(df, out_dir, paper=None, order=None, name="bars"):
             ax.get_legend().remove()
         if handles:
             ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), frameon=False)
-    return _save(fig, out_dir, name)
+    return _save(fig, out_dir, name, show)
 
 
-def fig_curves(df, out_dir, name="curves", metrics=("test_acc", "train_loss", "gap"), log=()):
+def fig_curves(df, out_dir, name="curves", metrics=("test_acc", "train_loss", "gap"), log=(), show=True):
     """Per-epoch curves per config (mean over seeds, shaded sd); metrics named in `log` on a log scale."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -4407,10 +4492,10 @@ def fig_curves(df, out_dir, name="curves", metrics=("test_acc", "train_loss", "g
         if ax.get_legend():
             ax.get_legend().remove()
     fig.subplots_adjust(bottom=0.25)
-    return _save(fig, out_dir, name)
+    return _save(fig, out_dir, name, show)
 
 
-def fig_erank(df, out_dir, name="erank"):
+def fig_erank(df, out_dir, name="erank", show=True):
     """Per-layer effective rank over epochs relative to its target d^β (1 = on target), measured two ways, each
     against its own target line: as SES sees it (training batch size, train mode) and as the SES author measured
     it (2048 test images, eval mode). erank grows with the number of samples: only the first compares with the
@@ -4444,7 +4529,7 @@ def fig_erank(df, out_dir, name="erank"):
             ax.set_title(f"{c}: erank / d^β\n" + views[view].format(n=int(n) if n != "?" else n), fontsize=8)
         if axes[i][-1].get_legend():
             axes[i][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
-    return _save(fig, out_dir, name)
+    return _save(fig, out_dir, name, show)
 
 
 def _per_corruption_frame(df):
@@ -4457,7 +4542,7 @@ def _per_corruption_frame(df):
     return pd.DataFrame(rows)
 
 
-def fig_per_corruption(df, out_dir, order=None, name="per_corruption"):
+def fig_per_corruption(df, out_dir, order=None, name="per_corruption", show=True):
     """Accuracy per corruption (mean over severities and seeds), one small panel per corruption (wrapped five
     to a row), so the figure stays readable for any number of configs."""
     import matplotlib.pyplot as plt
@@ -4486,10 +4571,10 @@ def fig_per_corruption(df, out_dir, order=None, name="per_corruption"):
     fig.legend(handles, order, loc="lower center", ncol=min(len(order), 7), fontsize=8, frameon=False)
     fig.suptitle("accuracy per corruption (mean over severities), standard protocol", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
-    return _save(fig, out_dir, name)
+    return _save(fig, out_dir, name, show)
 
 
-def fig_pareto(df, out_dir, name="pareto"):
+def fig_pareto(df, out_dir, name="pareto", show=True):
     """Accuracy and robustness against epoch time (Exp 10's overhead/benefit trade-off)."""
     import matplotlib.pyplot as plt
     agg = df.groupby("config", sort=False)[["acc_final", "rob", "epoch_s"]].mean()
@@ -4500,10 +4585,10 @@ def fig_pareto(df, out_dir, name="pareto"):
             ax.annotate(c, (row["epoch_s"], row[m]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("seconds per epoch")
         ax.set_ylabel(label)
-    return _save(fig, out_dir, name)
+    return _save(fig, out_dir, name, show)
 
 
-def fig_beta(df, out_dir, name="beta_schedules"):
+def fig_beta(df, out_dir, name="beta_schedules", show=True):
     """The beta each config used per epoch beside its test accuracy (Exp 16)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -4516,23 +4601,24 @@ def fig_beta(df, out_dir, name="beta_schedules"):
     axes[0].set_title("β schedule")
     axes[1].set_title("test accuracy")
     axes[0].legend(fontsize=7)
-    return _save(fig, out_dir, name)
+    return _save(fig, out_dir, name, show)
 
 
-def fig_dynamics(df, out_dir, name="dynamics"):
+def fig_dynamics(df, out_dir, name="dynamics", show=True):
     """Exp 1's four panels: accuracy, the training loss including the SES term (log), the SES term as it enters
     the loss (λ applied, log: the paper's ~0.5 -> ~0.003 scale), and the gap."""
     return fig_curves(df, out_dir, name, metrics=("test_acc", "train_loss_total", "ses_term", "gap"),
-                      log=("train_loss_total", "ses_term"))
+                      log=("train_loss_total", "ses_term"), show=show)
 
 
-FIGURES = {"bars": fig_bars, "curves": fig_curves, "dynamics": fig_dynamics, "erank": fig_erank,
-           "per_corruption": fig_per_corruption, "pareto": fig_pareto, "beta": fig_beta, "toy": fig_toy}
+FIGURES = read_only({"bars": fig_bars, "curves": fig_curves, "dynamics": fig_dynamics, "erank": fig_erank,
+                     "per_corruption": fig_per_corruption, "pareto": fig_pareto, "beta": fig_beta, "toy": fig_toy})
 
 
 def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=None, show=True):
     """The experiment's report from the results made with the plan's settings (others are left out and named):
-    the per-config table (report.md / .csv), the claim verdicts (claims.csv), the figures (PNG, inline)."""
+    the per-config table (report.md / .csv), the claim verdicts (claims.csv), the figures (PNG; shown inline in a
+    notebook unless show=False)."""
     df, left_out = plan_results(plan)
     for d, why in left_out:
         print(f"left out: {d}: {why}")
@@ -4555,7 +4641,7 @@ def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=No
     for f in figures:
         fn = FIGURES[f]
         kw = {"paper": plan.paper, "order": order} if f == "bars" else {"order": order} if f == "per_corruption" else {}
-        path = fn(df, plan.out_dir, **kw)
+        path = fn(df, plan.out_dir, show=show, **kw)
         if path:
             rep.figures.append(str(path))
     write_report(rep, plan.out_dir)
@@ -4632,23 +4718,15 @@ def layer_spectra(model, images, layers="auto", targets=("block",), normalize=No
     if images.dtype == torch.uint8:
         if normalize is None:
             raise ValueError("uint8 images need normalize=(mean, std), as the model was trained with")
-        m, sd = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalize)
-        images = (images.float() / 255 - m) / sd
+        images = normalize_u8(images, *normalize)
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train'; got {mode!r}")
     dev = next(model.parameters()).device
     if "attn_weights" in targets and hasattr(model, "blocks"):
         use_attention_weights(model)
     triples = hook_targets(model, layers, targets) if isinstance(layers, (str, list, tuple)) else layers
-    was_training, bufs = model.training, [b.detach().clone() for b in model.buffers()]
-    model.train(mode == "train")
-    try:
+    with measuring(model, mode):
         acts = pooled_activations(model, [(n, k) for n, _, k in triples], images.to(dev), batch_size)
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), bufs):
-                b.copy_(saved)
     out = {}
     for name, a in acts.items():
         h = a.double()
@@ -4662,7 +4740,7 @@ def spectral_erank(eigs) -> float:
     return float(_entropy_from_eigs(torch.as_tensor(eigs, dtype=torch.float64)).exp())
 
 
-def fig_spectra(spectra: dict, beta, out_dir, name="spectra"):
+def fig_spectra(spectra: dict, beta, out_dir, name="spectra", show=True):
     """Per layer, each run's normalised eigenvalue spectrum p_i (log-log), with the effective-rank target d^beta
     (dashed) and each run's own effective rank exp(H) (dotted, its colour): baseline vs SES side by side."""
     import matplotlib.pyplot as plt
@@ -4689,7 +4767,7 @@ def fig_spectra(spectra: dict, beta, out_dir, name="spectra"):
     fig.legend(handles, labs, loc="lower center", ncol=len(labs), fontsize=8, frameon=False)
     fig.suptitle("eigenvalue spectrum per layer (normalised, log-log); dotted: each run's effective rank", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    return _save(fig, out_dir, name)
+    return _save(fig, out_dir, name, show)
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -4714,7 +4792,7 @@ def validate_params(params, allowed, where="notebook"):
     return params
 
 
-PRESETS = {
+PRESETS = read_only({
     # the published setup: each notebook's base recipe as is
     "paper": {},
     # every code path of a notebook on a tiny real-data subset, in seconds per run on a laptop CPU: 1 epoch of 2
@@ -4724,7 +4802,7 @@ PRESETS = {
     "smoke": dict(epochs=1, batch_size=32, train_subset=256, test_subset=32, max_steps_per_epoch=2, width=0.25,
                   robustness_subset=8, robustness_severities=[3], warmup_epochs=0, erank_batches=1,
                   erank_eval_samples=32, save_model=False),
-}
+})
 NOTEBOOK_PARAMS = ("configs", "seeds", "epochs", "batch_size", "data_root", "out_dir", "device", "amp",
                    "preset", "resume", "report_only", "report", "list_runs", "torchrun")
 
@@ -4745,7 +4823,7 @@ def check_notebook_params(namespace: dict, defined_before: set, extra=()):
         raise ValueError(f"preset must be one of {list(PRESETS)}; got {namespace.get('preset')!r}")
     for k in ("epochs", "batch_size"):
         v = namespace.get(k)
-        if v is not None and (not isinstance(v, int) or v < 1):
+        if v is not None and (not _is_int(v) or v < 1):
             raise ValueError(f"{k} must be None (the preset's value) or a positive int; got {v!r}")
 
 
@@ -4842,6 +4920,27 @@ def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost
     fail here, before anything runs, and a run is done only when its result.json was made with the config
     planned now (config_diff; keys in _NOT_COMPUTED aside). paper / claims: the published numbers and the
     claims the report checks (claim configs are checked against the grid here)."""
+    names, seeds = _planned_selection(grid, configs, seeds, out_dir)
+    claims = [check_claim(c, grid, paper) for c in (claims or [])]
+    out_dir = Path(out_dir)
+    knobs = dict(preset=preset, epochs=epochs, batch_size=batch_size, presets=presets, **common)
+    resolved = {} if base is None else _resolve_grid(grid, seeds, out_dir, base, resolve or validate_config, knobs)
+    runs = _planned_runs(names, seeds, grid, out_dir, resolved, _cost_of(cost, grid, resolved, seeds), paper, paper_gpu)
+    listing = bool(list_runs)
+    if listing:
+        _write_run_list(list_runs, runs)
+    _print_plan(runs, listing, report_only)
+    first = next(iter(resolved.values()), None)
+    return RunPlan(runs=runs, listing=listing, todo=[] if listing or report_only else [r for r in runs if not r.done],
+                   report=not listing and (report or report_only), out_dir=out_dir, name=name, grid=dict(grid),
+                   seeds=seeds, preset=preset, resolved=resolved, paper=paper or {}, claims=claims,
+                   paper_gpu=paper_gpu, train_fn=train_fn,
+                   notes=_non_paper_notes(base, grid, first, preset, epochs, batch_size) if first else [])
+
+
+def _planned_selection(grid, configs, seeds, out_dir):
+    """plan_runs' arguments checked: the grid's shape, out_dir given, the configs named (-> their names) and the
+    seeds (-> ints)."""
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, dict) for v in grid.values()):
         raise ValueError("grid must be a non-empty dict {config_name: {overrides}}")
     if not out_dir:
@@ -4853,42 +4952,63 @@ def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost
     seeds = _as_list(seeds, "seeds")
     if not all(isinstance(s, int) and not isinstance(s, bool) or (isinstance(s, str) and s.isdigit()) for s in seeds):
         raise ValueError(f"seeds must be integers, got {seeds}")
-    seeds = [int(s) for s in seeds]
-    claims = [check_claim(c, grid, paper) for c in (claims or [])]
-    out_dir = Path(out_dir)
-    resolve = resolve or validate_config
-    resolved = {}
-    if base is not None:  # every grid config, every seed: the report matches results against these
-        for c in grid:
-            for s in seeds:
-                rd = out_dir / "runs" / f"{c}_seed{s}"
-                try:
-                    resolved[c, s] = resolve(run_config(base, grid[c], preset=preset, seed=s, run_dir=rd, epochs=epochs,
-                                                        batch_size=batch_size, presets=presets, **common))
-                except ValueError as e:
-                    raise ValueError(f"config {c!r}: {e}") from None
+    return names, [int(s) for s in seeds]
 
+
+def _planned_run_dir(out_dir, config, seed) -> Path:
+    return out_dir / "runs" / f"{config}_seed{seed}"
+
+
+def _resolve_grid(grid, seeds, out_dir, base, resolve, knobs) -> dict:
+    """{(config, seed): resolved config} for EVERY grid config and seed, not only those selected: the report matches
+    results against these. A bad setting fails here, before anything runs, naming its config."""
+    resolved = {}
+    for c in grid:
+        for s in seeds:
+            rd = _planned_run_dir(out_dir, c, s)
+            try:
+                resolved[c, s] = resolve(run_config(base, grid[c], seed=s, run_dir=rd, **knobs))
+            except ValueError as e:
+                raise ValueError(f"config {c!r}: {e}") from None
+    return resolved
+
+
+def _cost_of(cost, grid, resolved, seeds):
+    """config -> its relative cost, from plan_runs' `cost`: None (run_cost of the resolved config, 1 without a
+    recipe), {config: cost} or callable(config, overrides)."""
     def cost_of(c):
         if cost is None:
             return run_cost(resolved[c, seeds[0]]) if resolved else 1.0
         return float(cost(c, grid[c]) if callable(cost) else cost.get(c, 1.0))
+    return cost_of
 
+
+def _planned_runs(names, seeds, grid, out_dir, resolved, cost_of, paper, paper_gpu) -> list:
+    """Each selected (config, seed) as a Run whose status its result.json decides (done, stale or todo); the runs
+    not done get their time estimate (the time budget and the cost plan use it)."""
     runs = []
     for c in names:
         for s in seeds:
-            run_dir = out_dir / "runs" / f"{c}_seed{s}"
+            run_dir = _planned_run_dir(out_dir, c, s)
             cfg = resolved.get((c, s))
             status, diff = result_status(run_dir / "result.json", cfg)
-            runs.append(Run(c, s, dict(grid[c]), run_dir, run_dir / "result.json", status, cost_of(c), cfg, diff))
-    listing = bool(list_runs)
+            runs.append(Run(config=c, seed=s, overrides=dict(grid[c]), run_dir=run_dir,
+                            result_path=run_dir / "result.json", status=status, cost=cost_of(c), cfg=cfg, diff=diff))
     for r in runs:
         if r.cfg is not None and not r.done:
             r.est = run_estimate(r, paper, paper_gpu)
-    if listing:
-        atomic_write_json(list_runs, [{"config": r.config, "seed": r.seed, "cost": r.cost, "done": r.done,
-                                       "status": r.status, "stale": describe_diff(r.diff), "run_dir": str(r.run_dir),
-                                       "cfg": r.cfg, "est": r.est} for r in runs])
-    todo = [] if listing or report_only else [r for r in runs if not r.done]
+    return runs
+
+
+def _write_run_list(path, runs):
+    """Listing mode: the run list the batch runner reads (one entry per run; keys are part of the run contract)."""
+    atomic_write_json(path, [{"config": r.config, "seed": r.seed, "cost": r.cost, "done": r.done,
+                              "status": r.status, "stale": describe_diff(r.diff), "run_dir": str(r.run_dir),
+                              "cfg": r.cfg, "est": r.est} for r in runs])
+
+
+def _print_plan(runs, listing, report_only):
+    """The plan in a line (runs, done, to do, stale), then one line per stale run saying what differs."""
     counts = {k: sum(r.status == k for r in runs) for k in ("done", "stale", "todo")}
     print(f"{len(runs)} run(s): {counts['done']} done, {counts['stale'] + counts['todo']} to do"
           + (f" ({counts['stale']} stale)" if counts["stale"] else "")
@@ -4897,10 +5017,6 @@ def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost
         if r.status == "stale":
             print(f"  stale: {r.config} seed {r.seed}: {describe_diff(r.diff)}"
                   + ("" if listing or report_only else " (set aside and redone)"))
-    first = next(iter(resolved.values()), None)
-    notes = _non_paper_notes(base, grid, first, preset, epochs, batch_size) if first else []
-    return RunPlan(runs, listing, todo, not listing and (report or report_only), out_dir, name, dict(grid), seeds,
-                   preset, resolved, paper or {}, claims, paper_gpu, train_fn, notes)
 
 
 def _non_paper_notes(base, grid, cfg, preset, epochs, batch_size):
@@ -4994,7 +5110,7 @@ def resolve_out_dir(out_dir, preset="paper", name=None) -> str:
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
-# the train --config entry
+# the train command
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 def _train_args(p):

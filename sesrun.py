@@ -10,7 +10,12 @@ It imports seslib (the notebooks' helper) and talks to the notebook kernels it s
 contract: the notebook parameters in seslib.RUNNER_PARAMS, the environment variables and the SES-RUN-* log markers
 (seslib section "utilities"), checked once at start against seslib.CONTRACT_VERSION.
 
-Sections: first cell of every notebook | batch runner | the cost plan | Kaggle packaging | command line
+Sections (each uses only seslib, itself and those above it):
+  first cell of every notebook: the setup cell that makes seslib importable (repo, Kaggle, Colab)
+  batch runner: notebooks, params files, slots, the scheduler of papermill subprocesses, run_batch
+  the cost plan: runs, GPU-hours, wall time on N GPUs, Kaggle versions and quota weeks, disk
+  Kaggle packaging: the kernel, its driver notebook, the code dataset, continuation across versions
+  command line: python sesrun.py COMMAND
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ from seslib import (BUDGET_ENV, DATA_ENV, DATASETS, DEADLINE_ENV, MARK_BUDGET, M
                     SLOT_ENV, TORCHRUN_ENV, GPU_SPEED, PRESETS, RUNNER_PARAMS, USER_ERRORS, _MODEL_COST,
                     _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
-                    report, resolve_data_dir, result_status, run_cost, run_estimate, validate_params)
+                    read_only, report, resolve_data_dir, result_status, run_cost, run_estimate, validate_params)
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -666,8 +671,8 @@ def _preset_folder(out, preset):
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 # python sesrun.py plan
 
-KAGGLE = {"version_hours": 12.0, "quota_hours": 30.0, "working_gb": 20.0,  # a version's limit, GPU quota per week,
-          "overhead_hours": 0.25}  # /kaggle/working's size; per version: setup, installs, listings, reports
+KAGGLE = read_only({"version_hours": 12.0, "quota_hours": 30.0, "working_gb": 20.0,  # a version's limit, GPU quota
+                    "overhead_hours": 0.25})  # per week, /kaggle/working's size; per version: setup, installs, reports
 
 
 def notebook_plan(nb, **params):
