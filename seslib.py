@@ -1273,7 +1273,8 @@ class DeviceLoader:
         self.jitter = color_jitter if train and color_jitter and any(color_jitter.values()) else None
         self.rank, self.world_size = rank, world_size
         m, s = (torch.tensor(v, device=self.device, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
-        self.scale, self.bias = 1.0 / (255.0 * s), -m / s  # (x/255 - mean)/std = x * scale + bias
+        # normalize_u8 folded into one multiply-add per batch (the hot path): (x/255 - mean)/std = x * scale + bias
+        self.scale, self.bias = 1.0 / (255.0 * s), -m / s
         self.generator = torch.Generator().manual_seed(seed)
         self._randaug = BatchRandAugment(*randaugment) if self.augment == "randaugment" else None
         if len(self) == 0:
@@ -2464,112 +2465,168 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
     if protocol == "paper":
         return evaluate_paper_protocol(model, images, labels, normalize, batch_size=batch_size, device=device,
                                        amp=amp, seed=seed, collector=collector)
-    from torchmetrics.classification import MulticlassCalibrationError
+    from torchmetrics.classification import MulticlassCalibrationError  # noqa: F401  (the ECE's: fail before any work)
+    names, sevs, labels = _standard_inputs(images, labels, corruptions, severities, batch_size, data_root)
+    dev = _eval_device(model, device)
+    # same precision rule as training (bf16 only on compute capability >= 8; fp16 on a T4; fp32 on CPU)
+    predict = _predictor(model, dev, _eval_amp_dtype(amp, dev), _normalize_on(dev, normalize))
+    key = _dataset_key(dataset) if dataset is not None else None
+    H = images.shape[-1]
+    sources = _corruption_sources(names, labels, H, data_root, key)
+    official = dict(root=data_root, dataset=key, classes=classes, size=H, files=files,
+                    limit=None if key == "tinyimagenet" else len(labels), labels=labels if files is not None else None)
+    cell_images = _cell_images(images, labels, sources, official, batch_size, dev, seed)
+    with measuring(model), _paused(collector):
+        clean_acc, p, y = _score(predict, _chunks(images, labels, batch_size))
+        clean = clean_acc, _ece(p, y)
+        cells = _score_cells(predict, names, sevs, cell_images, len(labels), progress)
+    return _robustness_summary(names, sevs, len(labels), clean, cells, sources)
+
+
+# ─── evaluate_corruptions' steps: inputs, sources, predictor, scoring, summary ───────────────────
+def _standard_inputs(images, labels, corruptions, severities, batch_size, data_root):
+    """The standard protocol's arguments, checked before any work -> (corruption names, severities, CPU labels)."""
     names = _resolve_corruptions(corruptions)
     sevs = [severities] if isinstance(severities, (int, np.integer)) else list(severities)
     for s in sevs:
         _check_name_severity(names[0], s)
     if not sevs:
         raise ValueError("severities is empty; valid: 1, 2, 3, 4, 5")
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError("images must be a clean uint8 tensor [N, 3, H, W]")
-    labels = torch.as_tensor(labels).long().cpu()
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+    labels = _checked_labels(images, labels).cpu()
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    H = images.shape[-1]
-    if H not in _PARAMS and data_root is None:
-        raise ValueError(f"no standard corruption parameters for {H} px images (32 or 64)")
-    dev = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
-    # same precision rule as training (bf16 only on compute capability >= 8; fp16 on a T4; fp32 on CPU)
-    amp_dtype = _eval_amp_dtype(amp, dev)
-    use_amp = amp_dtype is not None and dev.type == "cuda"
-    if normalize is not None:
-        mean = torch.tensor(normalize[0], device=dev).view(1, -1, 1, 1)
-        std = torch.tensor(normalize[1], device=dev).view(1, -1, 1, 1)
+    if images.shape[-1] not in _PARAMS and data_root is None:
+        raise ValueError(f"no standard corruption parameters for {images.shape[-1]} px images (32 or 64)")
+    return names, sevs, labels
 
-    def predict(x_u8):
-        x = x_u8.to(dev).float() / 255
-        if normalize is not None:
-            x = (x - mean) / std
-        with torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext():
-            return model(x).float().softmax(1)
 
-    def run(batches):  # -> (accuracy %, probs list, labels list)
-        correct, total, P, Y = 0, 0, [], []
-        for x, y in batches:
-            p = predict(x)
-            correct += (p.argmax(1).cpu() == y).sum().item()
-            total += len(y)
-            P.append(p.cpu())
-            Y.append(y)
-        return 100.0 * correct / max(total, 1), torch.cat(P), torch.cat(Y)
+def _checked_labels(images, labels):
+    """Checks that images are clean uint8 [N, 3, H, W] -> their labels as int64 [N] (on the labels' device)."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError("images must be a clean uint8 tensor [N, 3, H, W]")
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+    return labels
 
-    def ece(p, y):
-        m = MulticlassCalibrationError(num_classes=p.shape[1], n_bins=15, norm="l1")
-        return float(m(p, y))
 
-    def chunks(x, y):
-        for i in range(0, len(y), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
+def _eval_device(model, device):
+    """The device asked for, else the model's (the CPU for a model without parameters)."""
+    return torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
 
+
+def _normalize_on(dev, normalize):
+    """normalize = (mean, std) as float32 tensors on dev, made once per evaluation; None: (None, None), /255 only."""
+    if normalize is None:
+        return None, None
+    return tuple(torch.as_tensor(v, dtype=torch.float32, device=dev) for v in (normalize[0], normalize[1]))
+
+
+def _paused(collector):
+    """The collector's hooks record nothing during an evaluation (no collector: nothing to pause)."""
+    return collector.paused() if collector is not None else nullcontext()
+
+
+def _corruption_sources(names, labels, size, data_root, key):
+    """Where each corruption's images come from: 'official files' when they are under data_root and can be matched to
+    the clean images evaluated, else 'generated' by corrupt() (which needs the standard parameters for `size` px)."""
     sources = {}
-    key = _dataset_key(dataset) if dataset is not None else None
     for n in names:
         official = key is not None and corrupted_available(data_root, key, n)
         if official and key != "tinyimagenet":
-            lab = _npy(_c_dir(data_root, key) / "labels.npy", "labels")
-            blk = len(lab) // 5
-            ok = len(labels) <= blk and np.array_equal(np.asarray(lab[:len(labels)]).astype(np.int64), labels.numpy())
-            if not ok:
-                warnings.warn(f"{n}: the clean labels are not the start of the official test set, so the official "
-                              "files can't be matched to them; generating this corruption instead")
-                official = False
+            official = _cifar_c_matches(data_root, key, n, labels)
         sources[n] = "official files" if official else "generated"
-        if not official and H not in _PARAMS:
-            raise ValueError(f"{n}: no official files and no standard parameters for {H} px images")
+        if not official and size not in _PARAMS:
+            raise ValueError(f"{n}: no official files and no standard parameters for {size} px images")
+    return sources
 
-    was_training = model.training
-    model.eval()
+
+def _cifar_c_matches(data_root, key, name, labels):
+    """CIFAR-C files hold the whole test set in order: usable when the clean labels are its start (else a warning)."""
+    lab = _npy(_c_dir(data_root, key) / "labels.npy", "labels")
+    if len(labels) <= len(lab) // 5 and np.array_equal(np.asarray(lab[:len(labels)]).astype(np.int64), labels.numpy()):
+        return True
+    warnings.warn(f"{name}: the clean labels are not the start of the official test set, so the official "
+                  "files can't be matched to them; generating this corruption instead")
+    return False
+
+
+def _cell_images(images, labels, sources, official, batch_size, dev, seed):
+    """-> cell(ci, name, severity): that cell's batches of (uint8 images, labels), from the official files
+    (`official`: load_corrupted's arguments) or made by corrupt() on dev from the clean batches, seeded per cell."""
+    def cell(ci, name, severity):
+        if sources[name] == "official files":
+            return _chunks(*load_corrupted(name=name, severity=severity, **official), batch_size)
+        g = torch.Generator(device=dev).manual_seed(int(seed) * 1000 + ci * 10 + severity)
+        return ((corrupt(x.to(dev), name, severity, generator=g), y) for x, y in _chunks(images, labels, batch_size))
+    return cell
+
+
+def _chunks(x, y, batch_size):
+    for i in range(0, len(y), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def _predictor(model, dev, amp_dtype, mean_std):
+    """uint8 batch -> the model's class probabilities (fp32): on dev, ToTensor + Normalize, the run's autocast."""
+    def predict(x_u8):
+        x = normalize_u8(x_u8.to(dev), *mean_std)
+        with autocast(dev, amp_dtype):
+            return model(x).float().softmax(1)
+    return predict
+
+
+def _score(predict, batches):
+    """-> (accuracy %, probabilities, labels) over (uint8 images, labels) batches, both on the CPU."""
+    correct, total, P, Y = 0, 0, [], []
+    for x, y in batches:
+        p = predict(x)
+        correct += (p.argmax(1).cpu() == y).sum().item()
+        total += len(y)
+        P.append(p.cpu())
+        Y.append(y)
+    return 100.0 * correct / max(total, 1), torch.cat(P), torch.cat(Y)
+
+
+def _ece(p, y):
+    """Expected calibration error: 15 equal-width confidence bins, L1 (torchmetrics)."""
+    from torchmetrics.classification import MulticlassCalibrationError
+    return float(MulticlassCalibrationError(num_classes=p.shape[1], n_bins=15, norm="l1")(p, y))
+
+
+def _score_cells(predict, names, sevs, cell_images, n_clean, progress):
+    """Every (corruption, severity) cell -> (accuracy[c][s], ece[c][s], ECE pooled over all corrupted predictions,
+    {"<c>_s<s>": images scored} for the cells that did not score the n_clean images: a whole official folder)."""
     acc, eces, all_p, all_y, scored = {}, {}, [], [], {}
-    try:
-        with torch.no_grad(), (collector.paused() if collector is not None else nullcontext()):
-            clean_acc, p, y = run(chunks(images, labels))
-            ece_clean = ece(p, y)
-            bar = tqdm(total=len(names) * len(sevs), desc="corruptions", disable=not progress or None, leave=False)
-            for ci, n in enumerate(names):
-                acc[n], eces[n] = {}, {}
-                for s in sevs:
-                    bar.set_postfix_str(f"{n} s{s}")
-                    if sources[n] == "official files":
-                        xc, yc = load_corrupted(data_root, key, n, s, classes=classes, size=H,
-                                                limit=None if key == "tinyimagenet" else len(labels),
-                                                files=files, labels=labels if files is not None else None)
-                        if len(yc) != len(labels):
-                            scored[f"{n}_s{s}"] = len(yc)
-                        batches = chunks(xc, yc)
-                    else:
-                        g = torch.Generator(device=dev).manual_seed(int(seed) * 1000 + ci * 10 + s)
-                        batches = ((corrupt(x.to(dev), n, s, generator=g), y) for x, y in chunks(images, labels))
-                    a, p, y = run(batches)
-                    acc[n][str(s)], eces[n][str(s)] = a, ece(p, y)
-                    all_p.append(p)
-                    all_y.append(y)
-                    bar.update(1)
-            bar.close()
-    finally:
-        model.train(was_training)
+    bar = tqdm(total=len(names) * len(sevs), desc="corruptions", disable=not progress or None, leave=False)
+    for ci, n in enumerate(names):
+        acc[n], eces[n] = {}, {}
+        for s in sevs:
+            bar.set_postfix_str(f"{n} s{s}")
+            a, p, y = _score(predict, cell_images(ci, n, s))
+            acc[n][str(s)], eces[n][str(s)] = a, _ece(p, y)
+            if len(y) != n_clean:
+                scored[f"{n}_s{s}"] = len(y)
+            all_p.append(p)
+            all_y.append(y)
+            bar.update(1)
+    bar.close()
+    return acc, eces, _ece(torch.cat(all_p), torch.cat(all_y)), scored
+
+
+def _robustness_summary(names, sevs, n_images, clean, cells, sources):
+    """evaluate_corruptions' JSON-ready result from the clean (accuracy, ECE) and the cells' scores."""
+    (clean_acc, ece_clean), (acc, eces, ece_corrupted, scored) = clean, cells
     per_c = {n: float(np.mean(list(acc[n].values()))) for n in names}
     per_s = {str(s): float(np.mean([acc[n][str(s)] for n in names])) for s in sevs}
     err = {n: {s: 100.0 - a for s, a in acc[n].items()} for n in names}
     mca = float(np.mean(list(per_c.values())))
     return {
-        "corruptions": names, "severities": sevs, "n_images": int(len(labels)),
+        "corruptions": names, "severities": sevs, "n_images": int(n_images),
         "accuracy": acc, "per_corruption": per_c, "per_severity": per_s,
         "mean_corruption_acc": mca,
         "clean_acc": clean_acc, "ece_clean": ece_clean, "ece": eces,
-        "ece_corrupted": ece(torch.cat(all_p), torch.cat(all_y)),
+        "ece_corrupted": ece_corrupted,
         "detail": {f"{n}_s{s}": acc[n][str(s)] for n in names for s in sevs},
         "error": err, "mean_corruption_error": 100.0 - mca,
         "relative_degradation": float(np.mean([e - (100.0 - clean_acc) for n in names for e in err[n].values()])),
@@ -2607,8 +2664,10 @@ def corruption_error_vs_baseline(rob, baseline_rob):
 # Reproduced operation for operation (same torch ops, same draw order), so with the same seed on the CPU it
 # gives the author's function's numbers exactly (tests/test_paper_protocol.py, against its recorded output).
 CORRUPTION_PROTOCOLS = ("standard", "paper")
-PAPER_PROTOCOL = {"corruptions": ("gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise"),
-                  "severities": (1, 3, 5)}
+# Its own list, in the author's order (the order of the draws): the same five names as the "paper5" set of
+# CORRUPTION_SETS, but not the same corruptions (that set runs the standard pixel-space ones).
+PAPER_PROTOCOL = read_only({"corruptions": ("gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise"),
+                            "severities": (1, 3, 5)})
 
 
 def _paper_corruption(x, name, severity, generator=None):
@@ -2644,36 +2703,26 @@ def evaluate_paper_protocol(model, images, labels, normalize, batch_size=256, de
     Returns {"protocol": "paper", "detail": {"<c>_s<s>": acc}, "mean_corruption_acc", "n_images", ...}."""
     if normalize is None:
         raise ValueError("the paper protocol corrupts normalised tensors: pass normalize=(mean, std)")
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError("images must be a clean uint8 tensor [N, 3, H, W]")
-    labels = torch.as_tensor(labels).long()
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
-    dev = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
+    labels = _checked_labels(images, labels)
+    dev = _eval_device(model, device)
     amp_dtype = _eval_amp_dtype(amp, dev)
     g = generator if generator is not None else torch.Generator(device=dev).manual_seed(int(seed))
-    mean = torch.tensor(normalize[0], device=dev).view(1, -1, 1, 1)
-    std = torch.tensor(normalize[1], device=dev).view(1, -1, 1, 1)
+    mean_std = _normalize_on(dev, normalize)
     detail = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), (collector.paused() if collector is not None else nullcontext()):
-            for name in PAPER_PROTOCOL["corruptions"]:
-                for sev in PAPER_PROTOCOL["severities"]:
-                    correct = total = 0
-                    if g.device.type == "cpu":  # the author's `for X, y in test_loader` draws the DataLoader
-                        torch.empty((), dtype=torch.int64).random_(generator=g)  # iterator's base seed from it
-                    for i in range(0, len(labels), batch_size):
-                        x = (images[i:i + batch_size].to(dev).float() / 255 - mean) / std  # ToTensor + Normalize
-                        y = labels[i:i + batch_size].to(dev)
-                        xc = _paper_corruption(x, name, sev, g)
-                        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                            correct += (model(xc).argmax(1) == y).sum().item()
-                        total += len(y)
-                    detail[f"{name}_s{sev}"] = 100.0 * correct / total
-    finally:
-        model.train(was_training)
+    with measuring(model), _paused(collector):
+        for name in PAPER_PROTOCOL["corruptions"]:
+            for sev in PAPER_PROTOCOL["severities"]:
+                correct = total = 0
+                if g.device.type == "cpu":  # the author's `for X, y in test_loader` draws the DataLoader
+                    torch.empty((), dtype=torch.int64).random_(generator=g)  # iterator's base seed from it
+                for i in range(0, len(labels), batch_size):
+                    x = normalize_u8(images[i:i + batch_size].to(dev), *mean_std)  # ToTensor + Normalize
+                    y = labels[i:i + batch_size].to(dev)
+                    xc = _paper_corruption(x, name, sev, g)
+                    with autocast(dev, amp_dtype):
+                        correct += (model(xc).argmax(1) == y).sum().item()
+                    total += len(y)
+                detail[f"{name}_s{sev}"] = 100.0 * correct / total
     return {"protocol": "paper", "corruptions": list(PAPER_PROTOCOL["corruptions"]),
             "severities": list(PAPER_PROTOCOL["severities"]), "n_images": int(len(labels)), "detail": detail,
             "mean_corruption_acc": float(np.mean(list(detail.values()))),
@@ -2891,7 +2940,7 @@ def _measured_like(run, run_dirs):
 # train
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
-ROBUSTNESS_PRESETS = ("all15", "paper5")
+ROBUSTNESS_PRESETS = tuple(CORRUPTION_SETS)
 # MultiStep milestones when a config gives none: fractions of the epochs that reproduce the reference's
 # [20, 35, 45] of 50 (CIFAR) and [25, 40, 52] of 60 (Tiny-ImageNet) exactly; gamma 0.2 as in every reference script.
 # The notebooks state the author's absolute milestones (see run_config for an epochs override).
@@ -2990,9 +3039,8 @@ def _resolve_pipeline(c, info):
         _check(_is_num(c["mix_alpha"]) and c["mix_alpha"] > 0, "mix_alpha", c["mix_alpha"], "a number > 0")
 
 
-def validate_config(cfg) -> dict:
-    """The full cfg (defaults of default_config(model, dataset) filled in), or ValueError naming the bad key.
-    Runs before any data is touched."""
+def _with_recipe_defaults(cfg) -> dict:
+    """cfg over the reference recipe of its (model, dataset); a non-dict, unknown keys, models or data sets fail first."""
     if not isinstance(cfg, dict):
         raise ValueError(f"cfg must be a dict; got {type(cfg).__name__}")
     unknown = [k for k in cfg if k not in _BASE_CONFIG]
@@ -3004,43 +3052,36 @@ def validate_config(cfg) -> dict:
     recipe = default_config(model, dataset)  # rejects an unknown model or dataset
     if model == "mlp_toy":
         raise ValueError("model 'mlp_toy' is the toy 2-D study's network: it does not train on image datasets")
-    c = dict(recipe, **cfg)
-    for k, opts in _CHOICES.items():
-        _check(c[k] in opts, k, c[k], "one of " + ", ".join(map(repr, opts)))
-    for k in ("epochs", "batch_size", "ses_every_k", "erank_batches", "erank_eval_samples"):
-        _check(_is_int(c[k]) and c[k] >= 1, k, c[k], "an int >= 1")
-    _check(c["batch_size"] >= 2, "batch_size", c["batch_size"], "an int >= 2")
-    for k in ("eval_batch_size", "train_subset", "test_subset", "max_steps_per_epoch", "robustness_subset"):
-        _check(c[k] is None or (_is_int(c[k]) and c[k] >= 1), k, c[k], "None or an int >= 1")
-    _check(_is_int(c["seed"]), "seed", c["seed"], "an int")
-    _check(_is_int(c["warmup_epochs"]) and c["warmup_epochs"] >= 0, "warmup_epochs", c["warmup_epochs"], "an int >= 0")
-    _check(_is_num(c["lr"]) and c["lr"] > 0, "lr", c["lr"], "a number > 0")
-    _check(_is_num(c["min_lr"]) and 0 <= c["min_lr"] <= c["lr"], "min_lr", c["min_lr"], "a number in [0, lr]")
-    _check(_is_num(c["weight_decay"]) and c["weight_decay"] >= 0, "weight_decay", c["weight_decay"], "a number >= 0")
-    _check(_is_num(c["momentum"]) and 0 <= c["momentum"] < 1, "momentum", c["momentum"], "a number in [0, 1)")
-    _check(_is_num(c["lr_gamma"]) and c["lr_gamma"] > 0, "lr_gamma", c["lr_gamma"], "a number > 0")
-    _check(c["grad_clip"] is None or (_is_num(c["grad_clip"]) and c["grad_clip"] > 0), "grad_clip",
-           c["grad_clip"], "None or a number > 0")
-    _check(_is_num(c["ses_lambda"]) and c["ses_lambda"] >= 0, "ses_lambda", c["ses_lambda"], "a number >= 0")
-    _check(_is_num(c["ses_beta"]) and 0 < c["ses_beta"] < 1, "ses_beta", c["ses_beta"], "a number in (0, 1)")
-    _check(_is_num(c["val_split"]) and 0 <= c["val_split"] < 1, "val_split", c["val_split"], "a number in [0, 1)")
-    ms = c["milestones"]
-    _check(ms is None or (isinstance(ms, (list, tuple)) and all(_is_int(m) and m >= 1 for m in ms)
-                          and list(ms) == sorted(set(ms))), "milestones", ms,
-           "None (40/70/90% of epochs) or an increasing list of epochs >= 1")
-    c["milestones"] = list(ms) if ms is not None else _derived_milestones(c["dataset"], c["epochs"])
-    _resolve_pipeline(c, dataset_info(dataset))
-    for k in ("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32", "save_model"):
-        _check(isinstance(c[k], bool), k, c[k], "True or False")
-    _check(c["sync_bn"] is None or isinstance(c["sync_bn"], bool), "sync_bn", c["sync_bn"],
-           "None (auto: on under multi-GPU DDP), True or False")
-    _check(c["drop_path"] is None or (c["model"] in VIT_MODELS and _is_num(c["drop_path"]) and 0 <= c["drop_path"] < 1),
-           "drop_path", c["drop_path"], "None, or for a ViT a number in [0, 1)")
+    return dict(recipe, **cfg)
+
+
+def _resolve_milestones(c):
+    c["milestones"] = list(c["milestones"]) if c["milestones"] is not None else \
+        _derived_milestones(c["dataset"], c["epochs"])
+
+
+def _resolve_inputs(c):
+    _resolve_pipeline(c, dataset_info(c["dataset"]))
+
+
+def _resolve_drop_path(c):
     if c["model"] in VIT_MODELS and c["drop_path"] is None:
         c["drop_path"] = 0.1  # the reference ViT/4's stochastic depth
-    _check(c["preset"] is None or isinstance(c["preset"], str), "preset", c["preset"], "None or a preset name")
-    _check(_is_num(c["width"]) and 0 < c["width"] <= 1, "width", c["width"], "a number in (0, 1] (1: the published model)")
-    _check(isinstance(c["device"], str), "device", c["device"], "a string ('auto', 'cpu', 'cuda', 'cuda:1', ...)")
+
+
+def _check_cuda_visible(spec, device):
+    """A CUDA device this machine shows: a config made for a GPU fails here, not at the first tensor moved."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ValueError(f"config 'device' is {spec!r} but this machine has no usable CUDA GPU "
+                         "(torch.cuda.is_available() is False): use device='auto' (GPU when there is one) or 'cpu'")
+    if (device.index or 0) >= n:
+        raise ValueError(f"config 'device' is {spec!r} but only {n} CUDA device(s) are visible "
+                         f"(cuda:0..cuda:{n - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+
+
+def _resolve_device(c):
+    """A device this machine has, and the precision (fp32 | fp16 | bf16) c's amp request runs at on it."""
     try:
         torch.device("cpu" if c["device"] == "auto" else c["device"])
     except (RuntimeError, ValueError) as e:
@@ -3049,47 +3090,103 @@ def validate_config(cfg) -> dict:
         _dist_device(c["device"], 0)  # 'cuda:1' under torchrun is wrong on every machine, so say that first
     device = pick_device(c["device"])
     if device.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"config 'device' is {c['device']!r} but this machine has no usable CUDA GPU "
-                             "(torch.cuda.is_available() is False): use device='auto' (GPU when there is one) or 'cpu'")
-        if (device.index or 0) >= n:
-            raise ValueError(f"config 'device' is {c['device']!r} but only {n} CUDA device(s) are visible "
-                             f"(cuda:0..cuda:{n - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        _check_cuda_visible(c["device"], device)
     c["precision"] = resolve_precision(c["amp"], device.type, _device_capability(device))[0]
+
+
+def _resolve_paths(c):
     for k in ("data_root", "out_dir"):
-        _check(c[k] is None or isinstance(c[k], (str, os.PathLike)), k, c[k], "None or a path")
         c[k] = None if c[k] is None else str(c[k])
-    _check(not c["resume"] or c["out_dir"] is not None, "resume", c["resume"], "False when out_dir is None")
+
+
+def _resolve_beta_schedule(c):
+    """A schedule BetaSchedule can parse: its own message, under the config key's name."""
     if c["ses_beta_schedule"] is not None:
-        _check(isinstance(c["ses_beta_schedule"], (str, dict, float)), "ses_beta_schedule",
-               c["ses_beta_schedule"], "None, a spec string ('linear:0.3:0.9') or a dict")
         try:
             BetaSchedule.parse(c["ses_beta_schedule"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"config 'ses_beta_schedule' {c['ses_beta_schedule']!r}: {e}") from None
-    layers = c["ses_layers"]
-    _check(isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(s, str) for s in layers)),
-           "ses_layers", layers, "a preset name or a list of module names")
-    c["ses_layers"] = layers if isinstance(layers, str) else list(layers)
-    t = c["ses_targets"]
-    _check(isinstance(t, (list, tuple)) and t and all(isinstance(s, str) for s in t), "ses_targets", t,
-           'a non-empty list like ["block"]')
-    c["ses_targets"] = list(t)
-    r = c["robustness"]
-    _check(r is None or r in ROBUSTNESS_PRESETS or (isinstance(r, (list, tuple)) and r
-                                                    and all(isinstance(s, str) for s in r)),
-           "robustness", r, "None, 'all15', 'paper5' or a list of corruption names")
-    c["robustness"] = list(r) if isinstance(r, (list, tuple)) else r
-    sev = c["robustness_severities"]
-    _check(isinstance(sev, (list, tuple)) and sev and all(_is_int(s) and 1 <= s <= 5 for s in sev),
-           "robustness_severities", sev, "a non-empty list of ints in 1..5")
-    c["robustness_severities"] = list(sev)
-    if c["mix"] != "none":
-        _check(c["batch_size"] % 2 == 0, "batch_size", c["batch_size"], "even with mixup/cutmix (timm Mixup)")
-    if c["train_subset"] is not None:
-        _check(c["train_subset"] >= c["batch_size"], "train_subset", c["train_subset"],
-               f">= batch_size ({c['batch_size']}): training drops the last partial batch")
+
+
+def _resolve_lists(c):
+    """Tuples as lists, and lists copied: the resolved config shares no list with the caller's cfg."""
+    for k in ("ses_layers", "ses_targets", "robustness", "robustness_severities"):
+        if isinstance(c[k], (list, tuple)):
+            c[k] = list(c[k])
+
+
+def _each(keys, test, want):
+    return tuple((k, test, want) for k in keys)
+
+
+# validate_config's steps, in order: a rule (key, test(value, cfg), what the value must be) fails with
+# "config 'key' must be <want>; got <value>"; a resolver (a function of the cfg) checks what a row cannot say and
+# fills in derived values, so the rules after it see them. The order decides which error a cfg with several gets.
+_CONFIG_RULES = (
+    *((k, lambda v, c, opts=opts: v in opts, "one of " + ", ".join(map(repr, opts))) for k, opts in _CHOICES.items()),
+    *_each(("epochs", "batch_size", "ses_every_k", "erank_batches", "erank_eval_samples"),
+           lambda v, c: _is_int(v) and v >= 1, "an int >= 1"),
+    ("batch_size", lambda v, c: v >= 2, "an int >= 2"),
+    *_each(("eval_batch_size", "train_subset", "test_subset", "max_steps_per_epoch", "robustness_subset"),
+           lambda v, c: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
+    ("seed", lambda v, c: _is_int(v), "an int"),
+    ("warmup_epochs", lambda v, c: _is_int(v) and v >= 0, "an int >= 0"),
+    ("lr", lambda v, c: _is_num(v) and v > 0, "a number > 0"),
+    ("min_lr", lambda v, c: _is_num(v) and 0 <= v <= c["lr"], "a number in [0, lr]"),
+    ("weight_decay", lambda v, c: _is_num(v) and v >= 0, "a number >= 0"),
+    ("momentum", lambda v, c: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("lr_gamma", lambda v, c: _is_num(v) and v > 0, "a number > 0"),
+    ("grad_clip", lambda v, c: v is None or (_is_num(v) and v > 0), "None or a number > 0"),
+    ("ses_lambda", lambda v, c: _is_num(v) and v >= 0, "a number >= 0"),
+    ("ses_beta", lambda v, c: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("val_split", lambda v, c: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("milestones", lambda v, c: v is None or (isinstance(v, (list, tuple)) and all(_is_int(m) and m >= 1 for m in v)
+                                              and list(v) == sorted(set(v))),
+     "None (40/70/90% of epochs) or an increasing list of epochs >= 1"),
+    _resolve_milestones,
+    _resolve_inputs,
+    *_each(("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32", "save_model"),
+           lambda v, c: isinstance(v, bool), "True or False"),
+    ("sync_bn", lambda v, c: v is None or isinstance(v, bool), "None (auto: on under multi-GPU DDP), True or False"),
+    ("drop_path", lambda v, c: v is None or (c["model"] in VIT_MODELS and _is_num(v) and 0 <= v < 1),
+     "None, or for a ViT a number in [0, 1)"),
+    _resolve_drop_path,
+    ("preset", lambda v, c: v is None or isinstance(v, str), "None or a preset name"),
+    ("width", lambda v, c: _is_num(v) and 0 < v <= 1, "a number in (0, 1] (1: the published model)"),
+    ("device", lambda v, c: isinstance(v, str), "a string ('auto', 'cpu', 'cuda', 'cuda:1', ...)"),
+    _resolve_device,
+    *_each(("data_root", "out_dir"), lambda v, c: v is None or isinstance(v, (str, os.PathLike)), "None or a path"),
+    _resolve_paths,
+    ("resume", lambda v, c: not v or c["out_dir"] is not None, "False when out_dir is None"),
+    ("ses_beta_schedule", lambda v, c: v is None or isinstance(v, (str, dict, float)),
+     "None, a spec string ('linear:0.3:0.9') or a dict"),
+    _resolve_beta_schedule,
+    ("ses_layers", lambda v, c: isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)),
+     "a preset name or a list of module names"),
+    ("ses_targets", lambda v, c: isinstance(v, (list, tuple)) and v and all(isinstance(s, str) for s in v),
+     'a non-empty list like ["block"]'),
+    ("robustness", lambda v, c: v is None or v in ROBUSTNESS_PRESETS or (isinstance(v, (list, tuple)) and v
+                                                                         and all(isinstance(s, str) for s in v)),
+     f"None, {', '.join(map(repr, ROBUSTNESS_PRESETS))} or a list of corruption names"),
+    ("robustness_severities", lambda v, c: isinstance(v, (list, tuple)) and v and all(_is_int(s) and 1 <= s <= 5 for s in v),
+     "a non-empty list of ints in 1..5"),
+    _resolve_lists,
+    ("batch_size", lambda v, c: c["mix"] == "none" or v % 2 == 0, "even with mixup/cutmix (timm Mixup)"),
+    ("train_subset", lambda v, c: v is None or v >= c["batch_size"],
+     lambda c: f">= batch_size ({c['batch_size']}): training drops the last partial batch"),
+)
+
+
+def validate_config(cfg) -> dict:
+    """The full cfg (defaults of default_config(model, dataset) filled in), or ValueError naming the bad key.
+    Runs before any data is touched: the steps of _CONFIG_RULES, in order."""
+    c = _with_recipe_defaults(cfg)
+    for rule in _CONFIG_RULES:
+        if callable(rule):  # a resolver
+            rule(c)
+        else:
+            key, test, want = rule
+            _check(test(c[key], c), key, c[key], want(c) if callable(want) else want)
     return c
 
 
@@ -3226,18 +3323,14 @@ def _erank_ses_view(model, collector, batches, beta, device):
     of the training batch size (erank grows with the number of samples, so only this batch size compares with
     the target SES pulls towards), averaged over the batches; grad off. BatchNorm running stats and spectral-norm
     vectors are restored afterwards and the RNG is forked, so the measurement changes nothing in the run."""
-    bufs = [b.detach().clone() for b in model.buffers()]
     devices = [device] if device.type == "cuda" else []
     per_batch = []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with measuring(model, mode="train"), torch.random.fork_rng(devices=devices):
         for x in batches:
             collector.clear()
             model(x)
             per_batch.append(layer_erank_stats(collector, beta))
         collector.clear()
-    with torch.no_grad():
-        for b, saved in zip(model.buffers(), bufs):
-            b.copy_(saved)
     out = {}
     for name, st in per_batch[0].items():
         erank = float(np.mean([p[name]["erank"] for p in per_batch]))
@@ -3250,12 +3343,8 @@ def _erank_author_view(model, collector, x, beta, batch_size, amp_dtype):
     """Per-layer effective rank as the SES author measured it (ses_erank_dynamics.py measure_erank, the source of
     the published ResNet-18 erank ratios): eval mode, the first 2048 TEST images, forward under the run's
     autocast, outputs mean-pooled, then one spectrum of the [2048, d] matrix (the d x d covariance, float32)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with measuring(model, mode="eval"):
         acts = pooled_activations(model, [(n, collector.kinds[n]) for n in collector.names], x, batch_size, amp_dtype)
-    finally:
-        model.train(was_training)
     names = list(acts)
     stats = erank_stats([acts[n] for n in names], names, beta)
     for st in stats.values():
@@ -3263,23 +3352,21 @@ def _erank_author_view(model, collector, x, beta, batch_size, amp_dtype):
     return stats
 
 
-@torch.no_grad()
 def _evaluate(model, loader, amp_dtype, collector, dd=None):
     """(accuracy %, mean loss) over the loader; under DDP each rank scores its shard and the sums are reduced.
-    `model` is the unwrapped module: eval needs no gradient sync (and eval-mode BatchNorm no collective)."""
-    model.eval()
+    `model` is the unwrapped module: eval needs no gradient sync (and eval-mode BatchNorm no collective).
+    The model's mode is restored afterwards (train_one_epoch sets train mode itself)."""
     device = loader.device
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # hits, loss sum, samples
-    with collector.paused() if collector else contextlib.nullcontext():
+    with measuring(model, mode="eval"), collector.paused() if collector else contextlib.nullcontext():
         for x, y in loader:
             if len(y) == 0:  # a rank's share of the last partial batch can be empty
                 continue
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 out = model(x)
             sums[0] += (out.argmax(1) == y).sum()
             sums[1] += F.cross_entropy(out.float(), y, reduction="sum").double()
             sums[2] += len(y)
-    model.train()
     correct, loss_sum, n = _all_reduce_sum(sums, dd).tolist() if dd else sums.tolist()
     return 100.0 * correct / n, loss_sum / n
 
@@ -3396,7 +3483,8 @@ def _use_sync_bn(c, model, device, info) -> bool:
         return False
     if c["sync_bn"] is None and device.type == "cpu" and info.world_size > 1 and info.is_main:
         warnings.warn(f"{c['model']} has BatchNorm and SyncBatchNorm needs GPUs: on CPU each of the "
-                      f"{info.world_size} ranks normalises with its own batch statistics", stacklevel=3)
+                      f"{info.world_size} ranks normalises with its own batch statistics",
+                      stacklevel=4)  # train()'s line: _use_sync_bn <- _build_model_and_ses <- _train <- train
     return c["sync_bn"] if c["sync_bn"] is not None else device.type == "cuda"
 
 
@@ -3548,239 +3636,419 @@ def preflight(c, model=None):
         raise PreflightError("this run cannot start:\n  - " + "\n  - ".join(problems))
 
 
-def _train(c, dd: DistInfo, device):
-    out_dir = Path(c["out_dir"]) if c["out_dir"] else None
-    ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
-    done, ck = _stale_on_disk(c, out_dir, dd) if out_dir else (None, None)
-    finished, has_ckpt = _same_on_all_ranks((done is not None, ck is not None), dd,
-                                            "whether out_dir holds a finished result / a checkpoint")
-    if finished:  # finished already, with these settings: hand back its result
-        return done if dd.is_main else None
-    amp_dtype = _amp_dtype(c["precision"])
-    note = resolve_precision(c["amp"], device.type, _device_capability(device))[1]
-    if note and dd.is_main and _log_mode(c["log"]) != "none":
-        print(f"note: {note}", flush=True)
-    info = dataset_info(c["dataset"])
-    set_seed(c["seed"])  # the same on every rank: identical init (DDP also broadcasts rank 0's weights)
-    t_start = time.time()
+@dataclasses.dataclass(eq=False)
+class _Run:
+    """What one training run holds, filled in by _train's steps in order; _release empties it at the end."""
+    c: dict
+    dd: DistInfo
+    device: torch.device
+    out_dir: Path | None = None
+    ckpt_path: Path | None = None  # out_dir/checkpoint.pt; None without out_dir
+    ck: dict | None = None  # the checkpoint to resume from, until _restore_checkpoint consumes it
+    amp_dtype: torch.dtype | None = None  # None: fp32
+    t_start: float = 0.0
+    tf32_before: tuple = ()
+    # the model: net is the unwrapped module (evaluation, checkpoints, erank), model what trains (net or its DDP wrapper)
+    net: nn.Module | None = None
+    model: nn.Module | None = None
+    ses: SES | None = None
+    sync_bn: bool = False
+    gather: object = None  # gather_activations when SES sees the global batch under DDP, else None
+    # the data
+    loader: DeviceLoader | None = None
+    evals: dict | None = None  # {"test": loader, "val": loader (with val_split)}
+    erank_batches: list | None = None
+    erank_test: torch.Tensor | None = None
+    steps: int = 0  # optimiser steps per epoch
+    # the optimisation
+    mixer: object = None  # timm Mixup with mix="mixup" | "cutmix"; its soft-target loss is the criterion
+    criterion: object = None  # None: cross-entropy
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    scaler: object = None
+    # the progress
+    history: list = dataclasses.field(default_factory=list)
+    start_epoch: int = 0
+    best: dict | None = None  # rank 0: the best test-accuracy epoch's weights (the paper's model selection)
+    log: str = "none"
+    tag: str = ""  # the run's name in its log lines
+    ckpt_note: str = ""  # what a stopped run says about its checkpoint
 
-    # model + hooks first: a bad layer preset fails here, before any data is read
+
+def _train(c, dd: DistInfo, device):
+    """One run as a recipe, in the shape of timm's train.py: a finished run hands back its result; otherwise build the
+    model, the data and the optimisation (resumed from the checkpoint if there is one), then train and evaluate epoch
+    by epoch, keeping the best epoch and a checkpoint after each and pausing before an epoch the time budget would
+    not fit; then the final metrics and result.json. Rank 0 returns the result, the other ranks None."""
+    out_dir = Path(c["out_dir"]) if c["out_dir"] else None
+    run = _Run(c, dd, device, out_dir=out_dir, ckpt_path=out_dir / "checkpoint.pt" if out_dir else None)
+    done = _resume_or_finish(run)
+    if done is not None:  # finished already, with these settings: hand back its result
+        return done if dd.is_main else None
+    _set_precision(run)
+    set_seed(c["seed"])  # the same on every rank: identical init (DDP also broadcasts rank 0's weights)
+    run.t_start = time.time()
+    _build_model_and_ses(run)  # model + hooks first: a bad layer preset fails here, before any data is read
+    run.tf32_before = _set_tf32(c["tf32"])  # process-wide: _release restores it
+    try:
+        _build_data(run)
+        _build_optimisation(run)
+        _restore_checkpoint(run)
+        _wrap_model(run)
+        _start_log(run)
+        end = deadline()
+        for epoch in range(run.start_epoch, c["epochs"]):
+            _pause_if_out_of_time(run, epoch, end)
+            beta, lr = _start_epoch(run, epoch)
+            t0, bar = time.time(), _epoch_bar(run, epoch)
+            row, train_seconds = train_one_epoch(run, epoch, bar, t0)
+            evaluate_epoch(run, row, beta)
+            row.update(beta=beta, lr=lr, steps=run.steps, train_seconds=train_seconds,
+                       epoch_seconds=time.time() - t0, peak_mem_mb=_peak_mem_mb(device))
+            run.history.append(row)
+            _keep_best(run, row)
+            run.scheduler.step()
+            _log_epoch(run, row, bar)
+            _save_checkpoint(run, epoch)
+        return _finish_run(run) if dd.is_main else None  # rank 0 alone evaluates robustness and writes the result
+    finally:
+        _release(run)
+
+
+# ── the steps of _train, in the order it takes them ─────────────────────────────────────────────
+
+def _resume_or_finish(run) -> dict | None:
+    """out_dir's result when it holds this run finished with these settings (hand it back), else None, with run.ck
+    the checkpoint to resume from if there is one. Stale or unreadable files are set aside first (_stale_on_disk)."""
+    done, run.ck = _stale_on_disk(run.c, run.out_dir, run.dd) if run.out_dir else (None, None)
+    _same_on_all_ranks((done is not None, run.ck is not None), run.dd,
+                       "whether out_dir holds a finished result / a checkpoint")
+    return done
+
+
+def _set_precision(run):
+    """The autocast dtype of the resolved precision, and a note when this device runs another than the one asked for."""
+    c, device = run.c, run.device
+    run.amp_dtype = _amp_dtype(c["precision"])
+    note = resolve_precision(c["amp"], device.type, _device_capability(device))[1]
+    if note and run.dd.is_main and _log_mode(c["log"]) != "none":
+        print(f"note: {note}", flush=True)
+
+
+def _build_model_and_ses(run):
+    """The model on its device (stochastic depth, SyncBatchNorm under DDP) and the SES object on it, the one users
+    call in their own loops (lam 0 for a baseline: its hooks then serve the erank measurements); rank 0's preflight."""
+    c, dd = run.c, run.dd
+    info = dataset_info(c["dataset"])
     net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"], c["width"])
     if c["drop_path"] is not None:
         _set_drop_path(net, c["drop_path"])
-    sync_bn = _use_sync_bn(c, net, device, dd)
-    if sync_bn:  # same parameter/buffer names as BatchNorm: checkpoints stay interchangeable
+    run.sync_bn = _use_sync_bn(c, net, run.device, dd)
+    if run.sync_bn:  # same parameter/buffer names as BatchNorm: checkpoints stay interchangeable
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net = net.to(device)
-    # the SES object users call in their own loops (lam 0 for a baseline: its hooks then serve the erank measurements)
-    ses = SES(net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
-              every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"])
-    collector = ses.collector
+    run.net = net.to(run.device)
+    run.ses = SES(run.net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
+                  every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"])
     if dd.is_main:
-        preflight(c, net)
-    gather = gather_activations if dd.enabled and c["ses_scope"] == "global" else None
-    model = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = best = None
-    tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c["tf32"]  # process-wide: restored below
-    try:
-        # data
-        # subsets are cut at load time (Tiny-ImageNet then decodes only those), after the val split if any
-        xtr, ytr = load_dataset(c["dataset"], c["data_root"], "train",
-                                subset=c["train_subset"] if not c["val_split"] else None)
-        xte, yte = load_dataset(c["dataset"], c["data_root"], "test", subset=c["test_subset"])
-        xval = yval = None
-        if c["val_split"] > 0:  # fixed holdout (seed-independent) so every run selects on the same images
-            perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(20240229))
-            nv = int(round(c["val_split"] * len(xtr)))
-            vi, ti = perm[:nv].sort().values, perm[nv:].sort().values
-            xval, yval, xtr, ytr = xtr[vi], ytr[vi], xtr[ti], ytr[ti]
-        if c["train_subset"]:
-            xtr, ytr = xtr[:c["train_subset"]], ytr[:c["train_subset"]]
-        if len(xtr) < c["batch_size"]:  # name what the user set: batch_size, and train_subset only if set
-            raise ValueError(f"batch_size {c['batch_size']} is larger than the {len(xtr)} training images"
-                             + (f" (train_subset={c['train_subset']})" if c["train_subset"] else
-                                f" of {c['dataset']} in {resolve_data_dir(c['dataset'], c['data_root'], download=False)}")
-                             + ": training drops the last partial batch, so no step would run; lower batch_size")
-        # every rank holds the whole (uint8) set and takes its slice of each global batch
-        norm = {"mean": c["norm_mean"], "std": c["norm_std"], "device": device, "rank": dd.rank,
-                "world_size": dd.world_size}
-        ebs = _eval_batch_size(c)
-        loader = DeviceLoader(xtr, ytr, c["batch_size"], train=True, augment=c["augment"], pad=c["crop_padding"],
+        preflight(c, run.net)
+    run.gather = gather_activations if dd.enabled and c["ses_scope"] == "global" else None
+
+
+def _set_tf32(on) -> tuple:
+    """TF32 matmuls and convolutions on or off, process-wide; returns the previous settings, for _release."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    return before
+
+
+def _load_splits(c):
+    """((x, y) train, test, val) as loaded (uint8); val is (None, None) without val_split. Subsets are cut at load
+    time (Tiny-ImageNet then decodes only those), after the val split if any."""
+    xtr, ytr = load_dataset(c["dataset"], c["data_root"], "train",
+                            subset=c["train_subset"] if not c["val_split"] else None)
+    xte, yte = load_dataset(c["dataset"], c["data_root"], "test", subset=c["test_subset"])
+    xval = yval = None
+    if c["val_split"] > 0:  # fixed holdout (seed-independent) so every run selects on the same images
+        perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(20240229))
+        nv = int(round(c["val_split"] * len(xtr)))
+        vi, ti = perm[:nv].sort().values, perm[nv:].sort().values
+        xval, yval, xtr, ytr = xtr[vi], ytr[vi], xtr[ti], ytr[ti]
+    if c["train_subset"]:
+        xtr, ytr = xtr[:c["train_subset"]], ytr[:c["train_subset"]]
+    if len(xtr) < c["batch_size"]:  # name what the user set: batch_size, and train_subset only if set
+        raise ValueError(f"batch_size {c['batch_size']} is larger than the {len(xtr)} training images"
+                         + (f" (train_subset={c['train_subset']})" if c["train_subset"] else
+                            f" of {c['dataset']} in {resolve_data_dir(c['dataset'], c['data_root'], download=False)}")
+                         + ": training drops the last partial batch, so no step would run; lower batch_size")
+    return (xtr, ytr), (xte, yte), (xval, yval)
+
+
+def _build_data(run):
+    """The on-device loaders (train; test, and val with val_split) and the fixed erank inputs. Every rank holds the
+    whole (uint8) set and takes its slice of each global batch."""
+    c, dd = run.c, run.dd
+    (xtr, ytr), (xte, yte), (xval, yval) = _load_splits(c)
+    norm = {"mean": c["norm_mean"], "std": c["norm_std"], "device": run.device, "rank": dd.rank,
+            "world_size": dd.world_size}
+    ebs = _eval_batch_size(c)
+    run.loader = DeviceLoader(xtr, ytr, c["batch_size"], train=True, augment=c["augment"], pad=c["crop_padding"],
                               hflip=c["hflip"], color_jitter=c["color_jitter"],
                               randaugment=(c["randaugment_num_ops"], c["randaugment_magnitude"]), seed=c["seed"],
                               max_steps=c["max_steps_per_epoch"], **norm)
-        evals = {"test": DeviceLoader(xte, yte, ebs, train=False, **norm)}
-        if xval is not None:
-            evals["val"] = DeviceLoader(xval, yval, ebs, train=False, **norm)
-        # the fixed erank inputs (identical for every run, epoch and rank): the first erank_batches training batches,
-        # unaugmented, at the training batch size; and the first erank_eval_samples test images
-        B = c["batch_size"]
-        erank_batches = [loader.normalize(loader.images[i * B:(i + 1) * B])
+    run.evals = {"test": DeviceLoader(xte, yte, ebs, train=False, **norm)}
+    if xval is not None:
+        run.evals["val"] = DeviceLoader(xval, yval, ebs, train=False, **norm)
+    # the fixed erank inputs (identical for every run, epoch and rank): the first erank_batches training batches,
+    # unaugmented, at the training batch size; and the first erank_eval_samples test images
+    B = c["batch_size"]
+    run.erank_batches = [run.loader.normalize(run.loader.images[i * B:(i + 1) * B])
                          for i in range(min(c["erank_batches"], len(xtr) // B))]
-        erank_test = evals["test"].normalize(evals["test"].images[:c["erank_eval_samples"]])
-        del xtr, ytr, xte, yte, xval, yval
+    run.erank_test = run.evals["test"].normalize(run.evals["test"].images[:c["erank_eval_samples"]])
+    run.steps = len(run.loader)
 
-        mixer = criterion = None
-        if c["mix"] != "none":  # under DDP the pairs are mixed within each rank's slice (numpy RNG: same lam)
-            from timm.data import Mixup
-            from timm.loss import SoftTargetCrossEntropy
-            a = c["mix_alpha"]
-            mixer = Mixup(mixup_alpha=a if c["mix"] == "mixup" else 0.0,
-                          cutmix_alpha=a if c["mix"] == "cutmix" else 0.0,
-                          label_smoothing=0.0, num_classes=info["num_classes"])
-            criterion = SoftTargetCrossEntropy()
-        optimizer = _make_optimizer(net, c)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(c))
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-        history, start_epoch = [], 0
-        if has_ckpt:  # every rank loads the same global state (saved from rank 0 by any number of ranks)
-            net.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            _set_rng_state(ck["rng"], loader)
-            best = ck.get("best")  # the best test-accuracy epoch's weights (the paper's model selection)
-            history, start_epoch = ck["history"], ck["epoch"]
-        ck = None
-        if dd.enabled:  # after loading: DDP broadcasts rank 0's state at construction
-            model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        else:
-            model = net
-        log = _log_mode(c["log"]) if dd.is_main else "none"
-        tag = (f"{c['dataset']}/{c['model']}{'+SES' if c['ses'] else ''} seed {c['seed']}"
+def _make_mixer(c):
+    """timm's Mixup set to mixup or cutmix, and its soft-target loss. Under DDP the pairs are mixed within each rank's
+    slice (numpy RNG: the same lam on every rank)."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    a = c["mix_alpha"]
+    mixer = Mixup(mixup_alpha=a if c["mix"] == "mixup" else 0.0,
+                  cutmix_alpha=a if c["mix"] == "cutmix" else 0.0,
+                  label_smoothing=0.0, num_classes=dataset_info(c["dataset"])["num_classes"])
+    return mixer, SoftTargetCrossEntropy()
+
+
+def _build_optimisation(run):
+    """Mixup/CutMix when asked, the optimiser, its per-epoch LR schedule and the gradient scaler (on for fp16 only)."""
+    c = run.c
+    if c["mix"] != "none":
+        run.mixer, run.criterion = _make_mixer(c)
+    run.optimizer = _make_optimizer(run.net, c)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, _lr_factor(c))
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
+
+
+def _restore_checkpoint(run):
+    """Continue where run.ck left off: every rank loads the same global state (saved from rank 0 by any number of
+    ranks): weights, optimiser, schedule, scaler, the RNG streams and the loader's, the history, the best epoch."""
+    ck = run.ck
+    if ck is not None:
+        run.net.load_state_dict(ck["model"])
+        run.optimizer.load_state_dict(ck["optimizer"])
+        run.scheduler.load_state_dict(ck["scheduler"])
+        run.scaler.load_state_dict(ck["scaler"])
+        _set_rng_state(ck["rng"], run.loader)
+        run.best = ck.get("best")  # the best test-accuracy epoch's weights (the paper's model selection)
+        run.history, run.start_epoch = ck["history"], ck["epoch"]
+    run.ck = None  # consumed: its tensors need not stay in memory through the training
+
+
+def _wrap_model(run):
+    """What trains: the model, or under DDP its wrapper, made after the restore (DDP broadcasts rank 0's state)."""
+    device = run.device
+    run.model = (nn.parallel.DistributedDataParallel(run.net, device_ids=[device.index] if device.type == "cuda" else None)
+                 if run.dd.enabled else run.net)
+
+
+def _start_log(run):
+    """The log mode (rank 0 alone logs), the run's tag in its log lines, the note a stopped run ends with."""
+    c, dd = run.c, run.dd
+    run.log = _log_mode(c["log"]) if dd.is_main else "none"
+    run.tag = (f"{c['dataset']}/{c['model']}{'+SES' if c['ses'] else ''} seed {c['seed']}"
                + (f" x{dd.world_size} ranks" if dd.world_size > 1 else ""))
-        ckpt_note = (f"Last good checkpoint kept: {ckpt_path} (epoch {start_epoch})" if ckpt_path else
+    run.ckpt_note = (f"Last good checkpoint kept: {run.ckpt_path} (epoch {run.start_epoch})" if run.ckpt_path else
                      "No checkpoint (out_dir=None).")
-        steps = len(loader)
-        if log in ("plain", "tqdm") and start_epoch:
-            print(f"[{tag}] resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
+    if run.log in ("plain", "tqdm") and run.start_epoch:
+        print(f"[{run.tag}] resumed from {run.ckpt_path} at epoch {run.start_epoch}", flush=True)
 
-        end = deadline()
-        for epoch in range(start_epoch, c["epochs"]):
-            if end is not None and _pause_now(history, c, epoch, end, dd):
-                if ckpt_path and dd.is_main:
-                    _write_progress(out_dir, c, history, device, paused=True)
-                raise RunPaused(f"paused before epoch {epoch + 1}/{c['epochs']}: the time budget ends in "
-                                f"{max(0.0, end - time.time()) / 60:.0f} min, less than the next epoch"
-                                + (" and the final evaluation" if epoch + 1 == c["epochs"] else "")
-                                + f" would take; {ckpt_note.lower()}; run it again to resume")
-            beta = ses.set_epoch(epoch, c["epochs"])
-            ses.step = epoch * steps  # periodic SES counts optimiser steps over the whole run (exact on resume)
-            lr = optimizer.param_groups[0]["lr"]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # DDP: in-model randomness (drop path, dropout) from its own stream per rank (equal streams would drop
-            # the same slots on every rank), seeded by (seed, epoch, rank) so a resume at any world size is exact
-            if dd.enabled:
-                torch.manual_seed(_rank_seed(c["seed"], epoch, dd.rank))
-            t0 = time.time()
-            model.train()
-            # loss sum, SES sum, hits, samples, SES steps: this rank's share, summed over ranks after the epoch
-            sums = torch.zeros(5, device=device, dtype=torch.float64)
-            pending, step0 = [], 0
-            bar = None
-            if log == "tqdm":
-                bar = tqdm(total=steps, desc=f"{tag} ep {epoch + 1}/{c['epochs']}", leave=True)
-            for step, (x, y) in enumerate(loader):
-                target = y
-                if mixer is not None:
-                    x, target = mixer(x, y)  # soft targets [B, C]
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = model(x)
-                    task = criterion(out, target) if criterion else F.cross_entropy(out, target)
-                # SES in float32 outside autocast, scaled with the rest below; 0 on the steps it skips (every_k).
-                # Under DDP on the gathered global batch: no 1/R or R, see gather_activations
-                loss = task.float() + ses(gather=gather)
-                if ses.last_loss is not None:
-                    sums[1] += ses.last_loss.double()
-                    sums[4] += 1
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if c["grad_clip"]:  # DDP's gradients are already averaged: every rank clips the same norm
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), c["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
-                with torch.no_grad():
-                    pred = out.argmax(1)
-                    # with mixed targets: the lam-weighted hit rate sum_i t_i[pred_i] (the reference's metric)
-                    hits = target.gather(1, pred[:, None]).sum() if mixer is not None else (pred == y).sum()
-                    sums[2] += hits.double()
-                    sums[0] += task.detach().double() * len(y)
-                    sums[3] += len(y)
-                pending.append(loss.detach())
-                if len(pending) == 16 or step == steps - 1:  # one host sync per 16 steps, not per step
-                    _check_finite(pending, epoch, step0, steps, ckpt_note, dd)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{pending[-1].item():.3f}")
-                    step0, pending = step + 1, []
-                if bar is not None:
-                    bar.update()
-            train_seconds = time.time() - t0
-            loss_sum, reg_sum, correct, n_seen, n_reg = _all_reduce_sum(sums, dd).tolist()
-            ses_mean = reg_sum / n_reg if n_reg else None
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "train_acc": 100.0 * correct / n_seen,
-                   "ses_loss": ses_mean}  # mean of sum_l (H_l - beta log d_l)^2 over the SES steps, lambda NOT applied
-            if n_reg:  # the SES term as it enters the loss (lambda applied, mean over ALL steps: 0 on skipped ones,
-                # as the author's reg meter), and the training loss including it (the paper's Exp 1 scale)
-                row["ses_term"] = c["ses_lambda"] * reg_sum / (steps * dd.world_size)  # reg_sum: summed over ranks
-                row["train_loss_total"] = row["train_loss"] + row["ses_term"]
-            for split, ev in evals.items():
-                row[f"{split}_acc"], row[f"{split}_loss"] = _evaluate(net, ev, amp_dtype, collector, dd)
-            row["gap"] = row["train_acc"] - row["test_acc"]
-            with ses.measuring():
-                row["erank"] = _erank_ses_view(net, collector, erank_batches, beta, device)
-            row["erank_author"] = _erank_author_view(net, collector, erank_test, beta, ebs, amp_dtype)
-            row.update(beta=beta, lr=lr, steps=steps, train_seconds=train_seconds,
-                       epoch_seconds=time.time() - t0, peak_mem_mb=_peak_mem_mb(device))
-            history.append(row)
-            if dd.is_main and (best is None or row["test_acc"] > best["test_acc"]):  # strict: first best epoch, as the
-                best = {"epoch": epoch + 1, "test_acc": row["test_acc"],  # author's `if acc > best_acc`
-                        "model": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
-            scheduler.step()
+
+def _pause_if_out_of_time(run, epoch, end):
+    """RunPaused (progress.json saying so) before an epoch the time budget ending at `end` would not fit (_pause_now)."""
+    c = run.c
+    if end is None or not _pause_now(run.history, c, epoch, end, run.dd):
+        return
+    if run.ckpt_path and run.dd.is_main:
+        _write_progress(run.out_dir, c, run.history, run.device, paused=True)
+    raise RunPaused(f"paused before epoch {epoch + 1}/{c['epochs']}: the time budget ends in "
+                    f"{max(0.0, end - time.time()) / 60:.0f} min, less than the next epoch"
+                    + (" and the final evaluation" if epoch + 1 == c["epochs"] else "")
+                    + f" would take; {run.ckpt_note.lower()}; run it again to resume")
+
+
+def _start_epoch(run, epoch):
+    """(SES beta, learning rate) of the epoch; SES's step count set, the memory peak reset, and under DDP each
+    rank's own seed for in-model randomness."""
+    c, device = run.c, run.device
+    beta = run.ses.set_epoch(epoch, c["epochs"])
+    run.ses.step = epoch * run.steps  # periodic SES counts optimiser steps over the whole run (exact on resume)
+    lr = run.optimizer.param_groups[0]["lr"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # DDP: in-model randomness (drop path, dropout) from its own stream per rank (equal streams would drop
+    # the same slots on every rank), seeded by (seed, epoch, rank) so a resume at any world size is exact
+    if run.dd.enabled:
+        torch.manual_seed(_rank_seed(c["seed"], epoch, run.dd.rank))
+    return beta, lr
+
+
+def _epoch_bar(run, epoch):
+    """The epoch's tqdm bar (log "tqdm"; _log_epoch closes it), else None."""
+    if run.log != "tqdm":
+        return None
+    return tqdm(total=run.steps, desc=f"{run.tag} ep {epoch + 1}/{run.c['epochs']}", leave=True)
+
+
+def train_one_epoch(run, epoch, bar, t0) -> tuple[dict, float]:
+    """One pass over the training data: (the epoch's training metrics, summed over the ranks; its training seconds,
+    counted from t0). The losses are checked finite once per 16 steps: one host sync, not one per step."""
+    run.model.train()  # the measurements restore the mode they found, so training sets its own
+    # loss sum, SES sum, hits, samples, SES steps: this rank's share, summed over ranks after the epoch
+    sums = torch.zeros(5, device=run.device, dtype=torch.float64)
+    pending, step0 = [], 0
+    for step, (x, y) in enumerate(run.loader):
+        pending.append(_train_step(run, x, y, sums))
+        if len(pending) == 16 or step == run.steps - 1:
+            _check_finite(pending, epoch, step0, run.steps, run.ckpt_note, run.dd)
             if bar is not None:
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{row['test_acc']:.2f}", gap=f"{row['gap']:.1f}")
-                bar.close()
-            elif log == "plain":
-                print(f"[{tag}] ep {epoch + 1}/{c['epochs']} loss {row['train_loss']:.4f} "
-                      f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% gap {row['gap']:.2f} "
-                      f"lr {lr:.3g} beta {beta:.2f} {row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB", flush=True)
-            if ckpt_path and dd.is_main:
-                atomic_torch_save({"format": 1, "epoch": epoch + 1, "config": c, "model": net.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "scaler": scaler.state_dict(), "rng": _rng_state(loader), "history": history,
-                                   "best": best}, ckpt_path)
-                ckpt_note = f"Last good checkpoint kept: {ckpt_path} (epoch {epoch + 1})"
-                _write_progress(out_dir, c, history, device)
+                bar.set_postfix(loss=f"{pending[-1].item():.3f}")
+            step0, pending = step + 1, []
+        if bar is not None:
+            bar.update()
+    train_seconds = time.time() - t0
+    return _train_metrics(run, epoch, sums), train_seconds
 
-        if not dd.is_main:  # rank 0 alone evaluates robustness and writes the result
-            return None
-        t_eval = time.time()
-        final = _final_metrics(history, c, net, device, evals, collector, log, best)
-        final["eval_seconds"] = time.time() - t_eval  # the final evaluation (robustness passes): for run estimates
-        final["total_seconds"] = time.time() - t_start
-        env = _env_info(device, c)
-        env["data_dir"] = str(resolve_data_dir(c["dataset"], c["data_root"], download=False))  # the folder used
-        env["distributed"] = ({"world_size": dd.world_size, "backend": dd.backend, "ses_scope": c["ses_scope"],
-                               "sync_bn": sync_bn, "nodes": int(os.environ.get("GROUP_WORLD_SIZE", 0)) or None}
-                              if dd.enabled else None)
-        result = {"config": c, "env": env, "history": history, "final": final}
-        if out_dir:
-            if c["save_model"]:  # the final weights, for load_run (checkpoint.pt goes once the run is done)
-                atomic_torch_save(net.state_dict(), out_dir / "model_final.pt")
-            atomic_write_json(out_dir / "result.json", result)
-            if not c["keep_checkpoint"] and ckpt_path.exists():
-                ckpt_path.unlink()
-        return result
-    finally:  # free the device between runs (reference bug 2), also when the run fails: drop every reference
-        ses.remove()  # (rebinding, not del: a traceback keeps this frame and its locals alive)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
-        net = model = collector = ses = loader = evals = optimizer = scheduler = scaler = erank_batches = erank_test = None  # noqa: F841
-        best = None  # noqa: F841
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+def _train_step(run, x, y, sums):
+    """One optimiser step on the batch (x, y), its loss, SES, hits and samples added to sums; returns the loss."""
+    target = y
+    if run.mixer is not None:
+        x, target = run.mixer(x, y)  # soft targets [B, C]
+    with autocast(run.device, run.amp_dtype):
+        out = run.model(x)
+        task = run.criterion(out, target) if run.criterion else F.cross_entropy(out, target)
+    # SES in float32 outside autocast, scaled with the rest below; 0 on the steps it skips (every_k).
+    # Under DDP on the gathered global batch: no 1/R or R, see gather_activations
+    loss = task.float() + run.ses(gather=run.gather)
+    if run.ses.last_loss is not None:
+        sums[1] += run.ses.last_loss.double()
+        sums[4] += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.c["grad_clip"]:  # DDP's gradients are already averaged: every rank clips the same norm
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.net.parameters(), run.c["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    with torch.no_grad():
+        pred = out.argmax(1)
+        # with mixed targets: the lam-weighted hit rate sum_i t_i[pred_i] (the reference's metric)
+        hits = target.gather(1, pred[:, None]).sum() if run.mixer is not None else (pred == y).sum()
+        sums[2] += hits.double()
+        sums[0] += task.detach().double() * len(y)
+        sums[3] += len(y)
+    return loss.detach()
+
+
+def _train_metrics(run, epoch, sums) -> dict:
+    """The epoch's row, its training part: from this rank's sums, summed over the ranks."""
+    loss_sum, reg_sum, correct, n_seen, n_reg = _all_reduce_sum(sums, run.dd).tolist()
+    ses_mean = reg_sum / n_reg if n_reg else None
+    row = {"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "train_acc": 100.0 * correct / n_seen,
+           "ses_loss": ses_mean}  # mean of sum_l (H_l - beta log d_l)^2 over the SES steps, lambda NOT applied
+    if n_reg:  # the SES term as it enters the loss (lambda applied, mean over ALL steps: 0 on skipped ones,
+        # as the author's reg meter), and the training loss including it (the paper's Exp 1 scale)
+        row["ses_term"] = run.c["ses_lambda"] * reg_sum / (run.steps * run.dd.world_size)  # reg_sum: summed over ranks
+        row["train_loss_total"] = row["train_loss"] + row["ses_term"]
+    return row
+
+
+def evaluate_epoch(run, row, beta):
+    """The epoch's evaluation, into row: accuracy and loss on each held-out split, the train-test gap, and each
+    layer's effective rank seen both ways (as SES sees it, as the author measured it)."""
+    for split, ev in run.evals.items():
+        row[f"{split}_acc"], row[f"{split}_loss"] = _evaluate(run.net, ev, run.amp_dtype, run.ses.collector, run.dd)
+    row["gap"] = row["train_acc"] - row["test_acc"]
+    with run.ses.measuring():
+        row["erank"] = _erank_ses_view(run.net, run.ses.collector, run.erank_batches, beta, run.device)
+    row["erank_author"] = _erank_author_view(run.net, run.ses.collector, run.erank_test, beta,
+                                             _eval_batch_size(run.c), run.amp_dtype)
+
+
+def _keep_best(run, row):
+    """Rank 0 keeps a CPU copy of the best test-accuracy epoch's weights (the paper's model selection; never our
+    headline). Strictly better: the first best epoch, as the author's `if acc > best_acc`."""
+    if run.dd.is_main and (run.best is None or row["test_acc"] > run.best["test_acc"]):
+        run.best = {"epoch": row["epoch"], "test_acc": row["test_acc"],
+                    "model": {k: v.detach().to("cpu", copy=True) for k, v in run.net.state_dict().items()}}
+
+
+def _log_epoch(run, row, bar):
+    """The epoch's summary: on its tqdm bar, closed here, or one plain line."""
+    if bar is not None:
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{row['test_acc']:.2f}", gap=f"{row['gap']:.1f}")
+        bar.close()
+    elif run.log == "plain":
+        print(f"[{run.tag}] ep {row['epoch']}/{run.c['epochs']} loss {row['train_loss']:.4f} "
+              f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% gap {row['gap']:.2f} "
+              f"lr {row['lr']:.3g} beta {row['beta']:.2f} {row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB",
+              flush=True)
+
+
+def _save_checkpoint(run, epoch):
+    """Rank 0 writes checkpoint.pt after the epoch (atomic: a kill mid-write leaves the previous one), then
+    progress.json."""
+    if not (run.ckpt_path and run.dd.is_main):
+        return
+    atomic_torch_save({"format": 1, "epoch": epoch + 1, "config": run.c, "model": run.net.state_dict(),
+                       "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                       "scaler": run.scaler.state_dict(), "rng": _rng_state(run.loader), "history": run.history,
+                       "best": run.best}, run.ckpt_path)
+    run.ckpt_note = f"Last good checkpoint kept: {run.ckpt_path} (epoch {epoch + 1})"
+    _write_progress(run.out_dir, run.c, run.history, run.device)
+
+
+def _finish_run(run) -> dict:
+    """Rank 0's end of the run: the final metrics (robustness passes included), model_final.pt and result.json;
+    checkpoint.pt goes unless keep_checkpoint. Returns the result."""
+    c = run.c
+    t_eval = time.time()
+    final = _final_metrics(run.history, c, run.net, run.device, run.evals, run.ses.collector, run.log, run.best)
+    final["eval_seconds"] = time.time() - t_eval  # the final evaluation (robustness passes): for run estimates
+    final["total_seconds"] = time.time() - run.t_start
+    result = {"config": c, "env": _run_env(run), "history": run.history, "final": final}
+    if run.out_dir:
+        if c["save_model"]:  # the final weights, for load_run (checkpoint.pt goes once the run is done)
+            atomic_torch_save(run.net.state_dict(), run.out_dir / "model_final.pt")
+        atomic_write_json(run.out_dir / "result.json", result)
+        if not c["keep_checkpoint"] and run.ckpt_path.exists():
+            run.ckpt_path.unlink()
+    return result
+
+
+def _run_env(run) -> dict:
+    """_env_info, with the data folder used and, under DDP, how the run was distributed."""
+    c, dd = run.c, run.dd
+    env = _env_info(run.device, c)
+    env["data_dir"] = str(resolve_data_dir(c["dataset"], c["data_root"], download=False))  # the folder used
+    env["distributed"] = ({"world_size": dd.world_size, "backend": dd.backend, "ses_scope": c["ses_scope"],
+                           "sync_bn": run.sync_bn, "nodes": int(os.environ.get("GROUP_WORLD_SIZE", 0)) or None}
+                          if dd.enabled else None)
+    return env
+
+
+def _release(run):
+    """Free the device between runs (reference bug 2), also when the run fails: SES's hooks off, TF32 back, and every
+    reference the run holds dropped (its fields emptied: a traceback keeps the frames that name `run` alive)."""
+    run.ses.remove()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = run.tf32_before
+    for name in ("net", "model", "ses", "loader", "evals", "erank_batches", "erank_test", "mixer", "criterion",
+                 "optimizer", "scheduler", "scaler", "best", "ck"):
+        setattr(run, name, None)
+    clear_corruption_cache()  # its operators are device tensors too (up to ~335 MB)
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _pause_now(history, c, epoch, end, dd) -> bool:

@@ -20,9 +20,11 @@ Sections (each uses only seslib, itself and those above it):
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -137,24 +139,83 @@ def find_notebooks(specs, dirs=None):
     return out
 
 
-def _declared_params(nb):
-    """Names assigned at top level of the notebook's `parameters` cell. Parsed with ast: papermill's
-    own line parser skips lines whose comment holds quotes or '=' (papermill.inspect_notebook)."""
-    import ast
-    import nbformat
-    cells = [c for c in nbformat.read(str(nb), as_version=4).cells
-             if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
-    if not cells:
-        raise ValueError(f"{nb.name}: no cell tagged 'parameters'")
+# ── a notebook's source, read with ast (never run here; only the cost plan's notebook_plan executes cells) ──
+
+@dataclasses.dataclass(frozen=True)
+class NotebookSource:
+    """A notebook's code cells, each parsed once with ast: the one way this file reads a notebook's source.
+    cells: (source, tags) of every code cell, in order; trees: each cell's ast.Module, or the SyntaxError of a cell
+    that is not plain Python (IPython magics), which the scans below skip."""
+    path: Path
+    cells: tuple
+    trees: tuple
+
+    def declared_params(self) -> set:
+        """Names assigned at top level of the `parameters` cell, _private ones aside. Read with ast: papermill's own
+        line parser skips lines whose comment holds quotes or '=' (papermill.inspect_notebook)."""
+        k = next((k for k, (_, tags) in enumerate(self.cells) if "parameters" in tags), None)
+        if k is None:
+            raise ValueError(f"{self.path.name}: no cell tagged 'parameters'")
+        if isinstance(self.trees[k], SyntaxError):
+            raise ValueError(f"{self.path.name}: the parameters cell is not plain Python ({self.trees[k]})")
+        names = set()
+        for node in self.trees[k].body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        return {n for n in names if not n.startswith("_")}
+
+    def grid_configs(self) -> list | None:
+        """The config names of the notebook's GRID (its first top-level `GRID = ...`) however it is laid out or
+        spelled ({...}, dict(...)); None when there is none, or its keys are computed."""
+        for tree in self.trees:
+            for node in getattr(tree, "body", ()):
+                if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "GRID" for t in node.targets):
+                    return _dict_keys(node.value)
+        return None
+
+    def strings(self, name) -> list:
+        """The string constants the code gives `name`, in source order: keyword arguments (model="x"), dict entries
+        ({"model": "x"}) and assignments (model = "x")."""
+        found = []
+        for tree in self.trees:
+            if not isinstance(tree, ast.Module):
+                continue
+            for node in sorted((n for n in ast.walk(tree) if hasattr(n, "lineno")), key=lambda n: (n.lineno, n.col_offset)):
+                if isinstance(node, ast.keyword) and node.arg == name:
+                    found.append(node.value)
+                elif isinstance(node, ast.Dict):
+                    found += [v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == name]
+                elif isinstance(node, ast.Assign):
+                    found += [node.value for t in node.targets if isinstance(t, ast.Name) and t.id == name]
+        return [v.value for v in found if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+
+
+def _dict_keys(node) -> list | None:
+    """The keys of a dict written in the ast as {...} or dict(k=..., ...) (dict({...}, k=...) too); None where they
+    cannot be known without running the code (a comprehension, **unpacking, a call)."""
+    if isinstance(node, ast.Dict):
+        keys = [k.value if isinstance(k, ast.Constant) else None for k in node.keys]  # None: **unpacking
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and len(node.args) <= 1:
+        first = _dict_keys(node.args[0]) if node.args else []
+        keys = None if first is None else first + [kw.arg for kw in node.keywords]
+    else:
+        return None
+    return None if keys is None or None in keys else list(dict.fromkeys(keys))
+
+
+def _parse_cell(source):
     try:
-        tree = ast.parse(cells[0].source)
+        return ast.parse(source)
     except SyntaxError as e:
-        raise ValueError(f"{nb.name}: the parameters cell is not plain Python ({e})") from None
-    names = set()
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        names |= {t.id for t in targets if isinstance(t, ast.Name)}
-    return {n for n in names if not n.startswith("_")}
+        return e
+
+
+def read_notebook(nb) -> NotebookSource:
+    """A notebook's code cells and their ast (see NotebookSource)."""
+    import nbformat
+    cells = tuple((c.source, tuple(c.metadata.get("tags", []))) for c in nbformat.read(str(nb), as_version=4).cells
+                  if c.cell_type == "code")
+    return NotebookSource(Path(nb), cells, tuple(_parse_cell(source) for source, _ in cells))
 
 
 BATCH_KEYS = {"time_budget"}  # params-file keys for the whole batch, not for a notebook
@@ -196,7 +257,7 @@ def load_batch_params(params, notebooks):
         merged = dict(keys.get("all", {}))
         for k in sorted(mine, key=lambda k: not k.isdigit()):  # numbers first, then stems
             merged.update(keys[k])
-        declared = _declared_params(nb)
+        declared = read_notebook(nb).declared_params()
         missing = ({"out_dir", "configs", "seeds"} | RUNNER_PARAMS) - set(declared)
         if missing:
             raise ValueError(f"{nb.name} does not follow the run contract: no parameter(s) {sorted(missing)}")
@@ -330,114 +391,170 @@ def _kill_tree(proc):
             pass
 
 
-def _last_error(log):
-    try:
-        lines = Path(log).read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
+# A run whose kernel exited cleanly without writing its result.json says why in its log, with one of seslib's markers
+# (looked for in this order): (marker, status, error). Without one, it failed.
+_NO_RESULT_MARKS = ((MARK_LOCKED, "skipped", "locked by another process"),
+                    (MARK_PAUSED, "paused", "time budget: checkpoint kept, resumes next time"),
+                    (MARK_BUDGET, "to do", "time budget: not started"))
+
+
+def last_error_line(log_text) -> str:
+    """What failed a job, from its log's text: what follows the last MARK_ERROR (the driver prints the first line of
+    the exception there), else the log's last line (200 characters at most)."""
+    lines = log_text.splitlines()
     return next((ln.split(MARK_ERROR, 1)[1].strip() for ln in reversed(lines) if MARK_ERROR in ln),
                 lines[-1][:200] if lines else "")
+
+
+def job_outcome(kind, rc, result_ok, log_text, attempt, retries, timeout):
+    """How a finished job ended, from plain values: (status, error, retry).
+
+    kind: "list" | "run" | "report" | "notebook"; rc: its process's exit status, or "timeout" (the runner killed it
+    after `timeout` seconds); result_ok: a run wrote a readable result.json; log_text: its log; attempt: the attempt
+    that just ended (1 = the first), of 1 + `retries` allowed. status: "done", "failed", "skipped" (a run locked by
+    another process), "paused" or "to do" (the time budget); error: why, for the table ("" when done). retry: a
+    kernel-start race (_START_RACE) failed it and a retry is left: launch it again (status is then what it would be)."""
+    if rc == 0 and kind == "run" and not result_ok:
+        for mark, status, error in _NO_RESULT_MARKS:
+            if mark in log_text:
+                return status, error, False
+        rc, error = 1, "the notebook finished but wrote no result.json"
+    elif rc == 0:
+        return "done", "", False
+    else:
+        error = f"timeout after {timeout}s" if rc == "timeout" else last_error_line(log_text)
+    retry = rc != "timeout" and attempt <= retries and any(m in log_text for m in _START_RACE)
+    return "failed", error, retry
+
+
+def _label(j):
+    return f"{j.nb.stem} {j.config} seed{j.seed}" if j.kind == "run" else f"{j.nb.stem} ({j.kind})"
+
+
+class _Scheduler:
+    """The state of one _schedule call: the jobs waiting (`pending`, in start order), running ({slot: (job index,
+    process, start time, log file)}) and finished, one record per finished job, the counts the progress lines show."""
+
+    def __init__(self, jobs, slots, env, cwd, kernel, say, t_start, retries, stagger, timeout, end, budget):
+        self.jobs, self.slots, self.env, self.cwd, self.kernel, self.say = jobs, slots, env, cwd, kernel, say
+        self.t_start, self.retries, self.stagger, self.timeout = t_start, retries, stagger, timeout
+        self.end, self.budget = end, budget
+        self.pending = list(range(len(jobs)))
+        self.running, self.finished, self.records = {}, set(), {}
+        self.last_launch = -1e9
+        self.counts = {"done": 0, "failed": 0, "skipped": 0, "paused": 0, "to do": 0}
+
+    def run(self) -> list:
+        """Poll the running jobs, launch what is ready, every 0.2 s until every job has its record."""
+        try:
+            while self.pending or self.running:
+                for s in list(self.running):
+                    self.poll(s)
+                self.launch_ready()
+                time.sleep(0.2)
+        finally:  # interrupted (Ctrl-C, SIGTERM) or crashed: take the children down with us
+            for i, proc, t0, fh in self.running.values():
+                _kill_tree(proc)
+                fh.close()
+        return [self.records[i] for i in sorted(self.records)]
+
+    def stamp(self):
+        return f"[{datetime.timedelta(seconds=int(time.time() - self.t_start))}]"
+
+    def finish(self, i, status, slot, seconds, error=""):
+        """Record job i's outcome and say it (a listing only when it failed)."""
+        j = self.jobs[i]
+        self.finished.add(i)
+        self.counts[status] += 1
+        self.records[i] = _record(j.nb.stem, j.kind, status, j.config, j.seed, round(seconds, 1), slot, j.attempt,
+                                  error, str(j.log) if status != "skipped" else "")
+        left = len(self.pending) + len(self.running)
+        if j.kind != "list" or status == "failed":
+            self.say(f"{self.stamp()} {status:<7} {_label(j)} on {slot} in {seconds:.1f}s"
+                     + (f"  {error}  (log: {j.log})" if status == "failed" else "")
+                     + f"  | done {self.counts['done']}, failed {self.counts['failed']}, left {left}")
+
+    def poll(self, s):
+        """The poll step of slot s: nothing while its job runs (killed once past the timeout); once it has ended, its
+        outcome (job_outcome) is recorded, or it is queued again first (a kernel-start race)."""
+        i, proc, t0, fh = self.running[s]
+        rc = proc.poll()
+        if rc is None and self.timeout and time.time() - t0 > self.timeout:
+            _kill_tree(proc)
+            rc = "timeout"
+        if rc is None:
+            return
+        fh.close()
+        del self.running[s]
+        j = self.jobs[i]
+        log_text = j.log.read_text(errors="replace") if j.log.exists() else ""
+        result_ok = rc == 0 and j.kind == "run" and _result_ok(j.result)
+        status, error, retry = job_outcome(j.kind, rc, result_ok, log_text, j.attempt, self.retries, self.timeout)
+        if retry:
+            j.not_before = time.time() + self.stagger * (2 + s) + random.random()
+            self.pending.insert(0, i)
+            self.say(f"{self.stamp()} retry   {_label(j)}: kernel start race ({error})")
+        else:
+            self.finish(i, status, self.slots[s]["name"], time.time() - t0, error)
+
+    def launch_ready(self):
+        """The launch step: each free slot takes the first pending job whose dependencies are over (one launch per
+        `stagger` seconds); a run that must not start now is recorded instead (not_started)."""
+        for s in range(len(self.slots)):
+            if s in self.running or time.time() - self.last_launch < self.stagger:
+                continue
+            i = next((i for i in self.pending if set(self.jobs[i].after) <= self.finished
+                      and self.jobs[i].not_before <= time.time()), None)
+            if i is None:
+                break
+            self.pending.remove(i)
+            held = self.not_started(self.jobs[i])
+            if held:
+                self.finish(i, held[0], "", 0.0, held[1])
+            else:
+                self.launch(i, s)
+
+    def not_started(self, j):
+        """(status, error) of a run that must not start now, else None: another runner is training it, it was
+        finished meanwhile, or its estimate does not fit the time budget left."""
+        if j.kind != "run":
+            return None
+        if is_locked(j.result.parent):
+            return "skipped", "locked by another process"
+        if result_status(j.result, j.cfg)[0] == "done":
+            return "skipped", ""
+        if not fits_budget(j.est, self.end, self.budget):
+            return "to do", (f"time budget: needs ~{_hours(j.est['seconds'])}, "
+                             f"{_hours(max(0.0, self.end - time.time()))} left")
+        return None
+
+    def launch(self, i, s):
+        """Start job i on slot s: the papermill driver in a subprocess of its own session, its output into the job's
+        log (a first attempt keeps the previous log as log.1.txt; a retry appends)."""
+        j, slot = self.jobs[i], self.slots[s]
+        j.attempt += 1
+        j.output.parent.mkdir(parents=True, exist_ok=True)
+        if j.attempt == 1:
+            _keep_previous_log(j.log)
+        fh = open(j.log, "w" if j.attempt == 1 else "a")
+        spec = {"input": str(j.nb), "output": str(j.output), "parameters": j.params, "kernel": self.kernel,
+                "cwd": self.cwd, "mark_error": MARK_ERROR}
+        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(os.getpid()), json.dumps(spec, default=str)],
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=self.cwd, start_new_session=True,
+                                env={**self.env, **slot["env"]})
+        self.running[s] = (i, proc, time.time(), fh)
+        self.last_launch = time.time()
+        if j.kind != "list":
+            self.say(f"{self.stamp()} start   {_label(j)} on {slot['name']}"
+                     + (f" (attempt {j.attempt})" if j.attempt > 1 else "")
+                     + f"  | running {len(self.running)}, queued {len(self.pending)}")
 
 
 def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None, end=None, budget=None):
     """Run jobs over the slots, one subprocess per slot, in list order as dependencies allow. With a deadline
     `end`: a run that fits_budget says cannot finish is not started ("to do"); a run that pauses itself at an
     epoch boundary is "paused". Returns one record per job (by index)."""
-    pending = list(range(len(jobs)))
-    running, finished, records = {}, set(), {}
-    last_launch = -1e9
-    counts = {"done": 0, "failed": 0, "skipped": 0, "paused": 0, "to do": 0}
-
-    def stamp():
-        return f"[{datetime.timedelta(seconds=int(time.time() - t_start))}]"
-
-    def label(j):
-        return f"{j.nb.stem} {j.config} seed{j.seed}" if j.kind == "run" else f"{j.nb.stem} ({j.kind})"
-
-    def finish(i, status, slot, seconds, error=""):
-        j = jobs[i]
-        finished.add(i)
-        counts[status] += 1
-        records[i] = _record(j.nb.stem, j.kind, status, j.config, j.seed, round(seconds, 1), slot, j.attempt, error,
-                             str(j.log) if status != "skipped" else "")
-        left = len(pending) + len(running)
-        if j.kind != "list" or status == "failed":
-            say(f"{stamp()} {status:<7} {label(j)} on {slot} in {seconds:.1f}s"
-                + (f"  {error}  (log: {j.log})" if status == "failed" else "")
-                + f"  | done {counts['done']}, failed {counts['failed']}, left {left}")
-
-    try:
-        while pending or running:
-            for s, (i, proc, t0, fh) in list(running.items()):
-                rc = proc.poll()
-                if rc is None and timeout and time.time() - t0 > timeout:
-                    _kill_tree(proc)
-                    rc = "timeout"
-                if rc is None:
-                    continue
-                fh.close()
-                del running[s]
-                j = jobs[i]
-                log_text = j.log.read_text(errors="replace") if j.log.exists() else ""
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and MARK_LOCKED in log_text:
-                    finish(i, "skipped", slots[s]["name"], time.time() - t0, "locked by another process")
-                    continue
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and MARK_PAUSED in log_text:
-                    finish(i, "paused", slots[s]["name"], time.time() - t0, "time budget: checkpoint kept, resumes next time")
-                    continue
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result) and MARK_BUDGET in log_text:
-                    finish(i, "to do", slots[s]["name"], time.time() - t0, "time budget: not started")
-                    continue
-                if rc == 0 and j.kind == "run" and not _result_ok(j.result):
-                    rc, err = 1, f"the notebook finished but wrote no {j.result.name}"
-                else:
-                    err = f"timeout after {timeout}s" if rc == "timeout" else _last_error(j.log)
-                if rc not in (0, "timeout") and j.attempt <= retries and any(m in log_text for m in _START_RACE):
-                    j.not_before = time.time() + stagger * (2 + s) + random.random()
-                    pending.insert(0, i)
-                    say(f"{stamp()} retry   {label(j)}: kernel start race ({err})")
-                    continue
-                finish(i, "done" if rc == 0 else "failed", slots[s]["name"], time.time() - t0, "" if rc == 0 else err)
-            for s in range(len(slots)):
-                if s in running or time.time() - last_launch < stagger:
-                    continue
-                ready = next((i for i in pending if set(jobs[i].after) <= finished and jobs[i].not_before <= time.time()), None)
-                if ready is None:
-                    break
-                pending.remove(ready)
-                j = jobs[ready]
-                if j.kind == "run" and is_locked(j.result.parent):  # another runner is training it now
-                    finish(ready, "skipped", "", 0.0, "locked by another process")
-                    continue
-                if j.kind == "run" and result_status(j.result, j.cfg)[0] == "done":  # finished meanwhile
-                    finish(ready, "skipped", "", 0.0)
-                    continue
-                if j.kind == "run" and not fits_budget(j.est, end, budget):
-                    finish(ready, "to do", "", 0.0, f"time budget: needs ~{_hours(j.est['seconds'])}, "
-                                                    f"{_hours(max(0.0, end - time.time()))} left")
-                    continue
-                j.attempt += 1
-                j.output.parent.mkdir(parents=True, exist_ok=True)
-                if j.attempt == 1:
-                    _keep_previous_log(j.log)
-                fh = open(j.log, "w" if j.attempt == 1 else "a")
-                spec = {"input": str(j.nb), "output": str(j.output), "parameters": j.params, "kernel": kernel, "cwd": cwd,
-                        "mark_error": MARK_ERROR}
-                proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(os.getpid()), json.dumps(spec, default=str)],
-                                        stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                        env={**env, **slots[s]["env"]})
-                running[s] = (ready, proc, time.time(), fh)
-                last_launch = time.time()
-                if j.kind != "list":
-                    say(f"{stamp()} start   {label(j)} on {slots[s]['name']}"
-                        + (f" (attempt {j.attempt})" if j.attempt > 1 else "")
-                        + f"  | running {len(running)}, queued {len(pending)}")
-            time.sleep(0.2)
-    finally:  # interrupted (Ctrl-C, SIGTERM) or crashed: take the children down with us
-        for i, proc, t0, fh in running.values():
-            _kill_tree(proc)
-            fh.close()
-    return [records[i] for i in sorted(records)]
+    return _Scheduler(jobs, slots, env, cwd, kernel, say, t_start, retries, stagger, timeout, end, budget).run()
 
 
 def _keep_previous_log(log, keep=5):
@@ -536,78 +653,133 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     as {out}/batch_summary.csv."""
     if params is not None and params_file is not None:
         raise ValueError("give params_file or params, not both")
+    nbs, overrides, budget = _batch_notebooks(notebooks, params if params is not None else params_file, time_budget,
+                                              preset)
+    slots = batch_slots(gpus, workers, torchrun)
+    out, cwd = Path(out).resolve(), os.getcwd()
+    nb_out = _notebook_out_dirs(nbs, overrides, out)
+    env = _kernel_env(out / ".batch")
+    t_start = time.time()
+    end = t_start + budget if budget else None
+    _set_deadline(env, end, budget)
+    log(f"batch: {len(nbs)} notebook(s) on {len(slots)} slot(s) [{', '.join(s['name'] for s in slots)}] -> {out}"
+        + (f"; time budget {_hours(budget)} (until {datetime.datetime.fromtimestamp(end):%H:%M})" if end else ""))
+    if not dry_run:
+        _mark_outputs_root(out)
+    listing_pass = functools.partial(_schedule, slots=slots, env=env, cwd=cwd, kernel=_KERNEL, say=log, t_start=t_start,
+                                     retries=retries, stagger=stagger)
+    run_pass = functools.partial(listing_pass, timeout=timeout, end=end, budget=budget)
+    with _sigterm_interrupts():
+        if whole_notebooks:
+            records = _whole_notebooks_pass(nbs, overrides, nb_out, report, dry_run, run_pass)
+            return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
+        lists, listed = _listing_pass(nbs, overrides, nb_out, out / ".batch", listing_pass)
+        records = _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, log)
+    return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
+
+
+def _batch_notebooks(notebooks, params, time_budget, preset):
+    """The batch's notebooks, their overrides (checked against each one's parameters; `preset` over the params') and
+    its time budget in seconds (time_budget, else the params file's; None: no budget)."""
     nbs = find_notebooks(notebooks)
-    given = _read_params(params if params is not None else params_file)
+    given = _read_params(params)
     budget = parse_duration(time_budget if time_budget is not None else given.get("time_budget"))
     overrides = load_batch_params(given, nbs)
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         overrides = {nb: {**o, "preset": preset} for nb, o in overrides.items()}
-    slots = batch_slots(gpus, workers, torchrun)
-    out, cwd = Path(out).resolve(), os.getcwd()
+    return nbs, overrides, budget
+
+
+def _notebook_out_dirs(nbs, overrides, out) -> dict:
+    """{notebook: its out_dir}: its overrides' out_dir, else {out}/{stem} (paper preset) or {out}/{preset}/{stem};
+    never one folder for two notebooks."""
     nb_out = {nb: str(Path(overrides[nb].get("out_dir") or _preset_folder(out, overrides[nb].get("preset", "paper"))
                            / nb.stem).resolve()) for nb in nbs}
     if len(set(nb_out.values())) < len(nbs):
         raise ValueError(f"two notebooks would write to the same out_dir: {sorted(nb_out.values())}")
-    tmp = out / ".batch"
+    return nb_out
+
+
+def _kernel_env(tmp) -> dict:
+    """The kernels' environment: the runner's, with $SES_DATA absolute, seslib's folder first on PYTHONPATH and the
+    kernelspec pinned to this interpreter (written under tmp/jupyter) first on JUPYTER_PATH."""
     env = dict(os.environ)
     if env.get(DATA_ENV):  # absolute, so a relative SES_DATA means the same in every kernel whatever its cwd
         env[DATA_ENV] = str(Path(env[DATA_ENV]).expanduser().resolve())
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
         [str(_here())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(tmp / "jupyter")] + ([env["JUPYTER_PATH"]] if env.get("JUPYTER_PATH") else []))
-    t_start = time.time()
-    end = t_start + budget if budget else None
-    if end:  # the kernels pause their runs at an epoch boundary before it
+    return env
+
+
+def _set_deadline(env, end, budget):
+    """The time budget's end and length in the kernels' environment (they pause their runs at an epoch boundary
+    before it), or neither when there is no budget."""
+    if end:
         env[DEADLINE_ENV], env[BUDGET_ENV] = repr(end), repr(budget)
     else:
         env.pop(DEADLINE_ENV, None), env.pop(BUDGET_ENV, None)
-    log(f"batch: {len(nbs)} notebook(s) on {len(slots)} slot(s) [{', '.join(s['name'] for s in slots)}] -> {out}"
-        + (f"; time budget {_hours(budget)} (until {datetime.datetime.fromtimestamp(end):%H:%M})" if end else ""))
-    if not dry_run:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / OUTPUTS_MARKER).write_text("An outputs root of the SES suite: the next Kaggle version copies this folder "
-                                          "in (sesrun.copy_previous_outputs).\n")
 
+
+def _mark_outputs_root(out):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUTS_MARKER).write_text("An outputs root of the SES suite: the next Kaggle version copies this folder "
+                                      "in (sesrun.copy_previous_outputs).\n")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM -> KeyboardInterrupt inside, so the scheduler's finally blocks kill the children."""
     prev_term = None
-    try:  # SIGTERM -> KeyboardInterrupt, so the finally blocks kill the children
+    try:
         prev_term = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread: no handler, the caller cleans up
         pass
     try:
-        if whole_notebooks:
-            jobs = [_Job("notebook", nb, {**overrides[nb], "out_dir": nb_out[nb], "report": report},
-                         Path(nb_out[nb]) / "notebook.ipynb", Path(nb_out[nb]) / "log.txt", cost=_notebook_cost(nb))
-                    for nb in nbs]
-            jobs.sort(key=lambda j: -j.cost)  # the longest first, so the tail is short
-            records = ([_record(j.nb.stem, j.kind, "todo") for j in jobs] if dry_run else
-                       _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout, end, budget))
-            return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
-        # 1. ask every notebook for its runs (listing mode: it writes the list and does nothing else)
-        lists = []
-        for nb in nbs:
-            path = tmp / f"{nb.stem}.runs.json"
-            path.unlink(missing_ok=True)
-            p = {**overrides[nb], "out_dir": nb_out[nb], "list_runs": str(path), "report": False}
-            lists.append(_Job("list", nb, p, tmp / f"{nb.stem}.listing.ipynb", tmp / f"{nb.stem}.listing.log", result=path))
-        listed = _schedule(lists, slots, env, cwd, _KERNEL, log, t_start, retries, stagger)
-        failed = [r for r in listed if r["status"] == "failed"]
-        # 2. the runs, costliest first, then each notebook's report once its runs are over
-        records, jobs = _plan_jobs([lj for lj, r in zip(lists, listed) if r["status"] == "done"],
-                                   overrides, nb_out, cwd, report, log)
-        records = failed + records
-        log(f"{sum(j.kind == 'run' for j in jobs)} run(s) to do, {sum(r['status'] == 'skipped' for r in records)} "
-            f"already done, {sum(j.kind == 'report' for j in jobs)} report(s)")
-        if dry_run:
-            records += [_record(j.nb.stem, j.kind, "todo", j.config, j.seed) for j in jobs]
-        else:
-            records += _schedule(jobs, slots, env, cwd, _KERNEL, log, t_start, retries, stagger, timeout, end, budget)
-            _hours_left(records, jobs, log)
+        yield
     finally:
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
-    return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
+
+
+def _whole_notebooks_pass(nbs, overrides, nb_out, report, dry_run, run_pass) -> list:
+    """One job per notebook (its whole grid, then its report, in one kernel), the longest first so the tail is
+    short; a dry run only lists them."""
+    jobs = [_Job("notebook", nb, {**overrides[nb], "out_dir": nb_out[nb], "report": report},
+                 Path(nb_out[nb]) / "notebook.ipynb", Path(nb_out[nb]) / "log.txt", cost=_notebook_cost(nb))
+            for nb in nbs]
+    jobs.sort(key=lambda j: -j.cost)
+    return [_record(j.nb.stem, j.kind, "todo") for j in jobs] if dry_run else run_pass(jobs)
+
+
+def _listing_pass(nbs, overrides, nb_out, tmp, listing_pass):
+    """1. Every notebook in listing mode: it writes its run list to tmp/<stem>.runs.json and does nothing else.
+    Returns the listing jobs and their records."""
+    lists = []
+    for nb in nbs:
+        path = tmp / f"{nb.stem}.runs.json"
+        path.unlink(missing_ok=True)
+        p = {**overrides[nb], "out_dir": nb_out[nb], "list_runs": str(path), "report": False}
+        lists.append(_Job("list", nb, p, tmp / f"{nb.stem}.listing.ipynb", tmp / f"{nb.stem}.listing.log", result=path))
+    return lists, listing_pass(lists)
+
+
+def _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, log) -> list:
+    """2. The listed runs not done, costliest first, then each notebook's report once its runs are over (a dry run
+    only lists them). Returns the records: failed listings, runs done before (skipped), then the jobs'."""
+    failed = [r for r in listed if r["status"] == "failed"]
+    records, jobs = _plan_jobs([lj for lj, r in zip(lists, listed) if r["status"] == "done"],
+                               overrides, nb_out, cwd, report, log)
+    records = failed + records
+    log(f"{sum(j.kind == 'run' for j in jobs)} run(s) to do, {sum(r['status'] == 'skipped' for r in records)} "
+        f"already done, {sum(j.kind == 'report' for j in jobs)} report(s)")
+    if dry_run:
+        return records + [_record(j.nb.stem, j.kind, "todo", j.config, j.seed) for j in jobs]
+    records += run_pass(jobs)
+    _hours_left(records, jobs, log)
+    return records
 
 
 OUTPUTS_MARKER = "ses-outputs.txt"  # a visible file: Kaggle's output listing may leave dot files out
@@ -649,14 +821,13 @@ def _finish_batch(records, nb_out, out, t_start, log, report, dry_run):
 
 
 def _notebook_cost(nb):
-    """A rough cost of a whole notebook from its source: run_cost of its recipe's model x its number of configs."""
-    import nbformat
-    src = "\n".join(c.source for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
-    models = re.findall(r"model\s*=\s*['\"](\w+)['\"]", src)
-    grid = src[src.find("GRID = {"):]
-    n = max(1, len(re.findall(r"^\s+'[^']+':\s*dict\(", grid[:grid.find("\n}")], re.M)))
-    ds = "tinyimagenet" if "tinyimagenet" in src else "cifar"
-    return run_cost({"model": models[0] if models else "resnet18", "dataset": ds, "epochs": 1}) * n
+    """A rough cost of a whole notebook from its source: run_cost of its recipe's model (the first `model` its code
+    names) on the first data set it names, x its number of GRID configs (1 without a GRID)."""
+    src = read_notebook(nb)
+    models, datasets = src.strings("model"), src.strings("dataset")
+    n = max(1, len(src.grid_configs() or ()))
+    return run_cost({"model": models[0] if models else "resnet18", "dataset": datasets[0] if datasets else None,
+                     "epochs": 1}) * n
 
 
 def _preset_folder(out, preset):
@@ -679,20 +850,17 @@ def notebook_plan(nb, **params):
     """A notebook's own RunPlan: its parameters cell, `params` injected after it as papermill would, then its cells
     up to the S.plan_runs call, executed here (nothing trains, nothing is written)."""
     import io
-    import nbformat
     ns = {"__name__": "__notebook_plan__"}
     started = False
     with contextlib.redirect_stdout(io.StringIO()):
-        for cell in nbformat.read(str(nb), as_version=4).cells:
-            if cell.cell_type != "code":
-                continue
-            if "parameters" in cell.metadata.get("tags", []):
+        for source, tags in read_notebook(nb).cells:
+            if "parameters" in tags:
                 started = True
-                exec(cell.source, ns)  # noqa: S102 - the notebook's own code, as papermill would run it
+                exec(source, ns)  # noqa: S102 - the notebook's own code, as papermill would run it
                 ns.update(params)
                 continue
             if started:
-                exec(cell.source, ns)  # noqa: S102
+                exec(source, ns)  # noqa: S102
                 if type(ns.get("plan")).__name__ == "RunPlan":
                     return ns["plan"]
     raise ValueError(f"{Path(nb).name}: no cell after the parameters cell creates `plan` with S.plan_runs")
@@ -760,18 +928,14 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
     return df, totals
 
 
-def fmt_hours(h) -> str:
-    """The README's runtime format: '≈ 1.2 h', or '≈ 6 min' under an hour."""
-    return f"≈ {h:.1f} h" if h >= 1 else f"≈ {max(1, round(h * 60))} min"
-
-
 def format_plan(df, t) -> str:
     lines = [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10}  estimate from"]
     for r in df.itertuples():
-        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {fmt_hours(r.gpu_hours):>10}  {r.source}")
+        gpu_h = _hours(r.gpu_hours * 3600, approx=True)
+        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {gpu_h:>10}  {r.source}")
     lines += [
-        f"total: {fmt_hours(t['gpu_hours'])} of {t['gpu']} GPU time; wall time on {t['gpus']} x {t['gpu']}: "
-        f"{fmt_hours(t['wall_hours'])} (longest runs first)",
+        f"total: {_hours(t['gpu_hours'] * 3600, approx=True)} of {t['gpu']} GPU time; wall time on {t['gpus']} x "
+        f"{t['gpu']}: {_hours(t['wall_hours'] * 3600, approx=True)} (longest runs first)",
         f"Kaggle: {t['versions']} version(s) with --time-budget {t['budget_hours']:g}h (a version stops at "
         f"{KAGGLE['version_hours']:g} h), {t['versions_per_week']} per week of the {KAGGLE['quota_hours']:g}-h GPU quota "
         f"-> {t['weeks']} week(s)",
@@ -830,49 +994,62 @@ def validate_kaggle_metadata(path):
         raise ValueError(f"{path}: unreadable metadata ({e})") from None
     problems = []
     if path.name == "dataset-metadata.json":
-        slug = _check_ref(meta.get("id", ""), "id", 3, 50, problems)
-        title = str(meta.get("title", ""))
-        if not 6 <= len(title) <= 50:
-            problems.append(f"title {title!r} must be 6-50 characters")
-        if not isinstance(meta.get("licenses"), list) or len(meta["licenses"]) != 1 or "name" not in meta["licenses"][0]:
-            problems.append("licenses must hold exactly one {'name': ...}")
+        _dataset_meta_problems(meta, problems)
     else:
-        missing = [k for k in ("id", "title", "code_file", "language", "kernel_type") if not meta.get(k)]
-        if missing:
-            problems.append(f"missing field(s) {missing}")
-        slug = _check_ref(meta.get("id", ""), "id", 5, 50, problems)
-        title = str(meta.get("title", ""))
-        if len(title) < 5 or kaggle_slug(title) != slug:
-            problems.append(f"title {title!r} must be >= 5 characters and slugify to the id's slug {slug!r} "
-                            f"(it gives {kaggle_slug(title)!r})")
-        if meta.get("language") not in ("python", "r", "rmarkdown"):
-            problems.append(f"language {meta.get('language')!r} must be python, r or rmarkdown")
-        if meta.get("kernel_type") not in ("script", "notebook"):
-            problems.append(f"kernel_type {meta.get('kernel_type')!r} must be script or notebook")
-        for k in ("is_private", "enable_gpu", "enable_internet", "enable_tpu"):
-            if k in meta and meta[k] not in (True, False, "true", "false"):
-                problems.append(f"{k} must be true or false, got {meta[k]!r}")
-        for k, kind in (("dataset_sources", "dataset"), ("kernel_sources", "kernel"), ("competition_sources", None)):
-            v = meta.get(k, [])
-            if not isinstance(v, list):
-                problems.append(f"{k} must be a list")
-            elif kind:
-                for ref in v:
-                    _check_ref(ref, f"{k} entry", 3 if kind == "dataset" else 5, 50, problems)
-        if "machine_shape" in meta and not (isinstance(meta["machine_shape"], str) and meta["machine_shape"]):
-            problems.append("machine_shape must be a non-empty string such as 'NvidiaTeslaT4'")
-        code = path.parent / str(meta.get("code_file", ""))
-        if meta.get("code_file") and not code.is_file():
-            problems.append(f"code file {code} not found")
-        elif meta.get("code_file") and meta.get("kernel_type") == "notebook":
-            import nbformat
-            try:
-                nbformat.validate(nbformat.read(str(code), as_version=4))
-            except Exception as e:
-                problems.append(f"code file {code.name} is not a valid notebook ({str(e).splitlines()[0]})")
+        _kernel_meta_problems(meta, path.parent, problems)
     if problems:
         raise ValueError(f"{path}:\n  " + "\n  ".join(problems))
     return meta
+
+
+def _dataset_meta_problems(meta, problems):
+    _check_ref(meta.get("id", ""), "id", 3, 50, problems)
+    title = str(meta.get("title", ""))
+    if not 6 <= len(title) <= 50:
+        problems.append(f"title {title!r} must be 6-50 characters")
+    if not isinstance(meta.get("licenses"), list) or len(meta["licenses"]) != 1 or "name" not in meta["licenses"][0]:
+        problems.append("licenses must hold exactly one {'name': ...}")
+
+
+def _kernel_meta_problems(meta, folder, problems):
+    missing = [k for k in ("id", "title", "code_file", "language", "kernel_type") if not meta.get(k)]
+    if missing:
+        problems.append(f"missing field(s) {missing}")
+    slug = _check_ref(meta.get("id", ""), "id", 5, 50, problems)
+    title = str(meta.get("title", ""))
+    if len(title) < 5 or kaggle_slug(title) != slug:
+        problems.append(f"title {title!r} must be >= 5 characters and slugify to the id's slug {slug!r} "
+                        f"(it gives {kaggle_slug(title)!r})")
+    if meta.get("language") not in ("python", "r", "rmarkdown"):
+        problems.append(f"language {meta.get('language')!r} must be python, r or rmarkdown")
+    if meta.get("kernel_type") not in ("script", "notebook"):
+        problems.append(f"kernel_type {meta.get('kernel_type')!r} must be script or notebook")
+    for k in ("is_private", "enable_gpu", "enable_internet", "enable_tpu"):
+        if k in meta and meta[k] not in (True, False, "true", "false"):
+            problems.append(f"{k} must be true or false, got {meta[k]!r}")
+    for k, kind in (("dataset_sources", "dataset"), ("kernel_sources", "kernel"), ("competition_sources", None)):
+        v = meta.get(k, [])
+        if not isinstance(v, list):
+            problems.append(f"{k} must be a list")
+        elif kind:
+            for ref in v:
+                _check_ref(ref, f"{k} entry", 3 if kind == "dataset" else 5, 50, problems)
+    if "machine_shape" in meta and not (isinstance(meta["machine_shape"], str) and meta["machine_shape"]):
+        problems.append("machine_shape must be a non-empty string such as 'NvidiaTeslaT4'")
+    _code_file_problems(meta, folder, problems)
+
+
+def _code_file_problems(meta, folder, problems):
+    """The kernel's code file is there (and a valid notebook for kernel_type notebook)."""
+    code = folder / str(meta.get("code_file", ""))
+    if meta.get("code_file") and not code.is_file():
+        problems.append(f"code file {code} not found")
+    elif meta.get("code_file") and meta.get("kernel_type") == "notebook":
+        import nbformat
+        try:
+            nbformat.validate(nbformat.read(str(code), as_version=4))
+        except Exception as e:
+            problems.append(f"code file {code.name} is not a valid notebook ({str(e).splitlines()[0]})")
 
 
 def copy_previous_outputs(dest, inputs="/kaggle/input", log=print) -> list:
@@ -904,11 +1081,8 @@ def copy_previous_outputs(dest, inputs="/kaggle/input", log=print) -> list:
     return roots
 
 
-def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5h"):
-    import nbformat
-    v4 = nbformat.v4
-    data_slug = data_dataset.split("/")[1]
-    find_data = f"""\
+# The driver notebook's setup, after SETUP_CELL (str.format: {data_slug!r} is the data set's slug).
+_KAGGLE_DATA_CELL = """\
 # The data set attached as a Kaggle dataset -> SES_DATA (the notebooks' data_root default).
 _data = [p for k in (1, 2, 3) for p in glob.glob("/kaggle/input" + "/*" * k) if os.path.basename(p) == {data_slug!r}]
 if _data:
@@ -927,6 +1101,12 @@ if _missing:
 if importlib.util.find_spec("imagecorruptions") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "imagecorruptions"], check=True)
 """
+
+
+def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5h"):
+    import nbformat
+    v4 = nbformat.v4
+    find_data = _KAGGLE_DATA_CELL.format(data_slug=data_dataset.split("/")[1])
     cells = [
         v4.new_markdown_cell(
             "# SES experiments: batch run on Kaggle (GPU T4 ×2)\n\n"
@@ -983,22 +1163,8 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     code_dataset = code_dataset or f"{username}/seslib-code"
     out = Path(out)
     nbs = find_notebooks(notebooks)
-    kernel_meta = {
-        "id": f"{username}/{slug}", "title": slug.replace("-", " "), "code_file": f"{slug}.ipynb",
-        "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
-        "enable_internet": True, "machine_shape": "NvidiaTeslaT4",  # T4 x2
-        "dataset_sources": [data_dataset, code_dataset], "competition_sources": [],
-        # continuation: the previous version's output as an input ("self": this kernel's own, once it exists)
-        "kernel_sources": [] if not continue_from else [f"{username}/{slug}" if continue_from == "self" else continue_from]}
     parse_duration(time_budget)  # a bad budget fails here, not on Kaggle
-    code_slug = code_dataset.split("/")[-1]
-    data_meta = {"title": code_slug.replace("-", " "), "id": code_dataset, "licenses": [{"name": "CC0-1.0"}]}
-    problems = []
-    for ref, lo in ((data_dataset, 3), (code_dataset, 3), (kernel_meta["id"], 5), *((k, 5) for k in kernel_meta["kernel_sources"])):
-        _check_ref(ref, "reference", lo, 50, problems)
-    if problems:
-        raise ValueError("; ".join(problems))
-
+    kernel_meta, data_meta = _kaggle_metadata(username, slug, data_dataset, code_dataset, continue_from)
     if out.exists() and any(out.iterdir()) and not (out / "kernel-metadata.json").is_file():
         raise ValueError(f"--out {out} exists and is not a kernel bundle written by this command: choose another folder")
     # built in a temporary folder beside `out` and moved in place only once complete and valid: a failure
@@ -1006,14 +1172,7 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ds = tmp / "code-dataset"
-        ds.mkdir(parents=True)
-        here = _here()
-        for f in (here / "seslib.py", here / "sesrun.py", here / "requirements.txt"):
-            shutil.copy2(f, ds / f.name)
-        for nb in nbs:  # flat: `kaggle datasets create` skips sub-folders by default
-            shutil.copy2(nb, ds / nb.name)
-        atomic_write_json(ds / "dataset-metadata.json", data_meta)
+        ds = _write_code_dataset(tmp / "code-dataset", nbs, data_meta)
         driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset, time_budget)
         nbformat.write(driver, str(tmp / kernel_meta["code_file"]))
         atomic_write_json(tmp / "kernel-metadata.json", kernel_meta)
@@ -1025,6 +1184,38 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _kaggle_metadata(username, slug, data_dataset, code_dataset, continue_from):
+    """(kernel-metadata.json, the code dataset's dataset-metadata.json) of the bundle, every reference checked."""
+    kernel_meta = {
+        "id": f"{username}/{slug}", "title": slug.replace("-", " "), "code_file": f"{slug}.ipynb",
+        "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
+        "enable_internet": True, "machine_shape": "NvidiaTeslaT4",  # T4 x2
+        "dataset_sources": [data_dataset, code_dataset], "competition_sources": [],
+        # continuation: the previous version's output as an input ("self": this kernel's own, once it exists)
+        "kernel_sources": [] if not continue_from else [f"{username}/{slug}" if continue_from == "self" else continue_from]}
+    code_slug = code_dataset.split("/")[-1]
+    data_meta = {"title": code_slug.replace("-", " "), "id": code_dataset, "licenses": [{"name": "CC0-1.0"}]}
+    problems = []
+    for ref, lo in ((data_dataset, 3), (code_dataset, 3), (kernel_meta["id"], 5), *((k, 5) for k in kernel_meta["kernel_sources"])):
+        _check_ref(ref, "reference", lo, 50, problems)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return kernel_meta, data_meta
+
+
+def _write_code_dataset(ds, nbs, data_meta) -> Path:
+    """The code dataset folder: seslib.py, sesrun.py, requirements.txt and the notebooks (flat: `kaggle datasets
+    create` skips sub-folders by default), and its metadata."""
+    ds.mkdir(parents=True)
+    here = _here()
+    for f in (here / "seslib.py", here / "sesrun.py", here / "requirements.txt"):
+        shutil.copy2(f, ds / f.name)
+    for nb in nbs:
+        shutil.copy2(nb, ds / nb.name)
+    atomic_write_json(ds / "dataset-metadata.json", data_meta)
+    return ds
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -1084,10 +1275,8 @@ def _kaggle_cmd(a):
 
 
 def _notebook_datasets(nb) -> set:
-    """The data sets a notebook's code names (dataset="...")."""
-    import nbformat
-    src = "\n".join(c.source for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
-    return set(re.findall(r"dataset\s*=\s*['\"](\w+)['\"]", src)) & set(DATASETS)
+    """The data sets a notebook's code names (dataset="...", {"dataset": ...}, dataset = ...)."""
+    return set(read_notebook(nb).strings("dataset")) & set(DATASETS)
 
 
 def _quick_args(p):

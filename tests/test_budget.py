@@ -183,14 +183,15 @@ def test_plan_matches_the_readme(tmp_path):
     df, t = R.cost_plan("all", gpus=2, gpu="t4", out=tmp_path / "nothing-done-yet")
     assert len(df) == 18 and (df["left"] == df["runs"]).all()
     readme = (ROOT / "README.md").read_text()
-    assert _readme_runtimes() == {r.notebook: R.fmt_hours(r.gpu_hours) for r in df.itertuples()}
-    total = (f"{R.fmt_hours(t['gpu_hours'])} of T4 time, {R.fmt_hours(t['wall_hours'])} of wall time on a T4 ×2, "
+    approx = lambda hours: S._hours(hours * 3600, approx=True)  # noqa: E731 - the cost plan's format
+    assert _readme_runtimes() == {r.notebook: approx(r.gpu_hours) for r in df.itertuples()}
+    total = (f"{approx(t['gpu_hours'])} of T4 time, {approx(t['wall_hours'])} of wall time on a T4 ×2, "
              f"{t['versions']} Kaggle versions of 11.5 h, {t['weeks']} weeks of the 30-h quota")
     assert total in readme, total
     assert t["wall_hours"] >= t["gpu_hours"] / 2 and t["versions"] == math.ceil(t["wall_hours"] / 11.5)
     assert t["disk_ok"] and f"{t['disk_gb']:.1f} GB" in readme
 
-    p = subprocess.run([sys.executable, S.__file__, "plan", "all", "--gpus", "2", "--gpu", "t4", "--out",
+    p = subprocess.run([sys.executable, R.__file__, "plan", "all", "--gpus", "2", "--gpu", "t4", "--out",
                         str(tmp_path / "nothing-done-yet")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert R.format_plan(df, t) in p.stdout

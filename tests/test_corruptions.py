@@ -36,7 +36,14 @@ def _hwc(x):  # torch [N, 3, H, W] -> list of numpy HxWx3 uint8
 # ─── API contract ───────────────────────────────────────────────────────────────────────────────
 def test_names():
     assert len(S.CORRUPTIONS) == 15 and len(S.EXTRA_CORRUPTIONS) == 4 and len(set(ALL)) == 19
-    assert set(S.PAPER5) == {"gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise"}
+    sets = S.CORRUPTION_SETS  # the one definition of the set names: evaluations and run configs take the same
+    assert dict(sets) == {"all15": S.CORRUPTIONS, "extra": S.EXTRA_CORRUPTIONS, "all19": ALL, "paper5": sets["paper5"]}
+    assert set(sets["paper5"]) == {"gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise"}
+    assert S.PAPER5 == sets["paper5"] and S.ROBUSTNESS_PRESETS == tuple(sets)  # the old name still works
+    for name, names in sets.items():
+        assert S._resolve_corruptions(name) == list(names)
+    with pytest.raises(TypeError):
+        sets["mine"] = ("fog",)  # read-only: a notebook cannot change what "all15" means for later runs
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -345,6 +352,33 @@ def test_frost_needs_the_texture_package():
     else:
         y = S.corrupt(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), "frost", 1)
         assert y.float().mean() > 10  # frost on black: only the texture (times 0.2) remains
+
+
+# ─── the operator cache ─────────────────────────────────────────────────────────────────────────
+def test_clear_corruption_cache_drops_every_cached_operator():
+    S.clear_corruption_cache()
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    before = {name: S.corrupt(x, name, 3) for name in ("zoom_blur", "gaussian_blur")}
+    assert any(isinstance(v, torch.Tensor) for v in S._CACHE.values())  # the zoom operator, the filter matrices
+    S.clear_corruption_cache()
+    assert S._CACHE == {}
+    for name, y in before.items():  # rebuilt on demand, the same operators
+        assert torch.equal(S.corrupt(x, name, 3), y)
+    S.clear_corruption_cache()
+
+
+def test_a_run_leaves_no_corruption_operators_behind(data_root, monkeypatch):
+    """The cache holds device tensors (64-px zoom blur alone ~335 MB): the cleanup that frees a run's device memory
+    empties it too, or every later run of the kernel would start with them still allocated."""
+    sizes = []  # the cache's size each time the run's cleanup clears it
+    clear = S.clear_corruption_cache
+    monkeypatch.setattr(S, "clear_corruption_cache", lambda: (sizes.append(len(S._CACHE)), clear()))
+    clear()
+    S.train(dict(model="resnet18", dataset="cifar10", data_root=str(data_root), epochs=1, batch_size=32,
+                 train_subset=64, test_subset=32, max_steps_per_epoch=1, erank_batches=1, erank_eval_samples=32,
+                 width=0.25, log="none", device="cpu", robustness=["gaussian_blur"], robustness_severities=[1]))
+    assert sizes and sizes[0] > 0  # the robustness pass cached gaussian_blur's filter matrices...
+    assert S._CACHE == {}  # ...and the run's cleanup dropped them
 
 
 # ─── official files and evaluation ──────────────────────────────────────────────────────────────

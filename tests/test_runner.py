@@ -121,6 +121,107 @@ def test_every_notebook_starts_with_the_current_setup_cell():
         assert nbformat.read(str(path), as_version=4).cells[1].source.strip() == R.SETUP_CELL.strip(), path.name
 
 
+# ─── the runner's pure steps: a finished job's outcome, a notebook's source, durations ─────────
+
+def _outcome(rc, result_ok, log, kind="run", attempt=1, retries=1, timeout=None):
+    return R.job_outcome(kind, rc, result_ok, log, attempt, retries, timeout)
+
+
+def test_job_outcome_decides_every_exit_from_plain_values():
+    ran = "[run] a seed 0 -> outputs/nb/runs/a_seed0\n"
+    assert _outcome(0, True, ran) == ("done", "", False)
+    assert _outcome(0, False, "report: 2 result(s)\n", kind="report") == ("done", "", False)  # only runs write results
+    # a run's kernel that exits cleanly without a result.json says why with a marker, else it failed
+    assert _outcome(0, False, ran + "[locked] a seed 0: held by pid 7\nSES-RUN-LOCKED\n") == (
+        "skipped", "locked by another process", False)
+    assert _outcome(0, False, ran + "[paused] a seed 0: paused before epoch 2/3\nSES-RUN-PAUSED\n") == (
+        "paused", "time budget: checkpoint kept, resumes next time", False)
+    assert _outcome(0, False, "[budget] a seed 0: not started, needs ~2.0 h\nSES-RUN-BUDGET\n") == (
+        "to do", "time budget: not started", False)
+    assert _outcome(0, False, "SES-RUN-PAUSED\nSES-RUN-LOCKED\n")[0] == "skipped"  # locked is looked for first
+    assert _outcome(0, False, "SES-RUN-BUDGET\nSES-RUN-PAUSED\n")[0] == "paused"
+    assert _outcome(0, True, ran + "SES-RUN-PAUSED\n") == ("done", "", False)  # a result written wins over a marker
+    assert _outcome(0, False, ran) == ("failed", "the notebook finished but wrote no result.json", False)
+    assert _outcome("timeout", False, ran + "SES-RUN-ERROR: KeyboardInterrupt\n", timeout=30) == (
+        "failed", "timeout after 30s", False)
+    # failed: what follows the LAST SES-RUN-ERROR, else the log's last line (200 characters at most)
+    log = ("SES-RUN-ERROR: ValueError: an earlier one\n"
+           "PapermillExecutionError: ...\nSES-RUN-ERROR:  RuntimeError: bad fails on purpose \nTraceback (most recent "
+           "call last):\n  File \"driver\", line 12\n")
+    assert _outcome(1, False, log) == ("failed", "RuntimeError: bad fails on purpose", False)
+    assert _outcome(1, False, log, kind="list") == ("failed", "RuntimeError: bad fails on purpose", False)
+    assert _outcome(-9, False, "starting\n" + "x" * 300 + "\n") == ("failed", "x" * 200, False)
+    assert _outcome(1, False, "") == ("failed", "", False)
+    # a kernel-start race: retried while a retry is left; never after a timeout
+    race = "RuntimeError: Kernel didn't respond in 60 seconds\n"
+    assert _outcome(1, False, race, attempt=1, retries=1) == ("failed", race.strip(), True)
+    assert _outcome(1, False, race, attempt=2, retries=1) == ("failed", race.strip(), False)
+    assert _outcome(1, False, "zmq.error.ZMQError: Address already in use\n", kind="list", retries=0)[2] is False
+    assert _outcome(1, False, "zmq.error.ZMQError: Address already in use\n", kind="list", retries=2)[2] is True
+    assert _outcome(0, False, "Kernel died before replying to kernel_info\n") == (
+        "failed", "the notebook finished but wrote no result.json", True)
+    assert _outcome("timeout", False, race, timeout=5) == ("failed", "timeout after 5s", False)
+    assert _outcome(1, False, "RuntimeError: a plain failure\n", attempt=1, retries=5)[2] is False
+
+
+def _notebook(path, *cells, params="configs = 'all'\nseeds = [0]  # one = 'run'\n_defined = set(globals())\n"):
+    import nbformat
+    v4 = nbformat.v4
+    book = v4.new_notebook(cells=[v4.new_markdown_cell("GRID = {'a markdown': 'cell, not code'}"),
+                                  v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                                  *(v4.new_code_cell(c) for c in cells)])
+    nbformat.write(book, str(path))
+    return path
+
+
+def test_notebook_source_reads_grid_model_and_data_set_however_they_are_written(tmp_path):
+    one_line = _notebook(tmp_path / "1.ipynb", "GRID = {'a': dict(ses=False), 'b': dict(ses=True)}")
+    as_call = _notebook(tmp_path / "2.ipynb", "GRID = dict(a=dict(ses=False), b=dict(ses=True))")
+    split = _notebook(tmp_path / "3.ipynb", "GRID = {\n    'a':\n        dict(ses=False), \"b\": {'ses': True},\n"
+                                             "  'c': dict(\n ses=True)\n        }\nplan = None")
+    mixed = _notebook(tmp_path / "4.ipynb", "GRID = dict({'a': {}}, b={})")
+    for path, configs in ((one_line, ["a", "b"]), (as_call, ["a", "b"]), (split, ["a", "b", "c"]), (mixed, ["a", "b"])):
+        assert R.read_notebook(path).grid_configs() == configs, path.name
+        assert R._notebook_cost(path) == len(configs) * S.run_cost({"model": "resnet18", "epochs": 1}), path.name
+    computed = _notebook(tmp_path / "5.ipynb", "GRID = {f'k{k}': {} for k in range(3)}", "!pip install nothing")
+    assert R.read_notebook(computed).grid_configs() is None and R._notebook_cost(computed) == 1.0  # unknowable: 1
+
+    recipe = _notebook(tmp_path / "6.ipynb", "# BASE = dict(model='resnet50', dataset='tinyimagenet')\n"
+                       "BASE = dict(\n    model='wrn28_10', dataset=\"cifar100\", epochs=50)\nnote = \"model='mlp_toy'\"",
+                       "GRID = {'x': {'model': 'vit_tiny'}, 'y': dict(ses=True)}\ndataset = 'tinyimagenet'")
+    src = R.read_notebook(recipe)
+    assert src.strings("model") == ["wrn28_10", "vit_tiny"] and src.strings("dataset") == ["cifar100", "tinyimagenet"]
+    assert R._notebook_datasets(recipe) == {"cifar100", "tinyimagenet"}
+    assert R._notebook_cost(recipe) == 2 * S.run_cost({"model": "wrn28_10", "dataset": "cifar100", "epochs": 1})
+    assert src.declared_params() == {"configs", "seeds"}
+
+    with pytest.raises(ValueError, match="not plain Python"):
+        R.read_notebook(_notebook(tmp_path / "7.ipynb", params="configs = 'all'\n%matplotlib inline\n")).declared_params()
+    import nbformat
+    untagged = tmp_path / "8.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), str(untagged))
+    with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
+        R.read_notebook(untagged).declared_params()
+
+
+def test_the_source_reader_agrees_with_running_each_notebooks_cells(tmp_path):
+    """Every experiment notebook: GRID's configs, its recipe's model and its data set as read with ast are those its
+    executed cells plan."""
+    for nb in R.find_notebooks("all"):
+        plan, src = R.notebook_plan(nb, out_dir=str(tmp_path / nb.stem)), R.read_notebook(nb)
+        assert src.grid_configs() == list(plan.grid), nb.name
+        planned = plan.resolved.values()
+        assert set(src.strings("model")) == {c["model"] for c in planned if "model" in c}, nb.name
+        assert R._notebook_datasets(nb) == {c["dataset"] for c in planned if "dataset" in c}, nb.name
+
+
+def test_one_duration_format():
+    assert [S._hours(s) for s in (41400, 3600, 1500, 120, 119, 40)] == ["11.5 h", "1.0 h", "25 min", "2 min", "119 s",
+                                                                      "40 s"]
+    assert [S._hours(s, approx=True) for s in (41400, 3600, 1500, 90, 10, 0)] == ["≈ 11.5 h", "≈ 1.0 h", "≈ 25 min",
+                                                                                  "≈ 2 min", "≈ 1 min", "≈ 1 min"]
+
+
 # ─── batch runner (CLI, real papermill subprocesses) ───────────────────────────────────────────
 
 def test_batch_parallel_slots_failure_then_resume(tmp_path):
