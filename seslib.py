@@ -4221,13 +4221,12 @@ def train_toy(cfg: dict) -> dict:
 
 
 def _toy_epoch_log(model, collector, epoch, loss, xtr, ytr, xte, yte, c):
-    model.train()  # erank on the whole test set, measured the way SES sees it (hooks fire in train mode)
-    with torch.no_grad():
+    with measuring(model, "train"):  # erank on the whole test set as SES sees it (its hooks store in train mode)
         collector.clear()
         model(xte)
         er = erank_stats(collector.activations, collector.names, c["ses_beta"])
         collector.clear()
-        model.eval()
+    with measuring(model):
         tr = (model(xtr).argmax(1) == ytr).float().mean().item() * 100
         te = (model(xte).argmax(1) == yte).float().mean().item() * 100
     return dict(epoch=epoch, train_loss=loss, train_acc=tr, test_acc=te, erank=er)
@@ -4236,8 +4235,7 @@ def _toy_epoch_log(model, collector, epoch, loss, xtr, ytr, xte, yte, c):
 def _toy_decision_grid(model, lim=4.0, n=121):
     xs = torch.linspace(-lim, lim, n)
     gx, gy = torch.meshgrid(xs, xs, indexing="xy")
-    with torch.no_grad():
-        model.eval()
+    with measuring(model):
         pred = model(torch.stack([gx.flatten(), gy.flatten()], 1)).argmax(1).view(n, n)
     return dict(lim=lim, n=n, pred=pred.tolist())
 
@@ -5408,6 +5406,21 @@ USER_ERRORS = (ValueError, OSError, RunLocked, NonFiniteLossError)
 MOVED_COMMANDS = ("quick", "batch", "plan", "kaggle", "summary")
 
 
+def run_command(parser, command, args, interrupted):
+    """Run one command of a command line (this one's, sesrun.py's): a user's error becomes one line and exit 2 (what
+    was wrong and how to fix it, not a traceback), Ctrl-C exit 130 with `interrupted`, a failure its exit status."""
+    try:
+        code = command(args)
+    except USER_ERRORS as e:
+        parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        code = 130
+    if code:
+        raise SystemExit(code)
+    return 0
+
+
 def main(argv=None):
     """`python seslib.py train --config run.json` (torchrun launches exactly this); exits non-zero on failure."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -5419,17 +5432,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     _train_args(sub.add_parser("train", help="train one run from a JSON cfg (under torchrun: one DDP run over all "
                                              "ranks)"))
-    args = parser.parse_args(argv)
-    try:
-        code = _train_cmd(args)
-    except USER_ERRORS as e:  # a message, not a traceback: what was wrong and how to fix it
-        parser.exit(2, f"error: {e}\n")
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
-        code = 130
-    if code:
-        raise SystemExit(code)
-    return 0
+    return run_command(parser, _train_cmd, parser.parse_args(argv),
+                       interrupted="interrupted: run the same command again to resume from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -53,11 +53,12 @@ if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
         raise SystemExit(2)
     raise ImportError(_msg)
 
-from seslib import (BUDGET_ENV, DATA_ENV, DATASETS, DEADLINE_ENV, MARK_BUDGET, MARK_ERROR, MARK_LOCKED, MARK_PAUSED,
-                    SLOT_ENV, TORCHRUN_ENV, GPU_SPEED, PRESETS, RUNNER_PARAMS, USER_ERRORS, _MODEL_COST,
-                    _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
+from seslib import (BUDGET_ENV, DATASETS, DATA_ENV, DEADLINE_ENV, GPU_SPEED, MARK_BUDGET, MARK_ERROR, MARK_LOCKED,
+                    MARK_PAUSED, PRESETS, RUNNER_PARAMS, SLOT_ENV, TORCHRUN_ENV, _MODEL_COST, _hours,
+                    _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
-                    read_only, report, resolve_data_dir, result_status, run_cost, run_estimate, validate_params)
+                    read_only, report, resolve_data_dir, result_status, run_command, run_cost, run_estimate,
+                    validate_params)
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -1366,16 +1367,8 @@ def main(argv=None):
     for name, (help_, add_args, _) in CLI_COMMANDS.items():
         add_args(sub.add_parser(name, help=help_, description=help_))
     args = parser.parse_args(argv)
-    try:
-        code = CLI_COMMANDS[args.command][2](args)
-    except USER_ERRORS as e:  # a message, not a traceback: what was wrong and how to fix it
-        parser.exit(2, f"error: {e}\n")
-    except KeyboardInterrupt:
-        print("interrupted: the running jobs were stopped; run the same command again to resume", file=sys.stderr)
-        code = 130
-    if code:
-        raise SystemExit(code)
-    return 0
+    return run_command(parser, CLI_COMMANDS[args.command][2], args,
+                       interrupted="interrupted: the running jobs were stopped; run the same command again to resume")
 
 
 if __name__ == "__main__":
