@@ -5091,6 +5091,17 @@ def check_notebook_params(namespace: dict, defined_before: set, extra=()):
         v = namespace.get(k)
         if v is not None and (not _is_int(v) or v < 1):
             raise ValueError(f"{k} must be None (the preset's value) or a positive int; got {v!r}")
+    _check_device_name(namespace.get("device", "auto"))
+
+
+def _check_device_name(device):
+    """A notebook's `device` names a torch device, whether or not its runs use it (the toy study runs on the CPU):
+    a typo fails the same way in every notebook, before anything runs."""
+    try:
+        torch.device("cpu" if device in (None, "auto") else device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"device must be 'auto' or a torch device ('cpu', 'cuda', 'cuda:1'); got {device!r} "
+                         f"({e})") from None
 
 
 def run_config(base: dict, overrides: dict, *, preset="paper", seed=42, run_dir=None, epochs=None,

@@ -24,6 +24,7 @@ import ast
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import functools
 import json
 import math
@@ -237,10 +238,33 @@ def _read_params(params) -> dict:
             raise ValueError(f"--params {where}: not valid YAML ({str(e).splitlines()[0]}"
                              + (f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else "")
                              + ")") from None
-    if not isinstance(params, dict) or not all(isinstance(v, (dict, type(None))) for k, v in params.items()
-                                               if str(k) not in BATCH_KEYS):
+    if not isinstance(params, dict):
         raise ValueError("batch params must map 'all' / notebook number / notebook stem to a dict of overrides")
+    for k, v in params.items():
+        if str(k) not in BATCH_KEYS and not isinstance(v, (dict, type(None))):
+            near = difflib.get_close_matches(str(k), sorted(BATCH_KEYS), 1)
+            raise ValueError(f"params key {str(k)!r}: " + (f"unknown batch setting (did you mean {near[0]!r}?)" if near
+                             else f"{v!r} is not a dict of overrides (a key is 'all', a notebook number or name, "
+                                  f"or a batch setting: {', '.join(sorted(BATCH_KEYS))})"))
     return params
+
+
+def _check_notebook_keys(keys, notebooks):
+    """Every params key names 'all' or a notebook of the suite (in this batch or not): a misspelled name would leave
+    its notebook on its defaults (the paper preset) with nothing but a note, so it is refused, with a did-you-mean."""
+    try:
+        suite = find_notebooks("all")
+    except ValueError:  # no notebooks/ folder here (a custom layout): only the batch's own notebooks are known
+        suite = []
+    known = {nb.stem for nb in [*notebooks, *suite]} | {nb.name for nb in [*notebooks, *suite]}
+    numbers = {_nb_number(nb) for nb in [*notebooks, *suite]} - {None}
+    for k in keys:
+        if k == "all" or k in known or (k.isdigit() and int(k) in numbers):
+            continue
+        near = difflib.get_close_matches(k, ["all", *sorted(BATCH_KEYS), *sorted(known)], 1)
+        raise ValueError(f"params key {k!r} names no notebook" + (f" (did you mean {near[0]!r}?)" if near else "")
+                         + f"; a key is 'all', a notebook number or name, or a batch setting: "
+                           f"{', '.join(sorted(BATCH_KEYS))}")
 
 
 def load_batch_params(params, notebooks):
@@ -250,6 +274,7 @@ def load_batch_params(params, notebooks):
     parameters its `parameters` cell declares before any work."""
     params = _read_params(params)
     keys = {str(k): v or {} for k, v in params.items() if str(k) not in BATCH_KEYS}
+    _check_notebook_keys(keys, notebooks)
     out, used = {}, {"all"}
     for nb in notebooks:
         num = _nb_number(nb)
@@ -969,10 +994,16 @@ def kaggle_slug(title):
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
+_KAGGLE_USER = r"[A-Za-z0-9][A-Za-z0-9_-]{1,49}"  # a Kaggle user name, as in kaggle.com/<username>
+
+
 def _check_ref(ref, what, lo, hi, problems):
     owner, _, slug = str(ref).partition("/")
     if not owner or "/" in slug or not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug or "") or not lo <= len(slug) <= hi:
         problems.append(f"{what} {ref!r} must be 'owner/slug' with a slug of {lo}-{hi} lowercase letters, digits and hyphens")
+    elif not re.fullmatch(_KAGGLE_USER, owner):
+        problems.append(f"{what} {ref!r}: the owner {owner!r} is not a Kaggle user name (letters, digits, '-' or '_', "
+                        "2-50 characters, as in kaggle.com/<username>)")
     return slug
 
 
@@ -1157,7 +1188,7 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     Push with: `kaggle datasets create -p OUT/code-dataset` (once; `kaggle datasets version` after),
     then `kaggle kernels push -p OUT`. The kernel runs the batch over both T4s into /kaggle/working/outputs."""
     import nbformat
-    if not username or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{1,49}", str(username)):
+    if not username or not re.fullmatch(_KAGGLE_USER, str(username)):
         raise ValueError(f"--username {username!r} is not a Kaggle user name (letters, digits, '-' or '_', no "
                          "spaces): the one in your profile URL kaggle.com/<username>")
     data_dataset = data_dataset or f"{username}/ses-data"

@@ -1,6 +1,7 @@
 """Data: the three real loaders (against the files read independently), root resolution and its errors,
 the on-device pipeline (crop/flip vs torchvision's functional ops, per-sample randomness, normalisation,
 seeded shuffle, drop_last, rank slices) and per-image RandAugment."""
+import os
 import pickle
 from pathlib import Path
 
@@ -119,6 +120,112 @@ def test_ses_data_env_and_nested_layout_are_found(no_data_env, monkeypatch, data
     assert S.resolve_data_dir("cifar100") == nested / "cifar-100-python"
     # an explicit root comes first
     assert S.resolve_data_dir("cifar10", data_root) == Path(data_root) / "cifar-10-batches-py"
+
+
+# ── CIFAR batches: untrusted, damaged or inconsistent files ────────────────────────────────────────
+
+def _batch(n=4, labels=None, data=None, key="labels"):
+    """A CIFAR python batch as the official files hold it: uint8 rows of 3072 values and a list of int labels."""
+    data = np.random.default_rng(n).integers(0, 256, (n, 3072), dtype=np.uint8) if data is None else data
+    return {"batch_label": "fake", key: list(range(n)) if labels is None else labels, "data": data}
+
+
+def _fake_cifar(root, name="cifar10", broken=None, content=None):
+    """root/<official folder>/ with every batch small and valid except `broken`, which holds `content` (bytes as
+    they are, anything else pickled with protocol 2, as the official files are). Returns the broken file's path."""
+    d = Path(root) / S.dataset_info(name)["folder"]
+    d.mkdir(parents=True)
+    key = "labels" if name == "cifar10" else "fine_labels"
+    files = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]) if name == "cifar10" else ["train", "test"]
+    for f in files:
+        obj = content if f == broken else _batch(key=key)
+        (d / f).write_bytes(obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=2))
+    return d / (broken or files[0])
+
+
+def _load_error(root, name="cifar10", split="train") -> str:
+    with pytest.raises(ValueError) as e:
+        S.load_dataset(name, root, split, download=False)
+    msg = str(e.value)
+    assert "\n" not in msg  # the command line prints a ValueError as one line
+    return msg
+
+
+class _RunsCode:
+    """Unpickling this calls fn(arg): what a malicious attached 'data set' would do."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+@pytest.mark.parametrize("how", ["os.system", "eval"])
+def test_a_cifar_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, how):
+    marker = tmp_path / "pwned"
+    payload = (_RunsCode(os.system, f"echo pwned > {marker}") if how == "os.system"
+               else _RunsCode(eval, f"open({str(marker)!r}, 'w').write('pwned')"))
+    bad = _fake_cifar(tmp_path / "data", broken="data_batch_3", content={"data": payload, "labels": [0]})
+    msg = _load_error(tmp_path / "data")
+    assert msg.startswith(f"{bad}: refused ")
+    assert ("posix.system" if how == "os.system" else "__builtin__.eval") in msg  # protocol 2's name for builtins
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", ["truncated", "empty", "garbage"])
+def test_a_damaged_cifar_pickle_is_an_error_naming_the_file_and_the_remedy(tmp_path, content):
+    whole = pickle.dumps(_batch(), protocol=2)
+    data = {"truncated": whole[:len(whole) // 2], "empty": b"", "garbage": b"<html>404 Not Found</html>"}[content]
+    bad = _fake_cifar(tmp_path, broken="data_batch_3", content=data)
+    msg = _load_error(tmp_path)
+    assert msg.startswith(f"{bad}: truncated or not a CIFAR python batch (")
+    assert msg.endswith("re-download or re-extract the data set")
+
+
+BAD_BATCHES = {  # what is wrong: (dataset, the batch, what the error says)
+    "fewer labels than images": ("cifar10", _batch(8, labels=[0] * 7), "8 images but 7 labels"),
+    "rows not 3x32x32": ("cifar10", _batch(data=np.zeros((4, 3000), np.uint8)), "rows of 3000 values, not 3072"),
+    "pixels beyond uint8": ("cifar10", _batch(data=np.full((4, 3072), 300)), "pixels are not uint8 0..255"),
+    "fractional pixels": ("cifar10", _batch(data=np.full((4, 3072), 0.5)), "pixels are not uint8 0..255"),
+    "label 10 in cifar10": ("cifar10", _batch(labels=[0, 1, 2, 10]), "'labels' outside [0, 10): 10"),
+    "negative label": ("cifar10", _batch(labels=[0, -1, 2, 3]), "'labels' outside [0, 10): -1"),
+    "label 100 in cifar100": ("cifar100", _batch(labels=[0, 1, 2, 100], key="fine_labels"),
+                              "'fine_labels' outside [0, 100): 100"),
+    "fractional labels": ("cifar10", _batch(labels=[0, 1.5, 2, 3]), "'labels' are not integers"),
+    "a cifar10 batch as cifar100": ("cifar100", _batch(), "no 'fine_labels'"),
+    "not a dict": ("cifar10", [1, 2, 3], "a list, not a dict"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_BATCHES))
+def test_an_inconsistent_cifar_batch_is_an_error_naming_the_file_and_the_mismatch(tmp_path, what):
+    name, batch, says = BAD_BATCHES[what]
+    bad = _fake_cifar(tmp_path, name, broken="data_batch_3" if name == "cifar10" else "train", content=batch)
+    msg = _load_error(tmp_path, name)
+    assert msg.startswith(f"{bad}: ") and says in msg and msg.endswith("re-download or re-extract the data set")
+
+
+def test_lossless_pixel_and_label_types_load_as_the_official_ones(tmp_path):
+    ref = _batch()
+    _fake_cifar(tmp_path / "a", broken="test_batch", content=ref)
+    wider = _batch(labels=np.arange(4), data=ref["data"].astype(np.int64))  # int64 pixels 0..255, numpy labels
+    _fake_cifar(tmp_path / "b", broken="test_batch", content=wider)
+    xa, ya = S.load_dataset("cifar10", tmp_path / "a", "test", download=False)
+    xb, yb = S.load_dataset("cifar10", tmp_path / "b", "test", download=False)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb) and xb.dtype == torch.uint8 and yb.dtype == torch.int64
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_official_cifar_batches_load_exactly_as_plain_pickle_reads_them(data_root, name):
+    d = Path(data_root) / S.dataset_info(name)["folder"]
+    key, files = (("labels", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]})
+                  if name == "cifar10" else ("fine_labels", {"train": ["train"], "test": ["test"]}))
+    for split in ("train", "test"):
+        x, y = S.load_dataset(name, data_root, split)
+        raw = [_pickle(d / f) for f in files[split]]
+        assert torch.equal(x, torch.from_numpy(np.concatenate([r["data"] for r in raw]).reshape(-1, 3, 32, 32)))
+        assert torch.equal(y, torch.tensor([lab for r in raw for lab in r[key]], dtype=torch.int64))
 
 
 # ── on-device pipeline ──────────────────────────────────────────────────────────────────────────

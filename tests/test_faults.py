@@ -215,6 +215,14 @@ def test_kaggle_bundle_rejects_a_bad_user_name_and_never_leaves_half_a_folder(tm
     assert (tmp_path / "k" / "kernel-metadata.json").is_file()
 
 
+@pytest.mark.parametrize("ref", ["jane doe/ses-data", "j/ses-data", "jane!/ses-data"])
+def test_kaggle_bundle_checks_the_data_datasets_owner_not_only_its_slug(tmp_path, ref):
+    owner = ref.split("/")[0]
+    with pytest.raises(ValueError, match=f"reference {ref!r}: the owner {owner!r} is not a Kaggle user name"):
+        R.kaggle_package(tmp_path / "k", ["04"], "jane", data_dataset=ref)
+    assert not (tmp_path / "k").exists()
+
+
 def test_quick_job_without_data_says_so_once_and_fails(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("SES_DATA", "KAGGLE_KERNEL_RUN_TYPE")}
     p = subprocess.run([sys.executable, str(ROOT / "sesrun.py"), "quick", "1", "2", "11", "--gpus", "cpu",

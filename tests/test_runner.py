@@ -86,6 +86,30 @@ def test_validate_params_and_batch_params(tmp_path):
         R.load_batch_params({"all": {"list_runs": "x"}}, nbs)
 
 
+def test_a_misspelled_params_key_is_refused_with_a_did_you_mean(tmp_path, capsys):
+    """A misspelled notebook name would leave that notebook on its defaults (the paper preset) with only a note; a
+    misspelled batch setting got a message that did not name it."""
+    nbs = [NB_SLEEP.resolve()]
+    with pytest.raises(ValueError, match=r"params key '01_trainig_dynamics' names no notebook \(did you mean "
+                                         r"'01_training_dynamics'\?\)"):
+        R.load_batch_params({"01_trainig_dynamics": {"preset": "smoke"}}, nbs)
+    with pytest.raises(ValueError, match=r"params key '91_runner_slep' names no notebook \(did you mean "
+                                         r"'91_runner_sleep'\?\)"):
+        R.load_batch_params({"91_runner_slep": {"sleep": 1}}, nbs)
+    with pytest.raises(ValueError, match="params key '77' names no notebook"):
+        R.load_batch_params({"77": {"sleep": 1}}, nbs)
+    p = tmp_path / "p.yaml"
+    p.write_text("time_budgt: 1h\nall: {sleep: 1}\n")
+    with pytest.raises(ValueError, match=r"params key 'time_budgt': unknown batch setting \(did you mean "
+                                         r"'time_budget'\?\)"):
+        R.load_batch_params(p, nbs)
+    with pytest.raises(ValueError, match=r"params key '91': 3 is not a dict of overrides"):
+        R.load_batch_params({"91": 3}, nbs)
+    # a notebook of the suite that is not in this batch is still only a note (one params file serves many batches)
+    assert R.load_batch_params({"01_training_dynamics": {"preset": "smoke"}, "4": {}}, nbs) == {nbs[0]: {}}
+    assert "note: params for '01_training_dynamics' match no notebook of this batch" in capsys.readouterr().out
+
+
 def test_batch_slots():
     cpu = R.batch_slots("cpu", workers=2)
     assert [s["name"] for s in cpu] == ["cpu0", "cpu1"]

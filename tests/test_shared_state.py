@@ -1,6 +1,7 @@
 """What one notebook cell or one run leaves behind for the next: module tables a cell cannot change by accident,
 figures that stay off screen when asked, measuring forwards that leave the model as they found it, and the commands
 that moved from seslib.py to sesrun.py."""
+import re
 import subprocess
 import sys
 import types
@@ -129,3 +130,21 @@ def test_notebook_params_reject_a_bool_or_non_int_count(key, value):
     S.check_notebook_params(dict(ns), set(ns))  # the defaults pass
     with pytest.raises(ValueError, match=f"{key} must be None .* or a positive int; got {value!r}"):
         S.check_notebook_params(dict(ns, **{key: value}), set(ns))
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x", 3.5])
+def test_every_notebook_rejects_a_device_that_is_no_torch_device(device):
+    """Notebook 04 (the toy study, CPU only) used to accept device='banana' where notebook 01 rejected it."""
+    ns = {"device": "auto", "preset": "paper"}
+    S.check_notebook_params(dict(ns), set(ns))
+    S.check_notebook_params(dict(ns, device="cuda:1"), set(ns))  # a name: whether this machine has it is train's check
+    with pytest.raises(ValueError, match=r"device must be 'auto' or a torch device .* got " + re.escape(repr(device))):
+        S.check_notebook_params(dict(ns, device=device), set(ns))
+
+
+def test_notebook_04_rejects_device_banana_under_papermill(tmp_path):
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match="device must be 'auto' or a torch device"):
+        pm.execute_notebook(str(ROOT / "notebooks" / "04_toy_jacobian.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"device": "banana", "preset": "smoke", "out_dir": str(tmp_path / "o")},
+                            cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
