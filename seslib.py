@@ -369,7 +369,8 @@ def _save(fig, out_dir, name, show=True):
     if max(w, h) > MAX_FIG_INCHES:  # a safety net for many configs: never a 5000-px strip
         k = MAX_FIG_INCHES / max(w, h)
         fig.set_size_inches(w * k, h * k)
-    fig.tight_layout()
+    # a legend of the whole figure sits below the axes: keep half an inch for it, whatever the figure's height
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1) if fig.legends else None)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a crash never leaves half a PNG
     if show and "ipykernel" in sys.modules:  # inline in notebooks, whatever the matplotlib backend
         from IPython.display import Image, display
@@ -1043,6 +1044,120 @@ def resolve_data_dir(name, root=None, download=True) -> Path:
     raise FileNotFoundError(f"{name} ({folder}/) not found in: {'; '.join(tried)}. {how}")
 
 
+# ── CIFAR python batches: an attached data set is untrusted input ────────────────────────────────
+# Unpickling can call any importable function; the official batches reference only numpy's array reconstruction, so
+# nothing else is resolved (plus the bytes and protocol-5 forms of the same arrays, for batches re-pickled by Python 3).
+# numpy's functions are taken from numpy itself: their module moved (numpy.core -> numpy._core in numpy 2) and files
+# written by either spell it their way.
+_NP_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_NP_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+
+
+def _latin1_bytes(text, encoding):
+    """_codecs.encode as a batch re-pickled by Python 3 at protocol 2 uses it (for bytes), and nothing else."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a bytes literal")
+    return text.encode("latin1")
+
+
+_CIFAR_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+                         ("numpy._core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+                         ("numpy.core.numeric", "_frombuffer"): _NP_FROMBUFFER,
+                         ("numpy._core.numeric", "_frombuffer"): _NP_FROMBUFFER,
+                         ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                         ("_codecs", "encode"): _latin1_bytes}
+_CIFAR_REMEDY = "re-download or re-extract the data set"
+
+
+class _RefusedGlobal(ValueError):
+    """A global outside _CIFAR_PICKLE_GLOBALS; its message names the file already."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only _CIFAR_PICKLE_GLOBALS (lists, dicts, ints and strings need no global)."""
+
+    def __init__(self, fh, path):
+        super().__init__(fh, encoding="latin1")  # as pickle.load(fh, encoding="latin1") read them before
+        self.path = path
+
+    def find_class(self, module, name):  # also reached by the EXT opcodes: no other way to a global
+        found = _CIFAR_PICKLE_GLOBALS.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(f"{self.path}: refused to load {module}.{name}: a CIFAR python batch references "
+                                 "only numpy arrays, so this file is not one and could run code; use the official "
+                                 "data set")
+        return found
+
+
+def _bad_batch(path, what, cause=None) -> ValueError:
+    """One line naming the file, what is wrong (and the exception behind it) and what to do."""
+    if cause is not None:
+        what += f" ({str(cause).splitlines()[0] if str(cause) else type(cause).__name__})"
+    return ValueError(f"{path}: {what}: {_CIFAR_REMEDY}")
+
+
+def _unpickle_cifar_batch(path: Path):
+    """The object a batch file holds; a truncated, empty or foreign file is a ValueError naming it."""
+    try:
+        with open(path, "rb") as fh:  # the official pickles, read directly: no md5 check on shortened copies
+            return _CifarUnpickler(fh, path).load()
+    except _RefusedGlobal:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            OverflowError, MemoryError, RecursionError) as e:  # what the unpickler raises on bytes it cannot read
+        raise _bad_batch(path, "truncated or not a CIFAR python batch", e) from None
+
+
+def _batch_array(path, value, what) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged lists and the like
+        raise _bad_batch(path, f"{what} is not an array", e) from None
+
+
+def _cifar_pixels(path, data) -> np.ndarray:
+    """`data` as uint8 [N, 3, 32, 32]: N rows of 3*32*32 values, converted only where nothing is lost."""
+    data = _batch_array(path, data, "'data'")
+    if data.ndim < 2 or math.prod(data.shape[1:]) != 3 * 32 * 32:
+        got = f"rows of {math.prod(data.shape[1:])} values" if data.ndim >= 2 else f"shape {data.shape}"
+        raise _bad_batch(path, f"'data' has {got}, not 3072 (3x32x32) per image")
+    if data.dtype != np.uint8:  # another integer or float type is fine when every value is a whole 0..255
+        lossless = data.dtype.kind in "iuf" and bool(np.all((data >= 0) & (data <= 255) & (data == np.round(data))))
+        if not lossless:
+            raise _bad_batch(path, f"the pixels are not uint8 0..255 ('data' is {data.dtype} and does not "
+                                   "convert without loss)")
+    return data.astype(np.uint8, copy=False).reshape(len(data), 3, 32, 32)
+
+
+def _cifar_labels(path, labels, key, n, num_classes) -> np.ndarray:
+    """`labels` as int64 [n], every one a class index: a short or foreign list would mislabel the batches after it."""
+    labels = _batch_array(path, labels, f"{key!r}")
+    if labels.ndim != 1:
+        raise _bad_batch(path, f"{key!r} has shape {labels.shape}, not a list of {n} labels")
+    if len(labels) != n:
+        raise _bad_batch(path, f"{n} images but {len(labels)} labels in {key!r}")
+    if n and labels.dtype.kind not in "iu":
+        raise _bad_batch(path, f"{key!r} are not integers ({labels.dtype})")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise _bad_batch(path, f"{key!r} outside [0, {num_classes}): {int(bad[0])} ({bad.size} of {n} labels)")
+    return labels.astype(np.int64, copy=False)
+
+
+def _read_cifar_batch(name, path: Path, key):
+    """(uint8 images [N, 3, 32, 32], int64 labels [N]) of one batch file, checked as read: a damaged or foreign
+    file fails here naming itself, not later as a bare IndexError mid-training."""
+    entry = _unpickle_cifar_batch(path)
+    if not isinstance(entry, dict):
+        raise _bad_batch(path, f"a {type(entry).__name__}, not a dict with 'data' and {key!r}: not a {name} batch")
+    missing = [k for k in ("data", key) if k not in entry]
+    if missing:
+        keys = ", ".join(map(repr, list(entry)[:8]))
+        raise _bad_batch(path, f"no {' or '.join(map(repr, missing))} (its keys: {keys}): not a {name} batch")
+    x = _cifar_pixels(path, entry["data"])
+    return x, _cifar_labels(path, entry[key], key, len(x), DATASETS[name]["num_classes"])
+
+
 def _load_cifar(name, d: Path, split):
     if name == "cifar10":
         files, key = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]), "labels"
@@ -1052,10 +1167,9 @@ def _load_cifar(name, d: Path, split):
     for f in files:
         if not (d / f).exists():
             raise FileNotFoundError(f"{name}: {d / f} is missing (incomplete copy of {d.name}/?)")
-        with open(d / f, "rb") as fh:  # the official pickles, read directly: no md5 check on shortened copies
-            entry = pickle.load(fh, encoding="latin1")
-        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(entry[key], dtype=np.int64))
+        x, y = _read_cifar_batch(name, d / f, key)
+        xs.append(x)
+        ys.append(y)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -4689,12 +4803,30 @@ def _history_frame(df):
     return pd.DataFrame(rows)
 
 
-def _legend_below(fig, ax, ncol=4):
-    handles, labels = ax.get_legend_handles_labels()
-    if ax.get_legend():
-        ax.get_legend().remove()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), fontsize=8, frameon=False)
+def config_palette(configs) -> dict:
+    """{config: colour} in first-seen order: every panel of a figure draws a config in the same colour, whatever
+    configs have values there (the baseline has no SES term)."""
+    import seaborn as sns
+    order = list(dict.fromkeys(configs))
+    return dict(zip(order, sns.color_palette(n_colors=len(order))))
+
+
+def _palette_legend(fig, palette, ncol=7, line=False):
+    """One legend below the axes with every config of the palette, drawn as lines or bar patches."""
+    import matplotlib.pyplot as plt
+    handles = [plt.Line2D([], [], color=c) if line else plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
+    fig.legend(handles, list(palette), loc="lower center", ncol=min(ncol, len(palette)), fontsize=8, frameon=False)
+
+
+def _label_bars(ax, fmt="%.1f"):
+    """The value on every bar, and a bar of height 0 drawn as a thick line at 0 in its colour: otherwise it is
+    invisible, and a series of zeros looks like a missing one."""
+    for bars in ax.containers:
+        ax.bar_label(bars, fmt=fmt, fontsize=6, padding=1)
+        for bar in bars:
+            if bar.get_height() == 0:
+                ax.plot([bar.get_x(), bar.get_x() + bar.get_width()], [0, 0], color=bar.get_facecolor(), lw=4,
+                        solid_capstyle="butt", clip_on=False)
 
 
 def fig_bars(df, out_dir, paper=None, order=None, name="bars", show=True):
@@ -4721,10 +4853,15 @@ def fig_bars(df, out_dir, paper=None, order=None, name="bars", show=True):
         if not long.empty:
             sns.barplot(data=long, x="config", y="value", hue="series", order=order, ax=ax, errorbar="sd",
                         hue_order=[h for h in [lab for _, lab in series] + ["paper"] if h in set(long["series"])])
+            _label_bars(ax)
             lo, hi = long["value"].min(), long["value"].max()
-            if pkey != "gap" and hi > 0:
+            if pkey != "gap" and hi > 0:  # zoomed in to show differences of a point: the title says so
                 ax.set_ylim(max(0, lo - 0.15 * (hi - lo) - 1), hi + 0.1 * (hi - lo) + 1)
-        ax.set_title(title, fontsize=10)
+            elif pkey != "gap":  # every bar 0: an axis of 0..1 rather than ±0.04 around nothing
+                ax.set_ylim(0, 1)
+        bottom = ax.get_ylim()[0]
+        ax.set_title(title + (f"\naxis from {bottom:.0f}, not 0" if pkey != "gap" and bottom > 0.5 else ""),
+                     fontsize=10)
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=40, labelsize=8)
@@ -4747,16 +4884,14 @@ def fig_curves(df, out_dir, name="curves", metrics=("test_acc", "train_loss", "g
     titles = {"ses_term": "SES term λ·Σ(H−β log d)² (as in the loss)", "train_loss_total": "train loss incl. SES term",
               "ses_loss": "Σ(H−β log d)² (λ not applied)"}
     fig, axes = plt.subplots(1, len(metrics), figsize=(min(MAX_FIG_INCHES, 4.3 * len(metrics)), 3.8), squeeze=False)
+    palette = config_palette(hist["config"])  # a config keeps its colour in a panel where another has no values
     for ax, m in zip(axes[0], metrics):
-        sns.lineplot(data=hist.dropna(subset=[m]), x="epoch", y=m, hue="config", ax=ax, errorbar="sd",
-                     marker="o" if hist["epoch"].nunique() < 5 else None)
+        sns.lineplot(data=hist.dropna(subset=[m]), x="epoch", y=m, hue="config", palette=palette, ax=ax,
+                     errorbar="sd", marker="o" if hist["epoch"].nunique() < 5 else None, legend=False)
         ax.set_title(titles.get(m, m.replace("_", " ")), fontsize=10)
         if m in log:
             ax.set_yscale("log")
-    _legend_below(fig, axes[0][0])
-    for ax in axes[0][1:]:
-        if ax.get_legend():
-            ax.get_legend().remove()
+    _palette_legend(fig, palette, line=True)
     fig.subplots_adjust(bottom=0.25)
     return _save(fig, out_dir, name, show)
 
@@ -4822,21 +4957,22 @@ def fig_per_corruption(df, out_dir, order=None, name="per_corruption", show=True
     nrow = -(-len(corrs) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(min(MAX_FIG_INCHES, 2.9 * ncol), 2.4 * nrow + 0.8), squeeze=False,
                              sharey=True)
-    palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
+    palette = config_palette(order)
+    top = max(1.0, float(pc.groupby(["corruption", "config"])["acc"].mean().max()))
     for ax, corr in zip(axes.flat, corrs):
         sub = pc[pc["corruption"] == corr]
         sns.barplot(data=sub, x="config", y="acc", hue="config", order=order, hue_order=order, palette=palette,
                     ax=ax, errorbar=None, legend=False)
+        _label_bars(ax, "%.0f")
+        ax.set_ylim(0, top * 1.15)  # accuracy from 0; an all-zero panel keeps a readable axis
         ax.set_title(corr.replace("_", " "), fontsize=9)
         ax.set_xticks([])
         ax.set_xlabel("")
         ax.set_ylabel("acc (%)", fontsize=8)
     for ax in list(axes.flat)[len(corrs):]:
         ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[c]) for c in order]
-    fig.legend(handles, order, loc="lower center", ncol=min(len(order), 7), fontsize=8, frameon=False)
+    _palette_legend(fig, palette)
     fig.suptitle("accuracy per corruption (mean over severities), standard protocol", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     return _save(fig, out_dir, name, show)
 
 
@@ -4862,11 +4998,15 @@ def fig_beta(df, out_dir, name="beta_schedules", show=True):
     if hist.empty or "beta" not in hist.columns:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    sns.lineplot(data=hist.dropna(subset=["beta"]), x="epoch", y="beta", hue="config", ax=axes[0], errorbar=None)
-    sns.lineplot(data=hist, x="epoch", y="test_acc", hue="config", ax=axes[1], errorbar=None, legend=False)
+    palette = config_palette(hist["config"])  # the baseline has no β: the same colours in both panels all the same
+    sns.lineplot(data=hist.dropna(subset=["beta"]), x="epoch", y="beta", hue="config", palette=palette, ax=axes[0],
+                 errorbar=None, legend=False)
+    sns.lineplot(data=hist, x="epoch", y="test_acc", hue="config", palette=palette, ax=axes[1], errorbar=None,
+                 legend=False)
     axes[0].set_title("β schedule")
     axes[1].set_title("test accuracy")
-    axes[0].legend(fontsize=7)
+    _palette_legend(fig, palette, line=True)
+    fig.subplots_adjust(bottom=0.25)
     return _save(fig, out_dir, name, show)
 
 

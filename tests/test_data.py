@@ -216,6 +216,14 @@ def test_lossless_pixel_and_label_types_load_as_the_official_ones(tmp_path):
     assert torch.equal(xa, xb) and torch.equal(ya, yb) and xb.dtype == torch.uint8 and yb.dtype == torch.int64
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_valid_batch_re_pickled_by_python3_still_loads(tmp_path, protocol):
+    ref = _batch(6)  # protocol 2 spells bytes as _codecs.encode, protocol 5 arrays as numpy's _frombuffer
+    _fake_cifar(tmp_path, broken="test_batch", content=pickle.dumps(ref, protocol=protocol))
+    x, y = S.load_dataset("cifar10", tmp_path, "test", download=False)
+    assert torch.equal(x, torch.from_numpy(ref["data"]).reshape(-1, 3, 32, 32)) and y.tolist() == ref["labels"]
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_official_cifar_batches_load_exactly_as_plain_pickle_reads_them(data_root, name):
     d = Path(data_root) / S.dataset_info(name)["folder"]
