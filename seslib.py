@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 # The runner sets notebook parameters and environment variables and reads the log markers a kernel prints; nothing
 # else crosses the process boundary. sesrun checks CONTRACT_VERSION at start: bump it whenever one of these changes
 # meaning, so a seslib.py from another version fails with one line instead of logs read the wrong way.
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: SES_JOB_FILES
 RUNNER_PARAMS = frozenset({"list_runs", "report_only", "report"})  # notebook parameters only the runner sets
 DATA_ENV = "SES_DATA"  # the data root (absolute in every kernel)
 DEADLINE_ENV = "SES_DEADLINE"  # unix time the batch's time budget ends
@@ -76,6 +76,7 @@ BUDGET_ENV = "SES_TIME_BUDGET"  # the batch's whole time budget in seconds (with
 TORCHRUN_ENV = "SES_TORCHRUN"  # N: each run of the kernel as ONE DDP run over N processes (run_plan reads it)
 SLOT_ENV = "SES_SLOT"  # the kernel's slot index in the batch (for a person reading its environment)
 LOG_ENV = "SES_LOG"  # a run's progress display: "bar" | "lines" | "auto"
+JOB_FILES_ENV = "SES_JOB_FILES"  # the files the runner writes for this job (its log, the executed notebook), os.pathsep
 MARK_ERROR = "SES-RUN-ERROR:"  # + the first line of the exception that failed the notebook
 MARK_LOCKED = "SES-RUN-LOCKED"  # a run another process is training: skipped, not failed
 MARK_PAUSED = "SES-RUN-PAUSED"  # a run paused at an epoch boundary by the time budget: checkpoint kept
@@ -2875,13 +2876,16 @@ def describe_diff(diff, limit=6) -> str:
 
 def set_aside(run_dir, why: str) -> Path:
     """Move a run folder's files (not the folder, which a lock may hold) into {out_dir}/stale/<name>.<time>/,
-    with why.txt: nothing is deleted. Returns the new folder."""
+    with why.txt: nothing is deleted. Returns the new folder. The files the batch runner is writing for the job that
+    redoes this run ($SES_JOB_FILES: its log, its executed notebook) stay: they belong to the new run, not the old
+    (whose log the runner kept as log.1.txt, which moves with it)."""
     run_dir = Path(run_dir)
     root = run_dir.parent.parent if run_dir.parent.name == "runs" else run_dir.parent
     dest = root / "stale" / f"{run_dir.name}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     dest.mkdir(parents=True)
+    current_job = {Path(f).resolve() for f in os.environ.get(JOB_FILES_ENV, "").split(os.pathsep) if f}
     for f in run_dir.iterdir():
-        if f.name != ".lock":
+        if f.name != ".lock" and f.resolve() not in current_job:
             shutil.move(str(f), str(dest / f.name))
     (dest / "why.txt").write_text(why + "\n")
     return dest

@@ -45,7 +45,7 @@ import seslib
 
 # The run contract this runner speaks (seslib section "utilities"): a seslib.py from another version of the suite
 # would set other parameters or print other markers, so it is refused here, in one line, before anything runs.
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
     _msg = (f"error: {seslib.__file__} speaks run contract {getattr(seslib, 'CONTRACT_VERSION', 'none (older)')}, this "
             f"sesrun.py speaks {CONTRACT_VERSION}: use seslib.py and sesrun.py from the same version of the suite")
@@ -54,8 +54,8 @@ if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
         raise SystemExit(2)
     raise ImportError(_msg)
 
-from seslib import (BUDGET_ENV, DATASETS, DATA_ENV, DEADLINE_ENV, GPU_SPEED, MARK_BUDGET, MARK_ERROR, MARK_LOCKED,
-                    MARK_PAUSED, PRESETS, RUNNER_PARAMS, SLOT_ENV, TORCHRUN_ENV, _MODEL_COST, _hours,
+from seslib import (BUDGET_ENV, DATASETS, DATA_ENV, DEADLINE_ENV, GPU_SPEED, JOB_FILES_ENV, MARK_BUDGET, MARK_ERROR,
+                    MARK_LOCKED, MARK_PAUSED, PRESETS, RUNNER_PARAMS, SLOT_ENV, TORCHRUN_ENV, _MODEL_COST, _hours,
                     _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
                     read_only, report, resolve_data_dir, result_status, run_command, run_cost, run_estimate,
@@ -567,7 +567,7 @@ class _Scheduler:
                 "cwd": self.cwd, "mark_error": MARK_ERROR}
         proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(os.getpid()), json.dumps(spec, default=str)],
                                 stdout=fh, stderr=subprocess.STDOUT, cwd=self.cwd, start_new_session=True,
-                                env={**self.env, **slot["env"]})
+                                env={**self.env, **slot["env"], JOB_FILES_ENV: os.pathsep.join(map(str, (j.log, j.output)))})
         self.running[s] = (i, proc, time.time(), fh)
         self.last_launch = time.time()
         if j.kind != "list":

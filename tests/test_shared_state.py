@@ -117,7 +117,7 @@ def test_sesrun_refuses_a_seslib_of_another_contract_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, "sesrun.py", "plan", "1"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "speaks run contract 0, this sesrun.py speaks 1" in p.stderr
+    assert f"speaks run contract 0, this sesrun.py speaks {S.CONTRACT_VERSION}" in p.stderr
     (tmp_path / "seslib.py").write_text("x = 1\n")  # a seslib from before the contract existed
     p = subprocess.run([sys.executable, "-c", "import sesrun"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)

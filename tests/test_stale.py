@@ -88,6 +88,19 @@ def test_smoke_batch_through_a_params_file_lands_under_outputs_smoke_and_a_dry_r
     rc, log = _cli("batch", "4", "--params", params, "--gpus", "cpu", "--out", out, "--dry-run", cwd=tmp_path)
     assert rc == 0, log
     assert "2 run(s) to do, 0 already done" in log and "stale: baseline seed 1: epochs 20 → 7" in log
+    # redone through the runner: the new run's log and executed notebook stay in the run folder (the summary points
+    # there), the old run's files, its log kept as log.1.txt among them, move to stale/
+    rc, log = _cli("batch", "4", "--params", params, "--gpus", "cpu", "--workers", "2", "--out", out, cwd=tmp_path)
+    assert rc == 0, log
+    nb_out = out / "smoke" / "04_toy_jacobian"
+    for run in ("baseline_seed1", "ses_seed1"):
+        assert (nb_out / "runs" / run / "log.txt").is_file() and (nb_out / "runs" / run / "notebook.ipynb").is_file()
+        assert json.loads((nb_out / "runs" / run / "result.json").read_text())["config"]["epochs"] == 7
+        (aside,) = (nb_out / "stale").glob(f"{run}.*")
+        assert (aside / "log.1.txt").is_file() and not (aside / "log.txt").exists()
+        assert json.loads((aside / "result.json").read_text())["config"]["epochs"] == 20
+    summary = pd.read_csv(out / "smoke" / "batch_summary.csv")
+    assert all(Path(p).is_file() for p in summary.loc[summary["kind"] == "run", "log"])
     # --preset paper over the same root plans the paper folder (nothing there yet), not the smoke results
     rc, log = _cli("batch", "4", "--params", params, "--preset", "paper", "--gpus", "cpu", "--out", out, "--dry-run",
                    cwd=tmp_path)
