@@ -1340,11 +1340,12 @@ def _quick_cmd(a):
             runnable.append(nb)
     for ds, where in status.items():
         print(f"[data] {ds}: {where if not isinstance(where, Exception) else 'not found'}")
-    if skipped:  # one line per notebook, the data hint once
+    if skipped:  # one line per notebook, then once per missing data set how to provide it (each has its own way)
         for stem, missing in skipped.items():
             print(f"[skip] {stem}: needs {', '.join(missing)}")
-        first = next(v for v in status.values() if isinstance(v, Exception))
-        print(f"how to provide the data: {first}")
+        for ds, why in status.items():
+            if isinstance(why, Exception):
+                print(f"how to provide {ds}: {why}")
     recs = []
     if runnable:
         params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
