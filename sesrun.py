@@ -661,7 +661,7 @@ def _summarize(records, out, t_start, say, save=True):
 
 def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outputs", *, params=None,
               retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False,
-              preset=None, whole_notebooks=False, time_budget=None):
+              preset=None, whole_notebooks=False, time_budget=None, allow_cpu=False):
     """Run notebooks' (config, seed) runs over the GPUs (or CPU slots) of this machine, then their reports.
 
     notebooks: paths / numbers / stems / "all" (see find_notebooks); params_file: YAML of overrides
@@ -674,8 +674,10 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     retries: re-launches of a job whose kernel failed to start; timeout: seconds per job.
     time_budget: "11.5h", "90m", seconds, or the params file's `time_budget`: no run starts that its estimate says
     cannot finish in time (it stays "to do"), a run in flight pauses at an epoch boundary ("paused", checkpoint
-    kept), the reports still run. Done runs are skipped, so calling it again resumes (paused runs included). Returns one record per run / report / failed
-    listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
+    kept), the reports still run. Done runs are skipped, so calling it again resumes (paused runs included).
+    allow_cpu: run on CPU slots even runs whose estimates add up to more than CPU_HOURS_WITHOUT_ASKING (a paper-preset
+    batch on a machine without a GPU: days of work); without it such a batch is refused before any run starts, with
+    its estimate. Returns one record per run / report / failed listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
     as {out}/batch_summary.csv."""
     if params is not None and params_file is not None:
         raise ValueError("give params_file or params, not both")
@@ -700,7 +702,8 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
             records = _whole_notebooks_pass(nbs, overrides, nb_out, report, dry_run, run_pass)
             return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
         lists, listed = _listing_pass(nbs, overrides, nb_out, out / ".batch", listing_pass)
-        records = _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, log)
+        check = functools.partial(_refuse_a_long_cpu_batch, slots=slots, allow=allow_cpu or dry_run)
+        records = _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, log, check)
     return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
 
 
@@ -792,7 +795,7 @@ def _listing_pass(nbs, overrides, nb_out, tmp, listing_pass):
     return lists, listing_pass(lists)
 
 
-def _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, log) -> list:
+def _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, log, check=None) -> list:
     """2. The listed runs not done, costliest first, then each notebook's report once its runs are over (a dry run
     only lists them). Returns the records: failed listings, runs done before (skipped), then the jobs'."""
     failed = [r for r in listed if r["status"] == "failed"]
@@ -803,9 +806,28 @@ def _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, 
         f"already done, {sum(j.kind == 'report' for j in jobs)} report(s)")
     if dry_run:
         return records + [_record(j.nb.stem, j.kind, "todo", j.config, j.seed) for j in jobs]
+    if check is not None:
+        check(jobs)
     records += run_pass(jobs)
     _hours_left(records, jobs, log)
     return records
+
+
+CPU_HOURS_WITHOUT_ASKING = 1.0  # a batch on CPU slots estimated past this needs allow_cpu (--allow-cpu)
+
+
+def _refuse_a_long_cpu_batch(jobs, slots, allow):
+    """Refuse, before any run starts, runs that would train on the CPU for hours (a paper-preset batch where no GPU
+    is visible: `--gpus auto` then falls back to CPU slots). Short CPU work (the smoke preset, the toy study's paper
+    runs) is not asked about."""
+    if allow or any(s["env"].get("CUDA_VISIBLE_DEVICES") != "" for s in slots):
+        return
+    runs = [j for j in jobs if j.kind == "run"]
+    seconds = sum((j.est or {}).get("seconds", 0.0) for j in runs)
+    if seconds > CPU_HOURS_WITHOUT_ASKING * 3600:
+        raise ValueError(f"{len(runs)} run(s) would train on the CPU (no GPU slot) for {_hours(seconds, approx=True)} "
+                         f"(estimate, {len(slots)} slot(s) in all): run them on a GPU, use --preset smoke to check the "
+                         "pipeline, or pass --allow-cpu (allow_cpu=True) to start them anyway")
 
 
 OUTPUTS_MARKER = "ses-outputs.txt"  # a visible file: Kaggle's output listing may leave dot files out
@@ -1274,13 +1296,15 @@ def _batch_args(p):
                    "report, in one kernel) instead of one per run: faster for many short runs (the quick job uses it)")
     p.add_argument("--time-budget", help="e.g. 11.5h: start no run that cannot finish in time, pause the runs in "
                    "flight at an epoch boundary (checkpoint kept); run the batch again to go on (default: none)")
+    p.add_argument("--allow-cpu", action="store_true", help="start runs on CPU slots even when their estimates add "
+                   f"up to more than {CPU_HOURS_WITHOUT_ASKING:g} h (refused without it: a paper batch on a CPU takes days)")
 
 
 def _batch_cmd(a):
     recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
                      stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
                      torchrun=a.torchrun, preset=a.preset, whole_notebooks=a.whole_notebooks,
-                     time_budget=a.time_budget)
+                     time_budget=a.time_budget, allow_cpu=a.allow_cpu)
     return 1 if any(r["status"] == "failed" for r in recs) else 0
 
 

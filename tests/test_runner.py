@@ -376,3 +376,23 @@ def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_r
         assert list((smoke / stem / "figures").glob("*.png"))
     assert not (smoke / "11_resnet50_tinyimagenet" / "runs").exists()
     assert f"figures: {smoke}/NN_name/figures" in log
+
+
+def test_hours_of_cpu_training_are_refused_before_any_run_starts(tmp_path):
+    """A paper-preset batch where no GPU is visible falls back to CPU slots: days of work, refused with its estimate
+    unless asked for; short CPU work (smoke, the toy study's paper runs) is not asked about."""
+    cpu, gpu = R.batch_slots("cpu", workers=2), [{"name": "gpu0", "env": {"CUDA_VISIBLE_DEVICES": "0", "SES_SLOT": "0"}}]
+    job = lambda seconds: R._Job("run", NB_SLEEP, {}, tmp_path / "o.ipynb", tmp_path / "log.txt",  # noqa: E731
+                                 est={"seconds": seconds})
+    long, toy = [job(3 * 3600), job(2 * 3600)], [job(60), job(60)]
+    with pytest.raises(ValueError, match=r"2 run\(s\) would train on the CPU \(no GPU slot\) for ≈ 5.0 h \(estimate"):
+        R._refuse_a_long_cpu_batch(long, cpu, allow=False)
+    R._refuse_a_long_cpu_batch(long, cpu, allow=True)
+    R._refuse_a_long_cpu_batch(long, gpu, allow=False)
+    R._refuse_a_long_cpu_batch(toy, cpu, allow=False)
+
+    out = tmp_path / "out"  # the real notebook 1 at the paper preset on CPU slots: refused, nothing started
+    rc, log = _run_cli([sys.executable, R.__file__, "batch", "1", "--gpus", "cpu", "--workers", "2", "--out", str(out)],
+                       tmp_path)
+    assert rc == 2 and "would train on the CPU (no GPU slot)" in log and "--allow-cpu" in log, log
+    assert not list((out / "01_training_dynamics").glob("runs/*/log.txt"))
