@@ -55,10 +55,10 @@ if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
     raise ImportError(_msg)
 
 from seslib import (BUDGET_ENV, DATASETS, DATA_ENV, DEADLINE_ENV, GPU_SPEED, JOB_FILES_ENV, MARK_BUDGET, MARK_ERROR,
-                    MARK_LOCKED, MARK_PAUSED, PRESETS, RUNNER_PARAMS, SLOT_ENV, TORCHRUN_ENV, _MODEL_COST, _hours,
-                    _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
+                    MARK_LOCKED, MARK_PAUSED, PRESETS, RUNNER_PARAMS, RunLocked, SLOT_ENV, TORCHRUN_ENV, _MODEL_COST,
+                    _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
-                    read_only, report, resolve_data_dir, result_status, run_command, run_cost, run_estimate,
+                    read_only, report, resolve_data_dir, result_status, run_command, run_cost, run_estimate, run_lock,
                     validate_params)
 
 
@@ -697,7 +697,7 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     listing_pass = functools.partial(_schedule, slots=slots, env=env, cwd=cwd, kernel=_KERNEL, say=log, t_start=t_start,
                                      retries=retries, stagger=stagger)
     run_pass = functools.partial(listing_pass, timeout=timeout, end=end, budget=budget)
-    with _sigterm_interrupts():
+    with _one_batch_at_a_time(out, dry_run), _sigterm_interrupts():
         if whole_notebooks:
             records = _whole_notebooks_pass(nbs, overrides, nb_out, report, dry_run, run_pass)
             return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
@@ -756,6 +756,22 @@ def _mark_outputs_root(out):
     out.mkdir(parents=True, exist_ok=True)
     (out / OUTPUTS_MARKER).write_text("An outputs root of the SES suite: the next Kaggle version copies this folder "
                                       "in (sesrun.copy_previous_outputs).\n")
+
+
+@contextlib.contextmanager
+def _one_batch_at_a_time(out, dry_run):
+    """One batch at a time on an outputs root ({out}/.batch/.lock, released when the process dies): a second batch
+    would train nothing twice (the run locks see to that) but would mix its logs and batch_summary.csv with the
+    first's. A dry run only reads, so it never waits for nor blocks a batch."""
+    with contextlib.ExitStack() as stack:
+        if not dry_run:
+            try:
+                stack.enter_context(run_lock(out / ".batch"))
+            except RunLocked:
+                owner = (out / ".batch" / ".lock").read_text(errors="replace").strip() or "?"
+                raise ValueError(f"another batch is running on {out} ({owner}): wait for it to finish (its runs "
+                                 "are skipped here anyway), or give this batch another --out") from None
+        yield
 
 
 @contextlib.contextmanager

@@ -396,3 +396,20 @@ def test_hours_of_cpu_training_are_refused_before_any_run_starts(tmp_path):
                        tmp_path)
     assert rc == 2 and "would train on the CPU (no GPU slot)" in log and "--allow-cpu" in log, log
     assert not list((out / "01_training_dynamics").glob("runs/*/log.txt"))
+
+
+def test_a_second_batch_on_the_same_outputs_root_is_refused_in_one_line(tmp_path):
+    """Two batches on one --out trained nothing twice but mixed their logs and batch_summary.csv (a finished run was
+    listed as 'skipped, locked'): the second is now refused while the first holds the root, a dry run still reads."""
+    out = tmp_path / "out"
+    params = tmp_path / "p.yaml"
+    params.write_text("all: {sleep: 0}\n")
+    with S.run_lock(out / ".batch"):  # the first batch, as far as the second can tell
+        rc, log = _run_cli(_batch_cmd(out, params, NB_SLEEP), tmp_path)
+        assert rc == 2 and f"error: another batch is running on {out} (pid {os.getpid()}" in log, log
+        assert "give this batch another --out" in log and "Traceback" not in log
+        assert not (out / "91_runner_sleep").exists() and not (out / "batch_summary.csv").exists()
+        rc, log = _run_cli(_batch_cmd(out, params, NB_SLEEP, extra=["--dry-run"]), tmp_path)
+        assert rc == 0, log
+    rc, log = _run_cli(_batch_cmd(out, params, NB_SLEEP, extra=["--no-report"]), tmp_path)  # the root is free again
+    assert rc == 0 and (out / "batch_summary.csv").is_file(), log
