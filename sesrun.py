@@ -445,12 +445,25 @@ def job_outcome(kind, rc, result_ok, log_text, attempt, retries, timeout):
             if mark in log_text:
                 return status, error, False
         rc, error = 1, "the notebook finished but wrote no result.json"
+    elif rc == 0 and kind == "notebook":  # a whole notebook in one kernel: done only if none of its runs stopped short
+        return _notebook_outcome(log_text)
     elif rc == 0:
         return "done", "", False
     else:
         error = f"timeout after {timeout}s" if rc == "timeout" else last_error_line(log_text)
     retry = rc != "timeout" and attempt <= retries and any(m in log_text for m in _START_RACE)
     return "failed", error, retry
+
+
+def _notebook_outcome(log_text):
+    """(status, error, False) of a whole-notebook job that exited 0, from the markers its runs printed: "paused" when
+    any run paused at the time budget, else "to do" when any was not started for it, else "skipped" when any was
+    locked by another process, else "done"."""
+    for mark, status, error in sorted(_NO_RESULT_MARKS, key=lambda m: ("paused", "to do", "skipped").index(m[1])):
+        n = log_text.count(mark)
+        if n:
+            return status, f"{n} run(s): {error}", False
+    return "done", "", False
 
 
 def _label(j):

@@ -413,3 +413,18 @@ def test_a_second_batch_on_the_same_outputs_root_is_refused_in_one_line(tmp_path
         assert rc == 0, log
     rc, log = _run_cli(_batch_cmd(out, params, NB_SLEEP, extra=["--no-report"]), tmp_path)  # the root is free again
     assert rc == 0 and (out / "batch_summary.csv").is_file(), log
+
+
+def test_a_whole_notebook_is_done_only_when_none_of_its_runs_stopped_short():
+    """The quick job's mode (one kernel per notebook) reported a notebook "done" when runs inside it had paused at the
+    time budget or never started."""
+    ran = "[run] a seed 0 -> outputs/nb/runs/a_seed0\n[done] test_acc 10.00%\n"
+    assert _outcome(0, False, ran, kind="notebook") == ("done", "", False)
+    paused = ran + "[paused] b seed 0: budget\nSES-RUN-PAUSED\n[budget] c seed 0: not started\nSES-RUN-BUDGET\n"
+    assert _outcome(0, False, paused, kind="notebook") == (
+        "paused", "1 run(s): time budget: checkpoint kept, resumes next time", False)
+    assert _outcome(0, False, ran + 2 * "[budget] x: not started\nSES-RUN-BUDGET\n", kind="notebook") == (
+        "to do", "2 run(s): time budget: not started", False)
+    assert _outcome(0, False, ran + "SES-RUN-LOCKED\n", kind="notebook")[0] == "skipped"
+    assert _outcome(1, False, paused + "SES-RUN-ERROR: ValueError: bad\n", kind="notebook") == (
+        "failed", "ValueError: bad", False)  # a failure is a failure, whatever else happened
