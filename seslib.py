@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import errno
 import gc
 import importlib.util
 import json
@@ -137,7 +138,27 @@ def atomic_write_json(path, obj):
 
 
 def atomic_torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:  # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+        folder, need = Path(path).parent, _tensor_bytes(obj)
+        free = shutil.disk_usage(folder).free  # the partial file is gone again: what is free now is all there is
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device: {Path(path).name} needs ~{need / 2**30:.2f} GiB "
+                                        f"and {folder} has {free / 2**30:.2f} GiB free: free some space or choose "
+                                        "another out_dir (the previous checkpoint is intact)") from e
+        raise
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a (nested) checkpoint dict: about its size on disk."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def clean_temporaries(folder) -> list:

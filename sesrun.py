@@ -356,8 +356,8 @@ try:
     pm.execute_notebook(spec["input"], spec["output"], parameters=spec["parameters"], kernel_name=spec["kernel"],
                         log_output=True, progress_bar=False, cwd=spec["cwd"])
 except BaseException as e:
-    msg = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}".strip().splitlines()
-    print(spec["mark_error"], msg[0] if msg else type(e).__name__, flush=True)
+    msg = " ".join(ln.strip() for ln in f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}".splitlines())
+    print(spec["mark_error"], msg[:400] or type(e).__name__, flush=True)  # one line, the reason included
     raise
 """
 # papermill/nbclient kernel-start races: retried once after a stagger.
@@ -425,8 +425,8 @@ _NO_RESULT_MARKS = ((MARK_LOCKED, "skipped", "locked by another process"),
 
 
 def last_error_line(log_text) -> str:
-    """What failed a job, from its log's text: what follows the last MARK_ERROR (the driver prints the first line of
-    the exception there), else the log's last line (200 characters at most)."""
+    """What failed a job, from its log's text: what follows the last MARK_ERROR (the driver prints the exception there
+    as one line, its reason included), else the log's last line (200 characters at most)."""
     lines = log_text.splitlines()
     return next((ln.split(MARK_ERROR, 1)[1].strip() for ln in reversed(lines) if MARK_ERROR in ln),
                 lines[-1][:200] if lines else "")

@@ -233,3 +233,38 @@ def test_quick_job_without_data_says_so_once_and_fails(tmp_path):
     assert "0 notebook(s) ran, 0 failed, 3 skipped for missing data" in log and "nothing ran" in log
     assert log.count("[skip]") == 3 and log.count("how to provide") == 2  # once per missing data set, not per notebook
     assert "how to provide cifar10: " in log and "how to provide tinyimagenet: " in log  # not CIFAR-10's hint alone
+
+
+def _disk_full_save(obj, f):
+    f.write(b"PK\x03\x04" + b"\0" * 64)  # part of a zip, then the device is full: what torch reports
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+
+def test_a_full_disk_says_so_in_one_line_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """torch reports a full disk as '[enforce fail at inline_container.cc:672] … unexpected pos' (the cause only in the
+    log); the save now names the device's free space, what the file needs and what to do."""
+    path = tmp_path / "checkpoint.pt"
+    S.atomic_torch_save({"w": torch.zeros(4)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", _disk_full_save)
+    monkeypatch.setattr(S.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    with pytest.raises(OSError, match=r"No space left on device: checkpoint.pt needs ~0.00 GiB and .* has 0.00 GiB "
+                                      r"free: free some space or choose another out_dir") as e:
+        S.atomic_torch_save({"w": torch.zeros(1 << 12)}, path)
+    assert e.value.errno == 28 and "\n" not in str(e.value)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    monkeypatch.setattr(S.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 40})())
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # not a full disk: torch's own error, unchanged
+        S.atomic_torch_save({"w": torch.zeros(1 << 12)}, path)
+
+
+def test_a_multi_line_error_reaches_the_batch_table_whole():
+    """The preflight's reason ('0.00 GiB free; a checkpoint needs …') sat on its second line, which the table cut off:
+    the driver now prints the whole message as one line."""
+    code = R._DRIVER.split("except BaseException as e:\n", 1)[1].rsplit("    raise", 1)[0]
+    e = S.PreflightError("this run cannot start:\n  - 0.00 GiB free in /out; a checkpoint needs 0.05 GiB")
+    out = subprocess.run([sys.executable, "-c", "import sys\ne = sys.argv[1]\nspec = {'mark_error': 'SES-RUN-ERROR:'}\n"
+                          "class E(Exception):\n    ename = 'PreflightError'\n    evalue = e\ne = E()\n"
+                          + "\n".join(ln[4:] for ln in code.splitlines()), str(e)], capture_output=True, text=True)
+    line = R.last_error_line(out.stdout)
+    assert line == "PreflightError: this run cannot start: - 0.00 GiB free in /out; a checkpoint needs 0.05 GiB", out
