@@ -3451,9 +3451,13 @@ def _stale_on_disk(c, out_dir, dd):
 
 
 def _log_mode(mode):
+    """"auto": a tqdm bar where a person watches (a terminal, a notebook), one line per epoch where a log file is read
+    later (a kernel the batch runner started: tqdm there leaves one '0%|' frame per epoch and never the numbers)."""
     mode = os.environ.get(LOG_ENV, mode) if mode == "auto" else mode
     if mode != "auto":
         return mode
+    if os.environ.get(SLOT_ENV) is not None:
+        return "plain"
     return "tqdm" if (sys.stderr.isatty() or "ipykernel" in sys.modules) else "plain"
 
 
@@ -4130,8 +4134,14 @@ def _log_epoch(run, row, bar):
     elif run.log == "plain":
         print(f"[{run.tag}] ep {row['epoch']}/{run.c['epochs']} loss {row['train_loss']:.4f} "
               f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% gap {row['gap']:.2f} "
-              f"lr {row['lr']:.3g} beta {row['beta']:.2f} {row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB",
-              flush=True)
+              f"lr {row['lr']:.3g} beta {row['beta']:.2f} {row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB "
+              f"~{_hours(_seconds_left(run, row['epoch']))} left", flush=True)
+
+
+def _seconds_left(run, epochs_done) -> float:
+    """The training time left, from this run's own mean epoch time so far (the final evaluation not included)."""
+    mean = float(np.mean([r["epoch_seconds"] for r in run.history])) if run.history else 0.0
+    return (run.c["epochs"] - epochs_done) * mean
 
 
 def _save_checkpoint(run, epoch):

@@ -466,6 +466,19 @@ def _notebook_outcome(log_text):
     return "done", "", False
 
 
+HEARTBEAT_SECONDS = 60  # at most one progress line a minute per run in flight: an hour-long run never looks frozen
+
+
+def progress_text(progress_path, seconds_running) -> str:
+    """'epoch 12/50, ~25 min left' from a run's progress.json (written with every checkpoint), or how long it has
+    been starting (kernel, data, model) before its first epoch ended."""
+    prog = _read_result(progress_path) or {}
+    done, total, secs = prog.get("epochs_done"), prog.get("epochs"), prog.get("epoch_seconds") or []
+    if not done or not total or not secs or prog.get("time", 0) < time.time() - seconds_running:  # none of this run's
+        return f"starting ({_hours(seconds_running)} in)"
+    return f"epoch {done}/{total}, ~{_hours((total - done) * float(np.mean(secs)))} left"
+
+
 def _label(j):
     return f"{j.nb.stem} {j.config} seed{j.seed}" if j.kind == "run" else f"{j.nb.stem} ({j.kind})"
 
@@ -480,7 +493,7 @@ class _Scheduler:
         self.end, self.budget = end, budget
         self.pending = list(range(len(jobs)))
         self.running, self.finished, self.records = {}, set(), {}
-        self.last_launch = -1e9
+        self.last_launch, self.last_beat = -1e9, time.time()
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "paused": 0, "to do": 0}
 
     def run(self) -> list:
@@ -490,6 +503,7 @@ class _Scheduler:
                 for s in list(self.running):
                     self.poll(s)
                 self.launch_ready()
+                self.heartbeat()
                 time.sleep(0.2)
         finally:  # interrupted (Ctrl-C, SIGTERM) or crashed: take the children down with us
             for i, proc, t0, fh in self.running.values():
@@ -499,6 +513,17 @@ class _Scheduler:
 
     def stamp(self):
         return f"[{datetime.timedelta(seconds=int(time.time() - self.t_start))}]"
+
+    def heartbeat(self):
+        """Every HEARTBEAT_SECONDS, one line per run in flight: its epoch and time left (its progress.json)."""
+        if time.time() - self.last_beat < HEARTBEAT_SECONDS:
+            return
+        self.last_beat = time.time()
+        for s, (i, _, t0, _) in sorted(self.running.items()):
+            j = self.jobs[i]
+            if j.kind == "run":
+                self.say(f"{self.stamp()} running {_label(j)} on {self.slots[s]['name']}: "
+                         f"{progress_text(j.result.parent / 'progress.json', time.time() - t0)}")
 
     def finish(self, i, status, slot, seconds, error=""):
         """Record job i's outcome and say it (a listing only when it failed)."""

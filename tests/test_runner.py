@@ -3,10 +3,12 @@
 CUDA_VISIBLE_DEVICES / SES_SLOT / pid / start-end times it saw into its result.json."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -428,3 +430,39 @@ def test_a_whole_notebook_is_done_only_when_none_of_its_runs_stopped_short():
     assert _outcome(0, False, ran + "SES-RUN-LOCKED\n", kind="notebook")[0] == "skipped"
     assert _outcome(1, False, paused + "SES-RUN-ERROR: ValueError: bad\n", kind="notebook") == (
         "failed", "ValueError: bad", False)  # a failure is a failure, whatever else happened
+
+
+def test_progress_text_from_a_runs_progress_json(tmp_path):
+    path = tmp_path / "progress.json"
+    assert R.progress_text(path, 30) == "starting (30 s in)"
+    S.atomic_write_json(path, {"epochs_done": 12, "epochs": 50, "epoch_seconds": [40.0, 38.0], "time": time.time()})
+    assert R.progress_text(path, 600) == "epoch 12/50, ~25 min left"
+    S.atomic_write_json(path, {"epochs_done": 12, "epochs": 50, "epoch_seconds": [40.0], "time": time.time() - 3600})
+    assert R.progress_text(path, 600) == "starting (10 min in)"  # a paused run's old progress: not this attempt's
+
+
+def test_the_batch_console_beats_for_runs_in_flight(tmp_path, monkeypatch):
+    """A batch printed only start/done lines: an hour-long run looked frozen. Now a line per run in flight every
+    HEARTBEAT_SECONDS (60; 0.5 here)."""
+    monkeypatch.setattr(R, "HEARTBEAT_SECONDS", 0.5)
+    said = []
+    R.run_batch([NB_SLEEP], params={"all": {"sleep": 3}, "91": {"configs": ["a"]}}, gpus="cpu", workers=1,
+                out=tmp_path / "out", report=False, log=said.append)
+    beats = [s for s in said if "running 91_runner_sleep a seed0 on cpu0: starting (" in s]
+    assert len(beats) >= 2, said
+
+
+def test_a_run_under_the_batch_runner_logs_one_line_per_epoch_with_its_time_left(data_root, tmp_path, monkeypatch,
+                                                                                capfd):
+    """Each run's log.txt showed one 'ep k/N: 0%|' tqdm frame per epoch under the runner (its kernel has ipykernel):
+    now a plain line per epoch with loss, accuracy, seconds and the time left."""
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # as in a kernel
+    monkeypatch.setenv("SES_SLOT", "0")  # ... that the batch runner started
+    S.train(dict(model="resnet18", width=0.25, dataset="cifar10", data_root=str(data_root), epochs=2, batch_size=32,
+                 train_subset=64, test_subset=32, max_steps_per_epoch=1, erank_batches=1, erank_eval_samples=32,
+                 robustness=None, device="cpu", save_model=False, out_dir=str(tmp_path / "r")))
+    out = capfd.readouterr()
+    lines = [ln for ln in out.out.splitlines() if "] ep " in ln]
+    assert len(lines) == 2 and "%|" not in out.err, out
+    assert re.search(r"ep 1/2 loss [\d.]+ train [\d.]+% test [\d.]+% .* [\d.]+s .* ~\d+ s left$", lines[0]), lines[0]
+    assert lines[1].endswith("~0 s left")
