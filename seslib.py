@@ -185,7 +185,11 @@ def move_aside(path, tag="corrupt") -> Path:
 
 # ── run outcomes other than success ────────────────────────────────────────────────────────────
 class RunLocked(RuntimeError):
-    """Another live process holds this run folder's lock (it is training this run right now)."""
+    """Another live process holds this run folder's lock (it is training this run right now); `owner` says which."""
+
+    def __init__(self, folder, owner):
+        super().__init__(f"{folder} is being trained by another live process ({owner}); skipped")
+        self.folder, self.owner = folder, owner
 
 
 class RunPaused(RuntimeError):
@@ -274,7 +278,7 @@ def run_lock(folder):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise RunLocked(f"{folder} is being trained by another live process ({owner}); skipped") from None
+            raise RunLocked(folder, owner) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
@@ -3017,6 +3021,12 @@ def _paper_t4_epoch_seconds(c, paper_entry=None, paper_gpu=None):
     return s, "est. from the paper's ResNet-18 times"
 
 
+def seconds_left(epochs, epochs_done, epoch_seconds) -> float:
+    """A run's training seconds left at the mean of its measured epochs (its history, or its progress.json's
+    epoch_seconds); the final evaluation not included."""
+    return (epochs - epochs_done) * float(np.mean(epoch_seconds)) if len(epoch_seconds) else 0.0
+
+
 def estimate_run(c, gpu, paper_entry=None, paper_gpu=None, measured=None, progress=None) -> dict:
     """{seconds, epoch_s, epochs_left, source} for the resolved config c on a `gpu` kind. measured: a finished run
     of the same config {epoch_s, eval_s, gpu}; progress: this run's progress.json (epochs done, epoch seconds)."""
@@ -4135,13 +4145,8 @@ def _log_epoch(run, row, bar):
         print(f"[{run.tag}] ep {row['epoch']}/{run.c['epochs']} loss {row['train_loss']:.4f} "
               f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% gap {row['gap']:.2f} "
               f"lr {row['lr']:.3g} beta {row['beta']:.2f} {row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB "
-              f"~{_hours(_seconds_left(run, row['epoch']))} left", flush=True)
-
-
-def _seconds_left(run, epochs_done) -> float:
-    """The training time left, from this run's own mean epoch time so far (the final evaluation not included)."""
-    mean = float(np.mean([r["epoch_seconds"] for r in run.history])) if run.history else 0.0
-    return (run.c["epochs"] - epochs_done) * mean
+              f"~{_hours(seconds_left(run.c['epochs'], row['epoch'], [r['epoch_seconds'] for r in run.history]))} left",
+              flush=True)
 
 
 def _save_checkpoint(run, epoch):

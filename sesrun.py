@@ -59,7 +59,7 @@ from seslib import (BUDGET_ENV, DATASETS, DATA_ENV, DEADLINE_ENV, GPU_SPEED, JOB
                     _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
                     read_only, report, resolve_data_dir, result_status, run_command, run_cost, run_estimate, run_lock,
-                    validate_params)
+                    seconds_left, validate_params)
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -459,10 +459,11 @@ def _notebook_outcome(log_text):
     """(status, error, False) of a whole-notebook job that exited 0, from the markers its runs printed: "paused" when
     any run paused at the time budget, else "to do" when any was not started for it, else "skipped" when any was
     locked by another process, else "done"."""
-    for mark, status, error in sorted(_NO_RESULT_MARKS, key=lambda m: ("paused", "to do", "skipped").index(m[1])):
-        n = log_text.count(mark)
-        if n:
-            return status, f"{n} run(s): {error}", False
+    by_status = {status: (mark, error) for mark, status, error in _NO_RESULT_MARKS}
+    for status in ("paused", "to do", "skipped"):  # the most to do next time first
+        mark, error = by_status[status]
+        if log_text.count(mark):
+            return status, f"{log_text.count(mark)} run(s): {error}", False
     return "done", "", False
 
 
@@ -476,7 +477,7 @@ def progress_text(progress_path, seconds_running) -> str:
     done, total, secs = prog.get("epochs_done"), prog.get("epochs"), prog.get("epoch_seconds") or []
     if not done or not total or not secs or prog.get("time", 0) < time.time() - seconds_running:  # none of this run's
         return f"starting ({_hours(seconds_running)} in)"
-    return f"epoch {done}/{total}, ~{_hours((total - done) * float(np.mean(secs)))} left"
+    return f"epoch {done}/{total}, ~{_hours(seconds_left(total, done, secs))} left"
 
 
 def _label(j):
@@ -805,9 +806,8 @@ def _one_batch_at_a_time(out, dry_run):
         if not dry_run:
             try:
                 stack.enter_context(run_lock(out / ".batch"))
-            except RunLocked:
-                owner = (out / ".batch" / ".lock").read_text(errors="replace").strip() or "?"
-                raise ValueError(f"another batch is running on {out} ({owner}): wait for it to finish (its runs "
+            except RunLocked as e:
+                raise ValueError(f"another batch is running on {out} ({e.owner}): wait for it to finish (its runs "
                                  "are skipped here anyway), or give this batch another --out") from None
         yield
 
