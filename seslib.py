@@ -672,9 +672,10 @@ def hook_targets(model, preset="auto", targets=("block",)):
     ResNet-18, 13 for WRN-28-10, 17 for ResNet-50), "layer4+pool" (ResNet-50's Tiny-ImageNet hooks, 4),
     "lastN"/"firstN" (of the blocks+pool list: Exp 9's last 5 / last 3), "pool". auto: ResNet-50
     (Bottleneck) -> layer4+pool, others -> blocks+pool.
-    ViTs (timm): "all" (12), "first4", "last4", any firstN/lastN; `targets` picks, per chosen block,
-    "block" (block output), "attn_out" (attention sub-layer output, before the residual) and
-    "attn_weights" (softmax probabilities; needs timm's non-fused attention: see use_attention_weights).
+    ViTs (the author's SESViT, timm's): "all" (12), "first4", "last4", any firstN/lastN; `targets` picks, per chosen
+    block, "block" (block output), "attn_out" (attention sub-layer output, before the residual) and "attn_weights"
+    (softmax probabilities [B, heads, N, N]: SESViT's blocks.i.attn_probs, fed when store_attn is set, as the author's
+    ses_vit_attention.py; timm's attn.attn_drop input, with non-fused attention; see use_attention_weights).
     Toy MLP: "all" = its 5 hidden layers (after the activation).
     A list of module names (model.named_modules) selects them directly.
     """
@@ -684,8 +685,8 @@ def hook_targets(model, preset="auto", targets=("block",)):
         missing = [n for n in preset if n not in mods]
         if missing:
             raise ValueError(f"no module named {missing} in {type(model).__name__}; valid names: {_name_list(mods)}")
-        return [(n, mods[n], "attn_weights" if n.endswith("attn_drop") and "attn_weights" in targets else "output")
-                for n in preset]
+        return [(n, mods[n], "attn_weights" if n.endswith(("attn_drop", "attn_probs")) and "attn_weights" in targets
+                 else "output") for n in preset]
     if family in ("resnet", "wrn"):
         blocks = [(n, m, "output") for n, m in model.named_modules() if type(m).__name__ in _RESIDUAL_BLOCKS]
         pool = [("avgpool", model.avgpool, "output")]
@@ -716,8 +717,10 @@ def hook_targets(model, preset="auto", targets=("block",)):
                 blk = model.blocks[i]
                 if t == "block":
                     out.append((f"blocks.{i}", blk, "output"))
-                elif t == "attn_out":
+                elif t == "attn_out":  # timm's Attention returns the tensor, nn.MultiheadAttention (out, weights)
                     out.append((f"blocks.{i}.attn", blk.attn, "output"))
+                elif hasattr(blk, "attn_probs"):  # the author's block (SESViT) with store_attn set
+                    out.append((f"blocks.{i}.attn_probs", blk.attn_probs, "attn_weights"))
                 else:
                     out.append((f"blocks.{i}.attn.attn_drop", blk.attn.attn_drop, "attn_weights"))
         return out
@@ -738,13 +741,18 @@ def _name_list(mods, depth=None, limit=40) -> str:
 
 
 def use_attention_weights(model):
-    """Switch timm attention to the non-fused path so the softmax weights exist and can be hooked.
+    """Make every block's softmax weights [B, heads, N, N] exist where SES hooks them ("attn_weights").
 
-    timm's fused path (F.scaled_dot_product_attention) never materialises the [B, heads, N, N]
-    probabilities: it is faster and lighter, so only call this when SES hooks attention weights.
+    The author's SESViT: store_attn on (ses_vit_attention.py's flag: the attention is called with need_weights=True,
+    average_attn_weights=False and the per-head weights pass through blocks.i.attn_probs); its output is unchanged.
+    timm: the non-fused path, since the fused one (F.scaled_dot_product_attention) never materialises the
+    probabilities; it is faster and lighter, so only call this when SES hooks attention weights.
     """
     for blk in model.blocks:
-        blk.attn.fused_attn = False
+        if hasattr(blk, "store_attn"):
+            blk.store_attn = True
+        else:
+            blk.attn.fused_attn = False
     return model
 
 
@@ -779,6 +787,10 @@ class ActivationCollector:
                         f"{name}: timm's fused attention never materialises the attention weights, so this hook "
                         "would never fire. Call seslib.use_attention_weights(model) (or "
                         "timm.layers.set_fused_attn(False) before building the model) first.")
+                blk = next((m for m in model.modules() if getattr(m, "attn_probs", None) is module), None)
+                if blk is not None and not getattr(blk, "store_attn", True):
+                    raise ValueError(f"{name}: the block's store_attn is off, so its attention weights never reach "
+                                     "this hook. Call seslib.use_attention_weights(model) first.")
                 self._handles.append(module.register_forward_hook(self._make_hook(name, kind, use_input=True)))
             else:
                 self._handles.append(module.register_forward_hook(self._make_hook(name, kind)))
@@ -803,7 +815,8 @@ class ActivationCollector:
     def activations(self) -> list:
         if self._acts and len(self._acts) != len(self.names):
             missing = [n for n in self.names if n not in self._acts]
-            raise RuntimeError(f"hooks did not fire for {missing} (is timm's fused attention on?)")
+            raise RuntimeError(f"hooks did not fire for {missing} (timm's fused attention on, or SESViT's store_attn "
+                               "off? see use_attention_weights)")
         return [self._acts[n] for n in self.names if n in self._acts]
 
     @property
@@ -849,7 +862,7 @@ class SES:
             loss = F.cross_entropy(model(x), y) + ses()   # lam * sum_l (H_l - beta log d_l)^2 of this batch
             opt.zero_grad(); loss.backward(); opt.step()
 
-    layers: "auto" (the suite's presets for torchvision ResNets, WideResNet and timm ViTs: every residual block
+    layers: "auto" (the suite's presets for torchvision ResNets, WideResNet and the ViTs: every residual block
     + avgpool, ResNet-50's layer4 + avgpool, all 12 ViT blocks), a preset name (see hook_targets), or a list of
     module names. every_k: SES on every k-th step only; on the others the hooks store nothing and ses() returns 0.
     schedule: a beta schedule (BetaSchedule.parse spec), applied by ses.set_epoch(epoch, epochs).
@@ -868,7 +881,7 @@ class SES:
         self.lam, self.every_k = float(lam), every_k
         self.schedule = BetaSchedule.parse(schedule) if schedule is not None else None
         if "attn_weights" in targets and hasattr(model, "blocks"):
-            use_attention_weights(model)  # timm's fused attention never materialises the weights
+            use_attention_weights(model)  # SESViT: store_attn on; timm: its fused attention never materialises them
         self.collector = ActivationCollector(model, layers, pool=pool, targets=tuple(targets))
         self.collector.gate = lambda: self.active or self._measuring
         self.step = 0  # ses() calls so far: the optimiser step the next forward belongs to
@@ -1464,9 +1477,10 @@ class DeviceLoader:
 # models
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
-MODELS = ("resnet18", "resnet50", "wrn28_10", "vit_tiny", "vit_small", "mlp_toy")
+MODELS = ("resnet18", "resnet50", "wrn28_10", "vit_tiny", "vit_small", "vit_tiny_timm", "vit_small_timm", "mlp_toy")
 CNN_MODELS = ("resnet18", "resnet50", "wrn28_10")
-VIT_MODELS = ("vit_tiny", "vit_small")
+VIT_MODELS = ("vit_tiny", "vit_small", "vit_tiny_timm", "vit_small_timm")  # all train with the ViT recipe
+TIMM_VIT_MODELS = ("vit_tiny_timm", "vit_small_timm")  # timm's VisionTransformer; the others are the author's (SESViT)
 
 
 class WideBasic(nn.Module):
@@ -1577,28 +1591,147 @@ def _cifar_resnet(name, num_classes, width=1.0):
     return model
 
 
+# ── the author's ViT, ported from ses_vit_experiment.py (akira-n-28/Spectral-Entropy-Shaping@4abfcca; the same classes
+# in ses_vit_ablations.py, ses_vit_augmentation.py, and ses_vit_attention.py with its store_attn flag) ──
+# Same modules, names, construction order and init, so under the same seed it builds the author's weights bit for bit
+# (tests/test_author_vit.py against tests/fixtures/author_vit.json, recorded from the script run as written):
+# nn.MultiheadAttention (its own xavier-uniform in-projection, zero in-proj bias), trunc-normal(0.02) Linear weights
+# (the out-projection included) with zero bias, cls token and pos embed trunc-normal(0.02), PyTorch's default Conv2d
+# init for the patch projection, LayerNorm eps 1e-5, the author's per-sample drop path (torch.bernoulli mask).
+class AuthorPatchEmbed(nn.Module):
+    """ses_vit_experiment.py's PatchEmbedding: a patch x patch convolution of stride patch, as tokens [B, N, D]."""
+
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=384):
+        super().__init__()
+        self.num_patches = (img_size // patch_size) ** 2
+        self.patch_size = (patch_size, patch_size)  # as timm's PatchEmbed says it
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class SESViTBlock(nn.Module):
+    """The author's TransformerBlock: pre-norm, nn.MultiheadAttention (batch_first), GELU MLP, drop path per sample.
+    store_attn (ses_vit_attention.py's flag; use_attention_weights sets it): the attention is called with
+    need_weights=True, average_attn_weights=False and its per-head probabilities [B, heads, N, N] pass through
+    self.attn_probs (an Identity: what SES's "attn_weights" target hooks). Otherwise the author's plain call, whose
+    need_weights defaults to True as well: the same explicit-softmax path, so the block's output is the same either way."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop=0.0, drop_path=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=drop, batch_first=True)
+        self.attn_probs = nn.Identity()  # no parameters: the state dict is the author's
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop), nn.Linear(hidden, dim),
+                                 nn.Dropout(drop))
+        self.drop_path_rate = drop_path
+        self.store_attn = False
+
+    def _drop_path(self, x):
+        if self.drop_path_rate == 0.0 or not self.training:
+            return x
+        keep_prob = 1 - self.drop_path_rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = torch.bernoulli(torch.full(shape, keep_prob, device=x.device, dtype=x.dtype))
+        return x * mask / keep_prob
+
+    def forward(self, x):
+        normed = self.norm1(x)
+        if self.store_attn:
+            attn_out, probs = self.attn(normed, normed, normed, need_weights=True, average_attn_weights=False)
+            self.attn_probs(probs)
+        else:
+            attn_out, _ = self.attn(normed, normed, normed)
+        x = x + self._drop_path(attn_out)
+        return x + self._drop_path(self.mlp(self.norm2(x)))
+
+
+class SESViT(nn.Module):
+    """The author's VisionTransformer for CIFAR-sized images: patch embedding, CLS token + learned positions, `depth`
+    SESViTBlocks with stochastic depth linear in 0..drop_path_rate (torch.linspace, as the author), final LayerNorm,
+    linear head on the CLS token. ViT-Tiny/4: 192 dim, 3 heads (5.38 M); ViT-Small/4: 384 dim, 6 heads (21.38 M)."""
+
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, num_classes=100, embed_dim=384, depth=12, num_heads=6,
+                 mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.1):
+        super().__init__()
+        self.embed_dim, self.depth = embed_dim, depth
+        self.patch_embed = AuthorPatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([SESViTBlock(embed_dim, num_heads, mlp_ratio, drop_rate, dpr[i])
+                                     for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def set_drop_path(self, rate):
+        """Stochastic depth at max rate `rate`, spaced over the blocks as the author's constructor does."""
+        for blk, p in zip(self.blocks, torch.linspace(0, rate, len(self.blocks))):
+            blk.drop_path_rate = p.item()
+
+    def forward(self, x):
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch_embed(x)], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
 def _vit(name, num_classes, img_size, width=1.0):
-    from timm.models.vision_transformer import VisionTransformer
+    """vit_tiny / vit_small: the author's SESViT; vit_tiny_timm / vit_small_timm: timm's VisionTransformer with the same
+    shape (patch 4, depth 12, mlp 4x, qkv bias, no dropout, stochastic depth 0.1, CLS-token head) and parameter count,
+    but timm's init (qkv trunc-normal 0.02, cls token 1e-6) and LayerNorm eps 1e-6. width narrows the embed dim, same heads."""
     if img_size % 4:
         raise ValueError(f"ViT patch size 4 needs img_size divisible by 4; got {img_size}")
-    dim, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6)}[name]
+    dim, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6)}[name.removesuffix("_timm")]
     dim = max(1, round(dim * width / heads)) * heads  # narrowed: the same heads, narrower each
-    # the SES reference ViT/4: depth 12, mlp 4x, qkv bias, no dropout, stochastic depth 0.1, CLS-token head
+    if name not in TIMM_VIT_MODELS:
+        return SESViT(img_size=img_size, patch_size=4, num_classes=num_classes, embed_dim=dim, depth=12,
+                      num_heads=heads, mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.1)
+    from timm.models.vision_transformer import VisionTransformer
     return VisionTransformer(img_size=img_size, patch_size=4, num_classes=num_classes, embed_dim=dim, depth=12,
                              num_heads=heads, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, drop_path_rate=0.1,
                              global_pool="token")
 
 
+def vit_impl(model_name):
+    """The resolved config's vit_impl: 'author' (SESViT) or 'timm' for a ViT model name, None for any other model."""
+    return None if model_name not in VIT_MODELS else "timm" if model_name in TIMM_VIT_MODELS else "author"
+
+
 def _apply_spectral_norm(model):
     from torch.nn.utils.parametrizations import spectral_norm as sn
-    for m in [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
-        sn(m)
+    for m in [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))]:
+        if isinstance(m, nn.MultiheadAttention):  # its stacked q, k, v projection: as timm's qkv Linear
+            sn(m, name="in_proj_weight")
+        else:
+            sn(m)
     return model
 
 
 def build_model(name, num_classes, img_size=32, spectral_norm=False, width=1.0):
-    """resnet18 | resnet50 (torchvision, CIFAR stem) | wrn28_10 | vit_tiny | vit_small (timm, patch 4) | mlp_toy.
-    spectral_norm=True wraps every Conv2d and Linear in torch.nn.utils.parametrizations.spectral_norm.
+    """resnet18 | resnet50 (torchvision, CIFAR stem) | wrn28_10 | vit_tiny | vit_small (the author's ViT/4: SESViT) |
+    vit_tiny_timm | vit_small_timm (timm's VisionTransformer, same shape, timm's init) | mlp_toy.
+    spectral_norm=True wraps every Conv2d and Linear (and an nn.MultiheadAttention's in-projection) in
+    torch.nn.utils.parametrizations.spectral_norm.
     width in (0, 1]: every channel width (ResNets: 64·w ... 512·w; WRN: widen factor 10·w; ViTs: embed dim) scaled,
     same depth, modules and hook points: the smoke preset's narrow models (width=1 is the published model)."""
     if name not in MODELS:
@@ -2881,12 +3014,24 @@ _NOT_COMPUTED = ("resume", "log", "data_root", "out_dir", "device", "keep_checkp
 _RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustness_subset")
 
 
+# Keys added after results were stored whose value there is known: a config without one reads as that value.
+# vit_impl: before it, 'vit_tiny' / 'vit_small' were timm's VisionTransformer (now the author's SESViT; timm's is
+# 'vit_*_timm'), so an old ViT result differs ("vit_impl timm → author") and an old CNN result does not.
+_IMPLIED = {"vit_impl": lambda cfg: "timm" if cfg.get("model") in VIT_MODELS else None}
+
+
+def config_value(cfg: dict, key):
+    """cfg[key], else the value a config made before the key existed implied (_IMPLIED), else "<absent>"."""
+    return cfg[key] if key in cfg else _IMPLIED[key](cfg) if key in _IMPLIED else "<absent>"
+
+
 def config_diff(now: dict, then: dict, ignore=_NOT_COMPUTED) -> list:
     """[(key, then, now)] for every key that differs between a stored run's config and the one planned now
-    (a key missing from the older config counts as different: the suite's recipe grew since).
-    'preset' is listed too when anything else differs, so a message can say "preset smoke -> paper"."""
-    diff = [(k, then.get(k, "<absent>"), now.get(k, "<absent>")) for k in sorted(set(now) | set(then))
-            if k not in ignore and then.get(k, "<absent>") != now.get(k, "<absent>")]
+    (a key missing from the older config counts as different: the suite's recipe grew since; except the keys
+    of _IMPLIED, read as the value they had). 'preset' is listed too when anything else differs, so a message
+    can say "preset smoke -> paper"."""
+    diff = [(k, config_value(then, k), config_value(now, k)) for k in sorted(set(now) | set(then))
+            if k not in ignore and config_value(then, k) != config_value(now, k)]
     if diff and now.get("preset") != then.get("preset") and "preset" in ignore:
         diff.append(("preset", then.get("preset"), now.get("preset")))
     return diff
@@ -2953,7 +3098,7 @@ def fits_budget(est, end, budget=None) -> bool:
 
 
 _MODEL_COST = read_only({"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6,
-                          "mlp_toy": 0.01})
+                          "vit_tiny_timm": 0.8, "vit_small_timm": 1.6, "mlp_toy": 0.01})
 
 
 def run_cost(cfg: dict) -> float:
@@ -3116,6 +3261,7 @@ _BASE_CONFIG = {
     "ses_layers": "auto", "ses_targets": ["block"], "ses_every_k": 1,
     "ses_scope": "global", "sync_bn": None,  # multi-GPU (torchrun) only; see the "distributed" section
     "drop_path": None,  # ViTs: stochastic-depth rate (None: the recipe's 0.1)
+    "vit_impl": None,  # derived from model: "author" (SESViT: vit_tiny, vit_small) | "timm" (vit_*_timm) | None
     # per-epoch effective rank, measured two ways (see _erank_ses_view / _erank_author_view)
     "erank_batches": 4, "erank_eval_samples": 2048,
     "out_dir": None, "resume": False, "save_model": True, "keep_checkpoint": False,  # a finished run keeps result.json; True: checkpoint.pt too
@@ -3218,6 +3364,10 @@ def _resolve_drop_path(c):
         c["drop_path"] = 0.1  # the reference ViT/4's stochastic depth
 
 
+def _resolve_vit_impl(c):
+    c["vit_impl"] = vit_impl(c["model"])  # which ViT the name builds: the stale rule tells results of each apart
+
+
 def _check_cuda_visible(spec, device):
     """A CUDA device this machine shows: a config made for a GPU fails here, not at the first tensor moved."""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -3300,6 +3450,10 @@ _CONFIG_RULES = (
     ("drop_path", lambda v, c: v is None or (c["model"] in VIT_MODELS and _is_num(v) and 0 <= v < 1),
      "None, or for a ViT a number in [0, 1)"),
     _resolve_drop_path,
+    ("vit_impl", lambda v, c: v is None or v == vit_impl(c["model"]),
+     lambda c: ("None" if vit_impl(c["model"]) is None else f"None or {vit_impl(c['model'])!r}")
+     + f" (it follows from model {c['model']!r})"),
+    _resolve_vit_impl,
     ("preset", lambda v, c: v is None or isinstance(v, str), "None or a preset name"),
     ("width", lambda v, c: _is_num(v) and 0 < v <= 1, "a number in (0, 1] (1: the published model)"),
     ("device", lambda v, c: isinstance(v, str), "a string ('auto', 'cpu', 'cuda', 'cuda:1', ...)"),
@@ -3367,7 +3521,11 @@ def _lr_factor(c):
 
 
 def _set_drop_path(model, rate):
-    """Stochastic depth of a timm ViT at max rate `rate`, spaced linearly over the blocks as timm does."""
+    """Stochastic depth of a ViT at max rate `rate`, spaced linearly over the blocks: the author's SESViT its own way
+    (torch.linspace, its drop path), timm's with timm's DropPath."""
+    if isinstance(model, SESViT):
+        model.set_drop_path(rate)
+        return
     from timm.layers import DropPath
     n = len(model.blocks)
     for i, blk in enumerate(model.blocks):
@@ -3754,7 +3912,7 @@ def preflight(c, model=None):
     its code path, the frost texture photos when frost will be generated, the data set (CIFAR is downloaded now if
     absent), a writable out_dir with room for the checkpoint. Raises PreflightError listing every problem and its fix."""
     problems = []
-    need = {"timm": ("ViT models and Mixup/CutMix", c["model"] in VIT_MODELS or c["mix"] != "none"),
+    need = {"timm": ("timm's ViTs and Mixup/CutMix", c["model"] in TIMM_VIT_MODELS or c["mix"] != "none"),
             "torchmetrics": ("the robustness pass's calibration error", bool(c["robustness"]))}
     for mod, (why, needed) in need.items():
         if needed and importlib.util.find_spec(mod) is None:
@@ -3853,7 +4011,7 @@ def _train(c, dd: DistInfo, device):
         for epoch in range(run.start_epoch, c["epochs"]):
             _pause_if_out_of_time(run, epoch, end)
             beta, lr = _start_epoch(run, epoch)
-            t0, bar = time.time(), _epoch_bar(run, epoch)
+            bar, t0 = _epoch_bar(run, epoch), time.time()  # t0 just before the training loop, as the author's
             row, train_seconds = train_one_epoch(run, epoch, bar, t0)
             evaluate_epoch(run, row, beta)
             row.update(beta=beta, lr=lr, steps=run.steps, train_seconds=train_seconds,
@@ -4068,7 +4226,9 @@ def train_one_epoch(run, epoch, bar, t0) -> tuple[dict, float]:
             step0, pending = step + 1, []
         if bar is not None:
             bar.update()
-    train_seconds = time.time() - t0
+    if run.device.type == "cuda":  # CUDA only: the clock must include the work still queued on the GPU
+        torch.cuda.synchronize(run.device)
+    train_seconds = time.time() - t0  # the training loop alone, as the author's epoch_time (avg_epoch_time)
     return _train_metrics(run, epoch, sums), train_seconds
 
 
@@ -4474,6 +4634,8 @@ def _result_row(config, result, run_dir):
         acc_final=_num(fin.get("test_acc")), acc_best=_num(fin.get("best_test_acc_over_epochs")),
         gap=_num(fin.get("gap")), rob=_rob_mean(fin), rob_paper=_rob_mean(fin, "robustness_paper"),
         rob_paper_best=_rob_mean(fin, "robustness_paper_best"), epoch_s=_num(fin.get("epoch_seconds_mean")),
+        train_s=_num(fin.get("train_seconds_mean")),  # the training loop alone (NaN in results made before it)
+        eval_s=_num(fin.get("epoch_seconds_mean")) - _num(fin.get("train_seconds_mean")),  # the rest of an epoch
         peak_mem_mb=_num(fin.get("peak_mem_mb")), kappa_mean=_num(fin.get("kappa_mean")),
         erank_dev=_erank_dev(result), device_name=env.get("device_name"),
         run_dir=str(run_dir), result=result)
@@ -4521,10 +4683,14 @@ def plan_results(plan):
 # ── metrics, claims and verdicts ─────────────────────────────────────────────────────────────────
 # A claim is one published statement, as data in its notebook, e.g.
 #   dict(text="SES improves robustness on CIFAR-100", a="ses", b="baseline", metric="rob")
-# metric: a key of CLAIM_METRICS; kind: delta (a - b has the paper's sign), tie (a and b do not differ),
-# best (a beats every other config of `among`), spread (the metric varies across `among` by at most `paper`),
-# at_most (config a's metric is at most `paper`, e.g. every layer's erank within 5 % of its target).
-# The paper's own value comes from the notebook's PAPER numbers unless the claim gives `paper`.
+# metric: a key of CLAIM_METRICS; kind, with the statistic each judges:
+#   delta     a - b (paper: the signed difference)          ratio     a / b, on the log scale (size claims: "+15 %")
+#   contrast  sum of weight * config, terms={config: w}      sd_ratio  seed SD of a / seed SD of b (variance claims)
+#   best      a minus its best rival among `among`          tie       a - b within ± margin (equivalence)
+#   at_most   a (or a - b) at most `paper`                   near_best a's best rival leads it by at most `margin`
+#   spread    max - min over `among` at most `paper`
+# The paper's own value comes from the notebook's PAPER numbers unless the claim gives `paper`; `source` says where
+# the number is published. A config named "NN_notebook/config" is another notebook's (SUMMARY_CLAIMS).
 # Each claim is judged twice: on the paper's metric definition (accuracy = best test accuracy over epochs,
 # robustness = its own protocol on the test-selected weights) and on our headline definition (final epoch,
 # the standard 15 x 5 corruptions).
@@ -4532,133 +4698,332 @@ CLAIM_METRICS = read_only({  # metric -> (paper's definition, our headline defin
     "acc": ("acc_best", "acc_final", "acc", True),
     "rob": ("rob_paper_best", "rob", "rob", True),
     "gap": ("gap", "gap", "gap", False),
-    "epoch_s": ("epoch_s", "epoch_s", "epoch_s", False),
+    "epoch_s": ("train_s", "train_s", "epoch_s", False),  # the training loop's seconds, as the author's avg_epoch_time
     "kappa": ("kappa_mean", "kappa_mean", "kappa_mean", False),
     "erank_dev": ("erank_dev", "erank_dev", "erank_dev", False),  # max_l |erank_l / d_l^β - 1| in %
 })
-CLAIM_KINDS = ("delta", "tie", "best", "spread", "at_most")
-VERDICT_RULE = ("Verdict rule (seslib.verdict): with fewer than 2 seeds per config a claim is inconclusive. "
-                "Otherwise, with Δ our difference of seed means and SE its standard error "
-                "(sqrt(sd_a²/n_a + sd_b²/n_b)): a 'delta' or 'best' claim is reproduced when Δ has the paper's "
-                "sign and |Δ| > 2 SE, not reproduced when Δ has the opposite sign and |Δ| > 2 SE, inconclusive "
-                "otherwise; a 'tie' claim is reproduced when |Δ| ≤ 2 SE, else not reproduced; a 'spread' claim "
-                "(range across configs ≤ the paper's) or an 'at_most' claim (a value ≤ the paper's bound) is "
-                "reproduced when value + 2 SE ≤ the bound, not reproduced when value − 2 SE > the bound, "
-                "inconclusive otherwise.")
+CLAIM_KINDS = ("delta", "ratio", "contrast", "sd_ratio", "best", "tie", "at_most", "near_best", "spread")
+DIRECTION_KINDS = ("delta", "ratio", "contrast", "sd_ratio", "best")  # judged against 0 and the paper's size
+LOG_KINDS = ("ratio", "sd_ratio")  # judged on log ratios (a ratio's noise is multiplicative)
+CONFIDENCE = 0.95  # two-sided, for direction claims; bounds and ties use one-sided tests at 1 - CONFIDENCE / 2 each
+PAPER_SEED_SD = read_only({  # metric -> the largest seed SD the paper reports (Exp 5/6, 3 seeds), and where
+    "acc": (0.23, "Exp 5: SES accuracy 93.37 ± 0.23"),
+    "rob": (0.60, "Exp 5 baseline robustness SD 0.60 (SES 0.26)"),
+})
+TIE_MARGINS = read_only({  # metric -> the difference a tie (or "near the best") tolerates, and why that size
+    "acc": (0.5, "about 2x the paper's largest accuracy seed SD (0.23, Exp 5)"),
+    "rob": (1.2, "2x the paper's largest robustness seed SD (0.60, Exp 5)"),
+    "gap": (1.0, "the paper reports no gap SD; 1 pp, the size of its smallest gap claim (Exp 6: -1.3)"),
+    "erank_dev": (5.0, "5 percentage points of deviation from d^beta"),
+})
+RATIO_TOLERANCE = read_only({  # metric -> relative band around the paper's ratio that still counts as its size
+    "epoch_s": (0.10, "time depends on the GPU, driver and implementation beyond seed noise: a 10 % band"),
+})
+VERDICTS = ("reproduced", "same direction, smaller effect", "same direction, larger effect", "not reproduced",
+            "inconclusive")
+VERDICT_RULE = (
+    "Verdict rule (seslib.verdict): each claim's statistic gets a t-based 95 % interval over seeds (paired by "
+    "seed when every config in it ran the same seeds, Welch otherwise; ratios on the log scale; an SD ratio from the "
+    "F distribution). With fewer than 2 seeds it is inconclusive. A direction claim (delta, ratio, contrast, SD "
+    "ratio, best) is reproduced when the interval excludes 0 on the paper's side and holds the paper's value; same "
+    "direction, smaller/larger effect when it excludes 0 on the paper's side but also the paper's value; not "
+    "reproduced when it shows the opposite direction, or excludes the paper's value without showing its direction; "
+    "inconclusive when it holds both 0 and the paper's value. A tie is judged by equivalence (two one-sided tests at "
+    "5 %, i.e. the 90 % interval) against the metric's stated margin: reproduced when the 90 % interval lies within "
+    "± margin, not reproduced when it lies wholly outside, inconclusive otherwise. A bound (at_most: value ≤ bound; "
+    "spread: max − min ≤ bound; near_best: the best rival leads by at most the margin) is reproduced when the "
+    "one-sided 95 % limit meets it, not reproduced when the opposite one-sided limit breaks it, inconclusive "
+    "otherwise.")
+_CLAIM_KEYS = {"text", "a", "b", "metric", "kind", "among", "paper", "margin", "terms", "source", "paper_sd"}
 
 
 def check_claim(claim, grid, paper=None) -> dict:
     """A claim dict, checked against the grid when the notebook is loaded (not after training): names every
     config it needs that the grid lacks, an unknown metric or kind, a paper value it cannot find."""
-    if not isinstance(claim, dict) or "text" not in claim or "a" not in claim:
-        raise ValueError(f"a claim is a dict with at least 'text' and 'a' (a config name); got {claim!r}")
-    c = {"b": None, "metric": "acc", "kind": "delta", "among": None, "paper": None, **claim}
-    bad = sorted(set(c) - {"text", "a", "b", "metric", "kind", "among", "paper"})
+    if not isinstance(claim, dict) or "text" not in claim or not (claim.get("a") or claim.get("terms")):
+        raise ValueError(f"a claim is a dict with 'text' and 'a' (a config name) or 'terms'; got {claim!r}")
+    c = {"b": None, "a": None, "metric": "acc", "kind": "delta", "among": None, "paper": None, "margin": None,
+         "terms": None, "source": None, "paper_sd": None, **claim}
+    bad = sorted(set(c) - _CLAIM_KEYS)
     if bad:
         raise ValueError(f"claim {c['text']!r}: unknown key(s) {bad}")
     if c["metric"] not in CLAIM_METRICS:
         raise ValueError(f"claim {c['text']!r}: unknown metric {c['metric']!r}; known: {', '.join(CLAIM_METRICS)}")
     if c["kind"] not in CLAIM_KINDS:
         raise ValueError(f"claim {c['text']!r}: unknown kind {c['kind']!r}; known: {', '.join(CLAIM_KINDS)}")
-    if c["kind"] in ("delta", "tie") and not c["b"]:
-        raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim compares 'a' with 'b'")
-    if c["kind"] in ("best", "spread"):
-        c["among"] = list(c["among"] or grid)
-    needed = [x for x in [c["a"], c["b"], *(c["among"] or [])] if x]
-    missing = [x for x in dict.fromkeys(needed) if x not in grid]
-    if missing:
-        raise ValueError(f"claim {c['text']!r} names config(s) {missing} that the grid lacks; grid: {list(grid)}")
+    _check_claim_shape(c, grid)
     if c["paper"] is None:
         c["paper"] = _paper_value(c, paper or {})
+    if c["kind"] in DIRECTION_KINDS and not (_is_real(c["paper"]) and c["paper"] != (1 if c["kind"] in LOG_KINDS else 0)):
+        raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim needs the paper's nonzero effect; got "
+                         f"{c['paper']!r} (a claim of no difference is a 'tie')")
+    if c["kind"] in ("tie", "near_best") and c["margin"] is None:
+        if c["metric"] not in TIE_MARGINS:
+            raise ValueError(f"claim {c['text']!r}: no stated tie margin for {c['metric']!r}: give 'margin'")
+        c["margin"] = TIE_MARGINS[c["metric"]][0]
+    if c["paper_sd"] is None:  # the paper's seed SD, where it ran seeds (Exp 5/6: PAPER's "<key>_std")
+        key = CLAIM_METRICS[c["metric"]][2] + "_std"
+        sds = [(paper or {}).get(x, {}).get(key) for x in (c["a"], c["b"]) if x]
+        c["paper_sd"] = max([v for v in sds if _is_real(v)], default=None)
     return c
 
 
+def _check_claim_shape(c, grid):
+    """The configs a claim of its kind needs, all in the grid."""
+    if c["kind"] in ("delta", "ratio", "tie", "sd_ratio") and not (c["a"] and c["b"]):
+        raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim compares 'a' with 'b'")
+    if c["kind"] == "contrast":
+        if not isinstance(c["terms"], dict) or not c["terms"] or not all(_is_real(w) for w in c["terms"].values()):
+            raise ValueError(f"claim {c['text']!r}: a contrast claim needs terms={{config: weight}}")
+        c["terms"] = dict(c["terms"])
+    elif not c["a"]:
+        raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim needs 'a'")
+    if c["kind"] in ("best", "near_best", "spread"):
+        c["among"] = list(c["among"] or grid)
+    needed = [x for x in [c["a"], c["b"], *(c["among"] or []), *(c["terms"] or {})] if x]
+    missing = [x for x in dict.fromkeys(needed) if x not in grid]
+    if missing:
+        raise ValueError(f"claim {c['text']!r} names config(s) {missing} that the grid lacks; grid: {list(grid)}")
+
+
 def _paper_value(c, paper):
+    """The paper's value of the claim's statistic, from the notebook's PAPER numbers."""
     key, higher = CLAIM_METRICS[c["metric"]][2], CLAIM_METRICS[c["metric"]][3]
-    val = {k: (paper.get(k) or {}).get(key) for k in set([c["a"], c["b"], *(c["among"] or [])]) - {None}}
+    if c["kind"] == "sd_ratio":
+        key += "_std"
+    names = set([c["a"], c["b"], *(c["among"] or []), *(c["terms"] or {})]) - {None}
+    val = {k: (paper.get(k) or {}).get(key) for k in names}
     try:
         if c["kind"] in ("delta", "tie"):
             return round(val[c["a"]] - val[c["b"]], 4)
+        if c["kind"] in ("ratio", "sd_ratio"):
+            return round(val[c["a"]] / val[c["b"]], 4)
+        if c["kind"] == "contrast":
+            return round(sum(w * val[k] for k, w in c["terms"].items()), 4)
         if c["kind"] == "at_most":
-            return round(val[c["a"]], 4)
+            return round(val[c["a"]] - (val[c["b"]] if c["b"] else 0.0), 4)
         others = [val[x] for x in c["among"] if x != c["a"]]
-        if c["kind"] == "best":
+        if c["kind"] in ("best", "near_best"):
             return round((val[c["a"]] - max(others)) if higher else (min(others) - val[c["a"]]), 4)
         return round(max(val.values()) - min(val.values()), 4)
-    except (TypeError, ValueError, KeyError):
-        raise ValueError(f"claim {c['text']!r}: the paper's {key} for {sorted(val)} is not in PAPER: give 'paper'") \
+    except (TypeError, ValueError, KeyError, ZeroDivisionError):
+        raise ValueError(f"claim {c['text']!r}: the paper's {key} for {sorted(names)} is not in PAPER: give 'paper'") \
             from None
 
 
-def verdict(kind, delta, se, n_min, paper):
-    """reproduced | not reproduced | inconclusive, by the one rule stated in VERDICT_RULE (and the README)."""
-    if n_min < 2 or delta != delta:
+# ── intervals ──
+# Why t and not 2 SE: with 2-3 seeds the SDs are themselves noisy; the t critical values are 4.3 (df 2) and 2.8
+# (df 4), and a 2-SE rule calls a non-existent effect "reproduced" 6-9 % of the time instead of 2.5 %.
+
+def _seed_values(df, config, col) -> dict:
+    """{seed: value} of one config's runs (a seed run twice counts once, averaged)."""
+    if col not in df or "seed" not in df:
+        return {}
+    sub = df.loc[df["config"] == config, ["seed", col]].dropna()
+    return {s: float(v) for s, v in sub.groupby("seed")[col].mean().items()} if len(sub) else {}
+
+
+def contrast_interval(values: dict, weights: dict, log=False, paired=True) -> dict:
+    """The 95 % (and 90 %) t interval of sum_k weights[k] * mean(values[k]) over seeds.
+
+    values: {config: {seed: value}}. Paired by seed (the per-seed contrast, df n - 1) when `paired` and every
+    config ran the same >= 2 seeds; Welch-Satterthwaite otherwise. log: on log values (ratios), positive only."""
+    vals = {k: {s: (math.log(v) if v > 0 else float("nan")) if log else v for s, v in values.get(k, {}).items()}
+            for k in weights}
+    vals = {k: {s: v for s, v in d.items() if v == v} for k, d in vals.items()}
+    seeds = [set(d) for d in vals.values()]
+    n = min(len(s) for s in seeds)
+    if paired and n >= 2 and all(s == seeds[0] for s in seeds):
+        per_seed = np.array([sum(w * vals[k][s] for k, w in weights.items()) for s in sorted(seeds[0])])
+        est, se, dof = float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(n)), n - 1
+    else:
+        paired = False
+        est = sum(w * float(np.mean(list(vals[k].values()))) if vals[k] else float("nan") for k, w in weights.items())
+        parts = [w * w * float(np.var(list(vals[k].values()), ddof=1)) / len(vals[k]) if len(vals[k]) > 1 else
+                 float("nan") for k, w in weights.items()]
+        se = math.sqrt(sum(parts))
+        den = sum(p * p / (len(vals[k]) - 1) for p, k in zip(parts, weights) if len(vals[k]) > 1)
+        dof = se ** 4 / den if den > 0 else float("inf")
+    return _interval(est, se, dof, n, paired)
+
+
+def _interval(est, se, dof, n, paired) -> dict:
+    from scipy import stats
+    out = {"est": est, "se": se, "dof": dof, "n": n, "paired": paired}
+    for name, q in (("", 0.5 + CONFIDENCE / 2), ("90", CONFIDENCE)):  # 95 % two-sided; 90 % = one-sided 95 %
+        half = float(stats.t.ppf(q, dof)) * se if n >= 2 and se > 0 else 0.0 if n >= 2 else float("nan")
+        out["lo" + name], out["hi" + name] = est - half, est + half
+    return out
+
+
+def sd_ratio_interval(values_a: dict, values_b: dict) -> dict:
+    """The interval of log(SD_a / SD_b) over seeds, from the F distribution (normal seed noise)."""
+    from scipy import stats
+    a, b = np.array(list(values_a.values())), np.array(list(values_b.values()))
+    n = min(len(a), len(b))
+    if n < 2 or a.std(ddof=1) == 0 or b.std(ddof=1) == 0:
+        return {"est": float("nan"), "se": float("nan"), "dof": float("nan"), "n": n, "paired": False,
+                **{k: float("nan") for k in ("lo", "hi", "lo90", "hi90")}}
+    f = a.var(ddof=1) / b.var(ddof=1)
+    out = {"est": 0.5 * math.log(f), "se": float("nan"), "dof": (len(a) - 1, len(b) - 1), "n": n, "paired": False}
+    for name, conf in (("", CONFIDENCE), ("90", 2 * CONFIDENCE - 1)):
+        lo_q, hi_q = stats.f.ppf([(1 + conf) / 2, (1 - conf) / 2], len(a) - 1, len(b) - 1)
+        out["lo" + name], out["hi" + name] = 0.5 * math.log(f / lo_q), 0.5 * math.log(f / hi_q)
+    return out
+
+
+# ── the verdict: one rule for every claim ──
+
+def verdict(kind, iv, paper, margin=None, tol=0.0) -> str:
+    """The verdict of one claim from its interval iv (contrast_interval; log scale for ratios, and then paper and
+    tol on the log scale too), by VERDICT_RULE. margin: ties and near_best; tol: the band around the paper's value."""
+    lo, hi, lo90, hi90 = iv["lo"], iv["hi"], iv["lo90"], iv["hi90"]
+    if iv["n"] < 2 or lo != lo or hi != hi:
         return "inconclusive"
     if kind == "tie":
-        return "reproduced" if abs(delta) <= 2 * se else "not reproduced"
-    if kind in ("spread", "at_most"):
-        return "reproduced" if delta + 2 * se <= paper else "not reproduced" if delta - 2 * se > paper else "inconclusive"
-    if abs(delta) <= 2 * se:
-        return "inconclusive"
-    return "reproduced" if np.sign(delta) == np.sign(paper) else "not reproduced"
+        return _bound_verdict(lo90 >= -margin and hi90 <= margin, lo90 > margin or hi90 < -margin)
+    if kind in ("at_most", "spread"):
+        return _bound_verdict(hi90 <= paper, lo90 > paper)
+    if kind == "near_best":  # the statistic is a minus its best rival (>0: a leads); claim: >= -margin
+        return _bound_verdict(lo90 >= -margin, hi90 < -margin)
+    side = 1 if paper > 0 else -1
+    shows = side * (lo if side > 0 else hi) > 0
+    opposite = side * (hi if side > 0 else lo) < 0
+    holds_paper = lo - tol <= paper <= hi + tol
+    if shows and holds_paper:
+        return "reproduced"
+    if shows:
+        return "same direction, larger effect" if abs(iv["est"]) > abs(paper) else "same direction, smaller effect"
+    return "not reproduced" if opposite or not holds_paper else "inconclusive"
 
 
-def _stats(df, config, col):
-    v = df.loc[df["config"] == config, col].astype(float).dropna()
-    return float(v.mean()) if len(v) else float("nan"), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+def _bound_verdict(holds, broken) -> str:
+    return "reproduced" if holds else "not reproduced" if broken else "inconclusive"
 
 
-def judge_claim(c, df, definition=0):
-    """{delta, se, n, verdict} of one claim on our results; definition 0: the paper's metric, 1: our headline."""
+def judge_claim(c, df, definition=0, paired=True) -> dict:
+    """{est, lo, hi, n, verdict, ...} of one claim on our results (one row per run, a column per metric definition);
+    definition 0: the paper's metric, 1: our headline. Ratios come back on the ratio scale (est, lo, hi)."""
     col, higher = CLAIM_METRICS[c["metric"]][definition], CLAIM_METRICS[c["metric"]][3]
-    if c["kind"] == "at_most":
-        m, sd, n = _stats(df, c["a"], col)
-        se = sd / math.sqrt(n) if n > 1 else float("nan")
-        return {"delta": m, "se": se, "n": n, "verdict": verdict("at_most", m, se, n, c["paper"])}
-    if c["kind"] in ("delta", "tie"):
-        pairs = [(c["a"], c["b"])]
+    weights = _claim_weights(c, df, col, higher)
+    if weights is None:
+        iv = _interval(float("nan"), float("nan"), float("nan"), 0, False)
+    elif c["kind"] == "sd_ratio":
+        iv = sd_ratio_interval(_seed_values(df, c["a"], col), _seed_values(df, c["b"], col))
     else:
-        means = {x: _stats(df, x, col)[0] for x in c["among"]}
-        known = {x: m for x, m in means.items() if m == m}
-        if c["kind"] == "best":
-            others = {x: m for x, m in known.items() if x != c["a"]}
-            rival = (max if higher else min)(others, key=others.get) if others else None
-            pairs = [(c["a"], rival)] if rival else []
-        else:
-            pairs = [(max(known, key=known.get), min(known, key=known.get))] if len(known) > 1 else []
-    if not pairs:
-        return {"delta": float("nan"), "se": float("nan"), "n": 0, "verdict": "inconclusive"}
-    a, b = pairs[0]
-    (ma, sa, na), (mb, sb, nb) = _stats(df, a, col), _stats(df, b, col)
-    delta = ma - mb
-    if c["kind"] == "best" and not higher:
-        delta = -delta  # > 0: a is the best
-    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb) if min(na, nb) > 1 else float("nan")
-    return {"delta": delta, "se": se, "n": min(na, nb), "verdict": verdict(c["kind"], delta, se, min(na, nb), c["paper"])}
+        iv = contrast_interval({k: _seed_values(df, k, col) for k in weights}, weights,
+                               log=c["kind"] == "ratio", paired=paired)
+    log = c["kind"] in LOG_KINDS
+    paper = math.log(c["paper"]) if log else c["paper"]
+    tol = math.log1p(RATIO_TOLERANCE[c["metric"]][0]) if log and c["metric"] in RATIO_TOLERANCE else 0.0
+    out = dict(iv, verdict=verdict(c["kind"], iv, paper, c["margin"], tol), log=log)
+    if log:
+        out.update({k: math.exp(iv[k]) if iv[k] == iv[k] else iv[k] for k in ("est", "lo", "hi", "lo90", "hi90")})
+    return out
 
 
-def claims_table(df, claims):
-    """One row per claim: the paper's value, ours on the paper's metric definition and on our headline one,
-    each with its standard error and verdict."""
+def _claim_weights(c, df, col, higher):
+    """{config: weight} of the claim's statistic; for best/near_best/spread the rival is chosen by our means."""
+    if c["kind"] == "contrast":
+        return c["terms"]
+    if c["kind"] in ("delta", "ratio", "tie", "sd_ratio") or (c["kind"] == "at_most" and c["b"]):
+        return {c["a"]: 1.0, c["b"]: -1.0}
+    if c["kind"] == "at_most":
+        return {c["a"]: 1.0}
+    means = {x: float(np.mean(list(v.values()))) for x in c["among"] if (v := _seed_values(df, x, col))}
+    if c["kind"] == "spread":
+        return {max(means, key=means.get): 1.0, min(means, key=means.get): -1.0} if len(means) > 1 else None
+    others = {x: m for x, m in means.items() if x != c["a"]}
+    if c["a"] not in means or not others:
+        return None
+    rival = (max if higher else min)(others, key=others.get)
+    sign = 1.0 if higher else -1.0  # > 0: a beats its best rival
+    return {c["a"]: sign, rival: -sign}
+
+
+def claims_table(df, claims, paired=True):
+    """One row per claim: the paper's value (and its seed SD where known), ours with its 95 % interval on the
+    paper's metric definition and on our headline one, each with its verdict."""
     import pandas as pd
     rows = []
     for c in claims:
-        p, h = judge_claim(c, df, 0), judge_claim(c, df, 1)
+        p, h = judge_claim(c, df, 0, paired), judge_claim(c, df, 1, paired)
         cols = CLAIM_METRICS[c["metric"]]
-        rows.append({"claim": c["text"], "kind": c["kind"], "configs": " vs ".join(x for x in (c["a"], c["b"]) if x)
-                     if c["kind"] in ("delta", "tie", "at_most") else f"{c['a']} among {len(c['among'])}"
-                     if c["kind"] == "best" else f"{len(c['among'])} configs",
+        rows.append({"claim": c["text"], "kind": c["kind"], "configs": _claim_configs(c),
                      "metric (paper's / headline)": cols[0] if cols[0] == cols[1] else f"{cols[0]} / {cols[1]}",
-                     "paper": c["paper"], "ours (paper's definition)": _pm(p["delta"], p["se"]),
-                     "verdict": p["verdict"], "ours (headline)": _pm(h["delta"], h["se"]),
-                     "verdict (headline)": h["verdict"], "seeds": p["n"]})
+                     "paper": _paper_text(c), "paper seed SD": c["paper_sd"],
+                     "ours (paper's definition), 95 % interval": _interval_text(p),
+                     "verdict": p["verdict"], "ours (headline), 95 % interval": _interval_text(h),
+                     "verdict (headline)": h["verdict"], "seeds": p["n"],
+                     "interval": "paired by seed" if p["paired"] else "Welch", "source": c["source"]})
     return pd.DataFrame(rows)
 
 
-def _pm(mean, se):
-    if mean != mean:
+def _claim_configs(c):
+    if c["kind"] == "contrast":
+        return " ".join(f"{'+' if w > 0 else '−'}{abs(w):g}·{k}" for k, w in c["terms"].items())
+    if c["kind"] in ("best", "near_best"):
+        return f"{c['a']} among {len(c['among'])}"
+    if c["kind"] == "spread":
+        return f"{len(c['among'])} configs"
+    return " vs ".join(x for x in (c["a"], c["b"]) if x)
+
+
+def _paper_text(c):
+    if c["kind"] in LOG_KINDS:
+        return f"×{c['paper']:.3g}"
+    if c["kind"] == "tie":
+        return f"{c['paper']:+.2f} (tie within ±{c['margin']:g})"
+    if c["kind"] == "near_best":
+        return f"{c['paper']:+.2f} (within {c['margin']:g} of the best)"
+    return f"{c['paper']:+.2f}" if c["kind"] != "spread" and c["kind"] != "at_most" else f"≤ {c['paper']:g}"
+
+
+def _interval_text(iv):
+    if iv["est"] != iv["est"]:
         return "—"
-    return f"{mean:+.2f} ± {se:.2f}" if se == se else f"{mean:+.2f}"
+    if iv.get("log"):
+        ci = f" [{iv['lo']:.3g}, {iv['hi']:.3g}]" if iv["lo"] == iv["lo"] else ""
+        return f"×{iv['est']:.3g}{ci}"
+    ci = f" [{iv['lo']:+.2f}, {iv['hi']:+.2f}]" if iv["lo"] == iv["lo"] else ""
+    return f"{iv['est']:+.2f}{ci}"
+
+
+def chance_verdicts(n_judged, rate=1 - CONFIDENCE) -> str:
+    """What chance alone gives: with no true effect anywhere, each judged claim reads 'reproduced' (or shows the
+    opposite direction) with probability (1 - CONFIDENCE) / 2; over n claims, about n·rate of them one way or the other."""
+    from scipy import stats
+    hi = int(stats.binom.ppf(0.95, n_judged, rate / 2)) if n_judged else 0
+    return (f"Chance alone: of the {n_judged} claims judged on ≥ 2 seeds, if SES had no effect at all about "
+            f"{n_judged * rate / 2:.1f} would still read 'reproduced' (at most {hi} in 95 % of such suites), and as "
+            f"many would show the opposite direction.")
+
+
+# The claims that span notebooks (configs "NN_notebook/config"), judged by build_summary on each notebook's
+# values.csv. Filled from the paper's text; see the README's coverage table.
+SUMMARY_CLAIMS = ()
+
+
+def claim_values(df):
+    """The per-run numbers claims are judged on (config, seed, every CLAIM_METRICS column the runs have)."""
+    cols = ["config", "seed"] + [c for c in dict.fromkeys(x for m in CLAIM_METRICS.values() for x in m[:2]) if c in df]
+    return df[[c for c in cols if c in df]].copy()
+
+
+_PAIR_KINDS = ("delta", "ratio", "tie")  # claim kinds that compare config a with config b
+
+
+def claim_baselines(claims) -> dict:
+    """{a: b} from a notebook's claims: a config's baseline is the b of the first delta / ratio / tie claim (kind
+    missing: delta) that names it as a. The report's Δ and overhead columns then compare the pairs the claims compare
+    (SES + Mixup vs Mixup, ViT-Small SES vs ViT-Small baseline), not every config with "baseline". A b of another
+    notebook ("NN_notebook/config") is not this report's."""
+    pairs = {}
+    for c in claims or ():
+        a, b = c.get("a"), c.get("b")
+        if (c.get("kind") or "delta") in _PAIR_KINDS and a and b and a != b and "/" not in str(b):
+            pairs.setdefault(a, b)
+    return pairs
 
 
 # ── tables ───────────────────────────────────────────────────────────────────────────────────────
@@ -4682,11 +5047,13 @@ def rob_label(df) -> str:
     return f"rob ({txt} mean, {'/'.join(str(n) for n in sorted(ni))} images)"
 
 
-def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=None, paper_gpu=None):
+def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=None, paper_gpu=None, claims=None):
     """Per config: ours (mean ± sd over seeds, n) on both metric definitions beside the paper's numbers, the Δ vs
-    the config's baseline (ours on both definitions, the paper's), robustness on both protocols, time and memory."""
+    the config's baseline (ours on both definitions, the paper's), robustness on both protocols, time and memory.
+    A config's baseline: baseline_of[config], else the b its claims compare it with (claim_baselines), else
+    `baseline` (when that config has results)."""
     import pandas as pd
-    paper, baseline_of = paper or {}, baseline_of or {}
+    paper, baseline_of = paper or {}, {**claim_baselines(claims), **(baseline_of or {})}
     if df.empty:
         return pd.DataFrame()
     configs = [c for c in (order or list(dict.fromkeys(df["config"]))) if c in set(df["config"])]
@@ -4694,7 +5061,7 @@ def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=N
     rows = []
     for c in configs:
         st = {k: _stats(df, c, k) for k in ("acc_final", "acc_best", "gap", "rob", "rob_paper", "rob_paper_best",
-                                            "epoch_s", "peak_mem_mb")}
+                                            "train_s", "eval_s", "peak_mem_mb")}
         n = st["acc_final"][2]
         p = paper.get(c, {})
         b = baseline_of.get(c, baseline)
@@ -4705,8 +5072,10 @@ def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=N
                rl: _fmt(*st["rob"]), "rob paper protocol (final)": _fmt(*st["rob_paper"]),
                "rob paper protocol (test-selected, as the paper)": _fmt(*st["rob_paper_best"]),
                "paper rob": p.get("rob"),
-               "s/epoch": round(st["epoch_s"][0], 1) if st["epoch_s"][0] == st["epoch_s"][0] else None,
-               "paper s/epoch": p.get("epoch_s")}
+               # time = the training loop alone (the author's avg_epoch_time); evaluation + erank passes apart
+               "s/epoch": round(st["train_s"][0], 1) if st["train_s"][0] == st["train_s"][0] else None,
+               "paper s/epoch": p.get("epoch_s"),
+               "eval s/epoch": round(st["eval_s"][0], 1) if st["eval_s"][0] == st["eval_s"][0] else None}
         if "vram_gb" in p:
             row.update({"peak mem GB": round(st["peak_mem_mb"][0] / 1024, 2), "paper VRAM GB": p.get("vram_gb")})
         if b != c and b in set(df["config"]):
@@ -4725,8 +5094,8 @@ def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=N
             if mr and mb:  # Hendrycks & Dietterich's mCE, normalised by this config's baseline (no AlexNet run here)
                 ce = corruption_error_vs_baseline(mr, mb)
                 row.update({"mCE vs baseline %": round(ce["mce"], 1), "relative mCE %": round(ce["relative_mce"], 1)})
-            if st["epoch_s"][0] == st["epoch_s"][0] and bs["epoch_s"]:
-                row["SES overhead %"] = round(100 * (st["epoch_s"][0] / bs["epoch_s"] - 1), 1)
+            if st["train_s"][0] == st["train_s"][0] and bs["train_s"] == bs["train_s"] and bs["train_s"]:
+                row["SES overhead %"] = round(100 * (st["train_s"][0] / bs["train_s"] - 1), 1)
             if p.get("epoch_s") and pb.get("epoch_s"):
                 row["paper overhead %"] = round(100 * (p["epoch_s"] / pb["epoch_s"] - 1), 1)
         rows.append(row)
@@ -4754,8 +5123,8 @@ _TABLE_GROUPS = {  # report.md shows the wide table as three readable ones
     "robustness": ("seeds", "rob (", "rob paper protocol (final)", "rob paper protocol (test-selected, as the paper)",
                    "paper rob", "vs", "Δ rob", "Δ rob paper (test-selected)", "paper Δ rob", "mCE vs baseline %",
                    "relative mCE %"),
-    "cost": ("seeds", "s/epoch", "paper s/epoch", "vs", "SES overhead %", "paper overhead %", "peak mem GB",
-             "paper VRAM GB"),
+    "cost": ("seeds", "s/epoch", "paper s/epoch", "eval s/epoch", "vs", "SES overhead %", "paper overhead %",
+             "peak mem GB", "paper VRAM GB"),
 }
 
 
@@ -4786,6 +5155,7 @@ class Report:
     left_out: list
     figures: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
+    values: object = None  # one row per run: config, seed and every claim metric (values.csv, for SUMMARY_CLAIMS)
 
     def markdown(self) -> str:
         parts = [f"# {self.title}\n"] + [f"{n}\n" for n in self.notes]
@@ -4832,6 +5202,8 @@ def write_report(rep: Report, out_dir):
         atomic_write_bytes(out_dir / "claims.csv", claims.assign(report=rep.title).to_csv(index=False).encode())
     else:
         (out_dir / "claims.csv").unlink(missing_ok=True)
+    if rep.values is not None:
+        atomic_write_bytes(out_dir / "values.csv", rep.values.to_csv(index=False).encode())
 
 
 def _history_frame(df):
@@ -5017,15 +5389,16 @@ def fig_per_corruption(df, out_dir, order=None, name="per_corruption", show=True
 
 
 def fig_pareto(df, out_dir, name="pareto", show=True):
-    """Accuracy and robustness against epoch time (Exp 10's overhead/benefit trade-off)."""
+    """Accuracy and robustness against epoch time, the training loop alone as the paper's (Exp 10's
+    overhead/benefit trade-off)."""
     import matplotlib.pyplot as plt
-    agg = df.groupby("config", sort=False)[["acc_final", "rob", "epoch_s"]].mean()
+    agg = df.groupby("config", sort=False)[["acc_final", "rob", "train_s"]].mean()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, m, label in ((axes[0], "acc_final", "test accuracy, final epoch (%)"), (axes[1], "rob", "corruption accuracy (%)")):
-        ax.scatter(agg["epoch_s"], agg[m])
+        ax.scatter(agg["train_s"], agg[m])
         for c, row in agg.iterrows():
-            ax.annotate(c, (row["epoch_s"], row[m]), fontsize=8, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("seconds per epoch")
+            ax.annotate(c, (row["train_s"], row[m]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("seconds per epoch (training loop)")
         ax.set_ylabel(label)
     return _save(fig, out_dir, name, show)
 
@@ -5078,12 +5451,12 @@ def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=No
     if plan.name == "04_toy_jacobian" or "kappa_mean" in df and df["kappa_mean"].notna().all():
         table = toy_table(df, plan.paper)
     else:
-        table = summary_table(df, plan.paper, order, baseline, baseline_of, plan.paper_gpu)
+        table = summary_table(df, plan.paper, order, baseline, baseline_of, plan.paper_gpu, claims=plan.claims)
     notes = list(plan.notes)
     if table.attrs.get("devices"):
         notes.append(f"our runs: {table.attrs['devices']}" + (f"; the paper's: {plan.paper_gpu}" if plan.paper_gpu else ""))
     rep = Report(report_title(plan, df), table, claims_table(df, plan.claims) if plan.claims else None, left_out,
-                 notes=notes)
+                 notes=notes, values=claim_values(df))
     for f in figures:
         fn = FIGURES[f]
         kw = {"paper": plan.paper, "order": order} if f == "bars" else {"order": order} if f == "per_corruption" else {}
@@ -5094,19 +5467,40 @@ def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=No
     return rep
 
 
+def summary_claims():
+    """SUMMARY_CLAIMS checked (their configs are "NN_notebook/config"; tests check them against the notebooks)."""
+    return [check_claim(c, {x for x in [c.get("a"), c.get("b"), *(c.get("terms") or {})] if x}) for c in SUMMARY_CLAIMS]
+
+
+def summary_claims_table(root):
+    """The cross-notebook claims judged on every notebook's values.csv under root (Welch: different experiments
+    share no randomness even where their seeds agree); None when no notebook has values yet."""
+    import pandas as pd
+    parts = [pd.read_csv(p).assign(config=lambda d, nb=p.parent.name: nb + "/" + d["config"].astype(str))
+             for p in sorted(Path(root).glob("*/values.csv"))]
+    if not parts:
+        return None
+    return claims_table(pd.concat(parts, ignore_index=True), summary_claims(), paired=False)
+
+
 def build_summary(root="outputs"):
     """outputs/SUMMARY.md and .csv: one row per claim over every notebook folder under root that has a report
-    (each report's claims.csv holds only runs made with its own settings, and names its preset, epochs, seeds)."""
+    (each report's claims.csv holds only runs made with its own settings, and names its preset, epochs, seeds),
+    then the cross-notebook claims (SUMMARY_CLAIMS) and what chance alone would give."""
     import pandas as pd
     root = Path(root)
     parts = [pd.read_csv(p).assign(notebook=p.parent.name) for p in sorted(root.glob("*/claims.csv"))]
     if not parts:
         return None
+    across = summary_claims_table(root)
+    if across is not None:
+        parts.append(across.assign(notebook="across notebooks", report="across notebooks (SUMMARY_CLAIMS)"))
     df = pd.concat(parts, ignore_index=True)
     df = df[["notebook"] + [c for c in df.columns if c != "notebook"]]
     counts = df["verdict"].value_counts().to_dict()
     md = [f"# SES claims: {len(df)} claims in {df['notebook'].nunique()} notebooks\n",
-          ", ".join(f"{v} {k}" for k, v in counts.items()) + " (on the paper's metric definitions)\n", VERDICT_RULE + "\n"]
+          ", ".join(f"{v} {k}" for k, v in counts.items()) + " (on the paper's metric definitions)\n",
+          chance_verdicts(int((df["seeds"] >= 2).sum())) + "\n", VERDICT_RULE + "\n"]
     for nb, sub in df.groupby("notebook", sort=True):
         md.append(f"## {sub['report'].iloc[0]}\n\n" + _markdown(sub.drop(columns=["notebook", "report"]).set_index("claim")))
     atomic_write_bytes(root / "SUMMARY.csv", df.to_csv(index=False).encode())
@@ -5149,7 +5543,9 @@ def load_run(run_dir, device="cpu"):
         raise FileNotFoundError(f"{run_dir}: no saved weights (neither model_final.pt nor checkpoint.pt: the run was "
                                 "made with save_model=False and keep_checkpoint=False)")
     info = dataset_info(cfg["dataset"])
-    model = build_model(cfg["model"], info["num_classes"], info["img_size"], cfg.get("spectral_norm", False),
+    name = cfg["model"]  # a ViT run made before vit_impl existed was timm's: rebuild that
+    name = f"{name}_timm" if config_value(cfg, "vit_impl") == "timm" and name not in TIMM_VIT_MODELS else name
+    model = build_model(name, info["num_classes"], info["img_size"], cfg.get("spectral_norm", False),
                         cfg.get("width", 1.0))
     model.load_state_dict(state)
     return model.to(device).eval(), cfg, history
@@ -5249,6 +5645,8 @@ PRESETS = read_only({
                   robustness_subset=8, robustness_severities=[3], warmup_epochs=0, erank_batches=1,
                   erank_eval_samples=32, save_model=False),
 })
+PAPER_SEEDS = (42, 123, 7)  # the paper's three seeds, in its order (Exp 5/6: "3 random seeds (42, 123, 7)")
+SEED_PRESETS = read_only({"paper3": PAPER_SEEDS})  # seeds="paper3" in a notebook, plan_runs, a batch's params
 NOTEBOOK_PARAMS = ("configs", "seeds", "epochs", "batch_size", "data_root", "out_dir", "device", "amp",
                    "preset", "resume", "report_only", "report", "list_runs", "torchrun")
 
@@ -5267,6 +5665,8 @@ def check_notebook_params(namespace: dict, defined_before: set, extra=()):
         raise ValueError(f"unknown notebook parameter(s) {unknown}; known: {', '.join(sorted(known))}")
     if "preset" in namespace and namespace.get("preset") not in PRESETS:
         raise ValueError(f"preset must be one of {list(PRESETS)}; got {namespace.get('preset')!r}")
+    if "seeds" in namespace:  # a seed preset ("paper3") becomes its list here: the notebook shows the seeds it runs
+        namespace["seeds"] = resolve_seeds(namespace["seeds"])
     for k in ("epochs", "batch_size"):
         v = namespace.get(k)
         if v is not None and (not _is_int(v) or v < 1):
@@ -5363,13 +5763,29 @@ def _as_list(x, what):
     return x
 
 
+def resolve_seeds(seeds) -> list:
+    """A seeds parameter as a list of ints: an int, a list of ints, "42,123" or a SEED_PRESETS name ("paper3":
+    the paper's PAPER_SEEDS [42, 123, 7]). Anything else is refused in one line naming what is accepted."""
+    if isinstance(seeds, str) and seeds.strip() in SEED_PRESETS:
+        return list(SEED_PRESETS[seeds.strip()])
+    accepted = (f"seeds must be an int, a list of ints, 'a,b,c' or one of {', '.join(map(repr, SEED_PRESETS))} "
+                f"({', '.join(f'{k} = {list(v)}' for k, v in SEED_PRESETS.items())})")
+    try:
+        items = _as_list(seeds, "seeds")
+    except (TypeError, ValueError):
+        raise ValueError(f"{accepted}; got {seeds!r}") from None
+    if not all(_is_int(s) or (isinstance(s, str) and s.isdigit()) for s in items):
+        raise ValueError(f"{accepted}; got {seeds!r}")
+    return list(dict.fromkeys(int(s) for s in items))
+
+
 def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost=None, report=True,
               report_only=False, *, base=None, preset="paper", epochs=None, batch_size=None, presets=None,
               resolve=None, train_fn=None, paper=None, claims=None, paper_gpu=None, name="", **common):
     """Expand a notebook's grid {config: overrides} into its (config, seed) runs, and decide which are done.
 
-    configs: "all", a list of names or "a,b"; seeds: int or list; out_dir: the notebook's output folder
-    (runs live in {out_dir}/runs/{config}_seed{seed}/); list_runs: "" or a path where the run list is
+    configs: "all", a list of names or "a,b"; seeds: int, list or "paper3" (resolve_seeds); out_dir: the
+    notebook's output folder (runs live in {out_dir}/runs/{config}_seed{seed}/); list_runs: "" or a path where the run list is
     written as JSON for the batch runner (listing mode); cost: None (run_cost of the config, or 1),
     {config: cost} or callable(config, overrides) -> relative cost (the runner starts the costliest first).
     base (+ preset, epochs, batch_size, common knobs such as data_root/device/amp): the recipe; every run's
@@ -5406,10 +5822,7 @@ def _planned_selection(grid, configs, seeds, out_dir):
     unknown = [c for c in names if c not in grid]
     if unknown:
         raise ValueError(f"unknown config(s) {unknown}; valid: {list(grid)}")
-    seeds = _as_list(seeds, "seeds")
-    if not all(isinstance(s, int) and not isinstance(s, bool) or (isinstance(s, str) and s.isdigit()) for s in seeds):
-        raise ValueError(f"seeds must be integers, got {seeds}")
-    return names, [int(s) for s in seeds]
+    return names, resolve_seeds(seeds)
 
 
 def _planned_run_dir(out_dir, config, seed) -> Path:

@@ -58,8 +58,8 @@ from seslib import (BUDGET_ENV, DATASETS, DATA_ENV, DEADLINE_ENV, GPU_SPEED, JOB
                     MARK_LOCKED, MARK_PAUSED, PRESETS, RUNNER_PARAMS, RunLocked, SLOT_ENV, TORCHRUN_ENV, _MODEL_COST,
                     _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
-                    read_only, report, resolve_data_dir, result_status, run_command, run_cost, run_estimate, run_lock,
-                    seconds_left, validate_params)
+                    read_only, report, resolve_data_dir, resolve_seeds, result_status, run_command, run_cost,
+                    run_estimate, run_lock, seconds_left, validate_params)
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
@@ -291,6 +291,8 @@ def load_batch_params(params, notebooks):
         if reserved:
             raise ValueError(f"{sorted(reserved)} are set by the batch runner; remove them from the params")
         out[nb] = validate_params(merged, set(declared), where=nb.name)
+        if "seeds" in merged:  # a bad seeds value (or preset name, "paper3") fails here, before any work
+            resolve_seeds(merged["seeds"])
     for k in set(keys) - used:
         print(f"note: params for {k!r} match no notebook of this batch")
     return out
@@ -994,17 +996,18 @@ def _model_bytes(c) -> int:
     return _PARAMS_CACHE[key]
 
 
-def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h"):
+def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h", seeds=None):
     """Per notebook: runs (all / left), the GPU-hours left on `gpu` and where the estimate comes from; for the
     selection: wall time on `gpus` GPUs (longest first), Kaggle versions of `budget`, weeks of the 30-h quota, the
     disk footprint. Done runs (under `out`) count as done. Returns (per-notebook DataFrame, totals dict)."""
     import pandas as pd
     _speed(gpu)
+    seeds = resolve_seeds(seeds) if seeds else None  # every notebook's seeds ("paper3": 42, 123, 7), else its own
     budget_h = parse_duration(budget) / 3600
     rows, ests, final_bytes, ckpt_bytes = [], [], 0, 0
     for nb in find_notebooks(notebooks):
         out_dir = _preset_folder(Path(out).resolve(), preset) / nb.stem
-        plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir))
+        plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir), **({"seeds": seeds} if seeds else {}))
         left = [r for r in plan.runs if not r.done]
         est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu) for r in left]
         ests += [e["seconds"] for e in est]
@@ -1026,12 +1029,13 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
     totals = {"gpu": gpu, "gpus": gpus, "gpu_hours": float(df["gpu_hours"].sum()) if len(df) else 0.0,
               "wall_hours": wall_h, "budget_hours": budget_h, "versions": versions,
               "weeks": math.ceil(versions / per_week) if versions else 0, "versions_per_week": per_week,
-              "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"]}
+              "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"], "seeds": seeds}
     return df, totals
 
 
 def format_plan(df, t) -> str:
-    lines = [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10}  estimate from"]
+    lines = [f"seeds {list(t['seeds'])} in every notebook"] if t.get("seeds") else []
+    lines += [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10}  estimate from"]
     for r in df.itertuples():
         gpu_h = _hours(r.gpu_hours * 3600, approx=True)
         lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {gpu_h:>10}  {r.source}")
@@ -1053,10 +1057,13 @@ def _plan_args(p):
     p.add_argument("--out", default="outputs", help="outputs root: runs done there count as done (default outputs)")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset planned (default paper)")
     p.add_argument("--time-budget", default="11.5h", help="per Kaggle version (default 11.5h)")
+    p.add_argument("--seeds", help="every notebook's seeds: 'paper3' (the paper's 42, 123, 7) or e.g. '42,123' "
+                                   "(default: each notebook's own)")
 
 
 def _plan_cmd(a):
-    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget)
+    seeds = resolve_seeds(a.seeds) if a.seeds else None  # a bad value: one line, before any notebook is read
+    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget, seeds)
     print(format_plan(df, t))
     return 0
 
