@@ -4637,7 +4637,7 @@ def _result_row(config, result, run_dir):
         train_s=_num(fin.get("train_seconds_mean")),  # the training loop alone (NaN in results made before it)
         eval_s=_num(fin.get("epoch_seconds_mean")) - _num(fin.get("train_seconds_mean")),  # the rest of an epoch
         peak_mem_mb=_num(fin.get("peak_mem_mb")), kappa_mean=_num(fin.get("kappa_mean")),
-        erank_dev=_erank_dev(result), device_name=env.get("device_name"),
+        erank_dev=_erank_dev(result), device_name=env.get("device_name"), **_claim_extras(result),
         run_dir=str(run_dir), result=result)
 
 
@@ -4646,6 +4646,25 @@ def _erank_dev(result):
     last = (result.get("history") or [{}])[-1].get("erank") or {}
     ratios = [st["ratio"] for st in last.values() if isinstance(st, dict) and "ratio" in st]
     return 100 * max(abs(r - 1) for r in ratios) if ratios else float("nan")
+
+
+CLAIM_CORRUPTIONS = (("contrast", 3), ("contrast", 5), ("brightness", 5), ("gaussian_noise", 1), ("gaussian_noise", 5))
+
+
+def _claim_extras(result):
+    """The numbers only some claims use: kappa(J)'s spread over points, the SES loss's last/first-epoch ratio,
+    parameters (M), and the per-corruption accuracies the paper quotes (CLAIM_CORRUPTIONS), on its protocol
+    (test-selected weights) and on the standard one (final epoch)."""
+    fin, hist = result.get("final", {}), result.get("history") or []
+    ses = [_num(r.get("ses_loss")) for r in (hist[0], hist[-1])] if hist else [float("nan")] * 2
+    out = {"kappa_std": _num(fin.get("kappa_std")), "params_m": _num(fin.get("params_m")),
+           "ses_loss_ratio": ses[1] / ses[0] if ses[0] == ses[0] and ses[0] > 0 else float("nan")}
+    paper = (fin.get("robustness_paper_best") or {}).get("detail") or {}
+    std = (fin.get("robustness") or {}).get("accuracy") or {}
+    for name, sev in CLAIM_CORRUPTIONS:
+        out[f"rob_{name}_s{sev}_paper"] = _num(paper.get(f"{name}_s{sev}"))
+        out[f"rob_{name}_s{sev}"] = _num((std.get(name) or {}).get(str(sev)))
+    return out
 
 
 def load_results(out_dir):
@@ -4701,7 +4720,13 @@ CLAIM_METRICS = read_only({  # metric -> (paper's definition, our headline defin
     "epoch_s": ("train_s", "train_s", "epoch_s", False),  # the training loop's seconds, as the author's avg_epoch_time
     "kappa": ("kappa_mean", "kappa_mean", "kappa_mean", False),
     "erank_dev": ("erank_dev", "erank_dev", "erank_dev", False),  # max_l |erank_l / d_l^β - 1| in %
+    "kappa_std": ("kappa_std", "kappa_std", "kappa_std", False),  # kappa(J)'s SD over the test points (Exp 4)
+    "ses_loss_ratio": ("ses_loss_ratio", "ses_loss_ratio", "ses_loss_ratio", False),  # last / first epoch SES loss
+    "peak_mem": ("peak_mem_mb", "peak_mem_mb", "peak_mem_mb", False),  # peak device memory (ratios only)
+    "params": ("params_m", "params_m", "params_m", False),  # parameters, millions (deterministic: one run decides)
+    **{f"rob_{n}_s{s}": (f"rob_{n}_s{s}_paper", f"rob_{n}_s{s}", f"rob_{n}_s{s}", True) for n, s in CLAIM_CORRUPTIONS},
 })
+DETERMINISTIC_METRICS = ("params",)  # the same for every seed: one run is enough
 CLAIM_KINDS = ("delta", "ratio", "contrast", "sd_ratio", "best", "tie", "at_most", "near_best", "spread")
 DIRECTION_KINDS = ("delta", "ratio", "contrast", "sd_ratio", "best")  # judged against 0 and the paper's size
 LOG_KINDS = ("ratio", "sd_ratio")  # judged on log ratios (a ratio's noise is multiplicative)
@@ -4772,9 +4797,9 @@ def _check_claim_shape(c, grid):
     """The configs a claim of its kind needs, all in the grid."""
     if c["kind"] in ("delta", "ratio", "tie", "sd_ratio") and not (c["a"] and c["b"]):
         raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim compares 'a' with 'b'")
-    if c["kind"] == "contrast":
+    if c["kind"] == "contrast" or (c["kind"] == "at_most" and c["terms"] is not None):
         if not isinstance(c["terms"], dict) or not c["terms"] or not all(_is_real(w) for w in c["terms"].values()):
-            raise ValueError(f"claim {c['text']!r}: a contrast claim needs terms={{config: weight}}")
+            raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim on a contrast needs terms={{config: weight}}")
         c["terms"] = dict(c["terms"])
     elif not c["a"]:
         raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim needs 'a'")
@@ -4798,7 +4823,7 @@ def _paper_value(c, paper):
             return round(val[c["a"]] - val[c["b"]], 4)
         if c["kind"] in ("ratio", "sd_ratio"):
             return round(val[c["a"]] / val[c["b"]], 4)
-        if c["kind"] == "contrast":
+        if c["terms"]:
             return round(sum(w * val[k] for k, w in c["terms"].items()), 4)
         if c["kind"] == "at_most":
             return round(val[c["a"]] - (val[c["b"]] if c["b"] else 0.0), 4)
@@ -4916,6 +4941,8 @@ def judge_claim(c, df, definition=0, paired=True) -> dict:
     log = c["kind"] in LOG_KINDS
     paper = math.log(c["paper"]) if log else c["paper"]
     tol = math.log1p(RATIO_TOLERANCE[c["metric"]][0]) if log and c["metric"] in RATIO_TOLERANCE else 0.0
+    if c["metric"] in DETERMINISTIC_METRICS and iv["n"] >= 1 and iv["est"] == iv["est"]:  # no seed noise to weigh
+        iv = dict(iv, **{k: iv["est"] for k in ("lo", "hi", "lo90", "hi90")}, n=max(iv["n"], 2))
     out = dict(iv, verdict=verdict(c["kind"], iv, paper, c["margin"], tol), log=log)
     if log:
         out.update({k: math.exp(iv[k]) if iv[k] == iv[k] else iv[k] for k in ("est", "lo", "hi", "lo90", "hi90")})
@@ -4924,7 +4951,7 @@ def judge_claim(c, df, definition=0, paired=True) -> dict:
 
 def _claim_weights(c, df, col, higher):
     """{config: weight} of the claim's statistic; for best/near_best/spread the rival is chosen by our means."""
-    if c["kind"] == "contrast":
+    if c["terms"]:
         return c["terms"]
     if c["kind"] in ("delta", "ratio", "tie", "sd_ratio") or (c["kind"] == "at_most" and c["b"]):
         return {c["a"]: 1.0, c["b"]: -1.0}
@@ -4960,7 +4987,7 @@ def claims_table(df, claims, paired=True):
 
 
 def _claim_configs(c):
-    if c["kind"] == "contrast":
+    if c["terms"]:
         return " ".join(f"{'+' if w > 0 else '−'}{abs(w):g}·{k}" for k, w in c["terms"].items())
     if c["kind"] in ("best", "near_best"):
         return f"{c['a']} among {len(c['among'])}"
@@ -5001,7 +5028,172 @@ def chance_verdicts(n_judged, rate=1 - CONFIDENCE) -> str:
 
 # The claims that span notebooks (configs "NN_notebook/config"), judged by build_summary on each notebook's
 # values.csv. Filled from the paper's text; see the README's coverage table.
-SUMMARY_CLAIMS = ()
+SUMMARY_CLAIMS = (
+    dict(
+        text="difficulty scaling of the gap (P1), step 1: SES's gap change CIFAR-10 (+0.01) -> CIFAR-100 (-0.33)",
+        terms={'06_multiseed_cifar100/ses': 1, '06_multiseed_cifar100/baseline': -1, '05_multiseed_cifar10/ses': -1,
+               '05_multiseed_cifar10/baseline': 1},
+        metric='gap',
+        kind='contrast',
+        paper=-0.34,
+        source="tex: Summary of Empirical Results ('0% on CIFAR-10, -1.3% on CIFAR-100, -6.1% on Tiny-"
+               "ImageNet'); tab:multiseed, tab:cifar100",
+    ),
+    dict(
+        text='difficulty scaling of the gap (P1), step 2: CIFAR-100 (-0.33) -> Tiny-ImageNet (-2.21)',
+        terms={'11_resnet50_tinyimagenet/ses': 1, '11_resnet50_tinyimagenet/baseline': -1,
+               '06_multiseed_cifar100/ses': -1, '06_multiseed_cifar100/baseline': 1},
+        metric='gap',
+        kind='contrast',
+        paper=-1.88,
+        source='resnet50_tinyimagenet_results.json: final_gap (-2.214); tex: tab:cifar100; Summary of Empirical '
+               'Results',
+    ),
+    dict(
+        text='difficulty scaling of accuracy, step 1: CIFAR-10 (-0.06) -> CIFAR-100 (+0.47)',
+        terms={'06_multiseed_cifar100/ses': 1, '06_multiseed_cifar100/baseline': -1, '05_multiseed_cifar10/ses': -1,
+               '05_multiseed_cifar10/baseline': 1},
+        metric='acc',
+        kind='contrast',
+        paper=0.53,
+        source="tex: Exp 6 text ('+0.47 pp accuracy vs -0.06 pp'); abstract; ses_context.md: trend table",
+    ),
+    dict(
+        text='difficulty scaling of accuracy, step 2: CIFAR-100 (+0.47) -> Tiny-ImageNet (+2.58)',
+        terms={'11_resnet50_tinyimagenet/ses': 1, '11_resnet50_tinyimagenet/baseline': -1,
+               '06_multiseed_cifar100/ses': -1, '06_multiseed_cifar100/baseline': 1},
+        metric='acc',
+        kind='contrast',
+        paper=2.11,
+        source="resnet50_tinyimagenet_results.json: best_val_acc; tex: abstract ('scale monotonically with task "
+               "difficulty'); Exp 11 difficulty table",
+    ),
+    dict(
+        text='difficulty scaling of robustness, step 1: CIFAR-10 (+0.45) -> CIFAR-100 (+0.65)',
+        terms={'06_multiseed_cifar100/ses': 1, '06_multiseed_cifar100/baseline': -1, '05_multiseed_cifar10/ses': -1,
+               '05_multiseed_cifar10/baseline': 1},
+        metric='rob',
+        kind='contrast',
+        paper=0.2,
+        source="tex: Exp 6 text ('+0.65 pp robustness vs +0.45 pp'); abstract",
+    ),
+    dict(
+        text='difficulty scaling of robustness, step 2: CIFAR-100 (+0.65) -> Tiny-ImageNet (+2.37)',
+        terms={'11_resnet50_tinyimagenet/ses': 1, '11_resnet50_tinyimagenet/baseline': -1,
+               '06_multiseed_cifar100/ses': -1, '06_multiseed_cifar100/baseline': 1},
+        metric='rob',
+        kind='contrast',
+        paper=1.72,
+        source='resnet50_tinyimagenet_results.json: rob_mean (2.367); tex: abstract; Exp 11 difficulty table',
+    ),
+    dict(
+        text='CIFAR-100 overfits more than CIFAR-10 (baseline gap 25.60 vs 6.56)',
+        a='06_multiseed_cifar100/baseline',
+        b='05_multiseed_cifar10/baseline',
+        metric='gap',
+        kind='delta',
+        paper=19.04,
+        source="tex: Exp 6 text ('25.60 pp vs 6.56 pp on CIFAR-10')",
+    ),
+    dict(
+        text='lambda = 0.05 beats the 3-seed CIFAR-10 baseline on robustness by +2.1 pp (70.32 vs 68.22)',
+        a='07_lambda_ablation/lam_0.05',
+        b='05_multiseed_cifar10/baseline',
+        metric='rob',
+        kind='delta',
+        paper=2.1,
+        source="tex: Exp 7 text ('a +2.1 pp improvement over the baseline (68.22%)'); ses_context.md: Exp 7",
+    ),
+    dict(
+        text='CIFAR-100 is relatively easy for WRN-28-10 (baseline 75.24 vs 73.00 for ResNet-18)',
+        a='13_wrn28_10/baseline',
+        b='12_mixup_cutmix/baseline',
+        metric='acc',
+        kind='delta',
+        paper=2.24,
+        source='wrn_results.json / aug_results.json: best_acc; tex: Exp 13 text',
+    ),
+    dict(
+        text='WRN-28-10 has 3.3x the parameters of ResNet-18 (36.5M vs 11M)',
+        a='13_wrn28_10/baseline',
+        b='12_mixup_cutmix/baseline',
+        metric='params',
+        kind='ratio',
+        paper=3.3,
+        source="tex: Exp 13 text ('36.5M parameters, 3.3x larger than ResNet-18')",
+    ),
+    dict(
+        text="on WRN-28-10 SES's accuracy benefit disappears: gain -0.31 vs +0.47 for ResNet-18 on CIFAR-100",
+        terms={'13_wrn28_10/ses': 1, '13_wrn28_10/baseline': -1, '06_multiseed_cifar100/ses': -1,
+               '06_multiseed_cifar100/baseline': 1},
+        metric='acc',
+        kind='contrast',
+        paper=-0.78,
+        source="tex: Exp 11 difficulty table + text ('SES's accuracy benefit disappears (-0.31 pp)')",
+    ),
+    dict(
+        text="ViT-Tiny's robustness gain exceeds ResNet-18's on CIFAR-100 (+1.31 vs +0.65)",
+        terms={'14_vit/vit_tiny_ses': 1, '14_vit/vit_tiny_baseline': -1, '06_multiseed_cifar100/ses': -1,
+               '06_multiseed_cifar100/baseline': 1},
+        metric='rob',
+        kind='contrast',
+        paper=0.66,
+        source="vit_summary.json: rob_mean; tex: Exp 14 text ('notably larger than those observed for ResNet-18 "
+               "on CIFAR-100 (+0.65 pp)')",
+    ),
+    dict(
+        text="ViT-Small's robustness gain exceeds ResNet-18's on CIFAR-100 (+1.33 vs +0.65)",
+        terms={'14_vit/vit_small_ses': 1, '14_vit/vit_small_baseline': -1, '06_multiseed_cifar100/ses': -1,
+               '06_multiseed_cifar100/baseline': 1},
+        metric='rob',
+        kind='contrast',
+        paper=0.68,
+        source='vit_summary.json: rob_mean (1.334); tex: Exp 14 text',
+    ),
+    dict(
+        text='beta = 0.5 on ViT-Small is the largest single-config gain of the paper (+2.66, above Tiny-'
+             "ImageNet's +2.58)",
+        terms={'17_vit_ablations/beta_0.5': 1, '17_vit_ablations/baseline': -1, '11_resnet50_tinyimagenet/ses': -1,
+               '11_resnet50_tinyimagenet/baseline': 1},
+        metric='acc',
+        kind='contrast',
+        paper=0.08,
+        source='vit_ablations_summary.json, resnet50_tinyimagenet_results.json: best acc; tex: '
+               "abstract/Summary/Conclusion ('the largest single-configuration gain across all experiments'); "
+               "contradicts Exp 11 'strongest SES effect observed across all experiments'",
+    ),
+    dict(
+        text="Exp 18's triple SES (last 4, beta 0.5) matches Exp 17's beta = 0.5 on all 12 blocks (57.93 vs "
+             '57.94)',
+        a='18_vit_attention/triple_l4',
+        b='17_vit_ablations/beta_0.5',
+        metric='acc',
+        kind='tie',
+        paper=-0.01,
+        margin=0.5,
+        source="vit_attention_summary.json / vit_ablations_summary.json: best_acc; tex: Exp 18 text ('virtually "
+               "identical'); ses_context.md: Exp 18 ('Triple (57.93%) ~ beta=0.5 All-12 (57.94%)')",
+    ),
+    dict(
+        text='block output, last 4, beta 0.5 (57.31) is below beta 0.5 on all 12 blocks (57.94)',
+        a='18_vit_attention/block_l4',
+        b='17_vit_ablations/beta_0.5',
+        metric='acc',
+        kind='delta',
+        paper=-0.63,
+        source="vit_attention_summary.json / vit_ablations_summary.json: best_acc; ses_context.md: Exp 18 'Nota'",
+    ),
+    dict(
+        text='block output, last 4, beta 0.5 (57.31) is below last 4 at beta 0.7 (57.61)',
+        a='18_vit_attention/block_l4',
+        b='17_vit_ablations/last4',
+        metric='acc',
+        kind='delta',
+        paper=-0.3,
+        source="vit_attention_summary.json / vit_ablations_summary.json: best_acc; ses_context.md: Exp 18 'Nota'",
+    ),
+)
+SUMMARY_CLAIMS = tuple(read_only(c) for c in SUMMARY_CLAIMS)  # shared, so read-only
 
 
 def claim_values(df):
@@ -5032,6 +5224,12 @@ def _fmt(mean, std, n):
     if mean != mean:  # NaN
         return "—"
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def _stats(df, config, col):
+    """(mean, sd, n) of one config's runs in column col, NaNs left out: the per-config table's cells."""
+    v = df.loc[df["config"] == config, col].astype(float).dropna()
+    return float(v.mean()) if len(v) else float("nan"), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
 def rob_label(df) -> str:
@@ -5469,7 +5667,8 @@ def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=No
 
 def summary_claims():
     """SUMMARY_CLAIMS checked (their configs are "NN_notebook/config"; tests check them against the notebooks)."""
-    return [check_claim(c, {x for x in [c.get("a"), c.get("b"), *(c.get("terms") or {})] if x}) for c in SUMMARY_CLAIMS]
+    claims = [{**c, **({"terms": dict(c["terms"])} if c.get("terms") else {})} for c in SUMMARY_CLAIMS]
+    return [check_claim(c, {x for x in [c.get("a"), c.get("b"), *(c.get("terms") or {})] if x}) for c in claims]
 
 
 def summary_claims_table(root):
@@ -5498,7 +5697,8 @@ def build_summary(root="outputs"):
     df = pd.concat(parts, ignore_index=True)
     df = df[["notebook"] + [c for c in df.columns if c != "notebook"]]
     counts = df["verdict"].value_counts().to_dict()
-    md = [f"# SES claims: {len(df)} claims in {df['notebook'].nunique()} notebooks\n",
+    n_nb = df.loc[df["notebook"] != "across notebooks", "notebook"].nunique()
+    md = [f"# SES claims: {len(df)} claims, from {n_nb} notebook{'s' if n_nb != 1 else ''} and across notebooks\n",
           ", ".join(f"{v} {k}" for k, v in counts.items()) + " (on the paper's metric definitions)\n",
           chance_verdicts(int((df["seeds"] >= 2).sum())) + "\n", VERDICT_RULE + "\n"]
     for nb, sub in df.groupby("notebook", sort=True):

@@ -1459,7 +1459,8 @@ def _summary_cmd(a):
     if df is None:
         print(f"no notebook reports with claims under {a.out}/ yet (run a notebook or a batch first)")
         return 1
-    print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims in {df['notebook'].nunique()} notebooks; "
+    n_nb = df.loc[df["notebook"] != "across notebooks", "notebook"].nunique()
+    print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims, from {n_nb} notebook(s) and across notebooks; "
           + ", ".join(f"{v} {k}" for k, v in df["verdict"].value_counts().items()))
     return 0
 

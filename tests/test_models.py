@@ -25,12 +25,13 @@ def test_parameter_counts(name, classes, img, millions):
     assert round(S.count_params(S.build_model(name, classes, img)) / 1e6, 1) == millions
 
 
-@pytest.mark.parametrize("name,dim,img", [("vit_tiny", 192, 32), ("vit_small", 384, 32), ("vit_small", 384, 64)])
+@pytest.mark.parametrize("name,dim,img", [("vit_tiny", 192, 32), ("vit_small", 384, 32), ("vit_small", 384, 64),
+                                          ("vit_tiny_timm", 192, 32), ("vit_small_timm", 384, 32)])
 def test_vit_counts_match_the_closed_form(name, dim, img):
     model = S.build_model(name, 100, img)
     assert S.count_params(model) == vit_params(dim, 12, 100, img)
     # ViT-S/4 at 32 px: 21.38M (the paper rounds to "22M")
-    if name == "vit_small" and img == 32:
+    if name.startswith("vit_small") and img == 32:
         assert round(S.count_params(model) / 1e6, 2) == 21.38
 
 
@@ -93,7 +94,8 @@ def test_spectral_norm_wraps_every_conv_and_linear():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="resnet18, resnet50, wrn28_10, vit_tiny, vit_small, mlp_toy"):
+    with pytest.raises(ValueError, match="resnet18, resnet50, wrn28_10, vit_tiny, vit_small, vit_tiny_timm, "
+                                         "vit_small_timm, mlp_toy"):
         S.build_model("resnet34", 10)
     with pytest.raises(ValueError, match="num_classes"):
         S.build_model("resnet18", 1)

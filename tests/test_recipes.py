@@ -27,9 +27,9 @@ def cnn(dataset, epochs, batch, amp, norm, **kw):
                 norm_mean=norm[0], norm_std=norm[1], ses_lambda=0.01, ses_beta=0.7, **SGD, **STD_AUG) | kw
 
 
-def vit(**kw):
-    return dict(model="vit_small", dataset="cifar100", epochs=50, batch_size=512, amp="fp16", norm_mean=CIFAR100[0],
-                norm_std=CIFAR100[1], ses_lambda=0.01, ses_beta=0.7, **ADAMW, **STD_AUG) | kw
+def vit(**kw):  # vit_impl "author": the author's ViT (seslib.SESViT, tests/test_author_vit.py), not timm's
+    return dict(model="vit_small", vit_impl="author", dataset="cifar100", epochs=50, batch_size=512, amp="fp16",
+                norm_mean=CIFAR100[0], norm_std=CIFAR100[1], ses_lambda=0.01, ses_beta=0.7, **ADAMW, **STD_AUG) | kw
 
 
 T4, AMPERE = (7, 5), (8, 0)  # compute capabilities: Kaggle's T4; an A100 / L40S (8.9) has native bf16

@@ -175,7 +175,7 @@ def test_claims_of_a_wrong_shape_fail_when_loaded():
     grid, paper = {"b": {}, "s": {}}, {"b": {"acc": 70}, "s": {"acc": 70}}
     with pytest.raises(ValueError, match="needs the paper's nonzero effect"):
         S.check_claim({"text": "x", "a": "s", "b": "b"}, grid, paper)
-    with pytest.raises(ValueError, match="terms="):
+    with pytest.raises(ValueError, match="terms=\\{config: weight\\}"):
         S.check_claim({"text": "x", "kind": "contrast", "terms": "s"}, grid, paper)
     with pytest.raises(ValueError, match="no stated tie margin"):
         S.check_claim({"text": "x", "a": "s", "b": "b", "kind": "tie", "metric": "kappa", "paper": 0}, grid, paper)
@@ -183,14 +183,6 @@ def test_claims_of_a_wrong_shape_fail_when_loaded():
 
 def test_chance_line_counts_half_the_false_rate():
     assert "about 2.5 would still read 'reproduced'" in S.chance_verdicts(100)
-
-
-if __name__ == "__main__":  # the README's power table
-    print("| true effect / seed SD | 2 seeds | 3 seeds | 5 seeds |\n|---|---|---|---|")
-    for k in (0, 1, 2, 3, 4, 6):
-        cells = [f"{100 * simulate('delta', k * 1.0, max(k, 1) * 1.0, 1.0, n, paired=False)['reproduced']:.0f} %"
-                 for n in (2, 3, 5)]
-        print(f"| {k} | " + " | ".join(cells) + " |")
 
 
 def test_the_committed_exp4_kappa_claim_is_judged_on_its_size():
@@ -205,3 +197,86 @@ def test_the_committed_exp4_kappa_claim_is_judged_on_its_size():
     kappa = next(S.check_claim(c, d["GRID"], d["PAPER"]) for c in d["CLAIMS"] if c.get("metric") == "kappa")
     assert kappa["kind"] == "ratio" and kappa["paper"] == pytest.approx(23.4 / 57.3, abs=1e-4)
     assert S.judge_claim(kappa, df)["verdict"] == "same direction, larger effect"
+
+
+# ── coverage: every notebook's claims and the cross-notebook ones ──
+
+def _all_notebook_claims():
+    from pathlib import Path
+    from test_recipes import notebook_definitions
+    root = Path(__file__).resolve().parents[1]
+    out = {}
+    for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        d = notebook_definitions(path)
+        if d.get("GRID"):
+            out[path.stem] = (d, [S.check_claim(c, d["GRID"], d["PAPER"]) for c in d.get("CLAIMS", [])])
+    return out
+
+
+def test_at_least_80_claims_are_encoded_with_their_source():
+    claims = _all_notebook_claims()
+    n = sum(len(cs) for _, cs in claims.values()) + len(S.SUMMARY_CLAIMS)
+    assert n >= 80, n
+    unsourced = [c["text"] for _, cs in claims.values() for c in cs if not c["source"]]
+    assert not unsourced, unsourced
+
+
+def test_summary_claims_name_configs_of_the_notebooks():
+    grids = {stem: d["GRID"] for stem, (d, _) in _all_notebook_claims().items()}
+    for c in S.summary_claims():
+        for name in [c["a"], c["b"], *(c["terms"] or {})]:
+            if name:
+                stem, config = name.split("/")
+                assert config in grids[stem], (c["text"], name)
+
+
+def test_build_summary_judges_claims_across_notebooks(tmp_path):
+    """Synthetic values.csv files (labelled: made up for this test) in two notebook folders: the difficulty-scaling
+    contrast is judged across them, Welch (different experiments share no randomness)."""
+    rng = np.random.default_rng(3)
+    for stem, gain in (("05_multiseed_cifar10", 0.0), ("06_multiseed_cifar100", -3.0)):
+        rows = [{"config": cfg, "seed": s, "gap": 25 + (gain if cfg == "ses" else 0) + rng.normal(0, 0.2)}
+                for cfg in ("baseline", "ses") for s in (42, 123, 7)]
+        (tmp_path / stem).mkdir()
+        pd.DataFrame(rows).to_csv(tmp_path / stem / "values.csv", index=False)
+        pd.DataFrame([{"claim": "x", "verdict": "inconclusive", "seeds": 3, "report": stem}]).to_csv(
+            tmp_path / stem / "claims.csv", index=False)
+    df = S.build_summary(tmp_path)
+    row = df[df["claim"].str.startswith("difficulty scaling of the gap (P1), step 1")].iloc[0]
+    assert row["interval"] == "Welch" and row["verdict"] == "same direction, larger effect"
+    md = (tmp_path / "SUMMARY.md").read_text()
+    assert "Chance alone" in md and "across notebooks" in md
+
+
+def coverage_rows():
+    """The README's coverage table, one row per encoded claim (notebooks, then SUMMARY_CLAIMS)."""
+    def row(where, c):
+        cells = [where, c["text"], c["kind"], c["metric"], S._paper_text(c)]
+        return "| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |"
+    rows = [row(stem, c) for stem, (_, cs) in _all_notebook_claims().items() for c in cs]
+    return rows + [row("SUMMARY (across notebooks)", c) for c in S.summary_claims()]
+
+
+def test_readme_coverage_table_lists_every_claim():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [r for r in coverage_rows() if r not in readme]
+    assert not missing, "README coverage table out of date (python tests/test_verdicts.py coverage); missing:\n" + \
+        "\n".join(missing[:5])
+
+
+def _print_power_table():
+    print("| true effect / seed SD (paper's effect = the true one; row 0: paper claims 1 SD) | 2 seeds | 3 seeds "
+          "| 5 seeds |\n|---|---|---|---|")
+    for k in (0, 1, 2, 3, 4, 6):
+        cells = [f"{100 * simulate('delta', k * 1.0, max(k, 1) * 1.0, 1.0, n, paired=False)['reproduced']:.0f} %"
+                 for n in (2, 3, 5)]
+        print(f"| {k} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":  # the README's tables: `python tests/test_verdicts.py [power|coverage]`
+    import sys
+    if sys.argv[1:] == ["coverage"]:
+        print("| notebook | claim | kind | metric | paper |\n|---|---|---|---|---|\n" + "\n".join(coverage_rows()))
+    else:
+        _print_power_table()
