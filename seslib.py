@@ -5209,13 +5209,23 @@ def claim_baselines(claims) -> dict:
     """{a: b} from a notebook's claims: a config's baseline is the b of the first delta / ratio / tie claim (kind
     missing: delta) that names it as a. The report's Δ and overhead columns then compare the pairs the claims compare
     (SES + Mixup vs Mixup, ViT-Small SES vs ViT-Small baseline), not every config with "baseline". A b of another
-    notebook ("NN_notebook/config") is not this report's."""
+    notebook ("NN_notebook/config") is not this report's. A config named as a baseline ("baseline", "*_baseline") gets
+    no pair (it is the reference, even when a claim compares two baselines), and a pair with a baseline-named b wins
+    over an earlier one (beta_0.7 vs baseline, not beta_0.7 vs beta_0.9)."""
     pairs = {}
     for c in claims or ():
         a, b = c.get("a"), c.get("b")
-        if (c.get("kind") or "delta") in _PAIR_KINDS and a and b and a != b and "/" not in str(b):
-            pairs.setdefault(a, b)
+        if not ((c.get("kind") or "delta") in _PAIR_KINDS and a and b and a != b and "/" not in str(b)):
+            continue
+        if _is_baseline_name(a) or (a in pairs and _is_baseline_name(pairs[a])):
+            continue
+        if a not in pairs or _is_baseline_name(b):
+            pairs[a] = b
     return pairs
+
+
+def _is_baseline_name(config):
+    return config == "baseline" or str(config).endswith("_baseline")
 
 
 # ── tables ───────────────────────────────────────────────────────────────────────────────────────

@@ -2,7 +2,6 @@
 passes shown apart, as 'eval s/epoch'); (2) a report's Δ / overhead columns compare the pairs the notebook's claims
 compare; (3) seeds="paper3" is the paper's three seeds wherever seeds are accepted. The report-table tests use
 SYNTHETIC result dicts (no training); one test trains a tiny real run on the CPU."""
-import ast
 import math
 from pathlib import Path
 
@@ -32,16 +31,9 @@ def _frame(rows):
 
 
 def notebook_definitions(stem):
-    """GRID, PAPER, CLAIMS as the notebook's definition cell writes them (assignments only, nothing run)."""
-    import nbformat
-    nb = nbformat.read(str(ROOT / "notebooks" / f"{stem}.ipynb"), as_version=4)
-    ns = {}
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "GRID = " in cell.source:
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in ("GRID", "PAPER", "CLAIMS"):
-                    exec(compile(ast.Module([node], []), stem, "exec"), {"dict": dict}, ns)
-    return ns
+    """GRID, PAPER, CLAIMS of a notebook (test_recipes' reader: assignments only, nothing run)."""
+    from test_recipes import notebook_definitions as read
+    return read(ROOT / "notebooks" / f"{stem}.ipynb")
 
 
 # ── 1. time = the training loop only ────────────────────────────────────────────────────────────
