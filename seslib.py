@@ -324,14 +324,17 @@ def _device_name(device) -> str:
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def resolve_precision(amp, device_type, capability=None):
+def resolve_precision(amp, device_type, capability=None, cpu_amp=False):
     """(precision this device runs, note or None) for the requested amp.
     off -> fp32; fp16 -> fp16 on CUDA; bf16 -> bf16 on compute capability >= 8, else fp16 (a T4 has no bf16
     tensor cores: is_bf16_supported() says True there through emulation); auto -> bf16 / fp16 / fp32 by device.
     On the CPU every request runs in fp32 (CPU autocast is slower than fp32 for these models): the recipe's
-    fp16/bf16 is a GPU setting."""
+    fp16/bf16 is a GPU setting. cpu_amp=True runs it there anyway (fp16 with GradScaler("cpu"), bf16 without), so
+    the tests execute every precision path a GPU would; auto stays fp32 (a CPU's own choice)."""
     if amp == "off":
         return "fp32", None
+    if device_type != "cuda" and cpu_amp:
+        return ("fp32" if amp == "auto" else amp), None
     if device_type != "cuda":
         return "fp32", None if amp == "auto" else f"amp={amp!r} is a GPU setting: fp32 on {device_type}"
     native_bf16 = capability is not None and capability[0] >= 8
@@ -351,13 +354,13 @@ def _amp_dtype(precision):
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def _eval_amp_dtype(amp, device):
+def _eval_amp_dtype(amp, device, cpu_amp=False):
     """The autocast dtype of an evaluation: amp = a precision ('fp32' | 'fp16' | 'bf16'), an amp request ('auto',
-    'fp16', 'bf16', 'off'), or True/False/None (auto/off). Resolved as training resolves it."""
+    'fp16', 'bf16', 'off'), or True/False/None (auto/off). Resolved as training resolves it (cpu_amp likewise)."""
     if amp in PRECISIONS:
-        return _amp_dtype(amp if device.type == "cuda" else "fp32")
+        return _amp_dtype(amp if device.type == "cuda" or cpu_amp else "fp32")
     request = "auto" if amp is True else "off" if amp in (False, None) else amp
-    return _amp_dtype(resolve_precision(request, device.type, _device_capability(device))[0])
+    return _amp_dtype(resolve_precision(request, device.type, _device_capability(device), cpu_amp)[0])
 
 
 def autocast(device, amp_dtype):
@@ -1663,7 +1666,7 @@ class SESViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also when built on meta
         self.blocks = nn.ModuleList([SESViTBlock(embed_dim, num_heads, mlp_ratio, drop_rate, dpr[i])
                                      for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
@@ -1684,8 +1687,8 @@ class SESViT(nn.Module):
 
     def set_drop_path(self, rate):
         """Stochastic depth at max rate `rate`, spaced over the blocks as the author's constructor does."""
-        for blk, p in zip(self.blocks, torch.linspace(0, rate, len(self.blocks))):
-            blk.drop_path_rate = p.item()
+        for blk, p in zip(self.blocks, torch.linspace(0, rate, len(self.blocks), device="cpu").tolist()):
+            blk.drop_path_rate = p
 
     def forward(self, x):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch_embed(x)], dim=1)
@@ -2717,7 +2720,7 @@ def _resolve_corruptions(corruptions):
 
 def evaluate_corruptions(model, images, labels, corruptions="all15", severities=(1, 2, 3, 4, 5), batch_size=500,
                          normalize=None, device=None, data_root=None, dataset=None, seed=0, collector=None,
-                         amp="auto", classes=None, progress=True, protocol="standard", files=None):
+                         amp="auto", classes=None, progress=True, protocol="standard", files=None, cpu_amp=False):
     """Accuracy (%) and ECE of `model` on clean and corrupted test images.
 
     images: clean uint8 [N, 3, H, W] (the test set, or its first N images in order); labels [N].
@@ -2732,17 +2735,18 @@ def evaluate_corruptions(model, images, labels, corruptions="all15", severities=
     folder is scored and `n_scored` says how many images each such cell had.
     Errors: error[c][s] = 100 - accuracy, mean_corruption_error (the unnormalised mCE), relative_degradation
     (mean over cells of corrupted error - clean error); corruption_error_vs_baseline normalises by a baseline run.
-    protocol="paper": the published SES evaluation instead (evaluate_paper_protocol)."""
+    protocol="paper": the published SES evaluation instead (evaluate_paper_protocol).
+    cpu_amp=True: amp's fp16/bf16 runs on the CPU too (the run config's cpu_amp; see resolve_precision)."""
     if protocol not in CORRUPTION_PROTOCOLS:
         raise ValueError(f"unknown corruption protocol {protocol!r}; known: {', '.join(CORRUPTION_PROTOCOLS)}")
     if protocol == "paper":
         return evaluate_paper_protocol(model, images, labels, normalize, batch_size=batch_size, device=device,
-                                       amp=amp, seed=seed, collector=collector)
+                                       amp=amp, seed=seed, collector=collector, cpu_amp=cpu_amp)
     from torchmetrics.classification import MulticlassCalibrationError  # noqa: F401  (the ECE's: fail before any work)
     names, sevs, labels = _standard_inputs(images, labels, corruptions, severities, batch_size, data_root)
     dev = _eval_device(model, device)
     # same precision rule as training (bf16 only on compute capability >= 8; fp16 on a T4; fp32 on CPU)
-    predict = _predictor(model, dev, _eval_amp_dtype(amp, dev), _normalize_on(dev, normalize))
+    predict = _predictor(model, dev, _eval_amp_dtype(amp, dev, cpu_amp), _normalize_on(dev, normalize))
     key = _dataset_key(dataset) if dataset is not None else None
     H = images.shape[-1]
     sources = _corruption_sources(names, labels, H, data_root, key)
@@ -2966,19 +2970,20 @@ def _paper_corruption(x, name, severity, generator=None):
 
 
 def evaluate_paper_protocol(model, images, labels, normalize, batch_size=256, device=None, amp="fp32", seed=0,
-                            collector=None, generator=None):
+                            collector=None, generator=None, cpu_amp=False):
     """The published SES robustness evaluation (see the block comment above), as an exact replica.
 
     images: clean uint8 [N, 3, H, W] (the author's test loader: ToTensor + Normalize, in order, batches of the
     training batch size); normalize: (mean, std) of the run. Noise is drawn from `generator` (default: a CPU/device
     generator seeded with `seed`), in the author's order: corruption, severity, batch. amp: the run's precision
-    (the author's autocast: fp16 in the T4 scripts, bf16 for Tiny-ImageNet, none in ses_phase3.py).
+    (the author's autocast: fp16 in the T4 scripts, bf16 for Tiny-ImageNet, none in ses_phase3.py); on the CPU it
+    runs in fp32 unless cpu_amp=True (the run config's cpu_amp).
     Returns {"protocol": "paper", "detail": {"<c>_s<s>": acc}, "mean_corruption_acc", "n_images", ...}."""
     if normalize is None:
         raise ValueError("the paper protocol corrupts normalised tensors: pass normalize=(mean, std)")
     labels = _checked_labels(images, labels)
     dev = _eval_device(model, device)
-    amp_dtype = _eval_amp_dtype(amp, dev)
+    amp_dtype = _eval_amp_dtype(amp, dev, cpu_amp)
     g = generator if generator is not None else torch.Generator(device=dev).manual_seed(int(seed))
     mean_std = _normalize_on(dev, normalize)
     detail = {}
@@ -3009,7 +3014,9 @@ def evaluate_paper_protocol(model, images, labels, normalize, batch_size=256, de
 # ── "done" means: the same settings ──
 # Keys that cannot change what a run computes: a result made with other values still counts as done.
 _NOT_COMPUTED = ("resume", "log", "data_root", "out_dir", "device", "keep_checkpoint", "save_model", "eval_batch_size",
-                 "precision", "preset")  # precision follows from amp + the device; preset is a label
+                 "precision", "preset",  # precision follows from amp + the device (+ cpu_amp); preset is a label
+                 # which cuDNN kernels compute the same convolutions (rounding only, as another GPU would)
+                 "cudnn_deterministic")
 # A checkpoint may also be resumed under other robustness settings: they act only after the last epoch.
 _RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustness_subset")
 
@@ -3017,7 +3024,8 @@ _RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustne
 # Keys added after results were stored whose value there is known: a config without one reads as that value.
 # vit_impl: before it, 'vit_tiny' / 'vit_small' were timm's VisionTransformer (now the author's SESViT; timm's is
 # 'vit_*_timm'), so an old ViT result differs ("vit_impl timm → author") and an old CNN result does not.
-_IMPLIED = {"vit_impl": lambda cfg: "timm" if cfg.get("model") in VIT_MODELS else None}
+_IMPLIED = {"vit_impl": lambda cfg: "timm" if cfg.get("model") in VIT_MODELS else None,
+            "cpu_amp": lambda cfg: False}  # before cpu_amp every CPU run was fp32: what cpu_amp=False runs
 
 
 def config_value(cfg: dict, key):
@@ -3250,7 +3258,10 @@ _BASE_CONFIG = {
     "seed": 42, "device": "auto",
     "amp": "auto",  # asked for: auto | fp16 | bf16 | off
     "precision": None,  # derived: what this device runs (fp32 | fp16 | bf16); see resolve_precision
+    "cpu_amp": False,  # True: a CPU run uses amp's fp16/bf16 as a GPU would (to test those paths; slower than fp32)
     "tf32": False,  # TF32 matmuls/convs on Ampere+ (the Tiny-ImageNet script turns it on)
+    # cuDNN: deterministic kernels, no autotuning (the author's scripts); False: autotuned (benchmark), faster
+    "cudnn_deterministic": True,
     # input pipeline: normalisation (None: the dataset's statistics) and every augmentation parameter
     "norm_mean": None, "norm_std": None,
     "augment": "standard", "crop_padding": 4, "hflip": True, "color_jitter": None,
@@ -3276,10 +3287,11 @@ _CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("multistep", "cosine", "
             "mix": ("none", "mixup", "cutmix"), "log": ("auto", "tqdm", "plain", "none"),
             "ses_scope": ("global", "local")}
 # ses_resnet50_tinyimagenet .py: Normalize((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)) (its std is not the
-# data set's pixel std in DATASETS), RandomCrop(64, padding=8), flip, ColorJitter(0.1, 0.1, 0.1), BF16 + TF32.
+# data set's pixel std in DATASETS), RandomCrop(64, padding=8), flip, ColorJitter(0.1, 0.1, 0.1), BF16 + TF32,
+# cudnn.benchmark = True (the one script that autotunes instead of setting cudnn.deterministic).
 _TINY_RECIPE = dict(epochs=60, norm_mean=[0.4802, 0.4481, 0.3975], norm_std=[0.2302, 0.2265, 0.2262],
                     crop_padding=8, color_jitter={"brightness": 0.1, "contrast": 0.1, "saturation": 0.1},
-                    amp="bf16", tf32=True)
+                    amp="bf16", tf32=True, cudnn_deterministic=False)
 
 
 def default_config(model="resnet18", dataset="cifar10") -> dict:
@@ -3390,7 +3402,7 @@ def _resolve_device(c):
     device = pick_device(c["device"])
     if device.type == "cuda":
         _check_cuda_visible(c["device"], device)
-    c["precision"] = resolve_precision(c["amp"], device.type, _device_capability(device))[0]
+    c["precision"] = resolve_precision(c["amp"], device.type, _device_capability(device), c["cpu_amp"])[0]
 
 
 def _resolve_paths(c):
@@ -3444,7 +3456,7 @@ _CONFIG_RULES = (
      "None (40/70/90% of epochs) or an increasing list of epochs >= 1"),
     _resolve_milestones,
     _resolve_inputs,
-    *_each(("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32", "save_model"),
+    *_each(("spectral_norm", "ses", "resume", "keep_checkpoint", "tf32", "save_model", "cpu_amp", "cudnn_deterministic"),
            lambda v, c: isinstance(v, bool), "True or False"),
     ("sync_bn", lambda v, c: v is None or isinstance(v, bool), "None (auto: on under multi-GPU DDP), True or False"),
     ("drop_path", lambda v, c: v is None or (c["model"] in VIT_MODELS and _is_num(v) and 0 <= v < 1),
@@ -3959,6 +3971,7 @@ class _Run:
     amp_dtype: torch.dtype | None = None  # None: fp32
     t_start: float = 0.0
     tf32_before: tuple = ()
+    cudnn_before: tuple = ()  # cudnn.deterministic, cudnn.benchmark before the run (_set_cudnn)
     # the model: net is the unwrapped module (evaluation, checkpoints, erank), model what trains (net or its DDP wrapper)
     net: nn.Module | None = None
     model: nn.Module | None = None
@@ -4001,6 +4014,7 @@ def _train(c, dd: DistInfo, device):
     run.t_start = time.time()
     _build_model_and_ses(run)  # model + hooks first: a bad layer preset fails here, before any data is read
     run.tf32_before = _set_tf32(c["tf32"])  # process-wide: _release restores it
+    run.cudnn_before = _set_cudnn(c["cudnn_deterministic"])  # likewise
     try:
         _build_data(run)
         _build_optimisation(run)
@@ -4041,7 +4055,7 @@ def _set_precision(run):
     """The autocast dtype of the resolved precision, and a note when this device runs another than the one asked for."""
     c, device = run.c, run.device
     run.amp_dtype = _amp_dtype(c["precision"])
-    note = resolve_precision(c["amp"], device.type, _device_capability(device))[1]
+    note = resolve_precision(c["amp"], device.type, _device_capability(device), c["cpu_amp"])[1]
     if note and run.dd.is_main and _log_mode(c["log"]) != "none":
         print(f"note: {note}", flush=True)
 
@@ -4069,6 +4083,15 @@ def _set_tf32(on) -> tuple:
     """TF32 matmuls and convolutions on or off, process-wide; returns the previous settings, for _release."""
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    return before
+
+
+def _set_cudnn(deterministic) -> tuple:
+    """CUDA-only in effect (cuDNN alone reads these flags; set on every device, so the CPU tests see the set and the
+    restore): deterministic kernels without autotuning, as the author's scripts set them, or autotuned ones
+    (benchmark, as ses_resnet50_tinyimagenet .py). Process-wide; returns the previous flags, for _release."""
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
     return before
 
 
@@ -4352,10 +4375,12 @@ def _run_env(run) -> dict:
 
 
 def _release(run):
-    """Free the device between runs (reference bug 2), also when the run fails: SES's hooks off, TF32 back, and every
-    reference the run holds dropped (its fields emptied: a traceback keeps the frames that name `run` alive)."""
+    """Free the device between runs (reference bug 2), also when the run fails: SES's hooks off, TF32 and cuDNN flags
+    back, and every reference the run holds dropped (its fields emptied: a traceback keeps the frames that name `run`
+    alive)."""
     run.ses.remove()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = run.tf32_before
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = run.cudnn_before
     for name in ("net", "model", "ses", "loader", "evals", "erank_batches", "erank_test", "mixer", "criterion",
                  "optimizer", "scheduler", "scaler", "best", "ck"):
         setattr(run, name, None)
@@ -4416,13 +4441,13 @@ def _final_metrics(history, c, model, device, evals, collector, log, best=None):
             model, x, y, corruptions=c["robustness"],
             severities=c["robustness_severities"], batch_size=_eval_batch_size(c),
             normalize=normalize, device=device, data_root=d.parent, dataset=c["dataset"],
-            seed=c["seed"], collector=collector, amp=c["precision"], progress=log == "tqdm",
+            seed=c["seed"], collector=collector, amp=c["precision"], cpu_amp=c["cpu_amp"], progress=log == "tqdm",
             classes=tinyimagenet_classes(d) if c["dataset"] == "tinyimagenet" else None,
             files=tinyimagenet_val_files(d)[:n] if c["dataset"] == "tinyimagenet" else None)  # the same images
         # the paper's protocol, on the final weights and on the best test-accuracy epoch's (what every SES
         # script reloads before its robustness pass: selected on the test set, so never our headline)
         paper = dict(normalize=normalize, batch_size=c["batch_size"], device=device, amp=c["precision"],
-                     seed=c["seed"], collector=collector)
+                     seed=c["seed"], collector=collector, cpu_amp=c["cpu_amp"])
         final["robustness_paper"] = evaluate_paper_protocol(model, x, y, **paper)
         if best is not None:
             final_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -1,0 +1,253 @@
+"""Every precision path run on the CPU (issue 22): cpu_amp=True makes a CPU run use the recipe's fp16 (autocast +
+GradScaler("cpu")) or bf16 (autocast, no scaler) exactly as a GPU would, so the GPU's training path executes here.
+Each run is tiny (quarter-width models, 1-3 steps of real CIFAR-10): train() in fp16 and bf16 for a CNN and a ViT
+with SES on, attention-weight hooks included; a step whose gradients overflow (skipped by the scaler, the run goes
+on); SES's eigen-solves outside autocast in float32/64; the paper protocol under autocast close to fp32; resume of
+an fp16 run with the scaler state restored, equal to an uninterrupted run. Also the CPU twins of CUDA-only branches:
+the cuDNN and TF32 flags (set for the run, restored after) and bench/gpu_check.py's refusal without a GPU."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import seslib as S
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = Path(__file__).parent / "fixtures" / "paper_protocol"
+TIMING_KEYS = ("train_seconds", "epoch_seconds", "peak_mem_mb")
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def tiny(data_root, **kw):
+    """A quarter-width ResNet-18 with SES, 2 steps of 16 real CIFAR-10 images, fp16 on the CPU (cpu_amp)."""
+    return dict(dict(model="resnet18", dataset="cifar10", data_root=str(data_root), epochs=1, batch_size=16,
+                     train_subset=32, test_subset=32, max_steps_per_epoch=2, erank_batches=1, erank_eval_samples=32,
+                     width=0.25, log="none", device="cpu", amp="fp16", cpu_amp=True, ses=True, save_model=False), **kw)
+
+
+def spy_on(monkeypatch, name, after):
+    """Wrap seslib's step `name` (looked up by _train at call time): after(run) sees the run once the step is done."""
+    real = getattr(S, name)
+
+    def wrapped(run, *a, **kw):
+        out = real(run, *a, **kw)
+        after(run)
+        return out
+    monkeypatch.setattr(S, name, wrapped)
+
+
+def huge_scale_scaler(run, growth_interval=2000):
+    """A scaler whose first scale (2^60) overflows every fp16 gradient: that step is skipped and the scale falls to
+    2^10 (backoff 2^-50), so the next steps train. Replaces the run's own (as built for fp16)."""
+    assert run.scaler.is_enabled()
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60, backoff_factor=2.0 ** -50,
+                                      growth_interval=growth_interval)
+
+
+def strip_timing(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+
+
+# ── the precision a CPU run resolves to ─────────────────────────────────────────────────────────────
+
+def test_cpu_amp_runs_the_requested_precision_and_is_off_by_default():
+    assert S.resolve_precision("fp16", "cpu") == ("fp32", "amp='fp16' is a GPU setting: fp32 on cpu")
+    assert S.resolve_precision("fp16", "cpu", cpu_amp=True) == ("fp16", None)
+    assert S.resolve_precision("bf16", "cpu", cpu_amp=True) == ("bf16", None)
+    assert S.resolve_precision("auto", "cpu", cpu_amp=True)[0] == "fp32"  # auto: the CPU's own choice
+    assert S.resolve_precision("off", "cpu", cpu_amp=True)[0] == "fp32"
+    assert S.resolve_precision("bf16", "cuda", (7, 5), cpu_amp=True)[0] == "fp16"  # a GPU ignores cpu_amp
+    vit = S.validate_config(dict(model="vit_small", device="cpu"))
+    assert (vit["cpu_amp"], vit["amp"], vit["precision"]) == (False, "fp16", "fp32")  # CPU runs stay fp32
+    assert S.validate_config(dict(model="vit_small", device="cpu", cpu_amp=True))["precision"] == "fp16"
+    with pytest.raises(ValueError, match="'cpu_amp' must be True or False"):
+        S.validate_config(dict(cpu_amp="yes"))
+
+
+def test_cpu_amp_is_a_real_setting_for_the_stale_rule():
+    """cpu_amp changes what a CPU run computes: a result made with the other value is stale. A result stored before
+    the key existed ran fp32 on a CPU, i.e. cpu_amp False."""
+    cfg = S.validate_config(dict(device="cpu"))
+    assert S.config_diff(dict(cfg, cpu_amp=True), cfg) == [("cpu_amp", False, True)]
+    assert S.config_diff(cfg, {k: v for k, v in cfg.items() if k != "cpu_amp"}) == []
+    assert S.config_diff(dict(cfg, cudnn_deterministic=False), cfg) == []  # kernels, not the computation
+
+
+# ── train() in fp16 and bf16, CNN and ViT, SES on ───────────────────────────────────────────────────
+
+MODELS = {
+    "resnet18": {},
+    "vit_small": dict(model="vit_small", ses_layers="last4"),
+    "vit_small_attn_weights": dict(model="vit_small", ses_layers="last4", ses_targets=["block", "attn_weights"]),
+}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("which", list(MODELS))
+def test_train_runs_the_gpu_precision_on_the_cpu(data_root, monkeypatch, which, precision):
+    seen = {"out": []}
+    spy_on(monkeypatch, "_build_optimisation", lambda run: seen.update(scaler=run.scaler))
+    real_step = S._train_step
+
+    def step(run, x, y, sums):  # the logits' dtype of each training step's forward
+        hook = run.net.register_forward_hook(lambda m, i, out: seen["out"].append(out.dtype))
+        try:
+            return real_step(run, x, y, sums)
+        finally:
+            hook.remove()
+    monkeypatch.setattr(S, "_train_step", step)
+    res = S.train(tiny(data_root, amp=precision, **MODELS[which]))
+    c, (row,) = res["config"], res["history"]
+    assert (c["precision"], c["cpu_amp"], c["amp"]) == (precision, True, precision)
+    assert seen["scaler"].is_enabled() == (precision == "fp16")  # GradScaler("cpu") for fp16 only
+    if precision == "fp16":
+        assert seen["scaler"]._device == "cpu" and seen["scaler"].get_scale() == 65536.0  # no overflow: no skip
+    assert seen["out"] and set(seen["out"]) == {HALF[precision]}  # the training forwards ran under autocast
+    assert all(math.isfinite(row[k]) for k in ("train_loss", "test_loss", "ses_loss", "ses_term", "train_loss_total"))
+    assert row["ses_loss"] > 0 and row["ses_term"] == pytest.approx(c["ses_lambda"] * row["ses_loss"])
+    hooks = set(row["erank"])
+    if which == "vit_small_attn_weights":  # the attention-weight hooks (blocks.i.attn_probs) fired under autocast too
+        assert hooks == {f"blocks.{i}{t}" for i in range(8, 12) for t in ("", ".attn_probs")}
+    assert all(math.isfinite(v["erank"]) and v["erank"] > 0 for v in row["erank"].values())
+
+
+def test_an_overflowing_fp16_step_is_skipped_and_the_run_goes_on(data_root, monkeypatch):
+    steps = []
+    spy_on(monkeypatch, "_build_optimisation", huge_scale_scaler)
+    real_step = S._train_step
+
+    def step(run, x, y, sums):
+        before = [p.detach().clone() for p in run.net.parameters()]
+        s0 = run.scaler.get_scale()
+        loss = real_step(run, x, y, sums)
+        same = all(torch.equal(a, p) for a, p in zip(before, run.net.parameters()))
+        steps.append((s0, run.scaler.get_scale(), same, loss.item()))
+        return loss
+    monkeypatch.setattr(S, "_train_step", step)
+    res = S.train(tiny(data_root, max_steps_per_epoch=3))
+    (s0, s1, same1, loss1), *rest = steps
+    assert (s0, s1, same1) == (2.0 ** 60, 2.0 ** 10, True)  # inf gradients: step skipped, weights unchanged
+    assert math.isfinite(loss1)  # the loss itself was finite: only its scaled gradients overflowed
+    assert len(rest) == 2 and all(s == 2.0 ** 10 and not same for s, _, same, _ in rest)  # then it trains
+    assert len(res["history"]) == 1 and math.isfinite(res["history"][0]["train_loss"])
+
+
+def test_ses_eigen_solves_run_outside_autocast_in_float32_or_64(data_root, monkeypatch):
+    """Every eigvalsh of an fp16 run (SES's, the erank measurements') sees float32/64 with autocast off; and SES
+    called inside an fp16 autocast block (a user's own loop) on half activations turns autocast off and upcasts."""
+    solves = []
+    real_eig = torch.linalg.eigvalsh
+
+    def eig(m, *a, **kw):
+        solves.append((m.dtype, torch.is_autocast_enabled("cpu")))
+        return real_eig(m, *a, **kw)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", eig)
+    S.train(tiny(data_root, max_steps_per_epoch=1))
+    assert solves and {dt for dt, _ in solves} <= {torch.float32, torch.float64}
+    assert not any(on for _, on in solves)
+    solves.clear()
+    g = torch.Generator().manual_seed(0)
+    acts = [torch.randn(16, d, generator=g).half().requires_grad_() for d in (8, 8, 32)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.is_autocast_enabled("cpu")
+        loss = S.ses_loss(acts, 0.7)
+    assert solves == [(torch.float32, False)] * 2  # two sizes: two batched solves, float32, autocast off
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(S.ses_loss([a.detach().float() for a in acts], 0.7).item(), rel=1e-6)
+    loss.backward()
+    assert all(a.grad is not None and torch.isfinite(a.grad).all() for a in acts)
+
+
+@pytest.mark.parametrize("precision, tol", [("fp16", 1.0), ("bf16", 2.0)])
+def test_paper_protocol_under_cpu_autocast_is_close_to_fp32(data_root, precision, tol):
+    """The paper's robustness protocol under autocast on the CPU: a few near-tied predictions may flip, so each
+    cell is within tol pp of fp32 over 1000 images (fp16: 10 mantissa bits; bf16: 7), the mean within tol / 2."""
+    from test_paper_protocol import tiny_cnn
+    model = tiny_cnn()
+    model.load_state_dict(torch.load(FIX / "tiny_cnn.pt", weights_only=True))
+    rec = json.loads((FIX / "author_evaluate_robustness.json").read_text())
+    x, y = S.load_dataset("cifar10", data_root, "test", subset=1000)
+    args = dict(normalize=rec["normalize"], batch_size=rec["batch_size"], device="cpu", seed=rec["torch_manual_seed"])
+    fp32 = S.evaluate_paper_protocol(model.eval(), x, y, amp=precision, **args)  # cpu_amp off: fp32 on the CPU
+    half = S.evaluate_paper_protocol(model.eval(), x, y, amp=precision, cpu_amp=True, **args)
+    assert (fp32["precision"], half["precision"]) == ("fp32", precision)
+    assert fp32["detail"] == {k: v for k, v in rec["result"].items() if k != "mean_corruption_acc"}  # the replica
+    assert half["detail"] != fp32["detail"] or precision == "fp16"  # bf16 flips some: the comparison is not vacuous
+    for k, v in fp32["detail"].items():
+        assert abs(half["detail"][k] - v) <= tol, k
+    assert abs(half["mean_corruption_acc"] - fp32["mean_corruption_acc"]) <= tol / 2
+
+
+def test_fp16_resume_restores_the_scaler_and_equals_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
+    """Interrupted after epoch 1's checkpoint, resumed: the scaler's state (scale, growth tracker) comes back from the
+    checkpoint, and the history and final result equal an uninterrupted run's exactly. The scaler starts at 2^60
+    and grows every 2 good steps, so a resume that kept a fresh scaler would skip a step the straight run takes."""
+    spy_on(monkeypatch, "_build_optimisation", lambda run: huge_scale_scaler(run, growth_interval=2))
+    cfg = tiny(data_root, epochs=2, max_steps_per_epoch=3, schedule="constant")
+
+    class Interrupted(Exception):
+        pass
+    real_save = S._save_checkpoint
+
+    def save_then_stop(run, epoch):
+        real_save(run, epoch)
+        if epoch == 0:
+            raise Interrupted
+    monkeypatch.setattr(S, "_save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        S.train(dict(cfg, out_dir=str(tmp_path / "cut")))
+    monkeypatch.setattr(S, "_save_checkpoint", real_save)
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["scaler"]
+    assert saved["scale"] == 2.0 ** 11 and saved["_growth_tracker"] == 0  # skip, 2 good steps: grown once
+    restored = {}
+    spy_on(monkeypatch, "_restore_checkpoint", lambda run: restored.update(run.scaler.state_dict()))
+    resumed = S.train(dict(cfg, out_dir=str(tmp_path / "cut"), resume=True))
+    assert restored == saved
+    straight = S.train(dict(cfg, out_dir=str(tmp_path / "straight")))
+    assert resumed["config"]["precision"] == "fp16" and len(resumed["history"]) == 2
+    assert strip_timing(resumed["history"]) == strip_timing(straight["history"])
+    assert resumed["final"]["test_acc"] == straight["final"]["test_acc"]
+
+
+# ── CPU twins of CUDA-only branches ─────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cudnn_and_tf32_flags_are_set_for_the_run_and_restored_after(data_root, monkeypatch, deterministic):
+    """Only CUDA reads these process-wide flags; they are plain attributes, so the CPU checks train() sets them for
+    the run (cudnn_deterministic: deterministic kernels, no autotuning; False: autotuned) and puts back what it
+    found, also the TF32 ones."""
+    cudnn, cuda = torch.backends.cudnn, torch.backends.cuda
+    monkeypatch.setattr(cudnn, "deterministic", not deterministic)
+    monkeypatch.setattr(cudnn, "benchmark", deterministic)
+    monkeypatch.setattr(cudnn, "allow_tf32", False)
+    monkeypatch.setattr(cuda.matmul, "allow_tf32", False)
+    during = {}
+    spy_on(monkeypatch, "_build_data", lambda run: during.update(
+        det=cudnn.deterministic, bench=cudnn.benchmark, tf32=(cuda.matmul.allow_tf32, cudnn.allow_tf32)))
+    res = S.train(tiny(data_root, amp="off", cpu_amp=False, max_steps_per_epoch=1, cudnn_deterministic=deterministic,
+                       tf32=True))
+    assert during == {"det": deterministic, "bench": not deterministic, "tf32": (True, True)}
+    assert (cudnn.deterministic, cudnn.benchmark) == (not deterministic, deterministic)  # restored
+    assert (cuda.matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+    assert res["config"]["cudnn_deterministic"] is deterministic  # recorded in result.json's config
+
+
+def test_recipes_default_to_the_authors_cudnn_setting():
+    """Every script sets cudnn.deterministic = True, benchmark = False, except ses_resnet50_tinyimagenet .py
+    (benchmark = True, no deterministic)."""
+    assert all(S.default_config(m, "cifar100")["cudnn_deterministic"] for m in ("resnet18", "wrn28_10", "vit_small"))
+    assert S.default_config("resnet50", "tinyimagenet")["cudnn_deterministic"] is False
+
+
+def test_gpu_check_says_a_gpu_is_needed_and_exits_2_without_one(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "needs a CUDA GPU" in lines[0], out.stdout + out.stderr
+    assert not (tmp_path / "o").exists()  # nothing written
