@@ -13,9 +13,11 @@ Sections (in data-flow order: each uses only itself and those above it):
   data: data sets on disk, loading, the on-device loader and its augmentations
   models: ResNet-18/50, WRN-28-10, the ViTs, the toy MLP
   corruptions: CIFAR-10-C / Tiny-ImageNet-C generated or read, their evaluation, the paper's own protocol
-  run folders, the stale rule and estimates: when a result counts as done, setting stale ones aside, time estimates
+  run folders, the stale rule and estimates: when a result counts as done, setting stale ones aside, time estimates,
+    GPU memory estimates (estimate_memory)
   train: a run's config, the training loop as named steps, distributed runs, result.json
   toy 2-D study (Exp 4): rings, a 5 x 16 MLP, the Jacobian's condition number
+  text (Exp 22): BERT fine-tuned on GLUE SST-2 / MRPC with the author's recipe, its smoke text, train_text
   results & reports: results, claims and verdicts, tables, figures, report.md, SUMMARY.md
   explore: a finished run's model and its layers' spectra
   notebook side: parameters, presets, the run plan a notebook makes and runs
@@ -48,6 +50,7 @@ import tempfile
 import time
 import types
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -58,6 +61,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode  # estimate_memory's tracer
 from tqdm.auto import tqdm
 
 
@@ -639,6 +643,31 @@ def pool_activation(x: torch.Tensor, kind: str = "output", pool="auto") -> torch
     raise ValueError(f"cannot pool an activation of shape {tuple(x.shape)}")
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token states x [B, N, D] averaged over the positions mask [B, N] marks (1: a real token, 0: padding) -> [B, D],
+    in float32 (a sum over N half-precision values loses digits)."""
+    if x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"masked_mean needs x [B, N, D] and mask [B, N]; got {tuple(x.shape)} and {tuple(mask.shape)}")
+    m = mask.to(device=x.device, dtype=torch.float32).unsqueeze(-1)
+    return (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class MaskedTokenPool:
+    """A `pool` for ActivationCollector / SES that mean-pools token sequences [B, N, D] over the real tokens of the
+    current batch only (padding excluded): set `.mask` to the batch's attention mask [B, N] before each forward.
+    Anything that is not a token sequence is pooled as pool_activation does."""
+
+    def __init__(self):
+        self.mask = None
+
+    def __call__(self, x):
+        if x.dim() != 3:
+            return pool_activation(x)
+        if self.mask is None:
+            raise ValueError("MaskedTokenPool: set .mask to the batch's attention mask before the forward pass")
+        return masked_mean(x, self.mask)
+
+
 def _model_family(model) -> str:
     cls = type(model).__name__
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
@@ -652,7 +681,7 @@ def _model_family(model) -> str:
     return "unknown"
 
 
-_RESIDUAL_BLOCKS = ("BasicBlock", "Bottleneck", "WideBasic")
+_RESIDUAL_BLOCKS = ("BasicBlock", "Bottleneck", "WideBasic", "ErankBasicBlock")
 VIT_TARGETS = ("block", "attn_out", "attn_weights")
 
 
@@ -1476,12 +1505,134 @@ class DeviceLoader:
         self.generator.set_state(state["generator"])
 
 
+# ── GLUE text (Exp 22): SST-2 and MRPC as GLUE distributes them (TSV files), or the `datasets` library's copy ──
+# GLUE's files: SST-2/{train,dev}.tsv with a "sentence<TAB>label" header; MRPC/{train,dev}.tsv with "Quality<TAB>#1 ID
+# <TAB>#2 ID<TAB>#1 String<TAB>#2 String" (label = Quality). "dev" is GLUE's validation split, the author's val set.
+GLUE_TASKS = read_only({
+    "sst2": {"name": "GLUE SST-2", "folder": "SST-2", "sizes": (67349, 872), "text": ("sentence", None),
+             "label": "label", "hf": ("sentence", None)},
+    "mrpc": {"name": "GLUE MRPC", "folder": "MRPC", "sizes": (3668, 408), "text": ("#1 String", "#2 String"),
+             "label": "Quality", "hf": ("sentence1", "sentence2")},
+})
+GLUE_SPLITS = read_only({"train": ("train.tsv", "train"), "dev": ("dev.tsv", "validation")})  # -> (GLUE file, datasets')
+HF_HUB_ID = "nyu-mll/glue"  # the `datasets` id of GLUE (the author's load_dataset("glue", task); same data)
+
+
+def hub_reachable(timeout=3.0) -> bool:
+    """Whether the Hugging Face hub answers (HF_ENDPOINT, default huggingface.co), in at most `timeout` seconds: offline,
+    a download attempt would retry for about a minute before failing. HF_HUB_OFFLINE=1 means no."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = re.sub(r"^\w+://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def glue_task(task) -> dict:
+    if task not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {task!r}; known: {', '.join(GLUE_TASKS)}")
+    return dict(GLUE_TASKS[task])
+
+
+def _glue_search(task, base: Path, max_depth: int):
+    """The folder under base named as GLUE names the task's (SST-2, MRPC; or sst2, mrpc) holding train.tsv and dev.tsv."""
+    names = {GLUE_TASKS[task]["folder"].lower(), task}
+    if not base.is_dir():
+        return None
+    for dirpath, dirnames, files in os.walk(base, followlinks=True):  # depth-capped, so link cycles end
+        dirnames.sort()
+        d = Path(dirpath)
+        if d.name.lower() in names and {"train.tsv", "dev.tsv"} <= set(files):
+            return d
+        if len(d.relative_to(base).parts) >= max_depth:
+            dirnames[:] = []
+    return None
+
+
+def resolve_glue_dir(task, root=None):
+    """(the folder holding the task's GLUE TSV files or None, the places tried): under data_root, else $SES_DATA,
+    Kaggle inputs, ./data (as the image data sets are found)."""
+    glue_task(task)
+    tried = []
+    for label, base, depth in _candidate_roots(root):
+        found = _glue_search(task, base, depth + 1)  # one more level: GLUE's own glue_data/
+        if found is not None:
+            return found, tried
+        tried.append(f"{label}: {base}")
+    return None, tried
+
+
+def read_glue_tsv(path, task):
+    """(first texts, second texts or None, int labels) of one GLUE TSV file, columns found by the header's names. GLUE's
+    files hold unbalanced quotes, so no quoting is parsed (QUOTE_NONE, as `datasets` reads them); a BOM is dropped
+    (MRPC's header has one). A row with a missing column or a label not 0/1 is an error naming the file and line."""
+    import csv
+    info = glue_task(task)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise ValueError(f"{path}: empty file; re-download or re-extract the GLUE data")
+    head = [h.strip() for h in rows[0]]
+    want = [c for c in (*info["text"], info["label"]) if c]
+    if any(c not in head for c in want):
+        raise ValueError(f"{path}: header {head} lacks {[c for c in want if c not in head]} ({info['name']}'s columns "
+                         f"are {want}): not GLUE's {info['folder']}/{Path(path).name}")
+    idx = [head.index(c) if c else None for c in (*info["text"], info["label"])]
+    a, b, y = [], [] if idx[1] is not None else None, []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) <= max(i for i in idx if i is not None) or row[idx[2]].strip() not in ("0", "1"):
+            raise ValueError(f"{path}, line {line}: expected {len(head)} tab-separated columns with a 0/1 "
+                             f"{info['label']}; got {row!r}")
+        a.append(row[idx[0]])
+        if b is not None:
+            b.append(row[idx[1]])
+        y.append(int(row[idx[2]]))
+    return a, b, y
+
+
+def _glue_from_datasets(task, split):
+    """The split from the `datasets` library (downloads it once, then its cache); None when it cannot."""
+    if importlib.util.find_spec("datasets") is None or not hub_reachable():
+        return None
+    from datasets import load_dataset
+    ds = load_dataset(HF_HUB_ID, task, split=GLUE_SPLITS[split][1])
+    ka, kb = GLUE_TASKS[task]["hf"]
+    return list(ds[ka]), list(ds[kb]) if kb else None, [int(v) for v in ds["label"]]
+
+
+def load_glue(task, split="train", root=None, download=True):
+    """(first texts, second texts or None, labels) of a GLUE task's split ("train" | "dev"): GLUE's TSV files found
+    under data_root / $SES_DATA / Kaggle inputs / ./data, else (download) the `datasets` library's copy when the hub
+    answers. Neither: FileNotFoundError in one line saying what to attach. Never synthetic (that is the smoke
+    preset's own, labelled, text)."""
+    info = glue_task(task)
+    if split not in GLUE_SPLITS:
+        raise ValueError(f"unknown GLUE split {split!r}; known: {', '.join(GLUE_SPLITS)}")
+    d, tried = resolve_glue_dir(task, root)
+    if d is not None:
+        return read_glue_tsv(d / GLUE_SPLITS[split][0], task)
+    got = _glue_from_datasets(task, split) if download else None
+    if got is not None:
+        return got
+    online = ("online, `datasets` downloads it" if importlib.util.find_spec("datasets") else
+              "online, `pip install datasets` and it downloads it")
+    raise FileNotFoundError(
+        f"{info['name']} not found under {'; '.join(tried)}: attach a Kaggle dataset holding GLUE's "
+        f"{info['folder']}/train.tsv and dev.tsv (the official GLUE files, e.g. glue_data/{info['folder']}/) or put "
+        f"{info['folder']}/train.tsv and dev.tsv there (data_root or SES_DATA); {online}")
+
+
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 # models
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
-MODELS = ("resnet18", "resnet50", "wrn28_10", "vit_tiny", "vit_small", "vit_tiny_timm", "vit_small_timm", "mlp_toy")
-CNN_MODELS = ("resnet18", "resnet50", "wrn28_10")
+MODELS = ("resnet18", "resnet18_erank", "resnet50", "wrn28_10", "vit_tiny", "vit_small", "vit_tiny_timm",
+          "vit_small_timm", "mlp_toy")
+CNN_MODELS = ("resnet18", "resnet18_erank", "resnet50", "wrn28_10")
+TINY_BERT = "bert-tiny-random"  # Exp 22's smoke model: a small BERT, randomly initialised, no download (text section)
 VIT_MODELS = ("vit_tiny", "vit_small", "vit_tiny_timm", "vit_small_timm")  # all train with the ViT recipe
 TIMM_VIT_MODELS = ("vit_tiny_timm", "vit_small_timm")  # timm's VisionTransformer; the others are the author's (SESViT)
 
@@ -1592,6 +1743,58 @@ def _cifar_resnet(name, num_classes, width=1.0):
     model.conv1 = nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)  # CIFAR stem
     model.maxpool = nn.Identity()
     return model
+
+
+# ── the ResNet-18 of ses_erank_dynamics.py (Exp 28), ported (akira-n-28/Spectral-Entropy-Shaping@4abfcca) ──
+# The common CIFAR ResNet-18 (3x3 stem, no max-pool, 1x1 conv + BN shortcut): the same layers and parameter count
+# (11.22 M at 100 classes) as 'resnet18', but PyTorch's default init everywhere (kaiming-uniform a=sqrt(5): conv weight
+# SD 0.024 in layer1, where torchvision's kaiming-normal fan-out gives 0.059) and the shortcut named `shortcut`. Same
+# modules, names and construction order as the author's, so under the same seed it builds the author's weights
+# (tests/test_author_resnet.py against tests/fixtures/author_resnet18_erank.json).
+class ErankBasicBlock(nn.Module):
+    """ses_erank_dynamics.py's BasicBlock: conv-BN-ReLU, conv-BN, + shortcut (identity, or 1x1 conv + BN), ReLU."""
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ErankResNet18(nn.Module):
+    """ses_erank_dynamics.py's ResNet18 (build_model 'resnet18_erank'); width scales every stage (smoke preset)."""
+
+    def __init__(self, num_classes=100, width=1.0):
+        super().__init__()
+        w = [round(c * width) for c in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(3, w[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.layer1 = self._make_layer(w[0], w[0], 1)
+        self.layer2 = self._make_layer(w[0], w[1], 2)
+        self.layer3 = self._make_layer(w[1], w[2], 2)
+        self.layer4 = self._make_layer(w[2], w[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(w[3], num_classes)
+
+    @staticmethod
+    def _make_layer(in_p, out_p, stride):
+        return nn.Sequential(ErankBasicBlock(in_p, out_p, stride), ErankBasicBlock(out_p, out_p, 1))
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 # ── the author's ViT, ported from ses_vit_experiment.py (akira-n-28/Spectral-Entropy-Shaping@4abfcca; the same classes
@@ -1731,8 +1934,9 @@ def _apply_spectral_norm(model):
 
 
 def build_model(name, num_classes, img_size=32, spectral_norm=False, width=1.0):
-    """resnet18 | resnet50 (torchvision, CIFAR stem) | wrn28_10 | vit_tiny | vit_small (the author's ViT/4: SESViT) |
-    vit_tiny_timm | vit_small_timm (timm's VisionTransformer, same shape, timm's init) | mlp_toy.
+    """resnet18 | resnet50 (torchvision, CIFAR stem) | resnet18_erank (ses_erank_dynamics.py's CIFAR ResNet-18,
+    PyTorch's default init: ErankResNet18) | wrn28_10 | vit_tiny | vit_small (the author's ViT/4: SESViT) | vit_tiny_timm |
+    vit_small_timm (timm's VisionTransformer, same shape, timm's init) | mlp_toy.
     spectral_norm=True wraps every Conv2d and Linear (and an nn.MultiheadAttention's in-projection) in
     torch.nn.utils.parametrizations.spectral_norm.
     width in (0, 1]: every channel width (ResNets: 64·w ... 512·w; WRN: widen factor 10·w; ViTs: embed dim) scaled,
@@ -1745,6 +1949,8 @@ def build_model(name, num_classes, img_size=32, spectral_norm=False, width=1.0):
         raise ValueError(f"width must be a number in (0, 1] (1: the published model); got {width!r}")
     if name in ("resnet18", "resnet50"):
         model = _cifar_resnet(name, num_classes, width)
+    elif name == "resnet18_erank":
+        model = ErankResNet18(num_classes, width)
     elif name == "wrn28_10":
         model = WideResNet(depth=28, widen_factor=10 * width, num_classes=num_classes)
     elif name in VIT_MODELS:
@@ -3025,7 +3231,8 @@ _RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustne
 # vit_impl: before it, 'vit_tiny' / 'vit_small' were timm's VisionTransformer (now the author's SESViT; timm's is
 # 'vit_*_timm'), so an old ViT result differs ("vit_impl timm → author") and an old CNN result does not.
 _IMPLIED = {"vit_impl": lambda cfg: "timm" if cfg.get("model") in VIT_MODELS else None,
-            "cpu_amp": lambda cfg: False}  # before cpu_amp every CPU run was fp32: what cpu_amp=False runs
+            "cpu_amp": lambda cfg: False,  # before cpu_amp every CPU run was fp32: what cpu_amp=False runs
+            "lr_lag": lambda cfg: 0}  # before lr_lag every schedule ran on time
 
 
 def config_value(cfg: dict, key):
@@ -3105,15 +3312,25 @@ def fits_budget(est, end, budget=None) -> bool:
     return bool(budget) and est["seconds"] > budget and left >= budget / 2
 
 
-_MODEL_COST = read_only({"resnet18": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8, "vit_small": 1.6,
-                          "vit_tiny_timm": 0.8, "vit_small_timm": 1.6, "mlp_toy": 0.01})
+_MODEL_COST = read_only({"resnet18": 1.0, "resnet18_erank": 1.0, "resnet50": 4.0, "wrn28_10": 6.0, "vit_tiny": 0.8,
+                          "vit_small": 1.6, "vit_tiny_timm": 0.8, "vit_small_timm": 1.6, "mlp_toy": 0.01,
+                          # per SST-2 epoch (batch 32, 128 tokens, fp16): 301.7 s on a T4 in the author's
+                          # bert_nlp_summary.json, vs 28.9 s for a ResNet-18 CIFAR epoch
+                          "bert-base-uncased": 10.4, TINY_BERT: 0.001})
 
 
 def run_cost(cfg: dict) -> float:
     """A run's relative cost (model x epochs x pixels, SES adds ~1/every_k); the batch runner starts the costliest first."""
-    px = 4.0 if cfg.get("dataset") == "tinyimagenet" else 1.0
     ses = 1.0 + (0.3 / cfg.get("ses_every_k", 1) if cfg.get("ses") else 0.0)
-    return _MODEL_COST.get(cfg.get("model"), 1.0) * cfg.get("epochs", 50) * px * ses
+    return _MODEL_COST.get(cfg.get("model"), 1.0) * cfg.get("epochs", 50) * _data_scale(cfg) * ses
+
+
+def _data_scale(c) -> float:
+    """A config's data per epoch in its model's _MODEL_COST unit: pixels over CIFAR's 32 x 32 (Tiny-ImageNet: 4), or a
+    GLUE task's training examples over SST-2's (a text model's unit is an SST-2 epoch)."""
+    if c.get("task") in GLUE_TASKS:
+        return GLUE_TASKS[c["task"]]["sizes"][0] / GLUE_TASKS["sst2"]["sizes"][0]
+    return (DATASETS.get(c.get("dataset"), {}).get("img_size", 32) / 32) ** 2
 
 
 # ── run-time estimates (the time budget, `sesrun.py plan`) ──
@@ -3126,6 +3343,7 @@ GPU_SPEED = read_only({"h200": 6.5, "h100": 6.0, "a100": 4.0, "l40s": 3.0, "a10"
                        "p100": 1.1, "t4": 1.0, "cpu": 0.02})
 _RESNET18_T4_EPOCH_S = {False: 28.9, True: 42.5}  # the paper's ResNet-18 CIFAR epoch, batch 256, fp32 (Exp 1-9)
 TOY_RUN_SECONDS = 60.0  # Exp 4's 2-D MLP: about a minute per run on a CPU core (measured), whatever the GPU
+TINY_BERT_RUN_SECONDS = 5.0  # Exp 22's smoke run (TINY_BERT on its synthetic text): a few seconds on a CPU (measured)
 
 
 def gpu_kind(name) -> str:
@@ -3145,7 +3363,8 @@ def _speed(kind) -> float:
 
 def _steps_fraction(c) -> float:
     """The share of a full epoch's steps a config runs (train_subset, max_steps_per_epoch; 1 for the paper)."""
-    n_train = DATASETS[c["dataset"]]["sizes"][0] if c.get("dataset") in DATASETS else 1
+    n_train = (DATASETS[c["dataset"]]["sizes"][0] if c.get("dataset") in DATASETS else
+               GLUE_TASKS[c["task"]]["sizes"][0] if c.get("task") in GLUE_TASKS else 1)
     n = min(c.get("train_subset") or n_train, n_train)
     if c.get("max_steps_per_epoch"):
         n = min(n, c["max_steps_per_epoch"] * c["batch_size"])
@@ -3169,8 +3388,7 @@ def _paper_t4_epoch_seconds(c, paper_entry=None, paper_gpu=None):
     if paper_entry and paper_entry.get("epoch_s"):
         kind = gpu_kind(paper_gpu or "Tesla T4")
         return paper_entry["epoch_s"] * _speed(kind), f"paper ({paper_gpu or 'T4'})"
-    px = (DATASETS.get(c.get("dataset"), {}).get("img_size", 32) / 32) ** 2
-    s = _RESNET18_T4_EPOCH_S[bool(c.get("ses"))] * _MODEL_COST.get(c.get("model"), 1.0) * px
+    s = _RESNET18_T4_EPOCH_S[bool(c.get("ses"))] * _MODEL_COST.get(c.get("model"), 1.0) * _data_scale(c)
     return s, "est. from the paper's ResNet-18 times"
 
 
@@ -3186,6 +3404,9 @@ def estimate_run(c, gpu, paper_entry=None, paper_gpu=None, measured=None, progre
     if c.get("model") == "mlp_toy" or "radii" in c:  # the toy study (its config has no model key)
         return {"seconds": TOY_RUN_SECONDS, "epoch_s": TOY_RUN_SECONDS / c["epochs"], "epochs_left": c["epochs"],
                 "source": "measured (CPU)"}
+    if c.get("model") == TINY_BERT:  # Exp 22's smoke model: seconds on any device, whatever the paper's BERT took
+        return {"seconds": TINY_BERT_RUN_SECONDS, "epoch_s": TINY_BERT_RUN_SECONDS / c["epochs"],
+                "epochs_left": c["epochs"], "source": "measured (CPU)"}
     speed, frac = _speed(gpu), _steps_fraction(c)
     eval_s = None
     done = (progress or {}).get("epochs_done", 0)
@@ -3238,13 +3459,299 @@ def _measured_like(run, run_dirs):
     return None
 
 
+# ── GPU memory estimates (estimate_memory: does a run fit a GPU, and on how many) ──
+# A run's peak device memory as torch.cuda.max_memory_allocated() would report it, known without a GPU: the real model
+# traced through one training step and one evaluation with fake tensors (shapes and dtypes only: no memory, no
+# compute), every tensor's bytes counted while it lives, at the precision that GPU runs; plus what a run keeps on the
+# device beside the model (its data, the robustness pass's operators). bench/memory_estimates.py checks it against
+# every peak the author published (bench/RESULTS.md).
+# Per GPU kind: its memory as torch reports it (total_memory / 1e9, decimal GB, to ~0.1: a 16 GB T4 shows 15.8) and
+# compute capability (bf16: >= 8).
+GPU_MEMORY = read_only({"t4": (15.8, (7, 5)), "p100": (17.1, (6, 0)), "v100": (16.9, (7, 0)), "a10": (23.7, (8, 6)),
+                        "l4": (23.7, (8, 9)), "a100": (42.4, (8, 0)), "a100-40": (42.4, (8, 0)),
+                        "a100-80": (85.1, (8, 0)), "l40s": (47.7, (8, 9)), "h100": (85.0, (9, 0)),
+                        "h200": (150.0, (9, 0))})  # "a100": gpu_kind's name for both sizes, so the smaller
+MEM_CONTEXT_GB = 0.5  # the CUDA context and cuBLAS/cuDNN handles: on the GPU, never in max_memory_allocated
+MEM_FRAGMENTATION = 0.05  # the caching allocator reserves ~5 % more than it hands out: not usable by tensors
+# cudnn.benchmark (cudnn_deterministic=False, Exp 11's recipe) tries each convolution's algorithms with their own
+# workspaces, counted by max_memory_allocated: x the training activations of a CNN, fitted on the author's two Exp 11
+# peaks (bench/RESULTS.md), so that agreement is not evidence. It takes only free memory, so it never makes a run fail.
+CUDNN_AUTOTUNE = 0.5
+MAX_DDP_GPUS = 8  # one node: the runner's torchrun is --standalone
+_CUDA_FP32_OPS = ("_softmax", "_log_softmax", "native_layer_norm", "native_group_norm")  # see _LiveBytes
+# the resolved config's keys the estimate reads (validate_config fills them in)
+_MEMORY_KEYS = ("model", "dataset", "batch_size", "eval_batch_size", "amp", "width", "spectral_norm", "drop_path",
+                "optimizer", "lr", "momentum", "weight_decay", "grad_clip", "mix", "ses", "ses_lambda", "ses_beta",
+                "ses_layers", "ses_targets", "train_subset", "test_subset", "val_split", "erank_batches",
+                "erank_eval_samples", "robustness", "robustness_severities")
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Every tensor storage's bytes while it lives (rounded up to the caching allocator's 512-byte blocks), and their
+    peak. The trace runs CPU autocast, which keeps fp16/bf16 where CUDA autocast computes in float32: with fp32_ops
+    set (autocast on), those ops (_CUDA_FP32_OPS; a ViT's softmax is the one that counts) run in float32 here too."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.fp32_ops = False
+        self._refs = {}
+
+    def add(self, t):
+        st = t.untyped_storage()
+        if id(st) not in self._refs:
+            n = -(-st.nbytes() // 512) * 512
+            self._refs[id(st)] = weakref.ref(st, lambda _, k=id(st), n=n: self._free(k, n))
+            self.live += n
+            self.peak = max(self.peak, self.live)
+
+    def _free(self, key, n):
+        self._refs.pop(key, None)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.fp32_ops and func.__name__.split(".")[0] in _CUDA_FP32_OPS:
+            args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
+                    for a in args]
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+@contextlib.contextmanager
+def _traced_autocast(mem, dtype):
+    """The GPU's autocast on the trace's fake CPU tensors (torch.autocast("cuda") needs a GPU): CPU autocast (the same
+    fp16/bf16 ops: convolutions, matmuls) with CUDA's float32 ops (see _LiveBytes); fp32 (dtype None): nothing."""
+    if dtype is None:
+        yield
+        return
+    mem.fp32_ops = True
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            yield
+    finally:
+        mem.fp32_ops = False
+
+
+def _fake_model(c, info):
+    """(c's model as train builds it, its weights fake CPU tensors: no memory; the fake tensor mode to trace it in)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with torch.device("meta"):  # shapes only: no init work
+        net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"], c["width"])
+    if c["drop_path"] is not None and hasattr(net, "set_drop_path"):  # timm's ViTs keep their built-in 0.1
+        net.set_drop_path(c["drop_path"])
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        return net.to_empty(device="cpu"), mode
+
+
+def _traced_setup(c, net, mem):
+    """The weights counted, then what a run holds between its steps: the last step's gradients (zero_grad comes after
+    the next forward) and the optimiser's state (SGD momentum, AdamW's two moments), made by one step on them.
+    Returns (optimiser, {weights, gradients, optimizer} bytes)."""
+    for t in [*net.parameters(), *net.buffers()]:
+        mem.add(t)
+    weights = mem.live
+    opt = (torch.optim.SGD(net.parameters(), lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
+                           foreach=True) if c["optimizer"] == "sgd" else  # foreach: the default on a GPU
+           torch.optim.AdamW(net.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], foreach=True))
+    for p in net.parameters():
+        p.grad = torch.empty_like(p)
+    grads = mem.live - weights
+    opt.step()
+    return opt, {"weights": weights, "gradients": grads, "optimizer": mem.live - weights - grads}
+
+
+def _traced_step(c, net, ses, opt, mem, dtype, batch, size) -> int:
+    """One training step as _train_step takes it: forward under autocast, SES in float32 outside it, zero_grad, the
+    (scaled) backward, clipping, the optimiser's step. Returns the bytes SES holds at the loss: its pooled activations
+    and its graph (centred activations, Gram or covariance matrices, eigenvectors)."""
+    x, y = torch.empty(batch, 3, size, size), torch.zeros(batch, dtype=torch.long)
+    with _traced_autocast(mem, dtype):
+        out = net(x)
+        target = torch.empty(batch, out.shape[1]) if c["mix"] != "none" else y  # Mixup/CutMix: soft targets
+        task = F.cross_entropy(out, target)
+    pooled = sum(-(-a.nbytes // 512) * 512 for a in ses.collector._acts.values())
+    before = mem.live
+    loss = task.float() + ses()
+    ses_bytes = pooled + mem.live - before if pooled else 0
+    opt.zero_grad(set_to_none=True)
+    (loss * 2.0 ** 16).backward()  # GradScaler's scaling: the same memory
+    if c["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), c["grad_clip"], foreach=True)
+    opt.step()
+    return ses_bytes
+
+
+def _trace_memory(c, batch, eval_batch, precision) -> dict:
+    """Bytes of c's model at `precision`: weights, gradients, optimizer (state), and over them the training step's
+    peak at `batch` (activations, with SES's share apart: ses) and an evaluation forward's at `eval_batch`."""
+    info = dataset_info(c["dataset"])
+    dtype, size = _amp_dtype(precision), info["img_size"]
+    warned = set(_warned_unreachable)  # SES warns once per shape: the real run must still say it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SES's unreachable-target warning (a shape, not this estimate's business)
+        net, mode = _fake_model(c, info)
+        with mode, _LiveBytes() as mem:
+            ses = SES(net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
+                      targets=c["ses_targets"])
+            opt, out = _traced_setup(c, net, mem)
+            net.train()
+            static = mem.peak = mem.live
+            out["ses"] = _traced_step(c, net, ses, opt, mem, dtype, batch, size)
+            out["activations"] = mem.peak - static - out["ses"]
+            net.eval()
+            mem.peak = base = mem.live
+            with torch.no_grad(), _traced_autocast(mem, dtype):
+                net(torch.empty(eval_batch, 3, size, size)).float().softmax(1)  # as _predictor
+            out["evaluation"] = mem.peak - base
+            ses.remove()
+    _warned_unreachable.intersection_update(warned)
+    return out
+
+
+_MEMORY_TRACES: dict = {}  # the traces made so far (a second or three each), by what they depend on
+
+
+def _memory_trace(c, batch, eval_batch, precision) -> dict:
+    ses = c["ses"] and c["ses_lambda"] > 0
+    hooks = (str(c["ses_layers"]), str(c["ses_targets"])) if ses or "attn_weights" in c["ses_targets"] else None
+    key = (c["model"], c["dataset"], c["width"], c["spectral_norm"], c["drop_path"], c["optimizer"], c["grad_clip"],
+           c["mix"] != "none", ses, hooks, batch, eval_batch, precision)  # idle hooks (SES off) store nothing
+    if key not in _MEMORY_TRACES:
+        _MEMORY_TRACES[key] = _trace_memory(c, batch, eval_batch, precision)
+    return _MEMORY_TRACES[key]
+
+
+def _data_bytes(c) -> int:
+    """What the on-device loaders keep on the GPU through the run (each rank all of it): the train (and val) and test
+    sets as uint8 with int64 labels, and the fixed erank inputs (float32: erank_batches training batches, the first
+    erank_eval_samples test images). CIFAR's train set is 154 MB, Tiny-ImageNet's 1.23 GB."""
+    n_train, n_test = DATASETS[c["dataset"]]["sizes"]
+    px = 3 * DATASETS[c["dataset"]]["img_size"] ** 2
+    n_val = round(c["val_split"] * n_train)
+    n_train = min(c["train_subset"] or n_train, n_train - n_val)
+    n_test = min(c["test_subset"] or n_test, n_test)
+    erank = min(c["erank_batches"], n_train // c["batch_size"]) * c["batch_size"] + min(c["erank_eval_samples"], n_test)
+    return (n_train + n_val + n_test) * (px + 8) + erank * px * 4
+
+
+def _corruption_bytes(c, eval_batch) -> int:
+    """The robustness pass's own memory: zoom blur's cached [HW, HW] float32 operator per severity (67 MB at 64 px)
+    and about 4 float32 copies of a batch inside corrupt()."""
+    if not c["robustness"]:
+        return 0
+    hw = DATASETS[c["dataset"]]["img_size"] ** 2
+    zoom = len(c["robustness_severities"]) * hw * hw * 4 if "zoom_blur" in _resolve_corruptions(c["robustness"]) else 0
+    return zoom + 4 * eval_batch * 3 * hw * 4
+
+
+def _gpu_memory(gpu):
+    """(memory in GB as torch reports it, compute capability) of a GPU kind; 'cpu': the host's memory, no capability."""
+    if gpu == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, None
+    if gpu not in GPU_MEMORY:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(sorted(set(GPU_MEMORY) | set(GPU_SPEED)))}")
+    return GPU_MEMORY[gpu]
+
+
+def _gpu_terms(t, data, corr, autotune, k) -> tuple[str, dict]:
+    """(phase, its terms in bytes) of the larger phase on each of k GPUs (DDP): every rank holds the weights, the
+    gradients (under DDP twice: its buckets), the optimiser state and the data; the activations split k ways, SES
+    sees the global batch (gathered); rank 0 alone runs the final evaluation, at the whole evaluation batch."""
+    fixed = {"weights": t["weights"], "gradients": t["gradients"] * (2 if k > 1 else 1), "optimizer state":
+             t["optimizer"], "data on the GPU": data}
+    train = {"activations": t["activations"] / k, "SES": t["ses"], "cuDNN autotuning (benchmark)": autotune / k}
+    final = {"evaluation": t["evaluation"], "corruption pass": corr}
+    if sum(train.values()) >= sum(final.values()):
+        return "the training step", {**fixed, **train}
+    return "the final evaluation", {**fixed, **final}
+
+
+def _memory_check(c, gpu):
+    missing = [k for k in _MEMORY_KEYS if k not in c]
+    if missing:
+        raise ValueError("estimate_memory needs a resolved config (validate_config(cfg)); missing: "
+                         + ", ".join(missing))
+    return _gpu_memory(str(gpu).lower())
+
+
+def estimate_memory(c, gpu="t4") -> dict:
+    """The peak GPU memory of the run c (a resolved config: validate_config) on a `gpu` kind (GPU_MEMORY's names, and
+    'cpu'), in a few seconds on the CPU (the traces are cached). A dict whose keys stay as they are:
+      gpu, precision: the kind, and what c's amp runs at on it (bf16 needs compute capability >= 8: fp16 on a T4);
+      peak_gb: decimal GB of torch.cuda.max_memory_allocated() over the run on one GPU (the author's vram_peak_gb);
+      need_gb: what must fit: peak_gb less cuDNN's autotuning trials (CNNs with cudnn_deterministic False), which
+        take only free memory;
+      total_gb, usable_gb: the GPU's memory, and what tensors can use of it: less MEM_CONTEXT_GB (CUDA context) and
+        MEM_FRAGMENTATION (allocator) - a T4: 15.8 GB, 14.5 usable;
+      fits: need_gb <= usable_gb; gpus_needed: the fewest GPUs of this kind (DDP, the batch split; at most
+        MAX_DDP_GPUS, dividing batch_size) it fits on, None if none;
+      per_gpu_gb: {k: each GPU's peak_gb under DDP over k GPUs} for k = 1..MAX_DDP_GPUS dividing batch_size;
+      data_gb: our on-device data (train/test sets, erank inputs), which the author's DataLoader kept off the GPU;
+      terms: {what: GB} adding up to peak_gb, of the phase that sets it: weights, gradients, optimizer state, data on
+        the GPU, and activations, SES, cuDNN autotuning (benchmark) (the training step) or evaluation, corruption pass
+        (the final evaluation); why: that phase and its largest terms, in words.
+    What it leaves out: cuDNN's workspace for the algorithm it picks without autotuning (small next to the
+    activations), and allocator rounding beyond 512-byte blocks. Within 25 % of each of the 38 peaks the author
+    published (bench/RESULTS.md, tests/test_memory.py)."""
+    total, capability = _memory_check(c, gpu)
+    on_gpu = capability is not None
+    precision = resolve_precision(c["amp"], "cuda" if on_gpu else "cpu", capability, c.get("cpu_amp", False))[0]
+    eval_batch = c["eval_batch_size"] or 2 * c["batch_size"]  # as _eval_batch_size (train section)
+    t = _memory_trace(c, c["batch_size"], eval_batch, precision)
+    data, corr = _data_bytes(c), _corruption_bytes(c, eval_batch)
+    tunes = on_gpu and not c.get("cudnn_deterministic", True) and c["model"] in CNN_MODELS  # a ViT's one conv: little
+    autotune = CUDNN_AUTOTUNE * t["activations"] if tunes else 0.0
+    usable = (total - MEM_CONTEXT_GB) * (1 - MEM_FRAGMENTATION) if on_gpu else total
+    per_gpu, need = {}, {}
+    for k in (k for k in range(1, MAX_DDP_GPUS + 1) if c["batch_size"] % k == 0):
+        terms = _gpu_terms(t, data, corr, autotune, k)[1]
+        per_gpu[k] = sum(terms.values()) / 1e9
+        need[k] = per_gpu[k] - terms.get("cuDNN autotuning (benchmark)", 0) / 1e9
+    phase, terms = _gpu_terms(t, data, corr, autotune, 1)
+    fits_on = next((k for k in need if need[k] <= usable), None)
+    top = sorted(((v, name) for name, v in terms.items() if v > 0), reverse=True)[:4]
+    why = (f"{phase} at batch {c['batch_size']} in {precision} sets the peak: "
+           + ", ".join(f"{name} {v / 1e9:.2f} GB" for v, name in top))
+    return {"gpu": str(gpu).lower(), "precision": precision, "peak_gb": round(per_gpu[1], 3),
+            "need_gb": round(need[1], 3), "total_gb": round(total, 2), "usable_gb": round(usable, 2),
+            "fits": fits_on == 1, "gpus_needed": fits_on, "per_gpu_gb": {k: round(v, 3) for k, v in per_gpu.items()},
+            "data_gb": round(data / 1e9, 3), "terms": {name: round(v / 1e9, 3) for name, v in terms.items()},
+            "why": why}
+
+
+DDP_EFFICIENCY = 0.9  # a DDP run over k GPUs trains ~0.9 k times as fast (an all-reduce per step): assumed, not measured
+
+
+def placement(c, gpu="t4", n_gpus=1) -> dict:
+    """Where the run c goes on a machine of n_gpus GPUs of kind gpu, by estimate_memory: one GPU; one DDP run over k
+    of them (SyncBN and SES over the global batch, so BN and SES see the batch the recipe names: no gradient
+    accumulation); or nowhere on this machine. {"gpus": k (0: does not fit), "peak_gb": each GPU's, "text", "memory"}."""
+    m = estimate_memory(c, gpu)
+    k = m["gpus_needed"]
+    if k == 1:
+        return {"gpus": 1, "peak_gb": m["peak_gb"], "text": f"1 × {gpu}", "memory": m}
+    if k is not None and k <= n_gpus:
+        return {"gpus": k, "peak_gb": m["per_gpu_gb"][k], "memory": m,
+                "text": f"one DDP run over {k} × {gpu} ({m['per_gpu_gb'][k]:.1f} GB each; one holds "
+                        f"{m['usable_gb']:.1f})"}
+    over = f"{k} × {gpu} by DDP" if k else f"more than {MAX_DDP_GPUS} × {gpu}"
+    return {"gpus": 0, "peak_gb": m["peak_gb"], "memory": m,
+            "text": f"does not fit this machine: needs {m['need_gb']:.1f} GB on one {gpu} ({m['usable_gb']:.1f} usable), "
+                    f"{over}; this machine has {n_gpus}"}
+
+
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 # train
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
 ROBUSTNESS_PRESETS = tuple(CORRUPTION_SETS)
 # MultiStep milestones when a config gives none: fractions of the epochs that reproduce the reference's
-# [20, 35, 45] of 50 (CIFAR) and [25, 40, 52] of 60 (Tiny-ImageNet) exactly; gamma 0.2 as in every reference script.
+# [20, 35, 45] of 50 (CIFAR) and [25, 40, 52] of 60 (Tiny-ImageNet) exactly; gamma 0.2 as ses_phase3.py and the
+# Tiny-ImageNet script (assumed for Exp 1-9, see the README; ses_erank_dynamics.py uses 0.1).
 # The notebooks state the author's absolute milestones (see run_config for an epochs override).
 _MILESTONE_FRACTIONS = {"tinyimagenet": (25 / 60, 40 / 60, 52 / 60)}
 _DEFAULT_FRACTIONS = (0.4, 0.7, 0.9)
@@ -3254,6 +3761,9 @@ _BASE_CONFIG = {
     "epochs": 50, "batch_size": 256, "eval_batch_size": None,
     "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
     "schedule": "multistep", "milestones": None, "lr_gamma": 0.2, "warmup_epochs": 0, "min_lr": 1e-5,
+    # epochs the LR schedule runs behind: 1 = ses_erank_dynamics.py's ViT, which steps its warm-up + cosine at the END
+    # of each epoch with that epoch's index (scheduler.step(epoch)), so epoch 0 trains at the base lr, epoch e at e-1's
+    "lr_lag": 0,
     "grad_clip": None,
     "seed": 42, "device": "auto",
     "amp": "auto",  # asked for: auto | fp16 | bf16 | off
@@ -3441,7 +3951,7 @@ _CONFIG_RULES = (
     *_each(("eval_batch_size", "train_subset", "test_subset", "max_steps_per_epoch", "robustness_subset"),
            lambda v, c: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
     ("seed", lambda v, c: _is_int(v), "an int"),
-    ("warmup_epochs", lambda v, c: _is_int(v) and v >= 0, "an int >= 0"),
+    *_each(("warmup_epochs", "lr_lag"), lambda v, c: _is_int(v) and v >= 0, "an int >= 0"),
     ("lr", lambda v, c: _is_num(v) and v > 0, "a number > 0"),
     ("min_lr", lambda v, c: _is_num(v) and 0 <= v <= c["lr"], "a number in [0, lr]"),
     ("weight_decay", lambda v, c: _is_num(v) and v >= 0, "a number >= 0"),
@@ -3519,8 +4029,12 @@ def _lr_factor(c):
     """Per-epoch LR multiplier (LambdaLR), as the reference schedules step once per epoch."""
     E, w, ms, g = c["epochs"], c["warmup_epochs"], c["milestones"], c["lr_gamma"]
     floor = c["min_lr"] / c["lr"]
+    lag = c.get("lr_lag", 0)
 
     def factor(e):
+        if e < lag:  # the lagging schedule has not stepped yet: the optimiser's base lr
+            return 1.0
+        e -= lag
         if e < w:
             return (e + 1) / w  # linear warm-up: base * (e+1)/w, as ses_vit_experiment.py
         if c["schedule"] == "cosine":
@@ -3970,6 +4484,7 @@ class _Run:
     ck: dict | None = None  # the checkpoint to resume from, until _restore_checkpoint consumes it
     amp_dtype: torch.dtype | None = None  # None: fp32
     t_start: float = 0.0
+    mem_estimate: dict | None = None  # {gpu, peak_gb}: estimate_memory at the start (CUDA runs), for result.json
     tf32_before: tuple = ()
     cudnn_before: tuple = ()  # cudnn.deterministic, cudnn.benchmark before the run (_set_cudnn)
     # the model: net is the unwrapped module (evaluation, checkpoints, erank), model what trains (net or its DDP wrapper)
@@ -4010,6 +4525,7 @@ def _train(c, dd: DistInfo, device):
     if done is not None:  # finished already, with these settings: hand back its result
         return done if dd.is_main else None
     _set_precision(run)
+    _estimate_peak_memory(run)  # CUDA only: a few seconds of tracing, for result.json
     set_seed(c["seed"])  # the same on every rank: identical init (DDP also broadcasts rank 0's weights)
     run.t_start = time.time()
     _build_model_and_ses(run)  # model + hooks first: a bad layer preset fails here, before any data is read
@@ -4058,6 +4574,34 @@ def _set_precision(run):
     note = resolve_precision(c["amp"], device.type, _device_capability(device), c["cpu_amp"])[1]
     if note and run.dd.is_main and _log_mode(c["log"]) != "none":
         print(f"note: {note}", flush=True)
+
+
+def _estimate_peak_memory(run):
+    """Rank 0 of a CUDA run: estimate_memory for this GPU's kind (a T4's when GPU_MEMORY lacks it) at the run's world
+    size, once before the run takes memory, so result.json holds it beside the measured peak and the first GPU run
+    checks the estimator. A failed estimate is a note, never a failed run."""
+    if run.device.type != "cuda" or not run.dd.is_main:  # the CPU branch: no max_memory_allocated to compare with
+        return
+    kind = gpu_kind(_device_name(run.device))
+    kind = kind if kind in GPU_MEMORY else "t4"
+    try:
+        est = estimate_memory(run.c, kind)
+    except Exception as e:  # noqa: BLE001 - an estimate beside the run, not a reason to stop it
+        print(f"note: no memory estimate ({type(e).__name__}: {e})", flush=True)
+        return
+    run.mem_estimate = {"gpu": kind, "peak_gb": est["per_gpu_gb"].get(run.dd.world_size, est["peak_gb"])}
+
+
+def _peak_memory(run) -> dict:
+    """result.json's measured peak (max_memory_allocated / 1e9 over every epoch and the final evaluation; None on the
+    CPU, where RSS is no such thing) beside the estimate made at the start (None without one)."""
+    measured = None
+    if run.device.type == "cuda":
+        measured = max([torch.cuda.max_memory_allocated(run.device)]
+                       + [r["peak_mem_mb"] * 2**20 for r in run.history]) / 1e9  # epochs reset the peak
+    est = run.mem_estimate or {}
+    return {"peak_mem_gb": measured, "peak_mem_estimate_gb": est.get("peak_gb"),
+            "peak_mem_estimate_gpu": est.get("gpu")}
 
 
 def _build_model_and_ses(run):
@@ -4353,6 +4897,7 @@ def _finish_run(run) -> dict:
     final = _final_metrics(run.history, c, run.net, run.device, run.evals, run.ses.collector, run.log, run.best)
     final["eval_seconds"] = time.time() - t_eval  # the final evaluation (robustness passes): for run estimates
     final["total_seconds"] = time.time() - run.t_start
+    final.update(_peak_memory(run))  # measured beside estimated (GPU runs)
     result = {"config": c, "env": _run_env(run), "history": run.history, "final": final}
     if run.out_dir:
         if c["save_model"]:  # the final weights, for load_run (checkpoint.pt goes once the run is done)
@@ -4636,6 +5181,556 @@ def fig_toy(df, out_dir, name="toy", show=True):
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
+# text (Exp 22)
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
+
+# Exp 22 as the author ran it (ses_bert_nlp.py): BERT-base-uncased fine-tuned on GLUE SST-2 and MRPC, baseline vs SES
+# on the last 4 / all 12 encoder layers' outputs, beta 0.5, lambda 0.01; AdamW 2e-5 (no decay on biases and LayerNorm
+# weights) wd 0.01, linear warm-up over 6 % of the steps then linear decay to 0, 3 epochs, batch 32 (last partial batch
+# dropped), FP16 + GradScaler, gradient clip 1.0, 128 tokens padded to max_length, seed 42; acc = dev accuracy, gap =
+# the last epoch's running train accuracy (dropout on) minus its dev accuracy. Its loaders keep only input_ids,
+# attention_mask and label, so sentence pairs run with token type 0 throughout (token_type_ids=False here), and its
+# hooks mean-pool over all 128 positions, padding included (ses_pool="tokens"; "mask": over the real tokens only).
+# train_text writes the same run folder (result.json: config / env / history / final) as train().
+
+TEXT_DEFAULTS = read_only(dict(
+    task="sst2", text_data="glue", model="bert-base-uncased", max_len=128, token_type_ids=False,
+    epochs=3, batch_size=32, eval_batch_size=None, lr=2e-5, weight_decay=0.01, warmup_ratio=0.06, grad_clip=1.0,
+    amp="fp16", precision=None, cpu_amp=False,
+    ses=False, ses_lambda=0.01, ses_beta=0.5, ses_layers="all", ses_pool="tokens", erank_batches=4,
+    seed=42, device="auto", data_root=None, out_dir=None, resume=False, save_model=False, keep_checkpoint=False,
+    train_subset=None, test_subset=None, max_steps_per_epoch=None, preset=None, log="auto",
+))
+# smoke: the whole path offline in seconds on a CPU: TINY_BERT on SYNTHETIC text (smoke only), 2 epochs of 8 steps, at
+# lr 1e-3 (a randomly initialised BERT moves nowhere in 16 steps at the fine-tuning rate 2e-5)
+TEXT_PRESETS = read_only({"paper": {}, "smoke": dict(model=TINY_BERT, text_data="synthetic", epochs=2, max_len=32,
+                                                     train_subset=256, test_subset=64, erank_batches=1, lr=1e-3)})
+NO_DECAY = ("bias", "LayerNorm.weight")  # the author's parameter names without weight decay
+_TEXT_CHOICES = {"task": tuple(GLUE_TASKS), "text_data": ("glue", "synthetic"), "amp": ("auto", "fp16", "bf16", "off"),
+                 "ses_pool": ("tokens", "mask"), "log": ("auto", "tqdm", "plain", "none")}
+_TEXT_RULES = (
+    *_each(("epochs", "batch_size", "max_len", "erank_batches"), lambda v, c: _is_int(v) and v >= 1, "an int >= 1"),
+    ("batch_size", lambda v, c: v >= 2, "an int >= 2 (the spectrum of one sample is empty)"),
+    *_each(("eval_batch_size", "train_subset", "test_subset", "max_steps_per_epoch"),
+           lambda v, c: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
+    ("seed", lambda v, c: _is_int(v), "an int"),
+    ("lr", lambda v, c: _is_num(v) and v > 0, "a number > 0"),
+    *_each(("weight_decay", "ses_lambda"), lambda v, c: _is_num(v) and v >= 0, "a number >= 0"),
+    ("warmup_ratio", lambda v, c: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("grad_clip", lambda v, c: v is None or (_is_num(v) and v > 0), "None or a number > 0"),
+    ("ses_beta", lambda v, c: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    *_each(("ses", "token_type_ids", "cpu_amp", "resume", "save_model", "keep_checkpoint"),
+           lambda v, c: isinstance(v, bool), "True or False"),
+    ("model", lambda v, c: isinstance(v, str) and v, "a Hugging Face model name or a local folder"),
+    ("model", lambda v, c: v != TINY_BERT or c["text_data"] == "synthetic",
+     f"not {TINY_BERT!r} with GLUE data (its vocabulary is the synthetic text's)"),
+    ("ses_layers", lambda v, c: isinstance(v, str) and re.fullmatch(r"all|(first|last)\d+", v),
+     "'all', 'lastN' or 'firstN' (encoder layers)"),
+    ("resume", lambda v, c: not v or c["out_dir"] is not None, "False when out_dir is None"),
+)
+
+
+def resolve_text_config(cfg) -> dict:
+    """An Exp 22 run's full config (TEXT_DEFAULTS filled in, precision resolved for this device), or ValueError naming
+    the bad key: the text counterpart of validate_config, for plan_runs(resolve=...)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"cfg must be a dict; got {type(cfg).__name__}")
+    unknown = [k for k in cfg if k not in TEXT_DEFAULTS]
+    if unknown:
+        hints = {k: difflib.get_close_matches(str(k), TEXT_DEFAULTS, n=1) for k in unknown}
+        raise ValueError("unknown text config key(s): " + ", ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+    c = {**TEXT_DEFAULTS, **cfg}
+    for k, opts in _TEXT_CHOICES.items():
+        _check(c[k] in opts, k, c[k], "one of " + ", ".join(map(repr, opts)))
+    for key, test, want in _TEXT_RULES:
+        _check(test(c[key], c), key, c[key], want)
+    for k in ("data_root", "out_dir"):
+        c[k] = None if c[k] is None else str(c[k])
+    _resolve_device(c)  # a device this machine has; precision: what the amp request runs at on it
+    return c
+
+
+# ── SYNTHETIC text: smoke only ──
+# Sentences from a few dozen words, labelled by a rule: they take the tokenizer, the model, the hooks and the loop
+# through their paths offline in seconds. SYNTHETIC: smoke only; nothing about GLUE can be learnt from them.
+_SYN_WORDS = read_only({
+    "pos": ("good", "great", "fine", "superb", "lovely", "moving", "fun", "clever"),
+    "neg": ("bad", "dull", "awful", "weak", "boring", "poor", "flat", "silly"),
+    "fill": ("the", "a", "film", "movie", "plot", "story", "cast", "acting", "was", "is", "very", "quite", "and",
+             "but", "it", "this", "its", "music", "ending", "script", "really", "so")})
+SYNTHETIC_VOCAB = tuple(w for ws in _SYN_WORDS.values() for w in ws)
+
+
+def synthetic_glue(task, n, seed=0):
+    """SYNTHETIC: smoke only. (first texts, second texts or None, labels) shaped like the task's: SST-2-like sentences
+    labelled by the polarity of the sentiment words they hold; MRPC-like pairs whose second sentence is the first
+    shuffled (label 1) or another sentence (label 0). Its own RNG: the global streams are left alone."""
+    glue_task(task)
+    rng = random.Random(seed)
+
+    def sentence(pol):
+        words = [rng.choice(_SYN_WORDS["fill"]) for _ in range(rng.randint(4, 10))]
+        for _ in range(rng.randint(1, 3)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(_SYN_WORDS[pol]))
+        return " ".join(words)
+    a, b, y = [], [] if task == "mrpc" else None, []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        if b is None:
+            a.append(sentence("pos" if label else "neg"))
+        else:
+            a.append(sentence(rng.choice(("pos", "neg"))))
+            b.append(" ".join(rng.sample(a[-1].split(), len(a[-1].split()))) if label else
+                     sentence(rng.choice(("pos", "neg"))))
+        y.append(label)
+    return a, b, y
+
+
+# ── tokenizer and model ──
+
+def tiny_tokenizer(words=SYNTHETIC_VOCAB):
+    """A word-level BERT-style tokenizer over `words` built in memory (no download): lower-cased, whitespace split,
+    [CLS] a [SEP] (b [SEP]), [UNK] for any other word; a transformers tokenizer, called as bert-base-uncased's is."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def tiny_bert(vocab_size, max_len=128, num_labels=2):
+    """TINY_BERT: BertForSequenceClassification with 6 layers of width 64 (2 heads), randomly initialised (the global
+    torch RNG: seed first). Six layers, so SES on the last 4 and on all of them hook different layers."""
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=6, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=max(64, max_len), num_labels=num_labels)
+    return BertForSequenceClassification(cfg)
+
+
+def text_model_bytes(c) -> int | None:
+    """The float32 weights of a resolved Exp 22 config's model (model_final.pt; checkpoint.pt holds 3x: AdamW's two
+    moments), counted on meta tensors: no memory, no download. None for a model other than bert-base-uncased (the
+    default BertConfig) and TINY_BERT."""
+    from transformers import BertConfig, BertForSequenceClassification
+    if c.get("model") not in ("bert-base-uncased", TINY_BERT):
+        return None
+    with torch.device("meta"):
+        m = (tiny_bert(len(SYNTHETIC_VOCAB) + 5, c.get("max_len", 128)) if c["model"] == TINY_BERT else
+             BertForSequenceClassification(BertConfig(num_labels=2)))
+    return 4 * sum(p.numel() for p in m.parameters())
+
+
+def _local_text_model(name, root=None):
+    """A folder holding `name` (config.json and a tokenizer): `name` itself when it is one, else the first folder under
+    data_root / $SES_DATA / Kaggle inputs / ./data whose path names it (an attached copy), else None."""
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    key = name.rstrip("/").split("/")[-1].lower()
+    for _, base, depth in _candidate_roots(root):
+        if not base.is_dir():
+            continue
+        for dirpath, dirnames, files in os.walk(base, followlinks=True):  # depth-capped, so link cycles end
+            dirnames.sort()
+            d = Path(dirpath)
+            if "config.json" in files and {"vocab.txt", "tokenizer.json"} & set(files) and key in str(d).lower():
+                return d
+            if len(d.relative_to(base).parts) >= depth + 2:
+                dirnames[:] = []
+    return None
+
+
+def load_pretrained_text(name, num_labels=2, root=None):
+    """(model, tokenizer, where from) of a pretrained sequence classifier: an attached copy (_local_text_model), else
+    the Hugging Face cache, else a download when the hub answers. None of these: FileNotFoundError in one line naming
+    what to attach (offline, transformers would retry for a minute and then say little)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    local = _local_text_model(name, root)
+    src, kw = (str(local), {}) if local is not None else (name, {"local_files_only": not hub_reachable()})
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels, **kw)
+    except OSError:
+        if not kw.get("local_files_only"):
+            raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+        raise FileNotFoundError(
+            f"{name} is not in the Hugging Face cache ({HF_HUB_CACHE}) and huggingface.co is unreachable (offline): "
+            f"attach a Kaggle dataset or model holding its files (config.json, vocab.txt, model.safetensors or "
+            f"pytorch_model.bin; found under /kaggle/input, data_root or SES_DATA when a folder's path names "
+            f"{name.rstrip('/').split('/')[-1]!r}) "
+            f"or set HF_HOME to a cache holding it; online, it downloads itself") from None
+    return model, tok, str(local) if local is not None else f"Hugging Face: {name}"
+
+
+def bert_hook_targets(model, preset="all"):
+    """The (name, module, "output") triples of a BERT's encoder layers for SES: "all", "lastN", "firstN" (their output
+    is the hidden states [B, N, D]; transformers 4 returns them as output[0], 5 as the tensor)."""
+    prefix = getattr(model, "base_model_prefix", "bert")
+    layers = list(getattr(model, prefix).encoder.layer)
+    idx = _select(list(range(len(layers))), preset, "encoder layers")
+    if idx is None:
+        raise ValueError(f"unknown encoder layer preset {preset!r}; known: all, lastN, firstN")
+    return [(f"{prefix}.encoder.layer.{i}", layers[i], "output") for i in idx]
+
+
+def encode_text(tokenizer, a, b, max_len) -> dict:
+    """The tokenizer's input_ids, attention_mask, token_type_ids for texts a (and pairs b), truncated and padded to
+    max_len tokens, as the author's map (padding="max_length": the mean over tokens includes the padding)."""
+    enc = tokenizer(a, b, truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def text_lr_factor(warmup, total):
+    """The author's LinearWarmupScheduler as a LambdaLR factor of the optimiser steps taken: it sets the rate after
+    each step, so the first step runs at the base rate, step i >= 1 at i / warmup of it during the warm-up, then the
+    rate falls linearly to 0 at `total`."""
+    def factor(i):
+        if i == 0:
+            return 1.0
+        if i <= warmup:
+            return i / max(1, warmup)
+        return max(0.0, 1.0 - (i - warmup) / max(1, total - warmup))
+    return factor
+
+
+# ── a run ──
+
+@dataclasses.dataclass(eq=False)
+class _TextRun:
+    """What one Exp 22 run holds, filled in by train_text's steps in order."""
+    c: dict
+    device: torch.device
+    out_dir: Path | None = None
+    ckpt_path: Path | None = None
+    amp_dtype: torch.dtype | None = None
+    model: nn.Module | None = None
+    tokenizer: object = None
+    source: str = ""  # where the model came from
+    ses: SES | None = None  # lam 0 for a baseline: its hooks then serve the erank measurement alone
+    pool: MaskedTokenPool | None = None  # ses_pool="mask": the current batch's attention mask
+    train: dict | None = None  # the training set as tensors on the device (input_ids, ..., labels)
+    dev: dict | None = None
+    data_source: str = ""
+    erank_batches: list | None = None
+    steps: int = 0
+    order: torch.Generator | None = None  # each epoch's shuffle (its state is checkpointed)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    scaler: object = None
+    history: list = dataclasses.field(default_factory=list)
+    start_epoch: int = 0
+    t_start: float = 0.0
+    log: str = "none"
+    tag: str = ""
+
+
+def train_text(cfg: dict) -> dict:
+    """Train one Exp 22 run (resolve_text_config) and return {config, env, history, final}, the run folder as train()'s:
+    with out_dir, result.json at the end and checkpoint.pt after every epoch (atomic both), resume=True continues from
+    the checkpoint or hands back the finished result, files made with other settings are set aside, an exclusive lock,
+    a pause before an epoch the time budget cannot fit."""
+    c = resolve_text_config(cfg)
+    if importlib.util.find_spec("transformers") is None:
+        raise PreflightError("this run cannot start:\n  - the package 'transformers' is missing (Exp 22's "
+                             "tokenizers and BERT): pip install transformers")
+    out = Path(c["out_dir"]) if c["out_dir"] else None
+    with run_lock(out) if out else contextlib.nullcontext():
+        if out:
+            clean_temporaries(out)
+        done, ck = _stale_on_disk(c, out, DistInfo()) if out else (None, None)
+        if done is not None:  # finished already, with these settings
+            return done
+        run = _TextRun(c, pick_device(c["device"]), out_dir=out, ckpt_path=out / "checkpoint.pt" if out else None)
+        threads = torch.get_num_threads()
+        if c["model"] == TINY_BERT and run.device.type == "cpu":  # its 64-wide ops: handing them to a second thread
+            torch.set_num_threads(1)  # costs more than the op (35x slower on a busy 2-core machine, measured)
+        try:
+            return _train_text(run, ck)
+        finally:
+            torch.set_num_threads(threads)
+            _release_text(run)
+
+
+def _train_text(run, ck) -> dict:
+    """The run's steps: model and hooks, data, optimisation (resumed from ck), the epochs, the result."""
+    c = run.c
+    run.amp_dtype = _amp_dtype(c["precision"])
+    set_seed(c["seed"])  # before the model: the classifier head's initialisation, as the author's set_seed
+    run.t_start = time.time()
+    _text_model(run)
+    _text_data(run)
+    _text_optimisation(run)
+    _text_restore(run, ck)
+    run.log = _log_mode(c["log"])
+    run.tag = f"{c['task']}/{c['model']}" + (f"+SES {c['ses_layers']}" if c["ses"] else "") + f" seed {c['seed']}"
+    if run.device.type == "cuda":  # the run's own peak (the author's worker never reset it between its 3 runs)
+        torch.cuda.reset_peak_memory_stats(run.device)
+    end = deadline()
+    for epoch in range(run.start_epoch, c["epochs"]):
+        if end is not None and _pause_now(run.history, c, epoch, end, DistInfo()):
+            if run.ckpt_path:
+                _write_progress(run.out_dir, c, run.history, run.device, paused=True)
+            raise RunPaused(f"paused before epoch {epoch + 1}/{c['epochs']}: the time budget ends in "
+                            f"{max(0.0, end - time.time()) / 60:.0f} min; run it again to resume")
+        t0 = time.time()
+        row = _text_train_epoch(run, epoch, t0)
+        row["test_acc"], row["test_loss"] = _text_evaluate(run)  # GLUE's dev set: the author's val set
+        row["gap"] = row["train_acc"] - row["test_acc"]
+        row["erank"] = _text_erank(run)
+        row.update(epoch_seconds=time.time() - t0, peak_mem_mb=_peak_mem_mb(run.device))
+        run.history.append(row)
+        _text_log(run, row)
+        _text_checkpoint(run, epoch)
+    return _text_finish(run)
+
+
+def _text_model(run):
+    """The model and tokenizer on the device, and the SES object on its encoder layers."""
+    c = run.c
+    if c["model"] == TINY_BERT:
+        run.tokenizer = tiny_tokenizer()
+        run.model, run.source = tiny_bert(len(run.tokenizer), c["max_len"]), f"{TINY_BERT} (random init, smoke only)"
+    else:
+        run.model, run.tokenizer, run.source = load_pretrained_text(c["model"], 2, c["data_root"])
+    run.model.to(run.device)
+    run.pool = MaskedTokenPool() if c["ses_pool"] == "mask" else None
+    run.ses = SES(run.model, bert_hook_targets(run.model, c["ses_layers"]), beta=c["ses_beta"],
+                  lam=c["ses_lambda"] if c["ses"] else 0.0, pool=run.pool or "auto")
+
+
+def _text_split(c, split):
+    """(a, b, labels) of one split: GLUE's, cut to train_subset / test_subset, or SYNTHETIC (smoke only)."""
+    n = c["train_subset"] if split == "train" else c["test_subset"]
+    if c["text_data"] == "synthetic":  # fixed seeds: every run sees the same synthetic sets
+        return synthetic_glue(c["task"], n or (512 if split == "train" else 128), seed=1 if split == "train" else 2)
+    a, b, y = load_glue(c["task"], split, c["data_root"])
+    return a[:n], b[:n] if b is not None else None, y[:n]
+
+
+def _text_data(run):
+    """Both splits tokenised once into tensors on the device, the fixed erank batches, the steps per epoch."""
+    c, dev = run.c, run.device
+    sets = {}
+    for split in ("train", "dev"):
+        a, b, y = _text_split(c, split)
+        enc = encode_text(run.tokenizer, a, b, c["max_len"])
+        sets[split] = {**{k: v.to(dev) for k, v in enc.items()}, "labels": torch.tensor(y, device=dev)}
+    run.train, run.dev = sets["train"], sets["dev"]
+    glue_dir = resolve_glue_dir(c["task"], c["data_root"])[0] if c["text_data"] == "glue" else None
+    run.data_source = ("SYNTHETIC text (smoke only)" if c["text_data"] == "synthetic" else
+                       f"{GLUE_TASKS[c['task']]['name']}: {glue_dir or HF_HUB_ID}")
+    n, B = len(run.train["labels"]), c["batch_size"]
+    if n < B:
+        raise ValueError(f"batch_size {B} is larger than the {n} training examples: the last partial batch is dropped, "
+                         "so no step would run; lower batch_size")
+    run.steps = min(n // B, c["max_steps_per_epoch"] or n)
+    run.erank_batches = [_rows(run.train, slice(i * B, (i + 1) * B)) for i in range(min(c["erank_batches"], n // B))]
+
+
+def _rows(data, idx) -> dict:
+    return {k: v[idx] for k, v in data.items()}
+
+
+def _text_optimisation(run):
+    """AdamW in two groups (no decay on NO_DECAY), the author's warm-up schedule per step, the FP16 gradient scaler."""
+    c = run.c
+    named = list(run.model.named_parameters())
+    groups = [{"params": [p for n, p in named if not any(k in n for k in NO_DECAY)], "weight_decay": c["weight_decay"]},
+              {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "weight_decay": 0.0}]
+    run.optimizer = torch.optim.AdamW(groups, lr=c["lr"])
+    total = run.steps * c["epochs"]
+    warmup = int(total * c["warmup_ratio"])  # the author's int(total_steps * WARMUP_RATIO)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, text_lr_factor(warmup, total))
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
+    run.order = torch.Generator().manual_seed(c["seed"])
+
+
+def _text_restore(run, ck):
+    """Continue where the checkpoint left off: weights, optimiser, schedule, scaler, RNG streams, history."""
+    if ck is None:
+        return
+    run.model.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    run.scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if ck["rng"]["cuda"] and torch.cuda.is_available() and len(ck["rng"]["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    run.order.set_state(ck["rng"]["order"])
+    run.history, run.start_epoch = ck["history"], ck["epoch"]
+    print(f"[{run.c['task']}] resumed from {run.ckpt_path} at epoch {run.start_epoch}", flush=True)
+
+
+def _model_inputs(run, batch) -> dict:
+    keys = ("input_ids", "attention_mask") + (("token_type_ids",) if run.c["token_type_ids"] else ())
+    if run.pool is not None:  # the hooks pool over this batch's real tokens
+        run.pool.mask = batch["attention_mask"]
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def _text_train_epoch(run, epoch, t0) -> dict:
+    """One pass over the training set in this epoch's shuffled order: the epoch's row (running train accuracy with
+    dropout on, as the author's). Losses are checked finite once per 16 steps (one host sync)."""
+    c, B = run.c, run.c["batch_size"]
+    run.model.train()
+    lr = run.optimizer.param_groups[0]["lr"]  # the epoch's first step's (as the image runs log it)
+    perm = torch.randperm(len(run.train["labels"]), generator=run.order).to(run.device)
+    sums = torch.zeros(5, device=run.device, dtype=torch.float64)  # task loss, SES sum, hits, samples, SES steps
+    bar = tqdm(total=run.steps, desc=f"{run.tag} ep {epoch + 1}/{c['epochs']}") if run.log == "tqdm" else None
+    pending, step0 = [], 0
+    for step in range(run.steps):
+        pending.append(_text_step(run, _rows(run.train, perm[step * B:(step + 1) * B]), sums))
+        if len(pending) == 16 or step == run.steps - 1:
+            _check_finite(pending, epoch, step0, run.steps, "")
+            step0, pending = step + 1, []
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    if run.device.type == "cuda":  # the clock must include the work still queued on the GPU
+        torch.cuda.synchronize(run.device)
+    loss, reg, hits, n, n_reg = sums.tolist()
+    row = {"epoch": epoch + 1, "train_loss": loss / n, "train_acc": 100.0 * hits / n,
+           "ses_loss": reg / n_reg if n_reg else None,  # mean of sum_l (H_l - beta log d_l)^2, lambda not applied
+           "lr": lr, "beta": c["ses_beta"], "steps": run.steps, "train_seconds": time.time() - t0}
+    if n_reg:  # the SES term as it enters the loss, and the training loss with it (the author's loss meter)
+        row["ses_term"] = c["ses_lambda"] * reg / run.steps
+        row["train_loss_total"] = row["train_loss"] + row["ses_term"]
+    return row
+
+
+def _text_step(run, batch, sums):
+    """One optimiser step, the author's order: forward under autocast, SES in float32 outside it, scaled backward,
+    unscale, clip 1.0, step, scaler update, schedule step."""
+    with autocast(run.device, run.amp_dtype):
+        out = run.model(**_model_inputs(run, batch), labels=batch["labels"])
+    loss = out.loss.float() + run.ses()  # lam * sum_l (H_l - beta log d_l)^2; 0 for a baseline
+    if run.ses.last_loss is not None:
+        sums[1] += run.ses.last_loss.double()
+        sums[4] += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.c["grad_clip"]:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.c["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    with torch.no_grad():
+        n = len(batch["labels"])
+        sums[0] += out.loss.detach().double() * n
+        sums[2] += (out.logits.argmax(-1) == batch["labels"]).sum().double()
+        sums[3] += n
+    return loss.detach()
+
+
+def _text_evaluate(run):
+    """(accuracy %, mean loss) on the dev set, eval mode, under the run's autocast, hooks paused."""
+    data, eb = run.dev, run.c["eval_batch_size"] or run.c["batch_size"]
+    sums = torch.zeros(3, device=run.device, dtype=torch.float64)
+    with measuring(run.model, "eval"), run.ses.paused():
+        for i in range(0, len(data["labels"]), eb):
+            batch = _rows(data, slice(i, i + eb))
+            with autocast(run.device, run.amp_dtype):
+                logits = run.model(**_model_inputs(run, batch)).logits
+            sums[0] += (logits.argmax(-1) == batch["labels"]).sum()
+            sums[1] += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").double()
+            sums[2] += len(batch["labels"])
+    hits, loss, n = sums.tolist()
+    return 100.0 * hits / n, loss / n
+
+
+def _text_erank(run) -> dict:
+    """Per-layer effective rank as SES sees it (train mode, the first erank_batches training batches of the batch
+    size, the run's pooling), averaged over the batches; the RNG is forked, so the measurement changes nothing."""
+    per = []
+    devices = [run.device] if run.device.type == "cuda" else []
+    with run.ses.measuring(), measuring(run.model, "train"), torch.random.fork_rng(devices=devices):
+        for batch in run.erank_batches:
+            run.ses.collector.clear()
+            with autocast(run.device, run.amp_dtype):
+                run.model(**_model_inputs(run, batch))
+            per.append(layer_erank_stats(run.ses.collector, run.c["ses_beta"]))
+        run.ses.collector.clear()
+    out = {}
+    for name, st in per[0].items():
+        erank = float(np.mean([p[name]["erank"] for p in per]))
+        out[name] = {"erank": erank, "d": st["d"], "target": st["target"], "ratio": erank / st["target"],
+                     "samples": run.c["batch_size"]}
+    return out
+
+
+def _text_log(run, row):
+    if run.log in ("plain", "tqdm"):
+        left = seconds_left(run.c["epochs"], row["epoch"], [r["epoch_seconds"] for r in run.history])
+        print(f"[{run.tag}] ep {row['epoch']}/{run.c['epochs']} loss {row['train_loss']:.4f} train "
+              f"{row['train_acc']:.2f}% dev {row['test_acc']:.2f}% gap {row['gap']:.2f} lr {row['lr']:.3g} "
+              f"{row['epoch_seconds']:.1f}s {row['peak_mem_mb']:.0f}MB ~{_hours(left)} left", flush=True)
+
+
+def _text_checkpoint(run, epoch):
+    """checkpoint.pt after the epoch (atomic), then progress.json."""
+    if not run.ckpt_path:
+        return
+    rng = {"torch": torch.get_rng_state(), "order": run.order.get_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    atomic_torch_save({"format": 1, "epoch": epoch + 1, "config": run.c, "model": run.model.state_dict(),
+                       "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                       "scaler": run.scaler.state_dict(), "rng": rng, "history": run.history}, run.ckpt_path)
+    _write_progress(run.out_dir, run.c, run.history, run.device)
+
+
+def _text_finish(run) -> dict:
+    """The final metrics (on the image runs' keys, so reports and claims read both alike), result.json, the weights
+    when save_model; checkpoint.pt goes unless keep_checkpoint."""
+    c, hist = run.c, run.history
+    last, top = hist[-1], max(hist, key=lambda r: r["test_acc"])  # the first best epoch: the author's best_val_acc
+    final = {"test_acc": last["test_acc"], "train_acc": last["train_acc"], "gap": last["gap"],
+             "test_loss": last["test_loss"], "best_test_acc_over_epochs": top["test_acc"],
+             "best_test_epoch": top["epoch"],
+             "params_m": count_params(run.model) / 1e6,
+             "epoch_seconds_mean": float(np.mean([r["epoch_seconds"] for r in hist])),
+             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in hist])),
+             "peak_mem_mb": max(r["peak_mem_mb"] for r in hist), "erank": last["erank"], "epochs_run": len(hist),
+             # GPU runs: max_memory_allocated in decimal GB, as the author's vram_peak_gb (None on a CPU)
+             "peak_mem_gb": max(r["peak_mem_mb"] for r in hist) * 2**20 / 1e9 if run.device.type == "cuda" else None,
+             "robustness": None, "robustness_paper": None, "robustness_paper_best": None, "eval_seconds": 0.0,
+             "total_seconds": time.time() - run.t_start}
+    import transformers
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "device": str(run.device), "device_name": _device_name(run.device), "cuda": torch.version.cuda,
+           "model_source": run.source, "data": run.data_source, "hostname": socket.gethostname(),
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    result = {"config": c, "env": env, "history": hist, "final": final}
+    if run.out_dir:
+        if c["save_model"]:
+            atomic_torch_save(run.model.state_dict(), run.out_dir / "model_final.pt")
+        atomic_write_json(run.out_dir / "result.json", result)
+        if not c["keep_checkpoint"] and run.ckpt_path.exists():
+            run.ckpt_path.unlink()
+    return result
+
+
+def _release_text(run):
+    """Hooks off and the device memory back between runs, also when a run fails."""
+    if run.ses is not None:
+        run.ses.remove()
+    for name in ("model", "ses", "train", "dev", "erank_batches", "optimizer", "scheduler", "scaler"):
+        setattr(run, name, None)
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ═══════════════════════════════════════════════════════════════════════════════════════════════
 # results & reports
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
 
@@ -4662,6 +5757,8 @@ def _result_row(config, result, run_dir):
         train_s=_num(fin.get("train_seconds_mean")),  # the training loop alone (NaN in results made before it)
         eval_s=_num(fin.get("epoch_seconds_mean")) - _num(fin.get("train_seconds_mean")),  # the rest of an epoch
         peak_mem_mb=_num(fin.get("peak_mem_mb")), kappa_mean=_num(fin.get("kappa_mean")),
+        # GPU runs: the measured max_memory_allocated and estimate_memory's figure, decimal GB (NaN elsewhere)
+        peak_mem_gb=_num(fin.get("peak_mem_gb")), peak_mem_est_gb=_num(fin.get("peak_mem_estimate_gb")),
         erank_dev=_erank_dev(result), device_name=env.get("device_name"), **_claim_extras(result),
         run_dir=str(run_dir), result=result)
 
@@ -4673,17 +5770,40 @@ def _erank_dev(result):
     return 100 * max(abs(r - 1) for r in ratios) if ratios else float("nan")
 
 
+ERANK_SUMMARY = ("erank_ratio_mean", "erank_absdev_mean", "erank_spread")  # Exp 28's numbers (erank_summary)
+
+
+def erank_summary(stats: dict) -> dict:
+    """Exp 28's numbers over layers {name: {erank, ratio, ...}} (erank_stats' form): the mean of erank / d^β
+    (erank_ratio_mean), the mean distance to the target |erank / d^β − 1| (erank_absdev_mean: the paper's "40.9 %
+    reduction in distance to target") and the spread of erank across the layers, max / min (erank_spread: the ViT's
+    "7.1x -> 2.4x"). One definition for our runs and the author's files, so both are computed alike."""
+    st = [s for s in (stats or {}).values() if isinstance(s, dict) and "ratio" in s and "erank" in s]
+    if not st:
+        return dict.fromkeys(ERANK_SUMMARY, float("nan"))
+    ratios, eranks = np.array([s["ratio"] for s in st], float), np.array([s["erank"] for s in st], float)
+    return {"erank_ratio_mean": float(ratios.mean()), "erank_absdev_mean": float(np.abs(ratios - 1).mean()),
+            "erank_spread": float(eranks.max() / eranks.min()) if eranks.min() > 0 else float("nan")}
+
+
+def _erank_shape(result):
+    """erank_summary at the last epoch, as the author measured the layers (erank_author: eval mode, the first 2048
+    test images; his Exp 28 tables and figures), not as SES sees them on training batches."""
+    return erank_summary((result.get("history") or [{}])[-1].get("erank_author"))
+
+
 CLAIM_CORRUPTIONS = (("contrast", 3), ("contrast", 5), ("brightness", 5), ("gaussian_noise", 1), ("gaussian_noise", 5))
 
 
 def _claim_extras(result):
     """The numbers only some claims use: kappa(J)'s spread over points, the SES loss's last/first-epoch ratio,
-    parameters (M), and the per-corruption accuracies the paper quotes (CLAIM_CORRUPTIONS), on its protocol
-    (test-selected weights) and on the standard one (final epoch)."""
+    parameters (M), Exp 28's erank numbers (erank_summary), and the per-corruption accuracies the paper quotes
+    (CLAIM_CORRUPTIONS), on its protocol (test-selected weights) and on the standard one (final epoch)."""
     fin, hist = result.get("final", {}), result.get("history") or []
     ses = [_num(r.get("ses_loss")) for r in (hist[0], hist[-1])] if hist else [float("nan")] * 2
     out = {"kappa_std": _num(fin.get("kappa_std")), "params_m": _num(fin.get("params_m")),
-           "ses_loss_ratio": ses[1] / ses[0] if ses[0] == ses[0] and ses[0] > 0 else float("nan")}
+           "ses_loss_ratio": ses[1] / ses[0] if ses[0] == ses[0] and ses[0] > 0 else float("nan"),
+           **_erank_shape(result)}
     paper = (fin.get("robustness_paper_best") or {}).get("detail") or {}
     std = (fin.get("robustness") or {}).get("accuracy") or {}
     for name, sev in CLAIM_CORRUPTIONS:
@@ -4724,6 +5844,84 @@ def plan_results(plan):
     return pd.DataFrame(rows), left_out
 
 
+# ── the paper's numbers from the author's published result files ─────────────────────────────────
+REFERENCE_ENV = "SES_REFERENCE"  # the folder of the author's result files (erank_*.json, ...)
+
+
+def reference_dir(path=None) -> Path | None:
+    """The folder of the author's published result files: `path`, else $SES_REFERENCE (either must be a folder),
+    else ../shared/reference/paper_results beside the repository when it exists, else None (no network, no copy:
+    a notebook then keeps the paper's numbers typed in it)."""
+    for p in (path, os.environ.get(REFERENCE_ENV)):
+        if p:
+            if not Path(p).expanduser().is_dir():
+                raise ValueError(f"reference_dir {str(p)!r} is not a folder (the author's result files, e.g. "
+                                 "erank_resnet18.json); None: the paper's numbers typed in the notebook")
+            return Path(p).expanduser()
+    default = Path(__file__).resolve().parent.parent / "shared" / "reference" / "paper_results"
+    return default if default.is_dir() else None
+
+
+def paper_erank(path) -> dict:
+    """{"baseline": {...}, "ses": {...}} from one of ses_erank_dynamics.py's result files (erank_resnet18.json,
+    erank_vit_small.json): per run its best test accuracy over epochs (acc, the author's best_acc), erank_summary at
+    the last epoch on the targets d^β of the run's β, and each layer's erank, d, target and ratio (erank_layers,
+    in the file's order and with its names: block_i where our hooks say blocks.i)."""
+    out = {}
+    for key, run in json.loads(Path(path).read_text()).items():
+        beta = float(run["beta"])
+        last = run["erank_history"][-1]
+        layers = {n: {"erank": s["erank"], "d": s["dim"], "target": s["dim"] ** beta,
+                      "ratio": s["erank"] / s["dim"] ** beta} for n, s in last.items() if isinstance(s, dict)}
+        out[key] = {"acc": float(run["best_acc"]), **erank_summary(layers), "erank_layers": layers}
+    return out
+
+
+def paper_erank_results(files: dict, reference=None) -> dict:
+    """PAPER entries {"<prefix>_<run>": numbers} read from the author's erank files {prefix: file name} in
+    reference_dir(reference); {} for what is not at hand (said in one line): the notebook keeps its typed copy."""
+    folder = reference_dir(reference)
+    if folder is None:
+        print("paper numbers: the copy typed in this notebook (no folder of the author's result files: set "
+              f"reference_dir or ${REFERENCE_ENV})")
+        return {}
+    out = {}
+    for prefix, name in files.items():
+        if (folder / name).is_file():
+            out.update({f"{prefix}_{k}": v for k, v in paper_erank(folder / name).items()})
+        else:
+            print(f"paper numbers for {prefix}: the typed copy ({folder / name} not found)")
+    if out:
+        print(f"paper numbers: read from the author's files in {folder}")
+    return out
+
+
+# ses_bert_nlp.py's result keys -> PAPER's: best dev accuracy over epochs, the last epoch's train - dev gap, the training
+# loop's seconds per epoch (a T4), torch.cuda.max_memory_allocated at the end (GB = 1e9 bytes; as MiB for claims)
+GLUE_PAPER_FIELDS = read_only({"acc": ("best_val_acc", 1.0), "gap": ("final_gap", 1.0),
+                               "epoch_s": ("avg_epoch_time", 1.0), "vram_gb": ("vram_peak_gb", 1.0),
+                               "peak_mem_mb": ("vram_peak_gb", 1e9 / 2**20)})
+GLUE_PAPER_FILES = ("bert_nlp_summary.json", "gpu0_sst2_results.json", "gpu1_mrpc_results.json")
+
+
+def paper_glue_results(reference=None) -> dict:
+    """Exp 22's PAPER entries {config (sst2_baseline, ...): numbers} read from ses_bert_nlp.py's result files in
+    reference_dir(reference) (the summary, else the per-GPU files); {} when they are not at hand (said in one line):
+    the notebook keeps its typed copy."""
+    folder = reference_dir(reference)
+    files = [folder / n for n in GLUE_PAPER_FILES if (folder / n).is_file()] if folder is not None else []
+    if not files:
+        print("paper numbers: the copy typed in this notebook (no bert_nlp_summary.json at hand: set reference_dir "
+              f"or ${REFERENCE_ENV})")
+        return {}
+    runs = {}
+    for f in reversed(files):  # the summary last: it wins where both hold a run
+        runs.update(json.loads(f.read_text()))
+    print(f"paper numbers: read from the author's files {', '.join(f.name for f in files)} in {folder}")
+    return {k: {key: round(float(r[src]) * scale, 4) for key, (src, scale) in GLUE_PAPER_FIELDS.items() if src in r}
+            for k, r in runs.items()}
+
+
 # ── metrics, claims and verdicts ─────────────────────────────────────────────────────────────────
 # A claim is one published statement, as data in its notebook, e.g.
 #   dict(text="SES improves robustness on CIFAR-100", a="ses", b="baseline", metric="rob")
@@ -4749,6 +5947,10 @@ CLAIM_METRICS = read_only({  # metric -> (paper's definition, our headline defin
     "ses_loss_ratio": ("ses_loss_ratio", "ses_loss_ratio", "ses_loss_ratio", False),  # last / first epoch SES loss
     "peak_mem": ("peak_mem_mb", "peak_mem_mb", "peak_mem_mb", False),  # peak device memory (ratios only)
     "params": ("params_m", "params_m", "params_m", False),  # parameters, millions (deterministic: one run decides)
+    # Exp 28, at the last epoch as the author measured (erank_summary); "higher" matters only to best/near_best
+    "erank_ratio_mean": ("erank_ratio_mean", "erank_ratio_mean", "erank_ratio_mean", True),  # mean erank / d^β
+    "erank_absdev_mean": ("erank_absdev_mean", "erank_absdev_mean", "erank_absdev_mean", False),  # mean |ratio − 1|
+    "erank_spread": ("erank_spread", "erank_spread", "erank_spread", False),  # max / min erank across the layers
     **{f"rob_{n}_s{s}": (f"rob_{n}_s{s}_paper", f"rob_{n}_s{s}", f"rob_{n}_s{s}", True) for n, s in CLAIM_CORRUPTIONS},
 })
 DETERMINISTIC_METRICS = ("params",)  # the same for every seed: one run is enough
@@ -5280,6 +6482,16 @@ def rob_label(df) -> str:
     return f"rob ({txt} mean, {'/'.join(str(n) for n in sorted(ni))} images)"
 
 
+def _memory_cells(st, p) -> dict:
+    """The cost table's memory columns, for GPU runs or where the paper states its VRAM: the measured peak
+    (max_memory_allocated), estimate_memory's figure made at the run's start, the paper's vram_peak_gb; decimal GB."""
+    cells = {"peak mem GB": st["peak_mem_gb"][0], "est. peak GB": st["peak_mem_est_gb"][0]}
+    cells = {k: round(v, 2) if v == v else None for k, v in cells.items()}
+    if "vram_gb" not in p and all(v is None for v in cells.values()):
+        return {}
+    return {**cells, "paper VRAM GB": p.get("vram_gb")}
+
+
 def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=None, paper_gpu=None, claims=None):
     """Per config: ours (mean ± sd over seeds, n) on both metric definitions beside the paper's numbers, the Δ vs
     the config's baseline (ours on both definitions, the paper's), robustness on both protocols, time and memory.
@@ -5294,7 +6506,7 @@ def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=N
     rows = []
     for c in configs:
         st = {k: _stats(df, c, k) for k in ("acc_final", "acc_best", "gap", "rob", "rob_paper", "rob_paper_best",
-                                            "train_s", "eval_s", "peak_mem_mb")}
+                                            "train_s", "eval_s", "peak_mem_gb", "peak_mem_est_gb")}
         n = st["acc_final"][2]
         p = paper.get(c, {})
         b = baseline_of.get(c, baseline)
@@ -5309,8 +6521,7 @@ def summary_table(df, paper=None, order=None, baseline="baseline", baseline_of=N
                "s/epoch": round(st["train_s"][0], 1) if st["train_s"][0] == st["train_s"][0] else None,
                "paper s/epoch": p.get("epoch_s"),
                "eval s/epoch": round(st["eval_s"][0], 1) if st["eval_s"][0] == st["eval_s"][0] else None}
-        if "vram_gb" in p:
-            row.update({"peak mem GB": round(st["peak_mem_mb"][0] / 1024, 2), "paper VRAM GB": p.get("vram_gb")})
+        row.update(_memory_cells(st, p))
         if b != c and b in set(df["config"]):
             bs = {k: _stats(df, b, k)[0] for k in st}
             pb = paper.get(b, {})
@@ -5357,7 +6568,7 @@ _TABLE_GROUPS = {  # report.md shows the wide table as three readable ones
                    "paper rob", "vs", "Δ rob", "Δ rob paper (test-selected)", "paper Δ rob", "mCE vs baseline %",
                    "relative mCE %"),
     "cost": ("seeds", "s/epoch", "paper s/epoch", "eval s/epoch", "vs", "SES overhead %", "paper overhead %",
-             "peak mem GB", "paper VRAM GB"),
+             "peak mem GB", "est. peak GB", "paper VRAM GB"),
 }
 
 
@@ -5518,6 +6729,59 @@ def fig_bars(df, out_dir, paper=None, order=None, name="bars", show=True):
     return _save(fig, out_dir, name, show)
 
 
+def fig_glue(df, out_dir, paper=None, order=None, name="glue", show=True):
+    """Exp 22 as the author's figures show it, one column per GLUE task: dev accuracy (ours at the final epoch, ours at
+    the best epoch as the author's best_val_acc, the paper's) and the train − dev gap (ours, the paper's) of each
+    variant (the config name after the task: baseline, ses_l4, ses_all), mean ± sd over seeds."""
+    import matplotlib.pyplot as plt
+    tasks = {r["config"]: r["result"]["config"].get("task", "?") for _, r in df.iterrows()}
+    order = [c for c in (order or list(dict.fromkeys(df["config"]))) if c in tasks]
+    columns = list(dict.fromkeys(tasks[c] for c in order))
+    rows = (("dev accuracy (%)", [("acc_final", "ours: final epoch"),
+                                  ("acc_best", "ours: best epoch (dev-selected, as the paper)")], "acc"),
+            ("train − dev gap (pp)", [("gap", "ours: final epoch")], "gap"))
+    fig, axes = plt.subplots(2, len(columns), figsize=(min(MAX_FIG_INCHES, 5.2 * len(columns) + 1), 8.5),
+                             squeeze=False)
+    for j, task in enumerate(columns):
+        configs = [c for c in order if tasks[c] == task]
+        for i, (title, series, pkey) in enumerate(rows):
+            ax = axes[i][j]
+            _glue_panel(ax, df, configs, series, paper or {}, pkey, task)
+            ax.set_title(f"{GLUE_TASKS.get(task, {}).get('name', task)}: {title}" + (
+                f"\naxis from {ax.get_ylim()[0]:.0f}, not 0" if pkey == "acc" and ax.get_ylim()[0] > 0.5 else ""),
+                fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_dir, name, show)
+
+
+def _glue_panel(ax, df, configs, series, paper, pkey, task):
+    """One fig_glue panel: bars per variant (x) and series (hue), the paper's beside ours, values on the bars."""
+    import pandas as pd
+    import seaborn as sns
+    label = {c: c[len(task) + 1:] if c.startswith(f"{task}_") else c for c in configs}
+    sub = df[df["config"].isin(configs)]
+    long = pd.concat([sub[["config", col]].rename(columns={col: "value"}).assign(series=lab) for col, lab in series]
+                     + [pd.DataFrame([{"config": c, "value": paper[c][pkey], "series": "paper"}
+                                      for c in configs if (paper.get(c) or {}).get(pkey) is not None])],
+                     ignore_index=True).dropna(subset=["value"])
+    if long.empty:
+        return
+    long["variant"] = long["config"].map(label)
+    names = [lab for _, lab in series] + ["paper"]
+    colours = dict(zip(["ours: final epoch", "ours: best epoch (dev-selected, as the paper)", "paper"],
+                       sns.color_palette(n_colors=3)))  # one colour per series in every panel
+    sns.barplot(data=long, x="variant", y="value", hue="series", order=[label[c] for c in configs], ax=ax,
+                errorbar="sd", hue_order=[h for h in names if h in set(long["series"])], palette=colours)
+    _label_bars(ax, "%.2f")
+    lo, hi = long["value"].min(), long["value"].max()
+    if pkey == "acc" and hi > 0:  # zoomed in to show differences of a fraction of a point: the title says so
+        ax.set_ylim(max(0, lo - 0.3 * (hi - lo) - 1), hi + 0.15 * (hi - lo) + 0.5)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False, ncol=2)
+
+
 def fig_curves(df, out_dir, name="curves", metrics=("test_acc", "train_loss", "gap"), log=(), show=True):
     """Per-epoch curves per config (mean over seeds, shaded sd); metrics named in `log` on a log scale."""
     import matplotlib.pyplot as plt
@@ -5663,8 +6927,134 @@ def fig_dynamics(df, out_dir, name="dynamics", show=True):
                       log=("train_loss_total", "ses_term"), show=show)
 
 
+# ── Exp 28's figures: erank as the author measured it (erank_author: eval mode, the first 2048 test images) ──
+
+def _erank_frame(df, view="erank_author"):
+    """One row per (run, epoch, layer) of a per-epoch erank view: config, seed, model, epoch, layer, its position
+    among the run's layers, erank, d, target d^β, ratio, samples."""
+    import pandas as pd
+    rows = []
+    for _, r in df.iterrows():
+        model = (r["result"].get("config") or {}).get("model", "?")
+        for h in r["result"].get("history", []):
+            for i, (layer, st) in enumerate((h.get(view) or {}).items()):
+                rows.append({"config": r["config"], "seed": r["seed"], "model": model, "epoch": h["epoch"],
+                             "layer": layer, "pos": i, "erank": st["erank"], "d": st["d"], "target": st["target"],
+                             "ratio": st["ratio"], "samples": st.get("samples")})
+    return pd.DataFrame(rows)
+
+
+def _last_epoch(er):
+    """The rows of each run's last epoch."""
+    return er[er["epoch"] == er.groupby(["config", "seed"])["epoch"].transform("max")]
+
+
+def _paper_layers(paper, config) -> list:
+    """The paper's final-epoch layers of a config, in order ([] without the author's file: the typed copy has none)."""
+    return list(((paper or {}).get(config) or {}).get("erank_layers", {}).values())
+
+
+def fig_erank_dynamics(df, out_dir, name="erank_dynamics", show=True):
+    """Exp 28's dynamics panels: each layer's effective rank over the epochs (mean over seeds), one panel per config,
+    with its target d^β as a dashed line of the same colour; two configs to a row (baseline beside SES)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    er = _erank_frame(df)
+    if er.empty:
+        return None
+    configs = list(dict.fromkeys(er["config"]))
+    ncol = min(2, len(configs))
+    nrow = -(-len(configs) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(min(MAX_FIG_INCHES, 6 * ncol + 2), 3.3 * nrow), squeeze=False,
+                             sharey="row")
+    for k, (ax, c) in enumerate(zip(axes.flat, configs)):
+        sub = er[er["config"] == c]
+        layers = list(dict.fromkeys(sub.sort_values("pos")["layer"]))
+        for colour, layer in zip(sns.color_palette("viridis", len(layers)), layers):
+            curve = sub[sub["layer"] == layer].groupby("epoch")[["erank", "target", "d"]].mean()
+            ax.plot(curve.index, curve["erank"], color=colour, lw=1.4, label=f"{layer} (d={int(curve['d'].iloc[0])})",
+                    marker="o" if len(curve) < 5 else None)
+            ax.axhline(curve["target"].iloc[-1], color=colour, ls="--", lw=0.8, alpha=0.7)
+        ax.set_title(f"{c}: erank per layer (dashed: its target d^β)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("effective rank")
+        if k % ncol == ncol - 1 or k == len(configs) - 1:  # one legend per row, right of it
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for ax in list(axes.flat)[len(configs):]:
+        ax.axis("off")
+    n = er["samples"].dropna()
+    fig.suptitle(f"as the author measured it: eval mode, {int(n.iloc[0]) if len(n) else '?'} test images",
+                 fontsize=9)
+    return _save(fig, out_dir, name, show)
+
+
+def fig_erank_final(df, out_dir, paper=None, order=None, name="erank_final", show=True):
+    """Exp 28's final-epoch bars: erank / d^β per layer (1 = on target), the configs of one model side by side (mean
+    ± sd over seeds), one panel per model; the paper's ratios as black stars where its files were read."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    er = _erank_frame(df)
+    if er.empty:
+        return None
+    fin = _last_epoch(er)
+    models = list(dict.fromkeys(fin["model"]))
+    palette = config_palette([c for c in (order or []) if c in set(fin["config"])] + list(fin["config"]))
+    fig, axes = plt.subplots(len(models), 1, figsize=(min(MAX_FIG_INCHES, 11), 3.4 * len(models)), squeeze=False)
+    for ax, m in zip(axes[:, 0], models):
+        sub = fin[fin["model"] == m]
+        configs, layers = list(dict.fromkeys(sub["config"])), list(dict.fromkeys(sub.sort_values("pos")["layer"]))
+        sns.barplot(data=sub, x="layer", y="ratio", hue="config", order=layers, hue_order=configs, palette=palette,
+                    errorbar="sd", ax=ax)
+        for k, c in enumerate(configs):  # the hue's bar centres: seaborn dodges the configs over 0.8 of a slot
+            ours = _paper_layers(paper, c)
+            if len(ours) == len(layers):
+                xs = [i - 0.4 + 0.8 * (k + 0.5) / len(configs) for i in range(len(layers))]
+                ax.scatter(xs, [p["ratio"] for p in ours], marker="*", color="k", s=40, zorder=5,
+                           label="paper" if k == 0 else None)
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="target (ratio 1)")
+        means = ", ".join(f"{c} {sub[sub['config'] == c].groupby('seed')['ratio'].mean().mean():.2f}" for c in configs)
+        ax.set_title(f"{m}: erank / d^β at the last epoch; mean over the layers: {means}", fontsize=9)
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", rotation=40, labelsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, out_dir, name, show)
+
+
+def fig_erank_spread(df, out_dir, paper=None, order=None, name="erank_spread", show=True):
+    """Exp 28's spread across blocks: each layer's erank at the last epoch in depth order (mean over seeds), one line
+    per config, the paper's dashed where its files were read, the targets d^β in black; max / min in the legend."""
+    import matplotlib.pyplot as plt
+    er = _erank_frame(df)
+    if er.empty:
+        return None
+    fin = _last_epoch(er)
+    models = list(dict.fromkeys(fin["model"]))
+    palette = config_palette([c for c in (order or []) if c in set(fin["config"])] + list(fin["config"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(min(MAX_FIG_INCHES, 6 * len(models) + 1), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        sub = fin[fin["model"] == m]
+        for c in dict.fromkeys(sub["config"]):
+            line = sub[sub["config"] == c].groupby("pos")[["erank", "target"]].mean()
+            ax.plot(line.index, line["erank"], "o-", color=palette[c], ms=3,
+                    label=f"{c}: {line['erank'].max() / line['erank'].min():.1f}×")
+            theirs = _paper_layers(paper, c)
+            if len(theirs) == len(line):
+                e = [p["erank"] for p in theirs]
+                ax.plot(line.index, e, "x--", color=palette[c], ms=4, lw=1, label=f"paper: {max(e) / min(e):.1f}×")
+        ax.plot(line.index, line["target"], "k:", lw=1.2, label="target d^β")
+        layers = list(dict.fromkeys(sub.sort_values("pos")["layer"]))
+        ax.set_xticks(range(len(layers)), layers, rotation=40, fontsize=7)
+        ax.set_title(f"{m}: erank across the layers at the last epoch (spread max / min)", fontsize=9)
+        ax.set_ylabel("effective rank")
+        ax.legend(fontsize=7)
+    return _save(fig, out_dir, name, show)
+
+
 FIGURES = read_only({"bars": fig_bars, "curves": fig_curves, "dynamics": fig_dynamics, "erank": fig_erank,
-                     "per_corruption": fig_per_corruption, "pareto": fig_pareto, "beta": fig_beta, "toy": fig_toy})
+                     "per_corruption": fig_per_corruption, "pareto": fig_pareto, "beta": fig_beta, "toy": fig_toy,
+                     "erank_dynamics": fig_erank_dynamics, "erank_final": fig_erank_final,
+                     "erank_spread": fig_erank_spread, "glue": fig_glue})
+_PAPER_FIGURES = ("bars", "erank_final", "erank_spread", "glue")  # the figures that draw the paper's numbers beside ours
 
 
 def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=None, show=True):
@@ -5692,7 +7082,8 @@ def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=No
                  notes=notes, values=claim_values(df))
     for f in figures:
         fn = FIGURES[f]
-        kw = {"paper": plan.paper, "order": order} if f == "bars" else {"order": order} if f == "per_corruption" else {}
+        kw = ({"paper": plan.paper, "order": order} if f in _PAPER_FIGURES else
+              {"order": order} if f == "per_corruption" else {})
         path = fn(df, plan.out_dir, show=show, **kw)
         if path:
             rep.figures.append(str(path))
@@ -6043,7 +7434,7 @@ def plan_runs(grid, configs="all", seeds=(42,), out_dir=None, list_runs="", cost
                    report=not listing and (report or report_only), out_dir=out_dir, name=name, grid=dict(grid),
                    seeds=seeds, preset=preset, resolved=resolved, paper=paper or {}, claims=claims,
                    paper_gpu=paper_gpu, train_fn=train_fn,
-                   notes=_non_paper_notes(base, grid, first, preset, epochs, batch_size) if first else [])
+                   notes=_non_paper_notes(base, grid, first, preset, epochs, batch_size, presets) if first else [])
 
 
 def _planned_selection(grid, configs, seeds, out_dir):
@@ -6124,14 +7515,41 @@ def _print_plan(runs, listing, report_only):
                   + ("" if listing or report_only else " (set aside and redone)"))
 
 
-def _non_paper_notes(base, grid, cfg, preset, epochs, batch_size):
+def _non_paper_notes(base, grid, cfg, preset, epochs, batch_size, presets=None):
+    values = (presets or PRESETS).get(preset, {})  # the notebook's own presets (the toy study's, Exp 22's)
     notes = [] if preset == "paper" else [f"Not the published setup: the {preset!r} preset "
-                                          f"({', '.join(f'{k}={v}' for k, v in PRESETS.get(preset, {}).items())})."]
+                                          f"({', '.join(f'{k}={v}' for k, v in values.items())})."]
     recipe = {**base, **next(iter(grid.values()))}
     for k, v in (("epochs", epochs), ("batch_size", batch_size)):
         if v is not None and v != recipe.get(k):
             notes.append(f"Not the published setup: {k} {v} (recipe: {recipe.get(k)}).")
     return notes
+
+
+def _visible_gpus():
+    """(kind, count) of the CUDA devices this process sees; (None, 0) without CUDA."""
+    if not torch.cuda.is_available():  # CUDA-only: memory placement places runs on GPUs (CPU twin: tests pass gpus)
+        return None, 0
+    return gpu_kind(torch.cuda.get_device_name(0)), torch.cuda.device_count()
+
+
+def placed_train_fn(cfg, torchrun=None, gpus=None):
+    """The train function memory placement picks for the run cfg in this process, or None (train it as asked):
+    a run that does not fit one of this machine's GPUs but fits k of them runs as ONE DDP run over k (train_torchrun);
+    one that fits nowhere here raises PreflightError, one line, before its data loads. Nothing to place when the caller
+    chose torchrun, on a CPU, or for a model estimate_memory does not know. gpus: (kind, count), else this process's."""
+    if torchrun not in (None, "", 0, "0", False) or cfg.get("model") not in _MODEL_COST:
+        return None
+    kind, n = gpus or _visible_gpus()
+    if not n or (cfg.get("device") or "auto") not in ("auto", "cuda") and not str(cfg.get("device")).startswith("cuda"):
+        return None
+    p = placement(validate_config(cfg), kind, n)
+    if p["gpus"] == 0:
+        raise PreflightError(f"{p['text']} ({p['memory']['why']})")
+    if p["gpus"] == 1:
+        return None
+    print(f"[place] {p['text']}", flush=True)
+    return lambda c: train_torchrun(c, p["gpus"])
 
 
 def run_plan(plan, resume=True, torchrun=None, train_fn=None):
@@ -6170,7 +7588,8 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
         print(f"[run] {run.config} seed {run.seed} -> {run.run_dir}", flush=True)
         t0 = time.time()
         try:
-            res = train_fn(dict(run.cfg, resume=resume))
+            fn = train_fn if plan.train_fn else placed_train_fn(run.cfg, torchrun) or train_fn
+            res = fn(dict(run.cfg, resume=resume))
             rows.append(_run_row(run, "ran", res, time.time() - t0))
         except RunLocked as e:  # another runner is training it right now: not a failure
             print(f"[locked] {run.config} seed {run.seed}: {e}\n{MARK_LOCKED}", flush=True)

@@ -55,7 +55,8 @@ if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
     raise ImportError(_msg)
 
 from seslib import (BUDGET_ENV, DATASETS, DATA_ENV, DEADLINE_ENV, GPU_SPEED, JOB_FILES_ENV, MARK_BUDGET, MARK_ERROR,
-                    MARK_LOCKED, MARK_PAUSED, PRESETS, RUNNER_PARAMS, RunLocked, SLOT_ENV, TORCHRUN_ENV, _MODEL_COST,
+                    DDP_EFFICIENCY, MARK_LOCKED, MARK_PAUSED, PRESETS, RUNNER_PARAMS, RunLocked, SLOT_ENV, TORCHRUN_ENV,
+                    _MODEL_COST, gpu_kind, placement,
                     _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
                     read_only, report, resolve_data_dir, resolve_seeds, result_status, run_command, run_cost,
@@ -392,6 +393,8 @@ class _Job:
     attempt: int = 0
     not_before: float = 0.0
     est: dict = None  # a run's estimate (estimate_run on the listing's GPU): the time budget decides with it
+    gpus: int = 1  # GPUs the run holds (placement by estimate_memory): k > 1 one DDP run over k, 0 fits nowhere here
+    place: str = ""  # where, in words (the placement's text)
 
 
 def _kill_tree(proc):
@@ -486,6 +489,52 @@ def _label(j):
     return f"{j.nb.stem} {j.config} seed{j.seed}" if j.kind == "run" else f"{j.nb.stem} ({j.kind})"
 
 
+def _slot_gpus(slots) -> list:
+    """The distinct GPUs (CUDA_VISIBLE_DEVICES ids) of the slots, in slot order; [] for CPU slots."""
+    ids = [sl["env"].get("CUDA_VISIBLE_DEVICES", "") for sl in slots if sl["name"].startswith("gpu")]
+    return list(dict.fromkeys(i for i in ids if i))
+
+
+def take_slots(k, free, slots):
+    """The slots a job holding k GPUs starts on: [one free slot] for k <= 1, else free slots on k distinct GPUs
+    (the first names the run's process); None while too few are free."""
+    if k <= 1:
+        return free[:1] or None
+    by_gpu = {}
+    for s in free:
+        by_gpu.setdefault(slots[s]["env"].get("CUDA_VISIBLE_DEVICES", ""), s)
+    picked = [s for g, s in by_gpu.items() if g][:k]
+    return picked if len(picked) == k else None
+
+
+def slots_env(slots, taken) -> dict:
+    """The slot a run starts with: the first taken; a DDP run's env names all its GPUs and its torchrun size."""
+    first = slots[taken[0]]
+    if len(taken) == 1:
+        return first
+    gpus = ",".join(slots[s]["env"]["CUDA_VISIBLE_DEVICES"] for s in taken)
+    return {"name": "+".join(slots[s]["name"] for s in taken),
+            "env": {**first["env"], "CUDA_VISIBLE_DEVICES": gpus, TORCHRUN_ENV: str(len(taken))}}
+
+
+def place_jobs(jobs, slots, say, kind=None):
+    """Each run's GPUs by estimate_memory on this machine's GPUs (kind: the GPU model, else read from CUDA): 1; k
+    for one DDP run over k GPUs (SyncBN and SES over the global batch); 0 when it fits nowhere here (it fails with
+    that line, before it starts). CPU slots, and runs estimate_memory does not know, stay as they are."""
+    gpus = _slot_gpus(slots)
+    if not gpus:
+        return
+    kind = kind or gpu_kind(torch.cuda.get_device_name(0))  # CUDA-only: GPU slots exist only where CUDA does
+    for j in jobs:
+        c = j.cfg or {}
+        if j.kind != "run" or c.get("model") not in _MODEL_COST or c.get("dataset") not in DATASETS:
+            continue
+        p = placement(c, kind, len(gpus))
+        j.gpus, j.place = p["gpus"], p["text"]
+        if p["gpus"] != 1:
+            say(f"  place {_label(j)}: {p['text']}")
+
+
 class _Scheduler:
     """The state of one _schedule call: the jobs waiting (`pending`, in start order), running ({slot: (job index,
     process, start time, log file)}) and finished, one record per finished job, the counts the progress lines show."""
@@ -496,6 +545,7 @@ class _Scheduler:
         self.end, self.budget = end, budget
         self.pending = list(range(len(jobs)))
         self.running, self.finished, self.records = {}, set(), {}
+        self.held = {}  # slot -> the slot whose DDP run holds it as well
         self.last_launch, self.last_beat = -1e9, time.time()
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "paused": 0, "to do": 0}
 
@@ -553,6 +603,7 @@ class _Scheduler:
             return
         fh.close()
         del self.running[s]
+        self.held = {h: owner for h, owner in self.held.items() if owner != s}
         j = self.jobs[i]
         log_text = j.log.read_text(errors="replace") if j.log.exists() else ""
         result_ok = rc == 0 and j.kind == "run" and _result_ok(j.result)
@@ -568,24 +619,32 @@ class _Scheduler:
         """The launch step: each free slot takes the first pending job whose dependencies are over (one launch per
         `stagger` seconds); a run that must not start now is recorded instead (not_started)."""
         for s in range(len(self.slots)):
-            if s in self.running or time.time() - self.last_launch < self.stagger:
+            if s in self.running or s in self.held or time.time() - self.last_launch < self.stagger:
                 continue
             i = next((i for i in self.pending if set(self.jobs[i].after) <= self.finished
                       and self.jobs[i].not_before <= time.time()), None)
             if i is None:
                 break
+            taken = take_slots(self.jobs[i].gpus, self.free_slots(), self.slots)
+            if taken is None and self.jobs[i].gpus > 0:
+                break  # a DDP run waits for its GPUs; nothing jumps the queue past it (it would starve)
             self.pending.remove(i)
             held = self.not_started(self.jobs[i])
             if held:
                 self.finish(i, held[0], "", 0.0, held[1])
             else:
-                self.launch(i, s)
+                self.launch(i, taken)
+
+    def free_slots(self) -> list:
+        return [s for s in range(len(self.slots)) if s not in self.running and s not in self.held]
 
     def not_started(self, j):
         """(status, error) of a run that must not start now, else None: another runner is training it, it was
         finished meanwhile, or its estimate does not fit the time budget left."""
         if j.kind != "run":
             return None
+        if j.gpus == 0:  # estimate_memory: no GPU of this machine, nor all of them, hold it
+            return "failed", j.place
         if is_locked(j.result.parent):
             return "skipped", "locked by another process"
         if result_status(j.result, j.cfg)[0] == "done":
@@ -595,10 +654,13 @@ class _Scheduler:
                              f"{_hours(max(0.0, self.end - time.time()))} left")
         return None
 
-    def launch(self, i, s):
-        """Start job i on slot s: the papermill driver in a subprocess of its own session, its output into the job's
-        log (a first attempt keeps the previous log as log.1.txt; a retry appends)."""
-        j, slot = self.jobs[i], self.slots[s]
+    def launch(self, i, taken):
+        """Start job i on the slots taken (one; a DDP run: one per GPU it holds): the papermill driver in a subprocess
+        of its own session, its output into the job's log (a first attempt keeps the previous log as log.1.txt; a
+        retry appends)."""
+        j, s = self.jobs[i], taken[0]
+        slot = slots_env(self.slots, taken)
+        self.held.update({h: s for h in taken[1:]})
         j.attempt += 1
         j.output.parent.mkdir(parents=True, exist_ok=True)
         if j.attempt == 1:
@@ -620,7 +682,9 @@ class _Scheduler:
 def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None, end=None, budget=None):
     """Run jobs over the slots, one subprocess per slot, in list order as dependencies allow. With a deadline
     `end`: a run that fits_budget says cannot finish is not started ("to do"); a run that pauses itself at an
-    epoch boundary is "paused". Returns one record per job (by index)."""
+    epoch boundary is "paused". Runs are placed by their memory estimate first (place_jobs). Returns one record
+    per job (by index)."""
+    place_jobs(jobs, slots, say)
     return _Scheduler(jobs, slots, env, cwd, kernel, say, t_start, retries, stagger, timeout, end, budget).run()
 
 
@@ -971,11 +1035,44 @@ def notebook_plan(nb, **params):
 
 
 def _lpt(durations, slots) -> float:
-    """Makespan of jobs on `slots` machines, longest first onto the least loaded (as the batch runner starts them)."""
+    """Makespan of jobs on `slots` machines, longest first onto the least loaded (as the batch runner starts them).
+    A job is seconds, or (seconds, k): a DDP run holding k machines at once, from when the k least loaded are free."""
     loads = [0.0] * max(1, slots)
-    for d in sorted(durations, reverse=True):
-        loads[loads.index(min(loads))] += d
+    jobs = [d if isinstance(d, tuple) else (d, 1) for d in durations]
+    for d, k in sorted(jobs, key=lambda j: j[0] * j[1], reverse=True):
+        free = sorted(range(len(loads)), key=loads.__getitem__)[:min(k, len(loads))]
+        start = max(loads[i] for i in free)
+        for i in free:
+            loads[i] = start + d
     return max(loads)
+
+
+def _placements(runs, gpu, gpus) -> dict:
+    """{config: placement} of the runs estimate_memory knows (one per config: the seed changes no memory)."""
+    out = {}
+    for r in runs:
+        c = r.cfg or {}
+        if r.config not in out and c.get("model") in _MODEL_COST and c.get("dataset") in DATASETS:
+            out[r.config] = placement(c, gpu, gpus)
+    return out
+
+
+def _placed_seconds(est, where):
+    """A run's (wall seconds, GPUs it holds): a DDP run over k GPUs at DDP_EFFICIENCY."""
+    k = where["gpus"] if where else 1
+    return (est["seconds"] / (k * DDP_EFFICIENCY), k) if k > 1 else (est["seconds"], 1)
+
+
+def _where_text(places) -> str:
+    """A notebook's placements in a few words: '1 × t4 each', or each config that needs more (or does not fit)."""
+    if not places:
+        return "-"
+    odd = {}
+    for c, p in places.items():
+        if p["gpus"] != 1:
+            odd.setdefault(p["text"], []).append(c)
+    return "; ".join(f"{', '.join(cs)}: {t}" for t, cs in odd.items()) if odd else \
+        f"{next(iter(places.values()))['text']} each"
 
 
 _PARAMS_CACHE = {}
@@ -1010,16 +1107,24 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
         plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir), **({"seeds": seeds} if seeds else {}))
         left = [r for r in plan.runs if not r.done]
         est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu) for r in left]
-        ests += [e["seconds"] for e in est]
+        places = _placements(plan.runs, gpu, gpus)
+        placed = [_placed_seconds(e, places.get(r.config)) for e, r in zip(est, left)]
+        ests += [p for p in placed if p[1] > 0]  # a run that fits nowhere here is named, not scheduled
         for r in plan.runs:
             c = r.cfg or {}
             if c.get("model") in _MODEL_COST and c.get("dataset") in DATASETS:
                 final_bytes += _model_bytes(c) if c.get("save_model", True) else 0
                 n = _model_bytes(c)
                 ckpt_bytes = max(ckpt_bytes, n * (2 + (2 if c.get("optimizer") == "adamw" else 1)))
+            elif c.get("task") and (n := seslib.text_model_bytes(c)):  # Exp 22: weights + AdamW's 2 moments
+                final_bytes += n if c.get("save_model") else 0
+                ckpt_bytes = max(ckpt_bytes, 3 * n)
         rows.append({"notebook": nb.stem, "runs": len(plan.runs), "left": len(left),
-                     "gpu_hours": sum(e["seconds"] for e in est) / 3600,
-                     "source": ", ".join(sorted({e["source"] for e in est})) or "-"})
+                     "gpu_hours": sum(sec * k for sec, k in placed) / 3600,
+                     "source": ", ".join(sorted({e["source"] for e in est})) or "-",
+                     "peak_gb": max((p["memory"]["peak_gb"] for p in places.values()), default=float("nan")),
+                     "where": _where_text(places), "fits": all(p["gpus"] for p in places.values()),
+                     "gpus_max": max((p["gpus"] for p in places.values()), default=1)})
     df = pd.DataFrame(rows)
     wall_h = _lpt(ests, gpus) / 3600
     per_version = max(budget_h, 1e-9)
@@ -1033,12 +1138,26 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
     return df, totals
 
 
+def memory_cell(row, gpu="T4") -> str:
+    """A notebook's peak memory and placement in a few words (the README's experiment table)."""
+    if row.peak_gb != row.peak_gb:
+        return "—"
+    if not row.fits:
+        return f"{row.peak_gb:.1f} GB: does not fit"
+    k = row.gpus_max
+    return f"{row.peak_gb:.1f} GB, 1 {gpu}" if k == 1 else f"{row.peak_gb:.1f} GB: DDP over {k} {gpu}s"
+
+
 def format_plan(df, t) -> str:
     lines = [f"seeds {list(t['seeds'])} in every notebook"] if t.get("seeds") else []
-    lines += [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10}  estimate from"]
+    lines += [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10} {'peak GB':>7}  estimate from; where"]
     for r in df.itertuples():
         gpu_h = _hours(r.gpu_hours * 3600, approx=True)
-        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {gpu_h:>10}  {r.source}")
+        peak = f"{r.peak_gb:.1f}" if r.peak_gb == r.peak_gb else "-"
+        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {gpu_h:>10} {peak:>7}  {r.source}; {r.where}")
+    if len(df) and not df["fits"].all():
+        lines.append("NOT ON THIS MACHINE: " + ", ".join(df.loc[~df["fits"], "notebook"]) + " (see 'where'; a bigger "
+                     "GPU, or more of them: --gpus / --gpu)")
     lines += [
         f"total: {_hours(t['gpu_hours'] * 3600, approx=True)} of {t['gpu']} GPU time; wall time on {t['gpus']} x "
         f"{t['gpu']}: {_hours(t['wall_hours'] * 3600, approx=True)} (longest runs first)",
@@ -1205,10 +1324,12 @@ if _data:
 print("seslib from", _dirs[:1], "| data from", os.environ.get("SES_DATA"))
 # Install only what this image lacks (a blanket `pip install -r` could swap Kaggle's torch).
 # Everything the runs need (seslib.preflight checks it again before each run): papermill & co for the runner, timm
-# (ViTs, Mixup/CutMix), torchmetrics (the robustness pass), and the frost photos of imagecorruptions (--no-deps: only
-# its image files are read; its own dependencies would pull an OpenCV build).
+# (ViTs, Mixup/CutMix), torchmetrics (the robustness pass), transformers (Exp 22's BERT; Kaggle's image has it), and
+# the frost photos of imagecorruptions (--no-deps: only its image files are read; its own dependencies would pull an
+# OpenCV build).
 _need = {{"papermill": "papermill", "nbformat": "nbformat", "yaml": "pyyaml", "timm": "timm", "torchmetrics": "torchmetrics",
-         "seaborn": "seaborn", "ipykernel": "ipykernel", "pandas": "pandas", "tqdm": "tqdm"}}
+         "seaborn": "seaborn", "ipykernel": "ipykernel", "pandas": "pandas", "tqdm": "tqdm",
+         "transformers": "transformers"}}
 _missing = [pkg for mod, pkg in _need.items() if importlib.util.find_spec(mod) is None]
 import subprocess
 if _missing:

