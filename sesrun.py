@@ -123,7 +123,7 @@ def find_notebooks(specs, dirs=None):
             out.append(Path(s).resolve())
             continue
         if s == "all":
-            # the 18 experiments; 00_explore is interactive, not part of a batch
+            # every experiment (01-18, 22, 28); 00_explore is interactive, not part of a batch
             found = next((sorted(p for p in d.glob("[0-9][0-9]_*.ipynb") if not p.name.startswith("00_"))
                           for d in dirs if list(d.glob("[0-9][0-9]_*.ipynb"))), [])
         elif s.isdigit():

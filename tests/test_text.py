@@ -249,3 +249,22 @@ def test_mixed_precision_trains_with_ses_in_float32(tmp_path, amp):
     assert r["config"]["precision"] == amp
     ses = [h["ses_loss"] for h in r["history"]]
     assert all(v == v for v in ses) and ses[-1] < ses[0]
+
+
+@pytest.mark.filterwarnings("ignore:SES target effective rank")  # batch 2: d^beta is out of reach, as it says
+def test_the_paper_path_on_attached_glue_files_and_an_attached_model(tmp_path, monkeypatch):
+    """The paper preset's path end to end, offline: GLUE's TSV files and a model folder named bert-base-uncased found
+    under data_root (a stand-in: TINY_BERT's weights and tokenizer saved as transformers saves a checkpoint)."""
+    monkeypatch.setattr(S, "hub_reachable", lambda timeout=3.0: False)
+    root = glue_files(tmp_path / "data")
+    torch.manual_seed(0)
+    tok = S.tiny_tokenizer(S.SYNTHETIC_VOCAB + ("the", "chief", "was", "there", "."))
+    attached = root / "bert-base-uncased" / "transformers" / "1"
+    S.tiny_bert(len(tok), 32).save_pretrained(attached)
+    tok.save_pretrained(attached)
+    cfg = dict(task="mrpc", ses=True, ses_layers="last4", epochs=2, batch_size=2, max_len=32, erank_batches=1,
+               data_root=str(root), out_dir=str(tmp_path / "out"), device="cpu", log="none")
+    r = S.train_text(cfg)
+    assert r["env"]["model_source"] == str(attached) and r["env"]["data"].endswith("glue_data/MRPC")
+    assert r["config"]["model"] == "bert-base-uncased" and r["config"]["text_data"] == "glue"
+    assert [h["steps"] for h in r["history"]] == [1, 1] and r["final"]["test_acc"] in (0.0, 100.0)
