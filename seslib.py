@@ -51,6 +51,7 @@ import time
 import types
 import warnings
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -5958,10 +5959,6 @@ CLAIM_KINDS = ("delta", "ratio", "contrast", "sd_ratio", "best", "tie", "at_most
 DIRECTION_KINDS = ("delta", "ratio", "contrast", "sd_ratio", "best")  # judged against 0 and the paper's size
 LOG_KINDS = ("ratio", "sd_ratio")  # judged on log ratios (a ratio's noise is multiplicative)
 CONFIDENCE = 0.95  # two-sided, for direction claims; bounds and ties use one-sided tests at 1 - CONFIDENCE / 2 each
-PAPER_SEED_SD = read_only({  # metric -> the largest seed SD the paper reports (Exp 5/6, 3 seeds), and where
-    "acc": (0.23, "Exp 5: SES accuracy 93.37 ± 0.23"),
-    "rob": (0.60, "Exp 5 baseline robustness SD 0.60 (SES 0.26)"),
-})
 TIE_MARGINS = read_only({  # metric -> the difference a tie (or "near the best") tolerates, and why that size
     "acc": (0.5, "about 2x the paper's largest accuracy seed SD (0.23, Exp 5)"),
     "rob": (1.2, "2x the paper's largest robustness seed SD (0.60, Exp 5)"),
@@ -5992,7 +5989,7 @@ _CLAIM_KEYS = {"text", "a", "b", "metric", "kind", "among", "paper", "margin", "
 def check_claim(claim, grid, paper=None) -> dict:
     """A claim dict, checked against the grid when the notebook is loaded (not after training): names every
     config it needs that the grid lacks, an unknown metric or kind, a paper value it cannot find."""
-    if not isinstance(claim, dict) or "text" not in claim or not (claim.get("a") or claim.get("terms")):
+    if not isinstance(claim, Mapping) or "text" not in claim or not (claim.get("a") or claim.get("terms")):
         raise ValueError(f"a claim is a dict with 'text' and 'a' (a config name) or 'terms'; got {claim!r}")
     c = {"b": None, "a": None, "metric": "acc", "kind": "delta", "among": None, "paper": None, "margin": None,
          "terms": None, "source": None, "paper_sd": None, **claim}
@@ -6025,7 +6022,7 @@ def _check_claim_shape(c, grid):
     if c["kind"] in ("delta", "ratio", "tie", "sd_ratio") and not (c["a"] and c["b"]):
         raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim compares 'a' with 'b'")
     if c["kind"] == "contrast" or (c["kind"] == "at_most" and c["terms"] is not None):
-        if not isinstance(c["terms"], dict) or not c["terms"] or not all(_is_real(w) for w in c["terms"].values()):
+        if not isinstance(c["terms"], Mapping) or not c["terms"] or not all(_is_real(w) for w in c["terms"].values()):
             raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim on a contrast needs terms={{config: weight}}")
         c["terms"] = dict(c["terms"])
     elif not c["a"]:
@@ -6114,8 +6111,7 @@ def sd_ratio_interval(values_a: dict, values_b: dict) -> dict:
     a, b = np.array(list(values_a.values())), np.array(list(values_b.values()))
     n = min(len(a), len(b))
     if n < 2 or a.std(ddof=1) == 0 or b.std(ddof=1) == 0:
-        return {"est": float("nan"), "se": float("nan"), "dof": float("nan"), "n": n, "paired": False,
-                **{k: float("nan") for k in ("lo", "hi", "lo90", "hi90")}}
+        return _interval(float("nan"), float("nan"), float("nan"), n, False)
     f = a.var(ddof=1) / b.var(ddof=1)
     out = {"est": 0.5 * math.log(f), "se": float("nan"), "dof": (len(a) - 1, len(b) - 1), "n": n, "paired": False}
     for name, conf in (("", CONFIDENCE), ("90", 2 * CONFIDENCE - 1)):
@@ -6255,11 +6251,21 @@ def chance_verdicts(n_judged, rate=1 - CONFIDENCE) -> str:
 
 # The claims that span notebooks (configs "NN_notebook/config"), judged by build_summary on each notebook's
 # values.csv. Filled from the paper's text; see the README's coverage table.
+def _ses_gain(notebook, config="ses", baseline="baseline"):
+    """The (config, baseline) pair of another notebook's SES gain, as SUMMARY_CLAIMS name configs."""
+    return f"{notebook}/{config}", f"{notebook}/{baseline}"
+
+
+def _gain_difference(gain, other):
+    """terms of (gain's config − its baseline) − (other's config − its baseline): a difference of SES gains."""
+    return {gain[0]: 1, gain[1]: -1, other[0]: -1, other[1]: 1}
+
+
 SUMMARY_CLAIMS = (
     dict(
         text="difficulty scaling of the gap (P1), step 1: SES's gap change CIFAR-10 (+0.01) -> CIFAR-100 (-0.33)",
-        terms={'06_multiseed_cifar100/ses': 1, '06_multiseed_cifar100/baseline': -1, '05_multiseed_cifar10/ses': -1,
-               '05_multiseed_cifar10/baseline': 1},
+        terms=_gain_difference(_ses_gain('06_multiseed_cifar100'),
+                               _ses_gain('05_multiseed_cifar10')),
         metric='gap',
         kind='contrast',
         paper=-0.34,
@@ -6268,8 +6274,8 @@ SUMMARY_CLAIMS = (
     ),
     dict(
         text='difficulty scaling of the gap (P1), step 2: CIFAR-100 (-0.33) -> Tiny-ImageNet (-2.21)',
-        terms={'11_resnet50_tinyimagenet/ses': 1, '11_resnet50_tinyimagenet/baseline': -1,
-               '06_multiseed_cifar100/ses': -1, '06_multiseed_cifar100/baseline': 1},
+        terms=_gain_difference(_ses_gain('11_resnet50_tinyimagenet'),
+                               _ses_gain('06_multiseed_cifar100')),
         metric='gap',
         kind='contrast',
         paper=-1.88,
@@ -6278,8 +6284,8 @@ SUMMARY_CLAIMS = (
     ),
     dict(
         text='difficulty scaling of accuracy, step 1: CIFAR-10 (-0.06) -> CIFAR-100 (+0.47)',
-        terms={'06_multiseed_cifar100/ses': 1, '06_multiseed_cifar100/baseline': -1, '05_multiseed_cifar10/ses': -1,
-               '05_multiseed_cifar10/baseline': 1},
+        terms=_gain_difference(_ses_gain('06_multiseed_cifar100'),
+                               _ses_gain('05_multiseed_cifar10')),
         metric='acc',
         kind='contrast',
         paper=0.53,
@@ -6287,8 +6293,8 @@ SUMMARY_CLAIMS = (
     ),
     dict(
         text='difficulty scaling of accuracy, step 2: CIFAR-100 (+0.47) -> Tiny-ImageNet (+2.58)',
-        terms={'11_resnet50_tinyimagenet/ses': 1, '11_resnet50_tinyimagenet/baseline': -1,
-               '06_multiseed_cifar100/ses': -1, '06_multiseed_cifar100/baseline': 1},
+        terms=_gain_difference(_ses_gain('11_resnet50_tinyimagenet'),
+                               _ses_gain('06_multiseed_cifar100')),
         metric='acc',
         kind='contrast',
         paper=2.11,
@@ -6297,8 +6303,8 @@ SUMMARY_CLAIMS = (
     ),
     dict(
         text='difficulty scaling of robustness, step 1: CIFAR-10 (+0.45) -> CIFAR-100 (+0.65)',
-        terms={'06_multiseed_cifar100/ses': 1, '06_multiseed_cifar100/baseline': -1, '05_multiseed_cifar10/ses': -1,
-               '05_multiseed_cifar10/baseline': 1},
+        terms=_gain_difference(_ses_gain('06_multiseed_cifar100'),
+                               _ses_gain('05_multiseed_cifar10')),
         metric='rob',
         kind='contrast',
         paper=0.2,
@@ -6306,8 +6312,8 @@ SUMMARY_CLAIMS = (
     ),
     dict(
         text='difficulty scaling of robustness, step 2: CIFAR-100 (+0.65) -> Tiny-ImageNet (+2.37)',
-        terms={'11_resnet50_tinyimagenet/ses': 1, '11_resnet50_tinyimagenet/baseline': -1,
-               '06_multiseed_cifar100/ses': -1, '06_multiseed_cifar100/baseline': 1},
+        terms=_gain_difference(_ses_gain('11_resnet50_tinyimagenet'),
+                               _ses_gain('06_multiseed_cifar100')),
         metric='rob',
         kind='contrast',
         paper=1.72,
@@ -6351,8 +6357,8 @@ SUMMARY_CLAIMS = (
     ),
     dict(
         text="on WRN-28-10 SES's accuracy benefit disappears: gain -0.31 vs +0.47 for ResNet-18 on CIFAR-100",
-        terms={'13_wrn28_10/ses': 1, '13_wrn28_10/baseline': -1, '06_multiseed_cifar100/ses': -1,
-               '06_multiseed_cifar100/baseline': 1},
+        terms=_gain_difference(_ses_gain('13_wrn28_10'),
+                               _ses_gain('06_multiseed_cifar100')),
         metric='acc',
         kind='contrast',
         paper=-0.78,
@@ -6360,8 +6366,8 @@ SUMMARY_CLAIMS = (
     ),
     dict(
         text="ViT-Tiny's robustness gain exceeds ResNet-18's on CIFAR-100 (+1.31 vs +0.65)",
-        terms={'14_vit/vit_tiny_ses': 1, '14_vit/vit_tiny_baseline': -1, '06_multiseed_cifar100/ses': -1,
-               '06_multiseed_cifar100/baseline': 1},
+        terms=_gain_difference(_ses_gain('14_vit', 'vit_tiny_ses', 'vit_tiny_baseline'),
+                               _ses_gain('06_multiseed_cifar100')),
         metric='rob',
         kind='contrast',
         paper=0.66,
@@ -6370,8 +6376,8 @@ SUMMARY_CLAIMS = (
     ),
     dict(
         text="ViT-Small's robustness gain exceeds ResNet-18's on CIFAR-100 (+1.33 vs +0.65)",
-        terms={'14_vit/vit_small_ses': 1, '14_vit/vit_small_baseline': -1, '06_multiseed_cifar100/ses': -1,
-               '06_multiseed_cifar100/baseline': 1},
+        terms=_gain_difference(_ses_gain('14_vit', 'vit_small_ses', 'vit_small_baseline'),
+                               _ses_gain('06_multiseed_cifar100')),
         metric='rob',
         kind='contrast',
         paper=0.68,
@@ -6380,8 +6386,8 @@ SUMMARY_CLAIMS = (
     dict(
         text='beta = 0.5 on ViT-Small is the largest single-config gain of the paper (+2.66, above Tiny-'
              "ImageNet's +2.58)",
-        terms={'17_vit_ablations/beta_0.5': 1, '17_vit_ablations/baseline': -1, '11_resnet50_tinyimagenet/ses': -1,
-               '11_resnet50_tinyimagenet/baseline': 1},
+        terms=_gain_difference(_ses_gain('17_vit_ablations', 'beta_0.5', 'baseline'),
+                               _ses_gain('11_resnet50_tinyimagenet')),
         metric='acc',
         kind='contrast',
         paper=0.08,
@@ -7093,8 +7099,7 @@ def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=No
 
 def summary_claims():
     """SUMMARY_CLAIMS checked (their configs are "NN_notebook/config"; tests check them against the notebooks)."""
-    claims = [{**c, **({"terms": dict(c["terms"])} if c.get("terms") else {})} for c in SUMMARY_CLAIMS]
-    return [check_claim(c, {x for x in [c.get("a"), c.get("b"), *(c.get("terms") or {})] if x}) for c in claims]
+    return [check_claim(c, {x for x in [c.get("a"), c.get("b"), *(c.get("terms") or {})] if x}) for c in SUMMARY_CLAIMS]
 
 
 def summary_claims_table(root):
@@ -7541,7 +7546,8 @@ def placed_train_fn(cfg, torchrun=None, gpus=None):
     if torchrun not in (None, "", 0, "0", False) or cfg.get("model") not in _MODEL_COST:
         return None
     kind, n = gpus or _visible_gpus()
-    if not n or (cfg.get("device") or "auto") not in ("auto", "cuda") and not str(cfg.get("device")).startswith("cuda"):
+    device = str(cfg.get("device") or "auto")
+    if not n or not (device == "auto" or device.startswith("cuda")):
         return None
     p = placement(validate_config(cfg), kind, n)
     if p["gpus"] == 0:
