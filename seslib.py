@@ -3727,6 +3727,11 @@ def estimate_memory(c, gpu="t4") -> dict:
 DDP_EFFICIENCY = 0.9  # a DDP run over k GPUs trains ~0.9 k times as fast (an all-reduce per step): assumed, not measured
 
 
+def placeable(c) -> bool:
+    """Whether estimate_memory knows c's model and data (image runs; not the toy study or Exp 22's text runs)."""
+    return c.get("model") in _MODEL_COST and c.get("dataset") in DATASETS
+
+
 def placement(c, gpu="t4", n_gpus=1) -> dict:
     """Where the run c goes on a machine of n_gpus GPUs of kind gpu, by estimate_memory: one GPU; one DDP run over k
     of them (SyncBN and SES over the global batch, so BN and SES see the batch the recipe names: no gradient
@@ -7543,7 +7548,7 @@ def placed_train_fn(cfg, torchrun=None, gpus=None):
     a run that does not fit one of this machine's GPUs but fits k of them runs as ONE DDP run over k (train_torchrun);
     one that fits nowhere here raises PreflightError, one line, before its data loads. Nothing to place when the caller
     chose torchrun, on a CPU, or for a model estimate_memory does not know. gpus: (kind, count), else this process's."""
-    if torchrun not in (None, "", 0, "0", False) or cfg.get("model") not in _MODEL_COST:
+    if torchrun not in (None, "", 0, "0", False) or not placeable(cfg):
         return None
     kind, n = gpus or _visible_gpus()
     device = str(cfg.get("device") or "auto")

@@ -56,7 +56,7 @@ if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
 
 from seslib import (BUDGET_ENV, DATASETS, DATA_ENV, DEADLINE_ENV, GPU_SPEED, JOB_FILES_ENV, MARK_BUDGET, MARK_ERROR,
                     DDP_EFFICIENCY, MARK_LOCKED, MARK_PAUSED, PRESETS, RUNNER_PARAMS, RunLocked, SLOT_ENV, TORCHRUN_ENV,
-                    _MODEL_COST, gpu_kind, placement,
+                    gpu_kind, placeable, placement,
                     _hours, _read_result, _result_ok, _speed, atomic_write_bytes, atomic_write_json, build_model,
                     build_summary, dataset_info, estimate_eval_seconds, fits_budget, is_locked, parse_duration,
                     read_only, report, resolve_data_dir, resolve_seeds, result_status, run_command, run_cost,
@@ -527,7 +527,7 @@ def place_jobs(jobs, slots, say, kind=None):
     kind = kind or gpu_kind(torch.cuda.get_device_name(0))  # CUDA-only: GPU slots exist only where CUDA does
     for j in jobs:
         c = j.cfg or {}
-        if j.kind != "run" or c.get("model") not in _MODEL_COST or c.get("dataset") not in DATASETS:
+        if j.kind != "run" or not placeable(c):
             continue
         p = placement(c, kind, len(gpus))
         j.gpus, j.place = p["gpus"], p["text"]
@@ -1052,7 +1052,7 @@ def _placements(runs, gpu, gpus) -> dict:
     out = {}
     for r in runs:
         c = r.cfg or {}
-        if r.config not in out and c.get("model") in _MODEL_COST and c.get("dataset") in DATASETS:
+        if r.config not in out and placeable(c):
             out[r.config] = placement(c, gpu, gpus)
     return out
 
@@ -1112,7 +1112,7 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
         ests += [p for p in placed if p[1] > 0]  # a run that fits nowhere here is named, not scheduled
         for r in plan.runs:
             c = r.cfg or {}
-            if c.get("model") in _MODEL_COST and c.get("dataset") in DATASETS:
+            if placeable(c):
                 final_bytes += _model_bytes(c) if c.get("save_model", True) else 0
                 n = _model_bytes(c)
                 ckpt_bytes = max(ckpt_bytes, n * (2 + (2 if c.get("optimizer") == "adamw" else 1)))
