@@ -155,6 +155,66 @@ def test_the_learning_rate_schedule_is_the_authors(warmup, total):
     assert ours == pytest.approx(authors_schedule(warmup, total), abs=1e-12)
 
 
+def test_the_recipe_resolves_and_refuses_bad_settings():
+    c = S.resolve_text_config(dict(task="mrpc", ses=True, ses_layers="last4", device="cpu"))
+    assert (c["lr"], c["weight_decay"], c["warmup_ratio"], c["epochs"], c["batch_size"], c["max_len"]) == (
+        2e-5, 0.01, 0.06, 3, 32, 128)
+    assert c["ses_beta"] == 0.5 and c["ses_lambda"] == 0.01 and c["amp"] == "fp16" and c["precision"] == "fp32"
+    with pytest.raises(ValueError, match="'max_length' \\(did you mean 'max_len'\\?\\)"):
+        S.resolve_text_config(dict(max_length=64))
+    with pytest.raises(ValueError, match="config 'task' must be one of 'sst2', 'mrpc'"):
+        S.resolve_text_config(dict(task="cola"))
+    with pytest.raises(ValueError, match="not 'bert-tiny-random' with GLUE data"):
+        S.resolve_text_config(dict(model=S.TINY_BERT))
+    with pytest.raises(ValueError, match="config 'ses_layers' must be 'all', 'lastN'"):
+        S.resolve_text_config(dict(ses_layers="last_4"))
+
+
+def test_estimates_scale_with_the_task():
+    sst2 = S.resolve_text_config(dict(task="sst2", device="cpu"))
+    mrpc = S.resolve_text_config(dict(task="mrpc", device="cpu"))
+    assert S.run_cost(sst2) / S.run_cost(mrpc) == pytest.approx(67349 / 3668)
+    est = S.estimate_run(sst2, "t4")  # no paper entry: ResNet-18's T4 epoch x BERT's cost, 3 epochs
+    assert est["epoch_s"] == pytest.approx(28.9 * 10.4) and est["seconds"] == pytest.approx(3 * 28.9 * 10.4)
+    assert S.estimate_run(sst2, "t4", {"epoch_s": 301.66})["epoch_s"] == pytest.approx(301.66)
+    smoke = S.resolve_text_config(S.run_config({}, {"task": "mrpc"}, preset="smoke", presets=S.TEXT_PRESETS))
+    assert S.estimate_run(smoke, "cpu", {"epoch_s": 15.2})["seconds"] == S.TINY_BERT_RUN_SECONDS
+
+
+def smoke_cfg(out, **kw):
+    c = S.run_config({}, dict(task="sst2", ses=True, ses_layers="last4", **kw), preset="smoke",
+                     presets=S.TEXT_PRESETS, run_dir=out, device="cpu")
+    return dict(c, log="none", resume=True)
+
+
+def test_a_run_writes_its_result_once_and_resumes_exactly(tmp_path, monkeypatch):
+    full = S.train_text(smoke_cfg(tmp_path / "full"))
+    assert json.loads((tmp_path / "full" / "result.json").read_text())["final"] == json.loads(json.dumps(full["final"]))
+    assert not (tmp_path / "full" / "checkpoint.pt").exists() and not list((tmp_path / "full").glob(".*.tmp"))
+    assert [h["epoch"] for h in full["history"]] == [1, 2] and full["history"][0]["ses_loss"] > 0
+    assert set(full["final"]["erank"]) == {f"bert.encoder.layer.{i}" for i in (2, 3, 4, 5)}
+    stamp = (tmp_path / "full" / "result.json").stat().st_mtime_ns
+    assert S.train_text(smoke_cfg(tmp_path / "full"))["final"] == full["final"]  # done: handed back, not re-run
+    assert (tmp_path / "full" / "result.json").stat().st_mtime_ns == stamp
+
+    save = S._text_checkpoint
+
+    def stop_after_first_epoch(run, epoch):
+        save(run, epoch)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(S, "_text_checkpoint", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        S.train_text(smoke_cfg(tmp_path / "cut"))
+    monkeypatch.setattr(S, "_text_checkpoint", save)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "result.json").exists()
+    resumed = S.train_text(smoke_cfg(tmp_path / "cut"))
+    for k in ("train_loss", "train_acc", "test_acc", "test_loss", "ses_loss", "lr"):
+        assert [h[k] for h in resumed["history"]] == [h[k] for h in full["history"]], k
+
+    changed = S.train_text(smoke_cfg(tmp_path / "full", ses_pool="mask"))  # other settings: set aside, redone
+    assert changed["config"]["ses_pool"] == "mask" and list((tmp_path / "stale").glob("full.*/result.json"))
+
+
 def test_the_notebooks_typed_paper_numbers_are_the_authors_files():
     folder = S.reference_dir()
     if folder is None or not (folder / "bert_nlp_summary.json").is_file():
