@@ -16,6 +16,8 @@ Known differences, accounted for in the table:
 - cuDNN autotuning (Exp 11 only: cudnn.benchmark) is an allowance fitted on Exp 11's two numbers
   (seslib.CUDNN_AUTOTUNE).
 The tolerance (TOLERANCE) applies to the plain ratio: estimate less data (highest of its process so far) / published.
+Exp 22's BERT peaks (UNEXPLAINED) are listed apart: the estimate is 0.27 of them, and no difference we know of
+accounts for the rest (bench/RESULTS.md says what was checked).
 """
 import argparse
 import contextlib
@@ -53,7 +55,11 @@ PUBLISHED = (
      {"last_4": "last4", "first_4": "first4"}, "t4"),
     ("18_vit_attention", "vit_attention_results.json", ("gpu0_attn_results.json", "gpu1_attn_results.json"), {}, "t4"),
     ("11_resnet50_tinyimagenet", "resnet50_tinyimagenet_results.json", None, {}, "l40s"),
+    ("22_bert_glue", "bert_nlp_summary.json", ("gpu0_sst2_results.json", "gpu1_mrpc_results.json"), {}, "t4"),
 )
+# peaks the estimate does not explain: outside the tolerance, shown in their own table (see bench/RESULTS.md)
+UNEXPLAINED = {"22_bert_glue": "BERT-base: 3.7x the estimate; ses_bert_nlp.py at its own config (batch 32 x 128 "
+                               "tokens, fp16) holds about 4 GB per step by our trace"}
 # the author's collectors that pool after the forward (see the module docstring): notebooks, and for ViTs the targets
 POOLED_AFTER_FORWARD = {"12_mixup_cutmix": None, "13_wrn28_10": None, "16_adaptive_beta": None,
                         "18_vit_attention": ("attn_out", "attn_weights")}
@@ -107,7 +113,7 @@ def rows(shared=SHARED) -> tuple:
     """One dict per published peak: the estimate, its parts and both ratios (see the module docstring)."""
     out, high = [], {}
     for nb, name, key, pub, proc, gpu, config in published_runs(shared):
-        c = notebook_configs(nb)[config]
+        c = notebook_configs(nb)[config]  # a text run's (Exp 22): resolve_text_config's
         est = S.estimate_memory(c, gpu)
         ours = est["peak_gb"] - est["data_gb"]
         his = ours + his_ses_bytes(nb, c) / 1e9
@@ -115,7 +121,8 @@ def rows(shared=SHARED) -> tuple:
         hw = high[(name, proc)] = (max(was[0], ours), max(was[1], his))  # the process's highest so far
         out.append({"notebook": nb, "file": name, "key": key, "config": config, "gpu": gpu, "published": pub,
                     "estimate": est["peak_gb"], "data": est["data_gb"], "compared": hw[0], "ratio": hw[0] / pub,
-                    "his_ses": his - ours, "ratio_his": hw[1] / pub, "precision": est["precision"]})
+                    "his_ses": his - ours, "ratio_his": hw[1] / pub, "precision": est["precision"],
+                    "explained": nb not in UNEXPLAINED})
     return tuple(out)
 
 
@@ -123,14 +130,24 @@ def table(shared=SHARED) -> str:
     lines = ["| notebook: config (file: key) | author's GPU | published GB | estimate GB | data GB | estimate − data "
              "(process high) | ratio | + his SES GB | ratio with his SES |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = lines[:]
     for r in rows(shared):
-        lines.append(f"| {r['notebook']}: {r['config']} ({r['file']}: {r['key']}) | {r['gpu'].upper()} "
-                     f"({r['precision']}) | {r['published']:.2f} | {r['estimate']:.2f} | {r['data']:.2f} | "
-                     f"{r['compared']:.2f} | {r['ratio']:.2f} | {r['his_ses']:.2f} | {r['ratio_his']:.2f} |")
-    ratios = [r["ratio"] for r in rows(shared)]
+        if not r["explained"]:
+            continue
+        lines.append(_row(r))
+    ratios = [r["ratio"] for r in rows(shared) if r["explained"]]
     lines.append(f"\nratio = (estimate − data, the highest of its process so far) / published: {min(ratios):.2f} to "
                  f"{max(ratios):.2f} over {len(ratios)} peaks (tolerance ±{TOLERANCE:.0%}).")
+    other = [r for r in rows(shared) if not r["explained"]]
+    if other:
+        lines += ["", "Not explained (outside the tolerance; see the text):", "", *head, *map(_row, other)]
     return "\n".join(lines)
+
+
+def _row(r) -> str:
+    return (f"| {r['notebook']}: {r['config']} ({r['file']}: {r['key']}) | {r['gpu'].upper()} ({r['precision']}) | "
+            f"{r['published']:.2f} | {r['estimate']:.2f} | {r['data']:.2f} | {r['compared']:.2f} | {r['ratio']:.2f} | "
+            f"{r['his_ses']:.2f} | {r['ratio_his']:.2f} |")
 
 
 if __name__ == "__main__":
