@@ -10,14 +10,14 @@ Sections (in data-flow order: each uses only itself and those above it):
   utilities: the run contract with the runner, atomic writes, locks, type checks, device and precision, figures
   SES core: spectral entropy, effective rank, the SES loss, beta schedules
   hooks and the SES object: which layers, pooled activations, ActivationCollector, SES for any nn.Module
-  data: data sets on disk, loading, the on-device loader and its augmentations
-  models: ResNet-18/50, WRN-28-10, the ViTs, the toy MLP
+  data: data sets on disk, loading, the on-device loader and its augmentations; GLUE text, synthetic smoke text
+  models: ResNet-18/50, WRN-28-10, the ViTs, the toy MLP; BERT's shapes, the smoke BERT, its SES layers
   corruptions: CIFAR-10-C / Tiny-ImageNet-C generated or read, their evaluation, the paper's own protocol
   run folders, the stale rule and estimates: when a result counts as done, setting stale ones aside, time estimates,
-    GPU memory estimates (estimate_memory)
+    GPU memory estimates (estimate_memory, image and text runs)
   train: a run's config, the training loop as named steps, distributed runs, result.json
   toy 2-D study (Exp 4): rings, a 5 x 16 MLP, the Jacobian's condition number
-  text (Exp 22): BERT fine-tuned on GLUE SST-2 / MRPC with the author's recipe, its smoke text, train_text
+  text (Exp 22): BERT fine-tuned on GLUE SST-2 / MRPC with the author's recipe, train_text
   results & reports: results, claims and verdicts, tables, figures, report.md, SUMMARY.md
   explore: a finished run's model and its layers' spectra
   notebook side: parameters, presets, the run plan a notebook makes and runs

@@ -1112,13 +1112,13 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
         ests += [p for p in placed if p[1] > 0]  # a run that fits nowhere here is named, not scheduled
         for r in plan.runs:
             c = r.cfg or {}
-            if placeable(c):
+            if c.get("task") and (n := seslib.text_model_bytes(c)):  # Exp 22: weights + AdamW's 2 moments
+                final_bytes += n if c.get("save_model") else 0
+                ckpt_bytes = max(ckpt_bytes, 3 * n)
+            elif placeable(c):
                 final_bytes += _model_bytes(c) if c.get("save_model", True) else 0
                 n = _model_bytes(c)
                 ckpt_bytes = max(ckpt_bytes, n * (2 + (2 if c.get("optimizer") == "adamw" else 1)))
-            elif c.get("task") and (n := seslib.text_model_bytes(c)):  # Exp 22: weights + AdamW's 2 moments
-                final_bytes += n if c.get("save_model") else 0
-                ckpt_bytes = max(ckpt_bytes, 3 * n)
         rows.append({"notebook": nb.stem, "runs": len(plan.runs), "left": len(left),
                      "gpu_hours": sum(sec * k for sec, k in placed) / 3600,
                      "source": ", ".join(sorted({e["source"] for e in est})) or "-",

@@ -15,9 +15,13 @@ Each check is one row of {out}/gpu_check.json and {out}/gpu_check.md (both print
                          CUDA_VISIBLE_DEVICES of sesrun.batch_slots("0,1"): skipped on one GPU
   peak_memory            torch.cuda.max_memory_allocated of a full-width recipe's steps (ResNet-18, CIFAR-100, batch
                          512, fp16: Exp 12/16's) vs seslib.estimate_memory, when seslib has it
+  bert_peak_memory       the same for Exp 22's step: BERT-base (random weights, no download) at batch 32 x 128 tokens,
+                         fp16, SES on all 12 layers, with transformers' SDPA and eager attention, beside the estimate
+                         and the author's 13.71 GB (which the estimate does not explain: bench/RESULTS.md)
 CIFAR-100 comes from --data-root, $SES_DATA or ./data (downloaded by torchvision when absent). Exit 0 when every check
 passes (or is skipped), 1 when one fails; without a CUDA GPU: exit 2 and one line, before anything is written."""
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -180,6 +184,46 @@ def check_peak_memory(S, data_root, dev, tmp):
     return out
 
 
+def check_bert_peak_memory(S, dev):
+    """Exp 22's training step (seslib's own _text_step: fp16 autocast, GradScaler, clip 1.0, AdamW in the author's two
+    groups) on a randomly initialised BERT-base at the recipe's batch 32 x 128 tokens, SES on all 12 layers, 3 steps
+    per attention implementation: max_memory_allocated beside estimate_memory less its data (this step holds none).
+    The CPU dry run takes the same path at batch 2 x 16 tokens and measures nothing."""
+    if importlib.util.find_spec("transformers") is None:
+        return {"skipped": "transformers is not installed"}
+    from transformers import BertConfig, BertForSequenceClassification
+    cuda = dev.type == "cuda"
+    batch, tokens = (32, 128) if cuda else (2, 16)
+    c = S.resolve_text_config(dict(task="sst2", ses=True, ses_layers="all", device=dev.type, cpu_amp=not cuda,
+                                   batch_size=batch, max_len=tokens))
+    kind = S.gpu_kind(torch.cuda.get_device_name(0)) if cuda else "t4"
+    est = S.estimate_memory(c, kind if kind in S.GPU_MEMORY else "t4")
+    out = {"config": f"bert-base sst2 batch {batch} x {tokens} fp16 SES all-12, 3 steps", "published_gb": 13.71,
+           "estimate_gb": round(est["peak_gb"] - est["data_gb"], 3)}
+    for impl in ("sdpa", "eager"):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        run = S._TextRun(c, dev, amp_dtype=torch.float16, steps=3)
+        run.model = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation=impl)).to(dev)
+        run.ses = S.SES(run.model, S.bert_hook_targets(run.model, "all"), beta=0.5, lam=0.01)
+        S._text_optimisation(run)
+        ids = torch.randint(1000, 30000, (batch, tokens), device=dev)
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "labels": torch.randint(0, 2, (batch,), device=dev)}
+        sums = torch.zeros(5, device=dev, dtype=torch.float64)
+        for _ in range(3):
+            S._text_step(run, data, sums)
+        if cuda:
+            torch.cuda.synchronize()
+        out[f"measured_gb_{impl}"] = round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None
+        run.ses.remove()
+        del run
+    if cuda:
+        out["ratio"] = round(out["estimate_gb"] / out["measured_gb_sdpa"], 3)
+    return out
+
+
 # ── running them, writing the figures ────────────────────────────────────────────────────────────
 
 def run_checks(S, data_root, dev, tmp):
@@ -192,6 +236,7 @@ def run_checks(S, data_root, dev, tmp):
         "ddp_two_gpus": lambda: check_ddp_two_gpus(S, data_root, dev, tmp),
         "slots_two_gpus": lambda: check_gpu_slots(S, data_root, dev, tmp),
         "peak_memory": lambda: check_peak_memory(S, data_root, dev, tmp),
+        "bert_peak_memory": lambda: check_bert_peak_memory(S, dev),
     }
     rows = []
     for name, fn in checks.items():

@@ -16,7 +16,9 @@ _spec = importlib.util.spec_from_file_location("memory_estimates", ROOT / "bench
 MB = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(MB)
 HAVE_REFERENCE = (MB.SHARED / "reference" / "paper_results").is_dir()
-PEAKS = [(r[1], r[2]) for r in MB.published_runs()] if HAVE_REFERENCE else [("absent", "absent")]
+ALL_PEAKS = [(r[1], r[2], r[0]) for r in MB.published_runs()] if HAVE_REFERENCE else []
+PEAKS = [(f, k) for f, k, nb in ALL_PEAKS if nb not in MB.UNEXPLAINED] or [("absent", "absent")]
+BERT_PEAKS = [(f, k) for f, k, nb in ALL_PEAKS if nb == "22_bert_glue"]
 KEYS = {"gpu", "precision", "peak_gb", "need_gb", "total_gb", "usable_gb", "fits", "gpus_needed", "per_gpu_gb",
         "data_gb", "terms", "why"}
 
@@ -41,16 +43,38 @@ def test_each_published_peak_is_estimated_within_the_tolerance(file, key):
 
 
 @pytest.mark.skipif(not HAVE_REFERENCE, reason="../shared/reference/paper_results (the author's result files) absent")
-def test_the_published_runs_cover_every_vram_peak_of_an_image_experiment():
-    """Every result file with vram_peak_gb is in the table (BERT, Exp 22, has no notebook yet), each key once."""
+def test_the_published_runs_cover_every_vram_peak_the_author_published():
+    """Every result file with vram_peak_gb is in the table, each key once: 38 image peaks within the tolerance, and
+    Exp 22's 6 BERT peaks in their own table (bench/RESULTS.md: not explained)."""
     ref = MB.SHARED / "reference" / "paper_results"
-    listed = {f for f, _ in PEAKS}
+    listed = {f for f, _, _ in ALL_PEAKS}
     workers = {w for _, _, procs, _, _ in MB.PUBLISHED for w in procs or ()}
-    bert = {p.name for pattern in ("bert_*", "gpu*_sst2*", "gpu*_mrpc*") for p in ref.glob(pattern)}
     with_vram = {p.name for p in ref.glob("*.json") if "vram_peak_gb" in p.read_text()}
     summaries = {p.name for p in ref.glob("*summary.json")}  # copies of the *_results files
-    assert with_vram - listed - workers - bert - summaries == set()
-    assert len(PEAKS) == len(set(PEAKS)) == 38
+    full = {p.name for p in ref.glob("*_full.json")}  # the BERT workers' files with their histories
+    assert with_vram - listed - workers - summaries - full == set()
+    assert len(PEAKS) == len(set(PEAKS)) == 38 and len(BERT_PEAKS) == 6
+    assert set(MB.UNEXPLAINED) == {"22_bert_glue"}
+
+
+@pytest.mark.skipif(not HAVE_REFERENCE, reason="../shared/reference/paper_results (the author's result files) absent")
+def test_results_md_holds_the_tables_the_script_prints_now():
+    """bench/RESULTS.md's memory tables are this code's: every row bench/memory_estimates.py prints is there."""
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    rows = [line for line in MB.table().splitlines() if line.startswith("| ") or line.startswith("ratio =")]
+    assert len(rows) > 44 and [r for r in rows if r not in results] == []
+
+
+@pytest.mark.skipif(not HAVE_REFERENCE, reason="../shared/reference/paper_results (the author's result files) absent")
+def test_exp22_fits_one_t4_by_the_estimate_and_by_the_authors_own_peak():
+    """The BERT peaks the estimate does not explain (0.27 of them) still place Exp 22 as the estimate does: one run
+    per T4, whichever number is right (13.72 GB < a T4's 14.54 usable)."""
+    rows = [r for r in MB.rows() if r["notebook"] == "22_bert_glue"]
+    assert len(rows) == 6 and all(not r["explained"] for r in rows)
+    for r in rows:
+        est = S.estimate_memory(MB.notebook_configs("22_bert_glue")[r["config"]], "t4")
+        assert est["fits"] and est["gpus_needed"] == 1 and r["published"] < est["usable_gb"]
+        assert 0.2 < r["ratio"] < 0.35, r  # the table's figure; moved, the README and RESULTS.md say it wrong
 
 
 # ── fits, GPUs needed, the dict ─────────────────────────────────────────────────────────────────
@@ -111,6 +135,95 @@ def test_cudnn_autotuning_is_counted_in_the_peak_but_not_in_what_must_fit():
 def test_a_partial_config_is_refused():
     with pytest.raises(ValueError, match="resolved config.*validate_config"):
         S.estimate_memory({"model": "resnet18"}, "t4")
+
+
+# ── Exp 22's text runs ─────────────────────────────────────────────────────────────────────────
+
+def text_cfg(**kw):
+    return S.resolve_text_config({"device": "cpu", **kw})
+
+
+def test_a_text_run_is_estimated_with_the_documented_dict_on_one_gpu():
+    est = S.estimate_memory(text_cfg(task="sst2", ses=True), "t4")
+    assert set(est) == KEYS and est["fits"] and est["gpus_needed"] == 1 and list(est["per_gpu_gb"]) == [1]
+    assert est["precision"] == "fp16" and math.isclose(sum(est["terms"].values()), est["peak_gb"], abs_tol=0.01)
+    assert S.placeable(text_cfg()) and not S.placeable(text_cfg(model="roberta-base"))
+    fp32 = S.estimate_memory(text_cfg(amp="off"), "t4")["terms"]["activations"]  # autocast: fp32 LayerNorm, residuals
+    assert fp32 > 1.3 * est["terms"]["activations"]
+
+
+def test_bert_base_holds_four_four_and_eight_bytes_per_parameter():
+    """Weights, gradients and AdamW's two moments of BERT-base with a 2-label head: 109,483,778 float32 parameters
+    (the author's '109.5M params'), plus its two int64 [1, 512] position/token-type buffers."""
+    t = S.estimate_memory(text_cfg(), "t4")["terms"]
+    n = 109_483_778
+    assert t["weights"] == pytest.approx((4 * n + 2 * 512 * 8) / 1e9, abs=2e-3)
+    assert t["gradients"] == pytest.approx(4 * n / 1e9, abs=2e-3)
+    assert t["optimizer state"] == pytest.approx(8 * n / 1e9, abs=2e-3)
+
+
+def test_a_text_runs_data_on_the_gpu_is_its_tokenised_sets():
+    """SST-2's 67,349 + 872 examples and MRPC's 3,668 + 408, each as input_ids, attention_mask and token_type_ids
+    (int64, max_len tokens) and an int64 label: the two estimates differ by that alone."""
+    sst2, mrpc = S.estimate_memory(text_cfg(task="sst2"), "t4"), S.estimate_memory(text_cfg(task="mrpc"), "t4")
+    assert sst2["data_gb"] == pytest.approx((67349 + 872) * (3 * 128 * 8 + 8) / 1e9, abs=1e-3)
+    assert mrpc["data_gb"] == pytest.approx((3668 + 408) * (3 * 128 * 8 + 8) / 1e9, abs=1e-3)
+    assert sst2["peak_gb"] - sst2["data_gb"] == pytest.approx(mrpc["peak_gb"] - mrpc["data_gb"], abs=2e-3)
+
+
+def _measured_step_growth(c):
+    """The bytes a real text training step (seslib's _text_step) allocates above what it starts with, by the CPU
+    allocator's own events (torch.profiler, profile_memory): the second of two profiled steps, so every block it
+    frees was allocated under the profiler."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    run = S._TextRun(c, torch.device("cpu"), amp_dtype=None)
+    S.set_seed(0)
+    S._text_model(run)
+    S._text_data(run)
+    S._text_optimisation(run)
+    for m in run.model.modules():  # no attention dropout: the CPU's SDPA then takes its fused (flash) kernel
+        if "Attention" in type(m).__name__ and isinstance(getattr(m, "dropout", None), torch.nn.Dropout):
+            m.dropout.p = 0.0
+    run.model.config.attention_probs_dropout_prob = 0.0
+    batch, sums = S._rows(run.train, slice(0, c["batch_size"])), torch.zeros(5, dtype=torch.float64)
+    S._text_step(run, batch, sums)  # AdamW's state exists from here on
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        S._text_step(run, batch, sums)
+        with record_function("second_step"):
+            S._text_step(run, batch, sums)
+    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    start = next(e.start_ns() for e in events if e.name() == "second_step")
+    live = peak = 0
+    for e in events:
+        if e.name() == "[memory]" and e.start_ns() >= start:
+            live += e.nbytes()
+            peak = max(peak, live)
+    S._release_text(run)
+    return peak
+
+
+def test_a_text_runs_step_is_traced_as_the_cpu_allocator_measures_it():
+    """The trace (fake tensors, the fused-attention stand-in) against a real step's allocations (CPU allocator events)
+    of TINY_BERT on SYNTHETIC text, fp32, batch 64 x 128 tokens, SES on all 6 layers: the step's growth over what the
+    run holds between steps (activations + SES) within 15 %. Traced through the math decomposition the stand-in
+    replaces (each layer's [64, 2, 128, 128] attention probabilities kept) it reads 1.6x the measured growth."""
+    c = text_cfg(model=S.TINY_BERT, text_data="synthetic", max_len=128, batch_size=64, amp="off", ses=True,
+                 train_subset=128, test_subset=64)
+    t = S._trace_memory(c, 64, 64, "fp32")
+    ratio = (t["activations"] + t["ses"]) / _measured_step_growth(c)
+    assert 0.85 < ratio < 1.15, ratio
+
+
+def test_a_text_run_that_cannot_fit_fails_in_one_line_before_it_loads():
+    c = text_cfg(batch_size=1024)
+    with pytest.raises(S.PreflightError) as e:
+        S.text_memory_preflight(c, "t4")
+    assert "\n" not in str(e.value) and "needs" in str(e.value) and "one t4" in str(e.value)
+    p = S.placement(c, "t4", 2)
+    assert p["gpus"] == 0 and "one GPU (no DDP)" in p["text"]
+    assert S.text_memory_preflight(text_cfg(), "t4") == {"gpu": "t4", "peak_gb": S.estimate_memory(text_cfg(), "t4")
+                                                         ["peak_gb"]}
+    assert S.text_memory_preflight(text_cfg(model="roberta-base"), "t4") is None  # unknown here: no estimate
 
 
 # ── the tracer ──────────────────────────────────────────────────────────────────────────────────

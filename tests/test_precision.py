@@ -294,5 +294,5 @@ def test_gpu_check_runs_its_checks_on_the_cpu_in_a_dry_run(data_root, tmp_path):
     status = {k.split(" (")[0]: v for k, v in status.items()}
     assert status == {"fp16_train_resnet18": "pass", "fp16_train_vit_attn": "pass", "hooks_on_cuda": "pass",
                       "corruptions_on_cuda": "pass", "ddp_two_gpus": "skip", "slots_two_gpus": "skip",
-                      "peak_memory": "skip"}
+                      "peak_memory": "skip", "bert_peak_memory": "pass"}
     assert not (tmp_path / "o").exists()
