@@ -1636,6 +1636,7 @@ _SYN_WORDS = read_only({
     "fill": ("the", "a", "film", "movie", "plot", "story", "cast", "acting", "was", "is", "very", "quite", "and",
              "but", "it", "this", "its", "music", "ending", "script", "really", "so")})
 SYNTHETIC_VOCAB = tuple(w for ws in _SYN_WORDS.values() for w in ws)
+SYNTHETIC_SIZES = (512, 128)  # (train, dev) examples of the synthetic sets when no subset is asked for
 
 
 def synthetic_glue(task, n, seed=0):
@@ -3815,7 +3816,7 @@ def _data_bytes(c) -> int:
 def _text_data_bytes(c) -> int:
     """What a text run keeps on the GPU: its train and dev sets tokenised to max_len (input_ids, attention_mask,
     token_type_ids: int64, as the tokenizer returns them) with int64 labels; SST-2's are 0.21 GB at 128 tokens."""
-    n_train, n_dev = GLUE_TASKS[c["task"]]["sizes"] if c["text_data"] == "glue" else (512, 128)  # synthetic: smoke
+    n_train, n_dev = GLUE_TASKS[c["task"]]["sizes"] if c["text_data"] == "glue" else SYNTHETIC_SIZES
     n_train, n_dev = min(c["train_subset"] or n_train, n_train), min(c["test_subset"] or n_dev, n_dev)
     return (n_train + n_dev) * (3 * c["max_len"] * 8 + 8)
 
@@ -5634,7 +5635,7 @@ def _text_split(c, split):
     """(a, b, labels) of one split: GLUE's, cut to train_subset / test_subset, or SYNTHETIC (smoke only)."""
     n = c["train_subset"] if split == "train" else c["test_subset"]
     if c["text_data"] == "synthetic":  # fixed seeds: every run sees the same synthetic sets
-        return synthetic_glue(c["task"], n or (512 if split == "train" else 128), seed=1 if split == "train" else 2)
+        return synthetic_glue(c["task"], n or SYNTHETIC_SIZES[split != "train"], seed=1 if split == "train" else 2)
     a, b, y = load_glue(c["task"], split, c["data_root"])
     return a[:n], b[:n] if b is not None else None, y[:n]
 
