@@ -3729,7 +3729,8 @@ class _FusedSDPA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **(kwargs or {}))
-        q, k, v = args[:3]
+        kwargs = kwargs or {}
+        q, k, v = (*args, *(kwargs[n] for n in ("query", "key", "value")[len(args):]))[:3]
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
         return _FusedAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype))
 
