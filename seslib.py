@@ -228,6 +228,17 @@ def _check(cond, key, value, want):
         raise ValueError(f"config {key!r} must be {want}; got {value!r}")
 
 
+def _check_config_keys(cfg, known, what="config"):
+    """cfg is a dict whose keys are all in `known`; else ValueError in one line, a did-you-mean for each stray key."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"cfg must be a dict; got {type(cfg).__name__}")
+    unknown = [k for k in cfg if k not in known]
+    if unknown:
+        hints = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
+        raise ValueError(f"unknown {what} key(s): " + ", ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+
+
 def read_only(table: dict):
     """A module-level table (nested dicts too) as a read-only view. A notebook cell that writes
     S.PRESETS["smoke"]["epochs"] = 5 would otherwise change every later run of that kernel; now it gets a TypeError
@@ -3649,26 +3660,26 @@ def _traced_autocast(mem, dtype):
         mem.fp32_ops = False
 
 
-def _fake_model(c, info):
-    """(c's model as train builds it, its weights fake CPU tensors: no memory; the fake tensor mode to trace it in)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with torch.device("meta"):  # shapes only: no init work
+def _meta_model(c):
+    """c's model on the meta device (shapes only: no init work): as train builds it, or a text run's text_skeleton."""
+    if _is_text(c):
+        net = text_skeleton(c)
+        if net is None:
+            raise ValueError(f"estimate_memory does not know the text model {c['model']!r} (bert-base-uncased and "
+                             f"{TINY_BERT} only)")
+        return net
+    info = dataset_info(c["dataset"])
+    with torch.device("meta"):
         net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"], c["width"])
     if c["drop_path"] is not None and hasattr(net, "set_drop_path"):  # timm's ViTs keep their built-in 0.1
         net.set_drop_path(c["drop_path"])
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        return net.to_empty(device="cpu"), mode
+    return net
 
 
-def _fake_text_model(c):
-    """(c's text model, its weights fake CPU tensors; the fake tensor mode to trace it in): text_skeleton's."""
+def _fake_model(c):
+    """(c's model, its weights fake CPU tensors: no memory; the fake tensor mode to trace it in)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    net = text_skeleton(c)
-    if net is None:
-        raise ValueError(f"estimate_memory does not know the text model {c['model']!r} (bert-base-uncased and "
-                         f"{TINY_BERT} only)")
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    net, mode = _meta_model(c), FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         return net.to_empty(device="cpu"), mode
 
@@ -3764,7 +3775,7 @@ def _trace_memory(c, batch, eval_batch, precision) -> dict:
     warned = set(_warned_unreachable)  # SES warns once per shape: the real run must still say it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SES's unreachable-target warning (a shape, not this estimate's business)
-        net, mode = _fake_text_model(c) if text else _fake_model(c, dataset_info(c["dataset"]))
+        net, mode = _fake_model(c)
         with mode, _LiveBytes() as mem, _FusedSDPA() if text else contextlib.nullcontext():
             layers = bert_hook_targets(net, c["ses_layers"]) if text else c["ses_layers"]
             ses = SES(net, layers, beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
@@ -3830,6 +3841,13 @@ def _corruption_bytes(c, eval_batch) -> int:
     hw = DATASETS[c["dataset"]]["img_size"] ** 2
     zoom = len(c["robustness_severities"]) * hw * hw * 4 if "zoom_blur" in _resolve_corruptions(c["robustness"]) else 0
     return zoom + 4 * eval_batch * 3 * hw * 4
+
+
+def memory_gpu_kind(device) -> str:
+    """The GPU_MEMORY name of a CUDA device's kind, a T4's when GPU_MEMORY lacks it (the estimate made for the GPU
+    the paper preset targets)."""
+    kind = gpu_kind(_device_name(device))
+    return kind if kind in GPU_MEMORY else "t4"
 
 
 def _gpu_memory(gpu):
@@ -4055,13 +4073,7 @@ def _resolve_pipeline(c, info):
 
 def _with_recipe_defaults(cfg) -> dict:
     """cfg over the reference recipe of its (model, dataset); a non-dict, unknown keys, models or data sets fail first."""
-    if not isinstance(cfg, dict):
-        raise ValueError(f"cfg must be a dict; got {type(cfg).__name__}")
-    unknown = [k for k in cfg if k not in _BASE_CONFIG]
-    if unknown:
-        hints = {k: difflib.get_close_matches(str(k), _BASE_CONFIG, n=1) for k in unknown}
-        raise ValueError("unknown config key(s): " + ", ".join(
-            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+    _check_config_keys(cfg, _BASE_CONFIG)
     model, dataset = cfg.get("model", "resnet18"), cfg.get("dataset", "cifar10")
     recipe = default_config(model, dataset)  # rejects an unknown model or dataset
     if model == "mlp_toy":
@@ -4779,8 +4791,7 @@ def _estimate_peak_memory(run):
     checks the estimator. A failed estimate is a note, never a failed run."""
     if run.device.type != "cuda" or not run.dd.is_main:  # the CPU branch: no max_memory_allocated to compare with
         return
-    kind = gpu_kind(_device_name(run.device))
-    kind = kind if kind in GPU_MEMORY else "t4"
+    kind = memory_gpu_kind(run.device)
     try:
         est = estimate_memory(run.c, kind)
     except Exception as e:  # noqa: BLE001 - an estimate beside the run, not a reason to stop it
@@ -5123,10 +5134,16 @@ def _release(run):
     run.ses.remove()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = run.tf32_before
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = run.cudnn_before
-    for name in ("net", "model", "ses", "loader", "evals", "erank_batches", "erank_test", "mixer", "criterion",
-                 "optimizer", "scheduler", "scaler", "best", "ck"):
-        setattr(run, name, None)
     clear_corruption_cache()  # its operators are device tensors too (up to ~335 MB)
+    _free_fields(run, ("net", "model", "ses", "loader", "evals", "erank_batches", "erank_test", "mixer", "criterion",
+                       "optimizer", "scheduler", "scaler", "best", "ck"))
+
+
+def _free_fields(run, names):
+    """Drop the run's references `names` (a traceback keeps the frames that name `run` alive) and hand the device
+    memory back."""
+    for name in names:
+        setattr(run, name, None)
     gc.collect()
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -5429,13 +5446,7 @@ _TEXT_RULES = (
 def resolve_text_config(cfg) -> dict:
     """An Exp 22 run's full config (TEXT_DEFAULTS filled in, precision resolved for this device), or ValueError naming
     the bad key: the text counterpart of validate_config, for plan_runs(resolve=...)."""
-    if not isinstance(cfg, dict):
-        raise ValueError(f"cfg must be a dict; got {type(cfg).__name__}")
-    unknown = [k for k in cfg if k not in TEXT_DEFAULTS]
-    if unknown:
-        hints = {k: difflib.get_close_matches(str(k), TEXT_DEFAULTS, n=1) for k in unknown}
-        raise ValueError("unknown text config key(s): " + ", ".join(
-            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+    _check_config_keys(cfg, TEXT_DEFAULTS, "text config")
     c = {**TEXT_DEFAULTS, **cfg}
     for k, opts in _TEXT_CHOICES.items():
         _check(c[k] in opts, k, c[k], "one of " + ", ".join(map(repr, opts)))
@@ -5575,8 +5586,7 @@ def _train_text(run, ck) -> dict:
     c = run.c
     run.amp_dtype = _amp_dtype(c["precision"])
     if run.device.type == "cuda":  # CUDA-only: the CPU twin is text_memory_preflight (tests/test_memory.py)
-        kind = gpu_kind(_device_name(run.device))
-        run.mem_estimate = text_memory_preflight(c, kind if kind in GPU_MEMORY else "t4")
+        run.mem_estimate = text_memory_preflight(c, memory_gpu_kind(run.device))
     set_seed(c["seed"])  # before the model: the classifier head's initialisation, as the author's set_seed
     run.t_start = time.time()
     _text_model(run)
@@ -5823,10 +5833,7 @@ def _text_finish(run) -> dict:
              "epoch_seconds_mean": float(np.mean([r["epoch_seconds"] for r in hist])),
              "train_seconds_mean": float(np.mean([r["train_seconds"] for r in hist])),
              "peak_mem_mb": max(r["peak_mem_mb"] for r in hist), "erank": last["erank"], "epochs_run": len(hist),
-             # GPU runs: max_memory_allocated in decimal GB, as the author's vram_peak_gb (None on a CPU)
-             "peak_mem_gb": max(r["peak_mem_mb"] for r in hist) * 2**20 / 1e9 if run.device.type == "cuda" else None,
-             "peak_mem_estimate_gb": (run.mem_estimate or {}).get("peak_gb"),
-             "peak_mem_estimate_gpu": (run.mem_estimate or {}).get("gpu"),
+             **_peak_memory(run),  # GPU runs: max_memory_allocated in decimal GB (the author's vram_peak_gb), estimate
              "robustness": None, "robustness_paper": None, "robustness_paper_best": None, "eval_seconds": 0.0,
              "total_seconds": time.time() - run.t_start}
     import transformers
@@ -5848,11 +5855,7 @@ def _release_text(run):
     """Hooks off and the device memory back between runs, also when a run fails."""
     if run.ses is not None:
         run.ses.remove()
-    for name in ("model", "ses", "train", "dev", "erank_batches", "optimizer", "scheduler", "scaler"):
-        setattr(run, name, None)
-    gc.collect()
-    if run.device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free_fields(run, ("model", "ses", "train", "dev", "erank_batches", "optimizer", "scheduler", "scaler"))
 
 
 # ═══════════════════════════════════════════════════════════════════════════════════════════════
