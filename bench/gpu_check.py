@@ -1,4 +1,4 @@
-"""What only a GPU can check, in one command (a few minutes on one GPU; README "What only a GPU can check").
+"""What only a GPU can check, in one command (a few minutes on one GPU; docs/memory.md "What only a GPU can check").
 
     python bench/gpu_check.py [--out bench/gpu_check] [--data-root DIR]
     python bench/gpu_check.py --cpu-dry-run   # the script itself on the CPU (cpu_amp): no GPU figure, nothing written
@@ -150,8 +150,8 @@ def check_gpu_slots(S, data_root, dev, tmp):
     for k, slot in enumerate(R.batch_slots("0,1")):  # each process sees its own GPU as cuda:0
         run = tmp / f"slot{k}"
         S.atomic_write_json(run / "config.json", tiny_cfg(data_root, dev, out_dir=str(run)))
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "seslib.py"), "train", "--config",
-                                       str(run / "config.json")], env={**os.environ, **slot["env"]},
+        procs.append(subprocess.Popen([sys.executable, "-m", "seslib", "train", "--config",
+                                       str(run / "config.json")], env={**S.with_package_on_path(os.environ), **slot["env"]},
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
@@ -204,16 +204,16 @@ def check_bert_peak_memory(S, dev):
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        run = S._TextRun(c, dev, amp_dtype=torch.float16, steps=3)
+        run = S.text._TextRun(c, dev, amp_dtype=torch.float16, steps=3)
         run.model = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation=impl)).to(dev)
         run.ses = S.SES(run.model, S.bert_hook_targets(run.model, "all"), beta=0.5, lam=0.01)
-        S._text_optimisation(run)
+        S.text._text_optimisation(run)
         ids = torch.randint(1000, 30000, (batch, tokens), device=dev)
         data = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "labels": torch.randint(0, 2, (batch,), device=dev)}
         sums = torch.zeros(5, device=dev, dtype=torch.float64)
         for _ in range(3):
-            S._text_step(run, data, sums)
+            S.text._text_step(run, data, sums)
         if cuda:
             torch.cuda.synchronize()
         out[f"measured_gb_{impl}"] = round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None
@@ -271,7 +271,7 @@ def main(argv=None):
     dev, t0 = torch.device("cpu" if a.cpu_dry_run else "cuda"), time.time()
     with tempfile.TemporaryDirectory(prefix="gpu_check.") as tmp:
         rows = run_checks(S, a.data_root, dev, Path(tmp))
-    report = {"device": S._device_name(dev), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+    report = {"device": S.device_label(dev), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
               "cuda": torch.version.cuda, "time": time.strftime("%Y-%m-%d %H:%M"),
               "seconds": round(time.time() - t0, 1), "checks": rows}
     if a.cpu_dry_run:  # no GPU figure to keep

@@ -82,7 +82,7 @@ def bench_losses(device, reps):
 
 def bench_steps(device, batch, reps):
     rows = []
-    dtype = S._amp_dtype("auto", device)  # training's own rule: fp16 on a T4, bf16 from Ampere on, fp32 on CPU
+    dtype = S.amp_dtype_of("auto", device)  # training's own rule: fp16 on a T4, bf16 from Ampere on, fp32 on CPU
     amp = dtype is not None
     for name, preset in (("resnet18", "blocks+pool"), ("vit_small", "all")):
         model = S.build_model(name, num_classes=100, img_size=32).to(device).train()

@@ -25,3 +25,19 @@ def data_root():
         pytest.skip("real data not found: set SES_DATA to a folder holding cifar-10-batches-py/ "
                     "(CI uses ../shared/data)")
     return root
+
+
+@pytest.fixture
+def patch_seslib(monkeypatch):
+    """patch_seslib(name, value): replace a seslib name in the package and in every room that imported it (a room
+    looks its names up in its own module), undone after the test."""
+    import seslib
+
+    def patch(name, value):
+        real = getattr(seslib, name)
+        rooms = [seslib] + [getattr(seslib, r) for r in seslib.LIBRARY_ROOMS]
+        hits = [m for m in rooms if getattr(m, name, None) is real]
+        assert hits, name
+        for m in hits:
+            monkeypatch.setattr(m, name, value)
+    return patch

@@ -132,7 +132,7 @@ def test_narrow_and_64px_author_vit():
     assert m.embed_dim == 96 and m.blocks[0].attn.num_heads == 6 and len(S.hook_targets(m)) == 12
     m64 = S.build_model("vit_tiny", 200, 64)
     assert m64.patch_embed.num_patches == 256 and m64.pos_embed.shape == (1, 257, 192)
-    S._set_drop_path(m, 0.2)
+    S.training._set_drop_path(m, 0.2)
     assert [round(b.drop_path_rate, 6) for b in m.blocks][-1] == 0.2 and m.blocks[0].drop_path_rate == 0
 
 

@@ -1,5 +1,6 @@
 """Finishing the suite on Kaggle (issue 15): the time budget (runs not started, runs paused at an epoch boundary and
-resumed exactly), continuation across kernel versions, and the cost plan that the README's runtime column follows."""
+resumed exactly), continuation across kernel versions, and the cost plan that the README's runtime column (and the
+plan block of docs/kaggle.md) follows."""
 import json
 import math
 import re
@@ -184,13 +185,15 @@ def test_plan_matches_the_readme(tmp_path):
     df, t = R.cost_plan("all", gpus=2, gpu="t4", out=tmp_path / "nothing-done-yet")
     assert len(df) == 20 and (df["left"] == df["runs"]).all()
     readme = (ROOT / "README.md").read_text()
-    approx = lambda hours: S._hours(hours * 3600, approx=True)  # noqa: E731 - the cost plan's format
+    approx = lambda hours: S.format_hours(hours * 3600, approx=True)  # noqa: E731 - the cost plan's format
     assert _readme_runtimes() == {r.notebook: (approx(r.gpu_hours), R.memory_cell(r)) for r in df.itertuples()}
     total = (f"{approx(t['gpu_hours'])} of T4 time, {approx(t['wall_hours'])} of wall time on a T4 ×2, "
              f"{t['versions']} Kaggle versions of 11.5 h, {t['weeks']} weeks of the 30-h quota")
     assert total in readme, total
     assert t["wall_hours"] >= t["gpu_hours"] / 2 and t["versions"] == math.ceil(t["wall_hours"] / 11.5)
     assert t["disk_ok"] and f"{t['disk_gb']:.1f} GB" in readme
+    totals = "\n".join(R.format_plan(df, t).splitlines()[-3:])  # total, Kaggle versions, disk
+    assert totals in (ROOT / "docs" / "kaggle.md").read_text(), "docs/kaggle.md's plan block is out of date:\n" + totals
 
     p = subprocess.run([sys.executable, R.__file__, "plan", "all", "--gpus", "2", "--gpu", "t4", "--out",
                         str(tmp_path / "nothing-done-yet")], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -41,7 +41,7 @@ def test_names():
     assert set(sets["paper5"]) == {"gaussian_noise", "gaussian_blur", "contrast", "brightness", "shot_noise"}
     assert S.PAPER5 == sets["paper5"] and S.ROBUSTNESS_PRESETS == tuple(sets)  # the old name still works
     for name, names in sets.items():
-        assert S._resolve_corruptions(name) == list(names)
+        assert S.resolve_corruptions(name) == list(names)
     with pytest.raises(TypeError):
         sets["mine"] = ("fog",)  # read-only: a notebook cannot change what "all15" means for later runs
 
@@ -280,15 +280,15 @@ def test_glass_blur_reproduces_the_original_loop_with_its_own_draws(size):
         c = S.corruption_params("glass_blur", sev, size)
         draws = f[f"draws_{sev}"]
         per_pass = draws.shape[1] // c[2]
-        ours = S._glass_blur(x, c, None, offsets=[draws[:, k * per_pass:(k + 1) * per_pass] for k in range(c[2])])
+        ours = S.corruptions._glass_blur(x, c, None, offsets=[draws[:, k * per_pass:(k + 1) * per_pass] for k in range(c[2])])
         if size == 64:
-            ours = S._jpeg_compression(ours, S.TINY_C_JPEG_QUALITY, None)
+            ours = S.corruptions._jpeg_compression(ours, S.TINY_C_JPEG_QUALITY, None)
         ours, theirs = ours.permute(0, 2, 3, 1).numpy().astype(int), f[f"out_{sev}"].astype(int)
         assert (ours == theirs).mean() >= 0.97 and np.abs(ours - theirs).mean() <= 0.03, (size, sev)
     # the fixture tells a swap from a copy: the literal loop with .copy() (a true swap) on the same draws
     im, c = f["clean"][0].copy(), S.corruption_params("glass_blur", 1, size)
     _, d, _ = c
-    blurred = S._gaussian(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255, c[0])
+    blurred = S.corruptions._gaussian(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255, c[0])
     im = (blurred.clamp(0, 1) * 255).to(torch.uint8)[0].permute(1, 2, 0).numpy().copy()
     j = 0
     for h in range(size - d, d, -1):
@@ -296,10 +296,10 @@ def test_glass_blur_reproduces_the_original_loop_with_its_own_draws(size):
             dx, dy = f["draws_1"][0, j]
             j += 1
             im[h, w], im[h + dy, w + dx] = im[h + dy, w + dx].copy(), im[h, w].copy()
-    swapped = np.uint8(np.clip(S._gaussian(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255, c[0]), 0, 1)
+    swapped = np.uint8(np.clip(S.corruptions._gaussian(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255, c[0]), 0, 1)
                        .mul(255).to(torch.uint8)[0].permute(1, 2, 0).numpy())
     if size == 64:
-        swapped = S._jpeg_compression(torch.from_numpy(swapped).permute(2, 0, 1)[None].contiguous(), 85, None)[0] \
+        swapped = S.corruptions._jpeg_compression(torch.from_numpy(swapped).permute(2, 0, 1)[None].contiguous(), 85, None)[0] \
             .permute(1, 2, 0).numpy()
     assert np.abs(swapped.astype(int) - f["out_1"][0].astype(int)).mean() > 1.0
 
@@ -312,7 +312,7 @@ def test_motion_blur_equals_imagemagick_output(size):
     x = torch.from_numpy(clean).permute(0, 3, 1, 2).float()
     for i, (ang, (radius, sigma)) in enumerate(zip(angles, params)):
         im = x[[i % len(x)]]
-        ours = S._imagemagick_motion_blur(im, radius, sigma, torch.tensor([ang]))
+        ours = S.corruptions._imagemagick_motion_blur(im, radius, sigma, torch.tensor([ang]))
         assert np.array_equal(ours[0].permute(1, 2, 0).numpy().astype(np.uint8), out[i]), (size, i)
 
 
@@ -359,26 +359,26 @@ def test_clear_corruption_cache_drops_every_cached_operator():
     S.clear_corruption_cache()
     x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     before = {name: S.corrupt(x, name, 3) for name in ("zoom_blur", "gaussian_blur")}
-    assert any(isinstance(v, torch.Tensor) for v in S._CACHE.values())  # the zoom operator, the filter matrices
+    assert any(isinstance(v, torch.Tensor) for v in S.corruptions._CACHE.values())  # the zoom operator, the filter matrices
     S.clear_corruption_cache()
-    assert S._CACHE == {}
+    assert S.corruptions._CACHE == {}
     for name, y in before.items():  # rebuilt on demand, the same operators
         assert torch.equal(S.corrupt(x, name, 3), y)
     S.clear_corruption_cache()
 
 
-def test_a_run_leaves_no_corruption_operators_behind(data_root, monkeypatch):
+def test_a_run_leaves_no_corruption_operators_behind(patch_seslib, data_root, monkeypatch):
     """The cache holds device tensors (64-px zoom blur alone ~335 MB): the cleanup that frees a run's device memory
     empties it too, or every later run of the kernel would start with them still allocated."""
     sizes = []  # the cache's size each time the run's cleanup clears it
     clear = S.clear_corruption_cache
-    monkeypatch.setattr(S, "clear_corruption_cache", lambda: (sizes.append(len(S._CACHE)), clear()))
+    patch_seslib("clear_corruption_cache", lambda: (sizes.append(len(S.corruptions._CACHE)), clear()))
     clear()
     S.train(dict(model="resnet18", dataset="cifar10", data_root=str(data_root), epochs=1, batch_size=32,
                  train_subset=64, test_subset=32, max_steps_per_epoch=1, erank_batches=1, erank_eval_samples=32,
                  width=0.25, log="none", device="cpu", robustness=["gaussian_blur"], robustness_severities=[1]))
     assert sizes and sizes[0] > 0  # the robustness pass cached gaussian_blur's filter matrices...
-    assert S._CACHE == {}  # ...and the run's cleanup dropped them
+    assert S.corruptions._CACHE == {}  # ...and the run's cleanup dropped them
 
 
 # ─── official files and evaluation ──────────────────────────────────────────────────────────────

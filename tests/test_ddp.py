@@ -110,12 +110,12 @@ def tiny_cfg(data_root, **kw):
 
 
 def torchrun(cfg, run_dir, nproc=2):
-    """Popen of `python -m torch.distributed.run --nproc_per_node 2 seslib.py train --config ...` (own session)."""
+    """Popen of `python -m torch.distributed.run --nproc_per_node 2 -m seslib train --config ...` (own session)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     S.atomic_write_json(run_dir / "config.json", dict(cfg, out_dir=str(run_dir)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d",
-           str(ROOT / "seslib.py"), "train", "--config", str(run_dir / "config.json")]
+           "-m", "seslib", "train", "--config", str(run_dir / "config.json")]
     return subprocess.Popen(cmd, env={**os.environ, **LOCAL}, cwd=ROOT, start_new_session=True,
                             stdout=open(run_dir / "log.txt", "w"), stderr=subprocess.STDOUT)
 

@@ -64,7 +64,7 @@ def test_hooks_erank_and_ses_loss_are_the_authors():
     ses = S.SES(model, "auto", beta=0.7, lam=1.0)
     assert ses.names == list(REF["measure_erank"]["layers"])
     x = fixed_input(64)
-    stats = S._erank_author_view(model, ses.collector, x, 0.7, 32, None)
+    stats = S.training._erank_author_view(model, ses.collector, x, 0.7, 32, None)
     for name, r in REF["measure_erank"]["layers"].items():
         assert stats[name]["d"] == r["dim"] and stats[name]["erank"] == pytest.approx(r["erank"], rel=1e-4), name
     model.train()
@@ -76,7 +76,7 @@ def test_hooks_erank_and_ses_loss_are_the_authors():
 
 def _lrs(cfg):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, S._lr_factor(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, S.training._lr_factor(cfg))
     out = []
     for _ in range(cfg["epochs"]):
         out.append(opt.param_groups[0]["lr"])
@@ -116,7 +116,7 @@ def test_erank_summary_is_the_papers_arithmetic():
     layers = {"a": {"erank": 2.0, "ratio": 0.5}, "b": {"erank": 8.0, "ratio": 1.5}}
     assert S.erank_summary(layers) == {"erank_ratio_mean": 1.0, "erank_absdev_mean": 0.5, "erank_spread": 4.0}
     assert all(math.isnan(v) for v in S.erank_summary({}).values())
-    row = S._result_row("x", {"history": [{"epoch": 1, "erank_author": layers}]}, "runs/x")
+    row = S.results._result_row("x", {"history": [{"epoch": 1, "erank_author": layers}]}, "runs/x")
     assert (row["erank_ratio_mean"], row["erank_absdev_mean"], row["erank_spread"]) == (1.0, 0.5, 4.0)
 
 
@@ -155,7 +155,7 @@ def test_without_the_files_the_typed_copy_stays(tmp_path, monkeypatch, capsys):
     assert "typed copy" in capsys.readouterr().out
     with pytest.raises(ValueError, match="is not a folder"):
         S.reference_dir(tmp_path / "nowhere")
-    monkeypatch.setattr(S, "__file__", str(tmp_path / "repo" / "seslib.py"))  # no ../shared beside this "repository"
+    monkeypatch.setattr(S.results, "ROOT", tmp_path / "repo")  # no ../shared beside this "repository"
     assert S.reference_dir() is None
 
 
@@ -172,7 +172,7 @@ def test_exp28_figures_draw_ours_and_the_papers(tmp_path):
     import pandas as pd
     runs = [("r_base", "resnet18_erank", 0.7, [64, 128], 3.0), ("r_ses", "resnet18_erank", 0.7, [64, 128], 5.0),
             ("v_base", "vit_small", 0.5, [384] * 3, 2.0), ("v_ses", "vit_small", 0.5, [384] * 3, 6.0)]
-    df = pd.DataFrame([S._result_row(c, _synthetic_run(c, m, b, d, k), f"runs/{c}") for c, m, b, d, k in runs])
+    df = pd.DataFrame([S.results._result_row(c, _synthetic_run(c, m, b, d, k), f"runs/{c}") for c, m, b, d, k in runs])
     paper = {"v_ses": {"erank_layers": {f"block_{i}": {"erank": 10.0 + i, "ratio": (10.0 + i) / 384 ** 0.5}
                                         for i in range(3)}}}
     paths = [S.fig_erank_dynamics(df, tmp_path, show=False),

@@ -1,5 +1,5 @@
 """Exploring SES by hand (issue 16): the SES object on models build_model does not make, load_run, layer_spectra,
-the README's own-loop example, and notebooks/00_explore.ipynb under papermill."""
+the own-loop example of docs/ses-in-your-loop.md, and notebooks/00_explore.ipynb under papermill."""
 import re
 from pathlib import Path
 
@@ -131,9 +131,9 @@ def test_load_run_gives_the_trained_model(data_root, tmp_path):
         S.load_run(tmp_path)
 
 
-def test_the_readme_example_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## SES in your own training loop"):]
+def test_the_docs_own_loop_example_runs():
+    page = (ROOT / "docs" / "ses-in-your-loop.md").read_text()
+    section = page[page.index("## SES in your own training loop"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.strip().splitlines()) <= 12
     ns = {}

@@ -3,6 +3,7 @@ files, two runners on one folder, missing packages and textures, bad paths and v
 one clear line naming the file or value and the fix, before any training, and lose nothing already written."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -247,13 +248,13 @@ def test_a_full_disk_says_so_in_one_line_and_leaves_the_previous_checkpoint(tmp_
     S.atomic_torch_save({"w": torch.zeros(4)}, path)
     before = path.read_bytes()
     monkeypatch.setattr(torch, "save", _disk_full_save)
-    monkeypatch.setattr(S.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
     with pytest.raises(OSError, match=r"No space left on device: checkpoint.pt needs ~0.00 GiB and .* has 0.00 GiB "
                                       r"free: free some space or choose another out_dir") as e:
         S.atomic_torch_save({"w": torch.zeros(1 << 12)}, path)
     assert e.value.errno == 28 and "\n" not in str(e.value)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
-    monkeypatch.setattr(S.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 40})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 40})())
     with pytest.raises(RuntimeError, match="unexpected pos"):  # not a full disk: torch's own error, unchanged
         S.atomic_torch_save({"w": torch.zeros(1 << 12)}, path)
 
@@ -261,7 +262,7 @@ def test_a_full_disk_says_so_in_one_line_and_leaves_the_previous_checkpoint(tmp_
 def test_a_multi_line_error_reaches_the_batch_table_whole():
     """The preflight's reason ('0.00 GiB free; a checkpoint needs …') sat on its second line, which the table cut off:
     the driver now prints the whole message as one line."""
-    code = R._DRIVER.split("except BaseException as e:\n", 1)[1].rsplit("    raise", 1)[0]
+    code = R.batch._DRIVER.split("except BaseException as e:\n", 1)[1].rsplit("    raise", 1)[0]
     e = S.PreflightError("this run cannot start:\n  - 0.00 GiB free in /out; a checkpoint needs 0.05 GiB")
     out = subprocess.run([sys.executable, "-c", "import sys\ne = sys.argv[1]\nspec = {'mark_error': 'SES-RUN-ERROR:'}\n"
                           "class E(Exception):\n    ename = 'PreflightError'\n    evalue = e\ne = E()\n"

@@ -19,19 +19,19 @@ def _result(config, seed, acc, ses, rob=None, epochs=3):
 
 
 def _frame(rows):
-    return pd.DataFrame([S._result_row(c, _result(c, s, acc, ses, rob), f"runs/{c}_seed{s}")
+    return pd.DataFrame([S.results._result_row(c, _result(c, s, acc, ses, rob), f"runs/{c}_seed{s}")
                          for c, s, acc, ses, rob in rows])
 
 
 @pytest.fixture
-def drawn(monkeypatch):
+def drawn(patch_seslib):
     """Every figure a call makes, kept open instead of saved."""
     figs = []
 
     def keep(fig, out_dir, name, show=True):
         figs.append(fig)
         return f"{out_dir}/figures/{name}.png"
-    monkeypatch.setattr(S, "_save", keep)
+    patch_seslib("save_figure", keep)
     return figs
 
 

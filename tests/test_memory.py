@@ -172,25 +172,26 @@ def test_a_text_runs_data_on_the_gpu_is_its_tokenised_sets():
 
 
 def _measured_step_growth(c):
-    """The bytes a real text training step (seslib's _text_step) allocates above what it starts with, by the CPU
+    """The bytes a real text training step (seslib.steps.text_step) allocates above what it starts with, by the CPU
     allocator's own events (torch.profiler, profile_memory): the second of two profiled steps, so every block it
     frees was allocated under the profiler."""
     from torch.profiler import ProfilerActivity, profile, record_function
-    run = S._TextRun(c, torch.device("cpu"), amp_dtype=None)
+    run = S.training._Run(c, S.DistInfo(), torch.device("cpu"), kind=S.RUN_KIND_STEPS["text"])
     S.set_seed(0)
-    S._text_model(run)
-    S._text_data(run)
-    S._text_optimisation(run)
+    S.build_text_model(run)
+    S.build_text_data(run)
+    S.build_text_optimisation(run)
+    run.model = run.net
     for m in run.model.modules():  # no attention dropout: the CPU's SDPA then takes its fused (flash) kernel
         if "Attention" in type(m).__name__ and isinstance(getattr(m, "dropout", None), torch.nn.Dropout):
             m.dropout.p = 0.0
     run.model.config.attention_probs_dropout_prob = 0.0
-    batch, sums = S._rows(run.train, slice(0, c["batch_size"])), torch.zeros(5, dtype=torch.float64)
-    S._text_step(run, batch, sums)  # AdamW's state exists from here on
+    batch, sums = S.rows(run.loader.data, slice(0, c["batch_size"])), torch.zeros(5, dtype=torch.float64)
+    S.text_step(run, batch, sums)  # AdamW's state exists from here on
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        S._text_step(run, batch, sums)
+        S.text_step(run, batch, sums)
         with record_function("second_step"):
-            S._text_step(run, batch, sums)
+            S.text_step(run, batch, sums)
     events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
     start = next(e.start_ns() for e in events if e.name() == "second_step")
     live = peak = 0
@@ -198,7 +199,7 @@ def _measured_step_growth(c):
         if e.name() == "[memory]" and e.start_ns() >= start:
             live += e.nbytes()
             peak = max(peak, live)
-    S._release_text(run)
+    S.training._release(run)
     return peak
 
 
@@ -209,7 +210,7 @@ def test_a_text_runs_step_is_traced_as_the_cpu_allocator_measures_it():
     replaces (each layer's [64, 2, 128, 128] attention probabilities kept) it reads 1.6x the measured growth."""
     c = text_cfg(model=S.TINY_BERT, text_data="synthetic", max_len=128, batch_size=64, amp="off", ses=True,
                  train_subset=128, test_subset=64)
-    t = S._trace_memory(c, 64, 64, "fp32")
+    t = S.estimates._trace_memory(c, 64, 64, "fp32")
     ratio = (t["activations"] + t["ses"]) / _measured_step_growth(c)
     assert 0.85 < ratio < 1.15, ratio
 
@@ -230,14 +231,14 @@ def test_a_text_run_that_cannot_fit_fails_in_one_line_before_it_loads():
 
 def test_the_tracer_counts_each_storage_while_it_lives_and_runs_cuda_float32_ops_in_float32():
     from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode(), S._LiveBytes() as mem:
+    with FakeTensorMode(), S.estimates._live_bytes() as mem:
         x = torch.empty(1024, 1024)  # 4 MiB
         y = x * 2
         v = y.view(-1)  # a view: no new storage
         del y, v
         z = torch.empty(1000)  # 4000 bytes: one 4096-byte block
         assert mem.peak == 2 * 4 * 2**20 and mem.live == 4 * 2**20 + 4096
-        with S._traced_autocast(mem, torch.float16):
+        with S.estimates._traced_autocast(mem, torch.float16):
             h = torch.nn.functional.linear(x, torch.empty(8, 1024))
             p = h.softmax(-1)
         assert h.dtype == torch.float16 and p.dtype == torch.float32  # CUDA autocast's softmax runs in float32
@@ -246,18 +247,18 @@ def test_the_tracer_counts_each_storage_while_it_lives_and_runs_cuda_float32_ops
 
 # ── result.json ─────────────────────────────────────────────────────────────────────────────────
 
-def test_a_cpu_run_skips_the_estimate_and_records_no_gpu_peak(monkeypatch):
+def test_a_cpu_run_skips_the_estimate_and_records_no_gpu_peak(patch_seslib, monkeypatch):
     """The CPU branch: no trace at the start (CPU tests stay fast), None in result.json (tests/test_train.py checks
     a real run's file); a CUDA run's record keeps the larger of the epochs' peaks and the final evaluation's."""
     import types
-    monkeypatch.setattr(S, "estimate_memory", lambda *a: pytest.fail("estimated on the CPU"))
+    patch_seslib("estimate_memory", lambda *a: pytest.fail("estimated on the CPU"))
     run = types.SimpleNamespace(device=torch.device("cpu"), dd=S.DistInfo(), c={}, history=[], mem_estimate=None)
-    S._estimate_peak_memory(run)
-    assert S._peak_memory(run) == {"peak_mem_gb": None, "peak_mem_estimate_gb": None, "peak_mem_estimate_gpu": None}
+    S.training.estimate_image_memory(run)
+    assert S.peak_memory_fields(run) == {"peak_mem_gb": None, "peak_mem_estimate_gb": None, "peak_mem_estimate_gpu": None}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * 10**9)
     run = types.SimpleNamespace(device=torch.device("cuda"), history=[{"peak_mem_mb": 3e9 / 2**20}],
                                 mem_estimate={"gpu": "t4", "peak_gb": 2.9})
-    assert S._peak_memory(run) == {"peak_mem_gb": pytest.approx(3.0), "peak_mem_estimate_gb": 2.9,
+    assert S.peak_memory_fields(run) == {"peak_mem_gb": pytest.approx(3.0), "peak_mem_estimate_gb": 2.9,
                                    "peak_mem_estimate_gpu": "t4"}
 
 
@@ -265,7 +266,7 @@ def test_the_cost_table_shows_the_measured_and_estimated_peaks_side_by_side():
     import pandas as pd
     res = {"config": {"seed": 1}, "env": {"device_name": "Tesla T4"},
            "final": {"test_acc": 70.0, "peak_mem_gb": 1.5, "peak_mem_estimate_gb": 1.6}, "history": []}
-    t = S.summary_table(pd.DataFrame([S._result_row("ses", res, "runs/ses_seed1")]), {"ses": {"vram_gb": 1.67}})
+    t = S.summary_table(pd.DataFrame([S.results._result_row("ses", res, "runs/ses_seed1")]), {"ses": {"vram_gb": 1.67}})
     assert t.loc["ses", ["peak mem GB", "est. peak GB", "paper VRAM GB"]].tolist() == [1.5, 1.6, 1.67]
-    cost = S._split_table(t)["cost"]
+    cost = S.tables._split_table(t)["cost"]
     assert {"peak mem GB", "est. peak GB", "paper VRAM GB"} <= set(cost.columns)

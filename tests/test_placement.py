@@ -32,8 +32,8 @@ def test_the_kernel_places_a_run_over_its_gpus_or_refuses_it_in_one_line():
 
 
 def test_lpt_holds_k_machines_for_a_ddp_run():
-    assert R._lpt([(10.0, 2), 4.0, 4.0], 2) == 14.0  # the DDP run first on both, then one 4-s run on each
-    assert R._lpt([4.0, 4.0, 4.0], 2) == 8.0
+    assert R.planning._lpt([(10.0, 2), 4.0, 4.0], 2) == 14.0  # the DDP run first on both, then one 4-s run on each
+    assert R.planning._lpt([4.0, 4.0, 4.0], 2) == 8.0
 
 
 def _gpu_slots(n, per=1):
@@ -52,7 +52,7 @@ def test_a_ddp_run_takes_slots_on_distinct_gpus_and_names_them_all():
 
 
 def _job(tmp_path, cfg, name="baseline"):
-    return R._Job("run", Path("11_resnet50_tinyimagenet.ipynb"), {}, tmp_path / "nb.ipynb", tmp_path / "log.txt",
+    return R.batch._Job("run", Path("11_resnet50_tinyimagenet.ipynb"), {}, tmp_path / "nb.ipynb", tmp_path / "log.txt",
                   name, 42, tmp_path / name / "result.json", 1.0, cfg=cfg)
 
 
@@ -63,7 +63,7 @@ def test_the_runner_places_runs_and_fails_one_that_fits_nowhere_before_it_starts
     assert jobs[0].gpus == 2 and "one DDP run over 2 × t4" in said[0]
     R.place_jobs(jobs, _gpu_slots(1), said.append, kind="t4")
     assert jobs[0].gpus == 0
-    sched = R._Scheduler(jobs, _gpu_slots(1), {}, str(tmp_path), "python3", said.append, 0.0, 0, 0.0, None, None, None)
+    sched = R.batch._Scheduler(jobs, _gpu_slots(1), {}, str(tmp_path), "python3", said.append, 0.0, 0, 0.0, None, None, None)
     sched.launch_ready()  # nothing may start: the run is recorded as failed, with the placement's one line
     rec = sched.records[0]
     assert not sched.running and rec["status"] == "failed" and rec["error"].startswith("does not fit this machine")

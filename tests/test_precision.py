@@ -5,6 +5,7 @@ with SES on, attention-weight hooks included; a step whose gradients overflow (s
 on); SES's eigen-solves outside autocast in float32/64; the paper protocol under autocast close to fp32; resume of
 an fp16 run with the scaler state restored, equal to an uninterrupted run. Also the CPU twins of CUDA-only branches:
 the cuDNN and TF32 flags (set for the run, restored after) and bench/gpu_check.py's refusal without a GPU."""
+import dataclasses
 import json
 import math
 import os
@@ -35,14 +36,25 @@ VIT_TINY = dict(model="vit_tiny", width=0.25, ses_layers="last4")  # the quickes
 
 
 def spy_on(monkeypatch, name, after):
-    """Wrap seslib's step `name` (looked up by _train at call time): after(run) sees the run once the step is done."""
-    real = getattr(S, name)
+    """Wrap the training step `name` (a step of the image kind, or one the driver calls by name): after(run) sees the
+    run once the step is done."""
+    field = KIND_FIELDS.get(name)
+    real = getattr(S.RUN_KIND_STEPS["image"], field) if field else getattr(S.training, name)
 
     def wrapped(run, *a, **kw):
         out = real(run, *a, **kw)
         after(run)
         return out
-    monkeypatch.setattr(S, name, wrapped)
+    if field:
+        kind = dataclasses.replace(S.RUN_KIND_STEPS["image"], **{field: wrapped})
+        monkeypatch.setitem(S.training.RUN_KIND_STEPS, "image", kind)
+    else:
+        monkeypatch.setattr(S.training, name, wrapped)
+
+
+# the steps an image run's kind supplies to the driver (seslib.training.RunKind)
+KIND_FIELDS = {"_build_model_and_ses": "build_model", "_build_data": "build_data",
+               "_build_optimisation": "build_optimisation"}
 
 
 def huge_scale_scaler(run, growth_interval=2000):
@@ -97,7 +109,7 @@ MODELS = {
 def test_train_runs_the_gpu_precision_on_the_cpu(data_root, monkeypatch, which, precision):
     seen = {"out": []}
     spy_on(monkeypatch, "_build_optimisation", lambda run: seen.update(scaler=run.scaler))
-    real_step = S._train_step
+    real_step = S.training.image_step
 
     def step(run, x, y, sums):  # the logits' dtype of each training step's forward
         hook = run.net.register_forward_hook(lambda m, i, out: seen["out"].append(out.dtype))
@@ -105,7 +117,7 @@ def test_train_runs_the_gpu_precision_on_the_cpu(data_root, monkeypatch, which, 
             return real_step(run, x, y, sums)
         finally:
             hook.remove()
-    monkeypatch.setattr(S, "_train_step", step)
+    monkeypatch.setattr(S.training, "image_step", step)
     res = S.train(tiny(data_root, amp=precision, **MODELS[which]))
     c, (row,) = res["config"], res["history"]
     assert (c["precision"], c["cpu_amp"], c["amp"]) == (precision, True, precision)
@@ -124,7 +136,7 @@ def test_train_runs_the_gpu_precision_on_the_cpu(data_root, monkeypatch, which, 
 def test_an_overflowing_fp16_step_is_skipped_and_the_run_goes_on(data_root, monkeypatch):
     steps = []
     spy_on(monkeypatch, "_build_optimisation", huge_scale_scaler)
-    real_step = S._train_step
+    real_step = S.training.image_step
 
     def step(run, x, y, sums):
         before = [p.detach().clone() for p in run.net.parameters()]
@@ -133,7 +145,7 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_run_goes_on(data_root, monk
         same = all(torch.equal(a, p) for a, p in zip(before, run.net.parameters()))
         steps.append((s0, run.scaler.get_scale(), same, loss.item()))
         return loss
-    monkeypatch.setattr(S, "_train_step", step)
+    monkeypatch.setattr(S.training, "image_step", step)
     res = S.train(tiny(data_root, **VIT_TINY))
     (s0, s1, same1, loss1), *rest = steps
     assert (s0, s1, same1) == (2.0 ** 60, 2.0 ** 10, True)  # inf gradients: step skipped, weights unchanged
@@ -205,16 +217,16 @@ def test_fp16_resume_restores_the_scaler_and_equals_an_uninterrupted_run(data_ro
 
     class Interrupted(Exception):
         pass
-    real_save = S._save_checkpoint
+    real_save = S.training._save_checkpoint
 
     def save_then_stop(run, epoch):
         real_save(run, epoch)
         if epoch == 0:
             raise Interrupted
-    monkeypatch.setattr(S, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(S.training, "_save_checkpoint", save_then_stop)
     with pytest.raises(Interrupted):
         S.train(dict(cfg, out_dir=str(tmp_path / "cut")))
-    monkeypatch.setattr(S, "_save_checkpoint", real_save)
+    monkeypatch.setattr(S.training, "_save_checkpoint", real_save)
     saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["scaler"]
     assert saved["scale"] == 2.0 ** 10 and saved["_growth_tracker"] == 1  # a skipped step, then a good one
     restored = {}
@@ -257,10 +269,10 @@ def test_sync_bn_is_chosen_for_ddp_on_cuda_and_keeps_the_checkpoint_keys():
     choice and the conversion (same state-dict keys: checkpoints stay interchangeable) are checked here."""
     ddp, cuda = S.DistInfo(rank=0, world_size=2, backend="nccl"), torch.device("cuda", 0)
     cnn, vit = S.build_model("resnet18", 10, width=0.125), S.build_model("vit_tiny", 10, width=0.25)
-    assert S._use_sync_bn({"sync_bn": None, "model": "resnet18"}, cnn, cuda, ddp) is True
-    assert S._use_sync_bn({"sync_bn": None, "model": "vit_tiny"}, vit, cuda, ddp) is False  # no BatchNorm
-    assert S._use_sync_bn({"sync_bn": False, "model": "resnet18"}, cnn, cuda, ddp) is False
-    assert S._use_sync_bn({"sync_bn": None, "model": "resnet18"}, cnn, cuda, S.DistInfo()) is False  # one process
+    assert S.use_sync_bn({"sync_bn": None, "model": "resnet18"}, cnn, cuda, ddp) is True
+    assert S.use_sync_bn({"sync_bn": None, "model": "vit_tiny"}, vit, cuda, ddp) is False  # no BatchNorm
+    assert S.use_sync_bn({"sync_bn": False, "model": "resnet18"}, cnn, cuda, ddp) is False
+    assert S.use_sync_bn({"sync_bn": None, "model": "resnet18"}, cnn, cuda, S.DistInfo()) is False  # one process
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(S.build_model("resnet18", 10, width=0.125))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     assert synced.state_dict().keys() == cnn.state_dict().keys()

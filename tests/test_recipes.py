@@ -3,7 +3,7 @@ config (validate_config(run_config(BASE, GRID[name])), what result.json stores) 
 names where its values come from: [table] = the author's setup table ("Setup tecnico di riferimento" in
 shared/reference/ses_context.md), [tex] = the paper's section, a .py name = the author's script
 (akira-n-28/Spectral-Entropy-Shaping), [ours] = not stated by the author (our documented choice).
-The README's recipe table is generated from RECIPES too (readme_rows) and must match it."""
+The recipe table of docs/recipes.md is generated from RECIPES too (recipe_table_rows) and must match it."""
 import ast
 from pathlib import Path
 
@@ -146,8 +146,8 @@ def _precision(amp, on_t4, on_ampere):
     return on_t4 if on_t4 == on_ampere else f"{on_ampere} ({on_t4} on a T4)"
 
 
-def readme_rows():
-    """The README's recipe table rows, made from RECIPES (print them to update the README)."""
+def recipe_table_rows():
+    """docs/recipes.md's recipe table rows, made from RECIPES (print them to update the page)."""
     rows = []
     for num, (name, w, hooks, on_t4, on_ampere, source) in sorted(RECIPES.items()):
         if num == "04":
@@ -181,10 +181,10 @@ def readme_rows():
     return rows
 
 
-def test_readme_recipe_table_comes_from_the_same_values():
-    readme = (ROOT / "README.md").read_text()
-    missing = [r for r in readme_rows() if r not in readme]
-    assert not missing, "README recipe table out of date; expected rows:\n" + "\n".join(missing)
+def test_docs_recipe_table_comes_from_the_same_values():
+    page = (ROOT / "docs" / "recipes.md").read_text()
+    missing = [r for r in recipe_table_rows() if r not in page]
+    assert not missing, "docs/recipes.md recipe table out of date; expected rows:\n" + "\n".join(missing)
 
 
 def test_claims_name_configs_of_their_grid():

@@ -123,7 +123,7 @@ def test_batch_slots():
 
 
 def test_setup_cell_finds_seslib_from_a_subfolder():
-    root = Path(S.__file__).resolve().parent
+    root = S.ROOT
     code = R.SETUP_CELL + "\nprint(sys.path[0]); print(sorted(k for k in dir() if not k.startswith('_')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=root / "tests", capture_output=True, text=True, check=True).stdout
     first, names = out.splitlines()
@@ -137,13 +137,13 @@ def test_setup_cell_says_what_to_do_where_seslib_is_not_importable(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run([sys.executable, "-c", R.SETUP_CELL], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 1
-    assert f"RuntimeError: seslib.py is not importable: looked in {tmp_path}, its parent" in p.stderr
+    assert f"RuntimeError: seslib is not importable: looked in {tmp_path}, its parent" in p.stderr
     assert "sys.path.insert(0, '/path/to/the/repository')" in p.stderr
 
 
 def test_every_notebook_starts_with_the_current_setup_cell():
     import nbformat
-    for path in sorted((Path(S.__file__).parent / "notebooks").glob("*.ipynb")):
+    for path in sorted((S.ROOT / "notebooks").glob("*.ipynb")):
         assert nbformat.read(str(path), as_version=4).cells[1].source.strip() == R.SETUP_CELL.strip(), path.name
 
 
@@ -208,17 +208,17 @@ def test_notebook_source_reads_grid_model_and_data_set_however_they_are_written(
     mixed = _notebook(tmp_path / "4.ipynb", "GRID = dict({'a': {}}, b={})")
     for path, configs in ((one_line, ["a", "b"]), (as_call, ["a", "b"]), (split, ["a", "b", "c"]), (mixed, ["a", "b"])):
         assert R.read_notebook(path).grid_configs() == configs, path.name
-        assert R._notebook_cost(path) == len(configs) * S.run_cost({"model": "resnet18", "epochs": 1}), path.name
+        assert R.batch._notebook_cost(path) == len(configs) * S.run_cost({"model": "resnet18", "epochs": 1}), path.name
     computed = _notebook(tmp_path / "5.ipynb", "GRID = {f'k{k}': {} for k in range(3)}", "!pip install nothing")
-    assert R.read_notebook(computed).grid_configs() is None and R._notebook_cost(computed) == 1.0  # unknowable: 1
+    assert R.read_notebook(computed).grid_configs() is None and R.batch._notebook_cost(computed) == 1.0  # unknowable: 1
 
     recipe = _notebook(tmp_path / "6.ipynb", "# BASE = dict(model='resnet50', dataset='tinyimagenet')\n"
                        "BASE = dict(\n    model='wrn28_10', dataset=\"cifar100\", epochs=50)\nnote = \"model='mlp_toy'\"",
                        "GRID = {'x': {'model': 'vit_tiny'}, 'y': dict(ses=True)}\ndataset = 'tinyimagenet'")
     src = R.read_notebook(recipe)
     assert src.strings("model") == ["wrn28_10", "vit_tiny"] and src.strings("dataset") == ["cifar100", "tinyimagenet"]
-    assert R._notebook_datasets(recipe) == {"cifar100", "tinyimagenet"}
-    assert R._notebook_cost(recipe) == 2 * S.run_cost({"model": "wrn28_10", "dataset": "cifar100", "epochs": 1})
+    assert R.cli._notebook_datasets(recipe) == {"cifar100", "tinyimagenet"}
+    assert R.batch._notebook_cost(recipe) == 2 * S.run_cost({"model": "wrn28_10", "dataset": "cifar100", "epochs": 1})
     assert src.declared_params() == {"configs", "seeds"}
 
     with pytest.raises(ValueError, match="not plain Python"):
@@ -238,13 +238,13 @@ def test_the_source_reader_agrees_with_running_each_notebooks_cells(tmp_path):
         assert src.grid_configs() == list(plan.grid), nb.name
         planned = plan.resolved.values()
         assert set(src.strings("model")) == {c["model"] for c in planned if "model" in c}, nb.name
-        assert R._notebook_datasets(nb) == {c["dataset"] for c in planned if "dataset" in c}, nb.name
+        assert R.cli._notebook_datasets(nb) == {c["dataset"] for c in planned if "dataset" in c}, nb.name
 
 
 def test_one_duration_format():
-    assert [S._hours(s) for s in (41400, 3600, 1500, 120, 119, 40)] == ["11.5 h", "1.0 h", "25 min", "2 min", "119 s",
+    assert [S.format_hours(s) for s in (41400, 3600, 1500, 120, 119, 40)] == ["11.5 h", "1.0 h", "25 min", "2 min", "119 s",
                                                                       "40 s"]
-    assert [S._hours(s, approx=True) for s in (41400, 3600, 1500, 90, 10, 0)] == ["≈ 11.5 h", "≈ 1.0 h", "≈ 25 min",
+    assert [S.format_hours(s, approx=True) for s in (41400, 3600, 1500, 90, 10, 0)] == ["≈ 11.5 h", "≈ 1.0 h", "≈ 25 min",
                                                                                   "≈ 2 min", "≈ 1 min", "≈ 1 min"]
 
 
@@ -334,7 +334,8 @@ def test_kaggle_package_validates_and_broken_metadata_is_rejected(tmp_path):
     assert meta["dataset_sources"] == ["tester/ses-data", "tester/seslib-code"]
     ds = out / "code-dataset"
     assert R.validate_kaggle_metadata(ds)["id"] == "tester/seslib-code"
-    assert {"seslib.py", "sesrun.py", "requirements.txt", NB_SLEEP.name, NB_FAIL.name} <= {f.name for f in ds.iterdir()}
+    assert {"seslib", "sesrun.py", "requirements.txt", NB_SLEEP.name, NB_FAIL.name} <= {f.name for f in ds.iterdir()}
+    assert (ds / "seslib" / "__init__.py").is_file() and not list(ds.rglob("__pycache__"))
     import nbformat
     driver = nbformat.read(str(out / meta["code_file"]), as_version=4)
     src = "\n".join(c.source for c in driver.cells)
@@ -384,14 +385,14 @@ def test_hours_of_cpu_training_are_refused_before_any_run_starts(tmp_path):
     """A paper-preset batch where no GPU is visible falls back to CPU slots: days of work, refused with its estimate
     unless asked for; short CPU work (smoke, the toy study's paper runs) is not asked about."""
     cpu, gpu = R.batch_slots("cpu", workers=2), [{"name": "gpu0", "env": {"CUDA_VISIBLE_DEVICES": "0", "SES_SLOT": "0"}}]
-    job = lambda seconds: R._Job("run", NB_SLEEP, {}, tmp_path / "o.ipynb", tmp_path / "log.txt",  # noqa: E731
+    job = lambda seconds: R.batch._Job("run", NB_SLEEP, {}, tmp_path / "o.ipynb", tmp_path / "log.txt",  # noqa: E731
                                  est={"seconds": seconds})
     long, toy = [job(3 * 3600), job(2 * 3600)], [job(60), job(60)]
     with pytest.raises(ValueError, match=r"2 run\(s\) would train on the CPU \(no GPU slot\) for ≈ 5.0 h \(estimate"):
-        R._refuse_a_long_cpu_batch(long, cpu, allow=False)
-    R._refuse_a_long_cpu_batch(long, cpu, allow=True)
-    R._refuse_a_long_cpu_batch(long, gpu, allow=False)
-    R._refuse_a_long_cpu_batch(toy, cpu, allow=False)
+        R.batch._refuse_a_long_cpu_batch(long, cpu, allow=False)
+    R.batch._refuse_a_long_cpu_batch(long, cpu, allow=True)
+    R.batch._refuse_a_long_cpu_batch(long, gpu, allow=False)
+    R.batch._refuse_a_long_cpu_batch(toy, cpu, allow=False)
 
     out = tmp_path / "out"  # the real notebook 1 at the paper preset on CPU slots: refused, nothing started
     rc, log = _run_cli([sys.executable, R.__file__, "batch", "1", "--gpus", "cpu", "--workers", "2", "--out", str(out)],
@@ -444,7 +445,7 @@ def test_progress_text_from_a_runs_progress_json(tmp_path):
 def test_the_batch_console_beats_for_runs_in_flight(tmp_path, monkeypatch):
     """A batch printed only start/done lines: an hour-long run looked frozen. Now a line per run in flight every
     HEARTBEAT_SECONDS (60; 0.5 here)."""
-    monkeypatch.setattr(R, "HEARTBEAT_SECONDS", 0.5)
+    monkeypatch.setattr(R.batch, "HEARTBEAT_SECONDS", 0.5)
     said = []
     R.run_batch([NB_SLEEP], params={"all": {"sleep": 3}, "91": {"configs": ["a"]}}, gpus="cpu", workers=1,
                 out=tmp_path / "out", report=False, log=said.append)

@@ -60,11 +60,11 @@ def test_gram_path_equals_covariance_path():
     x = correlated(48, 300, seed=1).double()
     xc = x - x.mean(0)
     lam_cov = torch.linalg.eigvalsh(xc.T @ xc / 47)[-48:]
-    lam_gram = torch.linalg.eigvalsh(S._second_moment(x))  # B < d: the Gram path
-    assert S._second_moment(x).shape == (48, 48)
+    lam_gram = torch.linalg.eigvalsh(S.ses._second_moment(x))  # B < d: the Gram path
+    assert S.ses._second_moment(x).shape == (48, 48)
     torch.testing.assert_close(lam_gram[1:], lam_cov[1:], rtol=1e-8, atol=1e-10)
     # and the entropy agrees with a forced covariance computation
-    h_cov = S._entropy_from_eigs(torch.linalg.eigvalsh(xc.T @ xc / 47))
+    h_cov = S.entropy_from_eigs(torch.linalg.eigvalsh(xc.T @ xc / 47))
     assert S.spectral_entropy(x).item() == pytest.approx(h_cov.item(), abs=1e-8)
 
 
@@ -118,7 +118,7 @@ def test_bad_input():
 
 
 def test_warns_once_when_target_rank_unreachable():
-    S._warned_unreachable.clear()
+    S.warned_unreachable.clear()
     x = torch.randn(16, 2048)  # 2048^0.7 = 208 > 15
     with pytest.warns(UserWarning, match="unreachable"):
         S.ses_loss([x], 0.7)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("table", ["PRESETS", "TOY_PRESETS", "TOY_DEFAULTS", "GPU_SPEED", "DATASETS", "FIGURES",
-                                   "CLAIM_METRICS", "_MODEL_COST"])
+                                   "CLAIM_METRICS", "MODEL_COST"])
 def test_module_tables_are_read_only_views_nested_dicts_too(table):
     t = getattr(S, table)
     with pytest.raises(TypeError):
@@ -105,10 +105,10 @@ def test_normalize_u8_is_totensor_then_normalize():
 
 @pytest.mark.parametrize("command", S.MOVED_COMMANDS)
 def test_a_moved_seslib_command_names_its_sesrun_replacement_in_one_line(command):
-    p = subprocess.run([sys.executable, str(ROOT / "seslib.py"), command, "1"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "seslib", command, "1"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.strip() == f"error: `seslib.py {command}` moved: run `python sesrun.py {command} 1` instead"
+    assert p.stderr.strip() == f"error: `python -m seslib {command}` is the runner's: run `python sesrun.py {command} 1` instead"
 
 
 def test_sesrun_refuses_a_seslib_of_another_contract_in_one_line(tmp_path):

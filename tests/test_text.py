@@ -1,9 +1,15 @@
-"""Exp 22's text path (seslib section "text (Exp 22)" and the GLUE loader of "data"): GLUE's TSV files read in their
-official layout, the one-line messages when data or model are missing offline, the mask-aware pooling against its
-formula, the author's learning-rate schedule, and train_text's run folder (atomic result, no re-run, exact resume).
+"""Exp 22's text path (seslib's text room, trained by the one driver of training, and the GLUE loader of data): GLUE's
+TSV files read in their official layout, the one-line messages when data or model are missing offline, the mask-aware
+pooling against its formula, the author's learning-rate schedule, and a text run's folder (atomic result, no re-run,
+exact resume after an interrupt and after a real SIGKILL).
 All offline, on the smoke preset's tiny random BERT and SYNTHETIC text (smoke only): seconds on a CPU."""
 import ast
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,8 +70,8 @@ def one_line(e):
     return msg
 
 
-def test_missing_glue_offline_says_what_to_attach_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "hub_reachable", lambda timeout=3.0: False)
+def test_missing_glue_offline_says_what_to_attach_in_one_line(patch_seslib, tmp_path, monkeypatch):
+    patch_seslib("hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(FileNotFoundError) as e:
         S.load_glue("sst2", "train", tmp_path)
     msg = one_line(e)
@@ -73,8 +79,8 @@ def test_missing_glue_offline_says_what_to_attach_in_one_line(tmp_path, monkeypa
     assert "SST-2/train.tsv" in msg and "online" in msg
 
 
-def test_missing_model_offline_says_what_to_attach_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "hub_reachable", lambda timeout=3.0: False)
+def test_missing_model_offline_says_what_to_attach_in_one_line(patch_seslib, tmp_path, monkeypatch):
+    patch_seslib("hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(FileNotFoundError) as e:
         S.load_pretrained_text("ses-tests/no-such-bert", root=tmp_path)
     msg = one_line(e)
@@ -87,9 +93,9 @@ def test_an_attached_model_folder_is_found_by_its_name(tmp_path):
     d.mkdir(parents=True)
     (d / "config.json").write_text("{}")
     (d / "vocab.txt").write_text("[PAD]\n")
-    assert S._local_text_model("bert-base-uncased", tmp_path) == d
-    assert S._local_text_model("google-bert/bert-base-uncased", tmp_path) == d
-    assert S._local_text_model("roberta-base", tmp_path) is None
+    assert S.text._local_text_model("bert-base-uncased", tmp_path) == d
+    assert S.text._local_text_model("google-bert/bert-base-uncased", tmp_path) == d
+    assert S.text._local_text_model("roberta-base", tmp_path) is None
 
 
 def test_masked_mean_is_the_mean_over_the_real_tokens():
@@ -182,8 +188,8 @@ def test_estimates_scale_with_the_task():
 
 
 def smoke_cfg(out, **kw):
-    c = S.run_config({}, dict(task="sst2", ses=True, ses_layers="last4", **kw), preset="smoke",
-                     presets=S.TEXT_PRESETS, run_dir=out, device="cpu")
+    c = S.run_config({"kind": "text"}, dict(task="sst2", ses=True, ses_layers="last4", **kw), preset="smoke",
+                     run_dir=out, device="cpu")
     return dict(c, log="none", resume=True)
 
 
@@ -197,15 +203,15 @@ def test_a_run_writes_its_result_once_and_resumes_exactly(tmp_path, monkeypatch)
     assert S.train_text(smoke_cfg(tmp_path / "full"))["final"] == full["final"]  # done: handed back, not re-run
     assert (tmp_path / "full" / "result.json").stat().st_mtime_ns == stamp
 
-    save = S._text_checkpoint
+    save = S.training._save_checkpoint
 
     def stop_after_first_epoch(run, epoch):
         save(run, epoch)
         raise KeyboardInterrupt
-    monkeypatch.setattr(S, "_text_checkpoint", stop_after_first_epoch)
+    monkeypatch.setattr(S.training, "_save_checkpoint", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         S.train_text(smoke_cfg(tmp_path / "cut"))
-    monkeypatch.setattr(S, "_text_checkpoint", save)
+    monkeypatch.setattr(S.training, "_save_checkpoint", save)
     assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "result.json").exists()
     resumed = S.train_text(smoke_cfg(tmp_path / "cut"))
     for k in ("train_loss", "train_acc", "test_acc", "test_loss", "ses_loss", "lr"):
@@ -213,6 +219,33 @@ def test_a_run_writes_its_result_once_and_resumes_exactly(tmp_path, monkeypatch)
 
     changed = S.train_text(smoke_cfg(tmp_path / "full", ses_pool="mask"))  # other settings: set aside, redone
     assert changed["config"]["ses_pool"] == "mask" and list((tmp_path / "stale").glob("full.*/result.json"))
+
+
+def test_a_text_run_killed_with_sigkill_resumes_to_the_uninterrupted_history(tmp_path):
+    """The image runs' exact-resume guarantee holds for a text run (the same driver, checkpoint and RNG state): a real
+    kill -9 after the first checkpoint, then a resume, ends with the history of a run never stopped."""
+    cfg = dict(smoke_cfg(tmp_path / "killed"), epochs=3, max_steps_per_epoch=4)
+    killed = tmp_path / "killed"
+    script = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import seslib as S; "
+              f"S.train(json.loads(sys.argv[1]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg)], env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    try:
+        deadline = time.time() + 240
+        while not (killed / "checkpoint.pt").exists():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "result.json").exists()
+    assert 1 <= torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] < 3
+    resumed = S.train(cfg)
+    straight = S.train(dict(cfg, out_dir=str(tmp_path / "straight")))
+    timing = ("epoch_seconds", "train_seconds", "peak_mem_mb")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in resumed["history"]] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in straight["history"]]
+    assert resumed["config"]["kind"] == "text" and len(resumed["history"]) == 3
 
 
 def test_the_notebooks_typed_paper_numbers_are_the_authors_files():
@@ -246,10 +279,10 @@ def test_mixed_precision_trains_with_ses_in_float32(tmp_path, amp):
 
 
 @pytest.mark.filterwarnings("ignore:SES target effective rank")  # batch 2: d^beta is out of reach, as it says
-def test_the_paper_path_on_attached_glue_files_and_an_attached_model(tmp_path, monkeypatch):
+def test_the_paper_path_on_attached_glue_files_and_an_attached_model(patch_seslib, tmp_path, monkeypatch):
     """The paper preset's path end to end, offline: GLUE's TSV files and a model folder named bert-base-uncased found
     under data_root (a stand-in: TINY_BERT's weights and tokenizer saved as transformers saves a checkpoint)."""
-    monkeypatch.setattr(S, "hub_reachable", lambda timeout=3.0: False)
+    patch_seslib("hub_reachable", lambda timeout=3.0: False)
     root = glue_files(tmp_path / "data")
     torch.manual_seed(0)
     tok = S.tiny_tokenizer(S.SYNTHETIC_VOCAB + ("the", "chief", "was", "there", "."))

@@ -26,7 +26,7 @@ def _synthetic_result(config, seed, acc, train_s=None, epoch_s=30.0):
 
 def _frame(rows):
     """SYNTHETIC rows (config, seed, acc, train_s, epoch_s) as the report's frame."""
-    return pd.DataFrame([S._result_row(c, _synthetic_result(c, s, acc, tr, ep), f"runs/{c}_seed{s}")
+    return pd.DataFrame([S.results._result_row(c, _synthetic_result(c, s, acc, tr, ep), f"runs/{c}_seed{s}")
                          for c, s, acc, tr, ep in rows])
 
 
@@ -47,7 +47,7 @@ def test_a_real_run_times_its_training_loop_apart_and_the_table_shows_it(data_ro
     fin = res["final"]
     assert all(0 < r["train_seconds"] < r["epoch_seconds"] for r in res["history"])
     assert 0 < fin["train_seconds_mean"] < fin["epoch_seconds_mean"]
-    df = pd.DataFrame([S._result_row("baseline", res, tmp_path / "run")])
+    df = pd.DataFrame([S.results._result_row("baseline", res, tmp_path / "run")])
     assert df.loc[0, "train_s"] == fin["train_seconds_mean"]
     table = S.summary_table(df)
     assert table.loc["baseline", "s/epoch"] == round(fin["train_seconds_mean"], 1)
@@ -63,7 +63,7 @@ def test_overhead_and_the_epoch_s_claim_use_the_training_loop():
     assert t.loc["ses", "s/epoch"] == 15.0 and t.loc["baseline", "s/epoch"] == 10.0
     assert t.loc["ses", "eval s/epoch"] == 16.0 and t.loc["baseline", "eval s/epoch"] == 20.0
     assert t.loc["ses", "SES overhead %"] == 50.0 and t.loc["ses", "paper overhead %"] == pytest.approx(65.7)
-    cost = S._split_table(t)["cost"]
+    cost = S.tables._split_table(t)["cost"]
     assert list(cost.columns[:4]) == ["seeds", "s/epoch", "paper s/epoch", "eval s/epoch"]
 
 
@@ -94,7 +94,7 @@ def _synthetic_grid_frame(grid):
     return _frame([(c, s, 70.0 + i + 0.1 * s, 10.0 + i, 20.0 + i) for i, c in enumerate(grid) for s in (1, 2)])
 
 
-def test_14_vit_table_compares_each_vit_with_its_own_baseline(tmp_path, monkeypatch):
+def test_14_vit_table_compares_each_vit_with_its_own_baseline(patch_seslib, tmp_path, monkeypatch):
     """The real notebook's GRID / PAPER / CLAIMS through report(), on SYNTHETIC result files: no config is named
     'baseline', and each SES ViT still gets its Δ and overhead (the claims' pairs)."""
     d = notebook_definitions("14_vit")
@@ -108,7 +108,7 @@ def test_14_vit_table_compares_each_vit_with_its_own_baseline(tmp_path, monkeypa
         resolved[row.config, row.seed] = cfg
     plan = S.RunPlan(runs=[], listing=False, todo=[], report=True, out_dir=tmp_path, name="14_vit", grid=grid,
                      seeds=[1, 2], resolved=resolved, paper=paper, claims=d["CLAIMS"])
-    monkeypatch.setattr(S, "claims_table", lambda *a, **k: None)  # the verdicts are not what this test is about
+    patch_seslib("claims_table", lambda *a, **k: None)  # the verdicts are not what this test is about
     t = S.report(plan, figures=(), show=False).table
     for ses, base in (("vit_small_ses", "vit_small_baseline"), ("vit_tiny_ses", "vit_tiny_baseline")):
         assert t.loc[ses, "vs"] == base

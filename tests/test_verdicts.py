@@ -1,6 +1,7 @@
 """The verdict rule's error rates, measured by simulation (normal seed noise), and its edge cases.
 
-Run as a script (`python tests/test_verdicts.py`) to print the power table the README quotes."""
+Run as a script (`python tests/test_verdicts.py`) to print the power table docs/claims.md quotes
+(`python tests/test_verdicts.py coverage`: its coverage table)."""
 import math
 
 import numpy as np
@@ -249,20 +250,20 @@ def test_build_summary_judges_claims_across_notebooks(tmp_path):
 
 
 def coverage_rows():
-    """The README's coverage table, one row per encoded claim (notebooks, then SUMMARY_CLAIMS)."""
+    """docs/claims.md's coverage table, one row per encoded claim (notebooks, then SUMMARY_CLAIMS)."""
     def row(where, c):
-        cells = [where, c["text"], c["kind"], c["metric"], S._paper_text(c)]
+        cells = [where, c["text"], c["kind"], c["metric"], S.claims._paper_text(c)]
         return "| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |"
     rows = [row(stem, c) for stem, (_, cs) in _all_notebook_claims().items() for c in cs]
     return rows + [row("SUMMARY (across notebooks)", c) for c in S.summary_claims()]
 
 
-def test_readme_coverage_table_lists_every_claim():
+def test_docs_coverage_table_lists_every_claim():
     from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    missing = [r for r in coverage_rows() if r not in readme]
-    assert not missing, "README coverage table out of date (python tests/test_verdicts.py coverage); missing:\n" + \
-        "\n".join(missing[:5])
+    page = (Path(__file__).resolve().parents[1] / "docs" / "claims.md").read_text()
+    missing = [r for r in coverage_rows() if r not in page]
+    assert not missing, ("docs/claims.md coverage table out of date (python tests/test_verdicts.py coverage); "
+                         "missing:\n" + "\n".join(missing[:5]))
 
 
 def _print_power_table():
@@ -274,7 +275,7 @@ def _print_power_table():
         print(f"| {k} | " + " | ".join(cells) + " |")
 
 
-if __name__ == "__main__":  # the README's tables: `python tests/test_verdicts.py [power|coverage]`
+if __name__ == "__main__":  # docs/claims.md's tables: `python tests/test_verdicts.py [power|coverage]`
     import sys
     if sys.argv[1:] == ["coverage"]:
         print("| notebook | claim | kind | metric | paper |\n|---|---|---|---|---|\n" + "\n".join(coverage_rows()))

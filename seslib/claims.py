@@ -1,0 +1,550 @@
+"""Claims and verdicts: the claim metrics, confidence intervals over seeds, the one verdict rule, the cross-notebook
+summary claims."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from .ses import is_real
+from .util import read_only
+from .results import CLAIM_CORRUPTIONS
+
+
+# ── metrics, claims and verdicts ─────────────────────────────────────────────────────────────────
+# A claim is one published statement, as data in its notebook, e.g.
+#   dict(text="SES improves robustness on CIFAR-100", a="ses", b="baseline", metric="rob")
+# metric: a key of CLAIM_METRICS; kind, with the statistic each judges:
+#   delta     a - b (paper: the signed difference)          ratio     a / b, on the log scale (size claims: "+15 %")
+#   contrast  sum of weight * config, terms={config: w}      sd_ratio  seed SD of a / seed SD of b (variance claims)
+#   best      a minus its best rival among `among`          tie       a - b within ± margin (equivalence)
+#   at_most   a (or a - b) at most `paper`                   near_best a's best rival leads it by at most `margin`
+#   spread    max - min over `among` at most `paper`
+# The paper's own value comes from the notebook's PAPER numbers unless the claim gives `paper`; `source` says where
+# the number is published. A config named "NN_notebook/config" is another notebook's (SUMMARY_CLAIMS).
+# Each claim is judged twice: on the paper's metric definition (accuracy = best test accuracy over epochs,
+# robustness = its own protocol on the test-selected weights) and on our headline definition (final epoch,
+# the standard 15 x 5 corruptions).
+CLAIM_METRICS = read_only({  # metric -> (paper's definition, our headline definition, PAPER key, higher is better)
+    "acc": ("acc_best", "acc_final", "acc", True),
+    "rob": ("rob_paper_best", "rob", "rob", True),
+    "gap": ("gap", "gap", "gap", False),
+    "epoch_s": ("train_s", "train_s", "epoch_s", False),  # the training loop's seconds, as the author's avg_epoch_time
+    "kappa": ("kappa_mean", "kappa_mean", "kappa_mean", False),
+    "erank_dev": ("erank_dev", "erank_dev", "erank_dev", False),  # max_l |erank_l / d_l^β - 1| in %
+    "kappa_std": ("kappa_std", "kappa_std", "kappa_std", False),  # kappa(J)'s SD over the test points (Exp 4)
+    "ses_loss_ratio": ("ses_loss_ratio", "ses_loss_ratio", "ses_loss_ratio", False),  # last / first epoch SES loss
+    "peak_mem": ("peak_mem_mb", "peak_mem_mb", "peak_mem_mb", False),  # peak device memory (ratios only)
+    "params": ("params_m", "params_m", "params_m", False),  # parameters, millions (deterministic: one run decides)
+    # Exp 28, at the last epoch as the author measured (erank_summary); "higher" matters only to best/near_best
+    "erank_ratio_mean": ("erank_ratio_mean", "erank_ratio_mean", "erank_ratio_mean", True),  # mean erank / d^β
+    "erank_absdev_mean": ("erank_absdev_mean", "erank_absdev_mean", "erank_absdev_mean", False),  # mean |ratio − 1|
+    "erank_spread": ("erank_spread", "erank_spread", "erank_spread", False),  # max / min erank across the layers
+    **{f"rob_{n}_s{s}": (f"rob_{n}_s{s}_paper", f"rob_{n}_s{s}", f"rob_{n}_s{s}", True) for n, s in CLAIM_CORRUPTIONS},
+})
+DETERMINISTIC_METRICS = ("params",)  # the same for every seed: one run is enough
+CLAIM_KINDS = ("delta", "ratio", "contrast", "sd_ratio", "best", "tie", "at_most", "near_best", "spread")
+DIRECTION_KINDS = ("delta", "ratio", "contrast", "sd_ratio", "best")  # judged against 0 and the paper's size
+LOG_KINDS = ("ratio", "sd_ratio")  # judged on log ratios (a ratio's noise is multiplicative)
+CONFIDENCE = 0.95  # two-sided, for direction claims; bounds and ties use one-sided tests at 1 - CONFIDENCE / 2 each
+TIE_MARGINS = read_only({  # metric -> the difference a tie (or "near the best") tolerates, and why that size
+    "acc": (0.5, "about 2x the paper's largest accuracy seed SD (0.23, Exp 5)"),
+    "rob": (1.2, "2x the paper's largest robustness seed SD (0.60, Exp 5)"),
+    "gap": (1.0, "the paper reports no gap SD; 1 pp, the size of its smallest gap claim (Exp 6: -1.3)"),
+    "erank_dev": (5.0, "5 percentage points of deviation from d^beta"),
+})
+RATIO_TOLERANCE = read_only({  # metric -> relative band around the paper's ratio that still counts as its size
+    "epoch_s": (0.10, "time depends on the GPU, driver and implementation beyond seed noise: a 10 % band"),
+})
+VERDICTS = ("reproduced", "same direction, smaller effect", "same direction, larger effect", "not reproduced",
+            "inconclusive")
+VERDICT_RULE = (
+    "Verdict rule (seslib.verdict): each claim's statistic gets a t-based 95 % interval over seeds (paired by "
+    "seed when every config in it ran the same seeds, Welch otherwise; ratios on the log scale; an SD ratio from the "
+    "F distribution). With fewer than 2 seeds it is inconclusive. A direction claim (delta, ratio, contrast, SD "
+    "ratio, best) is reproduced when the interval excludes 0 on the paper's side and holds the paper's value; same "
+    "direction, smaller/larger effect when it excludes 0 on the paper's side but also the paper's value; not "
+    "reproduced when it shows the opposite direction, or excludes the paper's value without showing its direction; "
+    "inconclusive when it holds both 0 and the paper's value. A tie is judged by equivalence (two one-sided tests at "
+    "5 %, i.e. the 90 % interval) against the metric's stated margin: reproduced when the 90 % interval lies within "
+    "± margin, not reproduced when it lies wholly outside, inconclusive otherwise. A bound (at_most: value ≤ bound; "
+    "spread: max − min ≤ bound; near_best: the best rival leads by at most the margin) is reproduced when the "
+    "one-sided 95 % limit meets it, not reproduced when the opposite one-sided limit breaks it, inconclusive "
+    "otherwise.")
+_CLAIM_KEYS = {"text", "a", "b", "metric", "kind", "among", "paper", "margin", "terms", "source", "paper_sd"}
+
+
+def check_claim(claim, grid, paper=None) -> dict:
+    """A claim dict, checked against the grid when the notebook is loaded (not after training): names every
+    config it needs that the grid lacks, an unknown metric or kind, a paper value it cannot find."""
+    if not isinstance(claim, Mapping) or "text" not in claim or not (claim.get("a") or claim.get("terms")):
+        raise ValueError(f"a claim is a dict with 'text' and 'a' (a config name) or 'terms'; got {claim!r}")
+    c = {"b": None, "a": None, "metric": "acc", "kind": "delta", "among": None, "paper": None, "margin": None,
+         "terms": None, "source": None, "paper_sd": None, **claim}
+    bad = sorted(set(c) - _CLAIM_KEYS)
+    if bad:
+        raise ValueError(f"claim {c['text']!r}: unknown key(s) {bad}")
+    if c["metric"] not in CLAIM_METRICS:
+        raise ValueError(f"claim {c['text']!r}: unknown metric {c['metric']!r}; known: {', '.join(CLAIM_METRICS)}")
+    if c["kind"] not in CLAIM_KINDS:
+        raise ValueError(f"claim {c['text']!r}: unknown kind {c['kind']!r}; known: {', '.join(CLAIM_KINDS)}")
+    _check_claim_shape(c, grid)
+    if c["paper"] is None:
+        c["paper"] = _paper_value(c, paper or {})
+    if c["kind"] in DIRECTION_KINDS and not (is_real(c["paper"]) and c["paper"] != (1 if c["kind"] in LOG_KINDS else 0)):
+        raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim needs the paper's nonzero effect; got "
+                         f"{c['paper']!r} (a claim of no difference is a 'tie')")
+    if c["kind"] in ("tie", "near_best") and c["margin"] is None:
+        if c["metric"] not in TIE_MARGINS:
+            raise ValueError(f"claim {c['text']!r}: no stated tie margin for {c['metric']!r}: give 'margin'")
+        c["margin"] = TIE_MARGINS[c["metric"]][0]
+    if c["paper_sd"] is None:  # the paper's seed SD, where it ran seeds (Exp 5/6: PAPER's "<key>_std")
+        key = CLAIM_METRICS[c["metric"]][2] + "_std"
+        sds = [(paper or {}).get(x, {}).get(key) for x in (c["a"], c["b"]) if x]
+        c["paper_sd"] = max([v for v in sds if is_real(v)], default=None)
+    return c
+
+
+def _check_claim_shape(c, grid):
+    """The configs a claim of its kind needs, all in the grid."""
+    if c["kind"] in ("delta", "ratio", "tie", "sd_ratio") and not (c["a"] and c["b"]):
+        raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim compares 'a' with 'b'")
+    if c["kind"] == "contrast" or (c["kind"] == "at_most" and c["terms"] is not None):
+        if not isinstance(c["terms"], Mapping) or not c["terms"] or not all(is_real(w) for w in c["terms"].values()):
+            raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim on a contrast needs terms={{config: weight}}")
+        c["terms"] = dict(c["terms"])
+    elif not c["a"]:
+        raise ValueError(f"claim {c['text']!r}: a {c['kind']} claim needs 'a'")
+    if c["kind"] in ("best", "near_best", "spread"):
+        c["among"] = list(c["among"] or grid)
+    needed = [x for x in [c["a"], c["b"], *(c["among"] or []), *(c["terms"] or {})] if x]
+    missing = [x for x in dict.fromkeys(needed) if x not in grid]
+    if missing:
+        raise ValueError(f"claim {c['text']!r} names config(s) {missing} that the grid lacks; grid: {list(grid)}")
+
+
+def _paper_value(c, paper):
+    """The paper's value of the claim's statistic, from the notebook's PAPER numbers."""
+    key, higher = CLAIM_METRICS[c["metric"]][2], CLAIM_METRICS[c["metric"]][3]
+    if c["kind"] == "sd_ratio":
+        key += "_std"
+    names = set([c["a"], c["b"], *(c["among"] or []), *(c["terms"] or {})]) - {None}
+    val = {k: (paper.get(k) or {}).get(key) for k in names}
+    try:
+        if c["kind"] in ("delta", "tie"):
+            return round(val[c["a"]] - val[c["b"]], 4)
+        if c["kind"] in ("ratio", "sd_ratio"):
+            return round(val[c["a"]] / val[c["b"]], 4)
+        if c["terms"]:
+            return round(sum(w * val[k] for k, w in c["terms"].items()), 4)
+        if c["kind"] == "at_most":
+            return round(val[c["a"]] - (val[c["b"]] if c["b"] else 0.0), 4)
+        others = [val[x] for x in c["among"] if x != c["a"]]
+        if c["kind"] in ("best", "near_best"):
+            return round((val[c["a"]] - max(others)) if higher else (min(others) - val[c["a"]]), 4)
+        return round(max(val.values()) - min(val.values()), 4)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError):
+        raise ValueError(f"claim {c['text']!r}: the paper's {key} for {sorted(names)} is not in PAPER: give 'paper'") \
+            from None
+
+
+# ── intervals ──
+# Why t and not 2 SE: with 2-3 seeds the SDs are themselves noisy; the t critical values are 4.3 (df 2) and 2.8
+# (df 4), and a 2-SE rule calls a non-existent effect "reproduced" 6-9 % of the time instead of 2.5 %.
+
+def _seed_values(df, config, col) -> dict:
+    """{seed: value} of one config's runs (a seed run twice counts once, averaged)."""
+    if col not in df or "seed" not in df:
+        return {}
+    sub = df.loc[df["config"] == config, ["seed", col]].dropna()
+    return {s: float(v) for s, v in sub.groupby("seed")[col].mean().items()} if len(sub) else {}
+
+
+def contrast_interval(values: dict, weights: dict, log=False, paired=True) -> dict:
+    """The 95 % (and 90 %) t interval of sum_k weights[k] * mean(values[k]) over seeds.
+
+    values: {config: {seed: value}}. Paired by seed (the per-seed contrast, df n - 1) when `paired` and every
+    config ran the same >= 2 seeds; Welch-Satterthwaite otherwise. log: on log values (ratios), positive only."""
+    vals = {k: {s: (math.log(v) if v > 0 else float("nan")) if log else v for s, v in values.get(k, {}).items()}
+            for k in weights}
+    vals = {k: {s: v for s, v in d.items() if v == v} for k, d in vals.items()}
+    seeds = [set(d) for d in vals.values()]
+    n = min(len(s) for s in seeds)
+    if paired and n >= 2 and all(s == seeds[0] for s in seeds):
+        per_seed = np.array([sum(w * vals[k][s] for k, w in weights.items()) for s in sorted(seeds[0])])
+        est, se, dof = float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(n)), n - 1
+    else:
+        paired = False
+        est = sum(w * float(np.mean(list(vals[k].values()))) if vals[k] else float("nan") for k, w in weights.items())
+        parts = [w * w * float(np.var(list(vals[k].values()), ddof=1)) / len(vals[k]) if len(vals[k]) > 1 else
+                 float("nan") for k, w in weights.items()]
+        se = math.sqrt(sum(parts))
+        den = sum(p * p / (len(vals[k]) - 1) for p, k in zip(parts, weights) if len(vals[k]) > 1)
+        dof = se ** 4 / den if den > 0 else float("inf")
+    return _interval(est, se, dof, n, paired)
+
+
+def _interval(est, se, dof, n, paired) -> dict:
+    from scipy import stats
+    out = {"est": est, "se": se, "dof": dof, "n": n, "paired": paired}
+    for name, q in (("", 0.5 + CONFIDENCE / 2), ("90", CONFIDENCE)):  # 95 % two-sided; 90 % = one-sided 95 %
+        half = float(stats.t.ppf(q, dof)) * se if n >= 2 and se > 0 else 0.0 if n >= 2 else float("nan")
+        out["lo" + name], out["hi" + name] = est - half, est + half
+    return out
+
+
+def sd_ratio_interval(values_a: dict, values_b: dict) -> dict:
+    """The interval of log(SD_a / SD_b) over seeds, from the F distribution (normal seed noise)."""
+    from scipy import stats
+    a, b = np.array(list(values_a.values())), np.array(list(values_b.values()))
+    n = min(len(a), len(b))
+    if n < 2 or a.std(ddof=1) == 0 or b.std(ddof=1) == 0:
+        return _interval(float("nan"), float("nan"), float("nan"), n, False)
+    f = a.var(ddof=1) / b.var(ddof=1)
+    out = {"est": 0.5 * math.log(f), "se": float("nan"), "dof": (len(a) - 1, len(b) - 1), "n": n, "paired": False}
+    for name, conf in (("", CONFIDENCE), ("90", 2 * CONFIDENCE - 1)):
+        lo_q, hi_q = stats.f.ppf([(1 + conf) / 2, (1 - conf) / 2], len(a) - 1, len(b) - 1)
+        out["lo" + name], out["hi" + name] = 0.5 * math.log(f / lo_q), 0.5 * math.log(f / hi_q)
+    return out
+
+
+# ── the verdict: one rule for every claim ──
+
+def verdict(kind, iv, paper, margin=None, tol=0.0) -> str:
+    """The verdict of one claim from its interval iv (contrast_interval; log scale for ratios, and then paper and
+    tol on the log scale too), by VERDICT_RULE. margin: ties and near_best; tol: the band around the paper's value."""
+    lo, hi, lo90, hi90 = iv["lo"], iv["hi"], iv["lo90"], iv["hi90"]
+    if iv["n"] < 2 or lo != lo or hi != hi:
+        return "inconclusive"
+    if kind == "tie":
+        return _bound_verdict(lo90 >= -margin and hi90 <= margin, lo90 > margin or hi90 < -margin)
+    if kind in ("at_most", "spread"):
+        return _bound_verdict(hi90 <= paper, lo90 > paper)
+    if kind == "near_best":  # the statistic is a minus its best rival (>0: a leads); claim: >= -margin
+        return _bound_verdict(lo90 >= -margin, hi90 < -margin)
+    side = 1 if paper > 0 else -1
+    shows = side * (lo if side > 0 else hi) > 0
+    opposite = side * (hi if side > 0 else lo) < 0
+    holds_paper = lo - tol <= paper <= hi + tol
+    if shows and holds_paper:
+        return "reproduced"
+    if shows:
+        return "same direction, larger effect" if abs(iv["est"]) > abs(paper) else "same direction, smaller effect"
+    return "not reproduced" if opposite or not holds_paper else "inconclusive"
+
+
+def _bound_verdict(holds, broken) -> str:
+    return "reproduced" if holds else "not reproduced" if broken else "inconclusive"
+
+
+def judge_claim(c, df, definition=0, paired=True) -> dict:
+    """{est, lo, hi, n, verdict, ...} of one claim on our results (one row per run, a column per metric definition);
+    definition 0: the paper's metric, 1: our headline. Ratios come back on the ratio scale (est, lo, hi)."""
+    col, higher = CLAIM_METRICS[c["metric"]][definition], CLAIM_METRICS[c["metric"]][3]
+    weights = _claim_weights(c, df, col, higher)
+    if weights is None:
+        iv = _interval(float("nan"), float("nan"), float("nan"), 0, False)
+    elif c["kind"] == "sd_ratio":
+        iv = sd_ratio_interval(_seed_values(df, c["a"], col), _seed_values(df, c["b"], col))
+    else:
+        iv = contrast_interval({k: _seed_values(df, k, col) for k in weights}, weights,
+                               log=c["kind"] == "ratio", paired=paired)
+    log = c["kind"] in LOG_KINDS
+    paper = math.log(c["paper"]) if log else c["paper"]
+    tol = math.log1p(RATIO_TOLERANCE[c["metric"]][0]) if log and c["metric"] in RATIO_TOLERANCE else 0.0
+    if c["metric"] in DETERMINISTIC_METRICS and iv["n"] >= 1 and iv["est"] == iv["est"]:  # no seed noise to weigh
+        iv = dict(iv, **{k: iv["est"] for k in ("lo", "hi", "lo90", "hi90")}, n=max(iv["n"], 2))
+    out = dict(iv, verdict=verdict(c["kind"], iv, paper, c["margin"], tol), log=log)
+    if log:
+        out.update({k: math.exp(iv[k]) if iv[k] == iv[k] else iv[k] for k in ("est", "lo", "hi", "lo90", "hi90")})
+    return out
+
+
+def _claim_weights(c, df, col, higher):
+    """{config: weight} of the claim's statistic; for best/near_best/spread the rival is chosen by our means."""
+    if c["terms"]:
+        return c["terms"]
+    if c["kind"] in ("delta", "ratio", "tie", "sd_ratio") or (c["kind"] == "at_most" and c["b"]):
+        return {c["a"]: 1.0, c["b"]: -1.0}
+    if c["kind"] == "at_most":
+        return {c["a"]: 1.0}
+    means = {x: float(np.mean(list(v.values()))) for x in c["among"] if (v := _seed_values(df, x, col))}
+    if c["kind"] == "spread":
+        return {max(means, key=means.get): 1.0, min(means, key=means.get): -1.0} if len(means) > 1 else None
+    others = {x: m for x, m in means.items() if x != c["a"]}
+    if c["a"] not in means or not others:
+        return None
+    rival = (max if higher else min)(others, key=others.get)
+    sign = 1.0 if higher else -1.0  # > 0: a beats its best rival
+    return {c["a"]: sign, rival: -sign}
+
+
+def claims_table(df, claims, paired=True):
+    """One row per claim: the paper's value (and its seed SD where known), ours with its 95 % interval on the
+    paper's metric definition and on our headline one, each with its verdict."""
+    import pandas as pd
+    rows = []
+    for c in claims:
+        p, h = judge_claim(c, df, 0, paired), judge_claim(c, df, 1, paired)
+        cols = CLAIM_METRICS[c["metric"]]
+        rows.append({"claim": c["text"], "kind": c["kind"], "configs": _claim_configs(c),
+                     "metric (paper's / headline)": cols[0] if cols[0] == cols[1] else f"{cols[0]} / {cols[1]}",
+                     "paper": _paper_text(c), "paper seed SD": c["paper_sd"],
+                     "ours (paper's definition), 95 % interval": _interval_text(p),
+                     "verdict": p["verdict"], "ours (headline), 95 % interval": _interval_text(h),
+                     "verdict (headline)": h["verdict"], "seeds": p["n"],
+                     "interval": "paired by seed" if p["paired"] else "Welch", "source": c["source"]})
+    return pd.DataFrame(rows)
+
+
+def _claim_configs(c):
+    if c["terms"]:
+        return " ".join(f"{'+' if w > 0 else '−'}{abs(w):g}·{k}" for k, w in c["terms"].items())
+    if c["kind"] in ("best", "near_best"):
+        return f"{c['a']} among {len(c['among'])}"
+    if c["kind"] == "spread":
+        return f"{len(c['among'])} configs"
+    return " vs ".join(x for x in (c["a"], c["b"]) if x)
+
+
+def _paper_text(c):
+    if c["kind"] in LOG_KINDS:
+        return f"×{c['paper']:.3g}"
+    if c["kind"] == "tie":
+        return f"{c['paper']:+.2f} (tie within ±{c['margin']:g})"
+    if c["kind"] == "near_best":
+        return f"{c['paper']:+.2f} (within {c['margin']:g} of the best)"
+    return f"{c['paper']:+.2f}" if c["kind"] != "spread" and c["kind"] != "at_most" else f"≤ {c['paper']:g}"
+
+
+def _interval_text(iv):
+    if iv["est"] != iv["est"]:
+        return "—"
+    if iv.get("log"):
+        ci = f" [{iv['lo']:.3g}, {iv['hi']:.3g}]" if iv["lo"] == iv["lo"] else ""
+        return f"×{iv['est']:.3g}{ci}"
+    ci = f" [{iv['lo']:+.2f}, {iv['hi']:+.2f}]" if iv["lo"] == iv["lo"] else ""
+    return f"{iv['est']:+.2f}{ci}"
+
+
+def chance_verdicts(n_judged, rate=1 - CONFIDENCE) -> str:
+    """What chance alone gives: with no true effect anywhere, each judged claim reads 'reproduced' (or shows the
+    opposite direction) with probability (1 - CONFIDENCE) / 2; over n claims, about n·rate of them one way or the other."""
+    from scipy import stats
+    hi = int(stats.binom.ppf(0.95, n_judged, rate / 2)) if n_judged else 0
+    return (f"Chance alone: of the {n_judged} claims judged on ≥ 2 seeds, if SES had no effect at all about "
+            f"{n_judged * rate / 2:.1f} would still read 'reproduced' (at most {hi} in 95 % of such suites), and as "
+            f"many would show the opposite direction.")
+
+
+# The claims that span notebooks (configs "NN_notebook/config"), judged by build_summary on each notebook's
+# values.csv. Filled from the paper's text; see the coverage table in docs/claims.md.
+def _ses_gain(notebook, config="ses", baseline="baseline"):
+    """The (config, baseline) pair of another notebook's SES gain, as SUMMARY_CLAIMS name configs."""
+    return f"{notebook}/{config}", f"{notebook}/{baseline}"
+
+
+def _gain_difference(gain, other):
+    """terms of (gain's config − its baseline) − (other's config − its baseline): a difference of SES gains."""
+    return {gain[0]: 1, gain[1]: -1, other[0]: -1, other[1]: 1}
+
+
+SUMMARY_CLAIMS = (
+    dict(
+        text="difficulty scaling of the gap (P1), step 1: SES's gap change CIFAR-10 (+0.01) -> CIFAR-100 (-0.33)",
+        terms=_gain_difference(_ses_gain('06_multiseed_cifar100'),
+                               _ses_gain('05_multiseed_cifar10')),
+        metric='gap',
+        kind='contrast',
+        paper=-0.34,
+        source="tex: Summary of Empirical Results ('0% on CIFAR-10, -1.3% on CIFAR-100, -6.1% on Tiny-"
+               "ImageNet'); tab:multiseed, tab:cifar100",
+    ),
+    dict(
+        text='difficulty scaling of the gap (P1), step 2: CIFAR-100 (-0.33) -> Tiny-ImageNet (-2.21)',
+        terms=_gain_difference(_ses_gain('11_resnet50_tinyimagenet'),
+                               _ses_gain('06_multiseed_cifar100')),
+        metric='gap',
+        kind='contrast',
+        paper=-1.88,
+        source='resnet50_tinyimagenet_results.json: final_gap (-2.214); tex: tab:cifar100; Summary of Empirical '
+               'Results',
+    ),
+    dict(
+        text='difficulty scaling of accuracy, step 1: CIFAR-10 (-0.06) -> CIFAR-100 (+0.47)',
+        terms=_gain_difference(_ses_gain('06_multiseed_cifar100'),
+                               _ses_gain('05_multiseed_cifar10')),
+        metric='acc',
+        kind='contrast',
+        paper=0.53,
+        source="tex: Exp 6 text ('+0.47 pp accuracy vs -0.06 pp'); abstract; ses_context.md: trend table",
+    ),
+    dict(
+        text='difficulty scaling of accuracy, step 2: CIFAR-100 (+0.47) -> Tiny-ImageNet (+2.58)',
+        terms=_gain_difference(_ses_gain('11_resnet50_tinyimagenet'),
+                               _ses_gain('06_multiseed_cifar100')),
+        metric='acc',
+        kind='contrast',
+        paper=2.11,
+        source="resnet50_tinyimagenet_results.json: best_val_acc; tex: abstract ('scale monotonically with task "
+               "difficulty'); Exp 11 difficulty table",
+    ),
+    dict(
+        text='difficulty scaling of robustness, step 1: CIFAR-10 (+0.45) -> CIFAR-100 (+0.65)',
+        terms=_gain_difference(_ses_gain('06_multiseed_cifar100'),
+                               _ses_gain('05_multiseed_cifar10')),
+        metric='rob',
+        kind='contrast',
+        paper=0.2,
+        source="tex: Exp 6 text ('+0.65 pp robustness vs +0.45 pp'); abstract",
+    ),
+    dict(
+        text='difficulty scaling of robustness, step 2: CIFAR-100 (+0.65) -> Tiny-ImageNet (+2.37)',
+        terms=_gain_difference(_ses_gain('11_resnet50_tinyimagenet'),
+                               _ses_gain('06_multiseed_cifar100')),
+        metric='rob',
+        kind='contrast',
+        paper=1.72,
+        source='resnet50_tinyimagenet_results.json: rob_mean (2.367); tex: abstract; Exp 11 difficulty table',
+    ),
+    dict(
+        text='CIFAR-100 overfits more than CIFAR-10 (baseline gap 25.60 vs 6.56)',
+        a='06_multiseed_cifar100/baseline',
+        b='05_multiseed_cifar10/baseline',
+        metric='gap',
+        kind='delta',
+        paper=19.04,
+        source="tex: Exp 6 text ('25.60 pp vs 6.56 pp on CIFAR-10')",
+    ),
+    dict(
+        text='lambda = 0.05 beats the 3-seed CIFAR-10 baseline on robustness by +2.1 pp (70.32 vs 68.22)',
+        a='07_lambda_ablation/lam_0.05',
+        b='05_multiseed_cifar10/baseline',
+        metric='rob',
+        kind='delta',
+        paper=2.1,
+        source="tex: Exp 7 text ('a +2.1 pp improvement over the baseline (68.22%)'); ses_context.md: Exp 7",
+    ),
+    dict(
+        text='CIFAR-100 is relatively easy for WRN-28-10 (baseline 75.24 vs 73.00 for ResNet-18)',
+        a='13_wrn28_10/baseline',
+        b='12_mixup_cutmix/baseline',
+        metric='acc',
+        kind='delta',
+        paper=2.24,
+        source='wrn_results.json / aug_results.json: best_acc; tex: Exp 13 text',
+    ),
+    dict(
+        text='WRN-28-10 has 3.3x the parameters of ResNet-18 (36.5M vs 11M)',
+        a='13_wrn28_10/baseline',
+        b='12_mixup_cutmix/baseline',
+        metric='params',
+        kind='ratio',
+        paper=3.3,
+        source="tex: Exp 13 text ('36.5M parameters, 3.3x larger than ResNet-18')",
+    ),
+    dict(
+        text="on WRN-28-10 SES's accuracy benefit disappears: gain -0.31 vs +0.47 for ResNet-18 on CIFAR-100",
+        terms=_gain_difference(_ses_gain('13_wrn28_10'),
+                               _ses_gain('06_multiseed_cifar100')),
+        metric='acc',
+        kind='contrast',
+        paper=-0.78,
+        source="tex: Exp 11 difficulty table + text ('SES's accuracy benefit disappears (-0.31 pp)')",
+    ),
+    dict(
+        text="ViT-Tiny's robustness gain exceeds ResNet-18's on CIFAR-100 (+1.31 vs +0.65)",
+        terms=_gain_difference(_ses_gain('14_vit', 'vit_tiny_ses', 'vit_tiny_baseline'),
+                               _ses_gain('06_multiseed_cifar100')),
+        metric='rob',
+        kind='contrast',
+        paper=0.66,
+        source="vit_summary.json: rob_mean; tex: Exp 14 text ('notably larger than those observed for ResNet-18 "
+               "on CIFAR-100 (+0.65 pp)')",
+    ),
+    dict(
+        text="ViT-Small's robustness gain exceeds ResNet-18's on CIFAR-100 (+1.33 vs +0.65)",
+        terms=_gain_difference(_ses_gain('14_vit', 'vit_small_ses', 'vit_small_baseline'),
+                               _ses_gain('06_multiseed_cifar100')),
+        metric='rob',
+        kind='contrast',
+        paper=0.68,
+        source='vit_summary.json: rob_mean (1.334); tex: Exp 14 text',
+    ),
+    dict(
+        text='beta = 0.5 on ViT-Small is the largest single-config gain of the paper (+2.66, above Tiny-'
+             "ImageNet's +2.58)",
+        terms=_gain_difference(_ses_gain('17_vit_ablations', 'beta_0.5', 'baseline'),
+                               _ses_gain('11_resnet50_tinyimagenet')),
+        metric='acc',
+        kind='contrast',
+        paper=0.08,
+        source='vit_ablations_summary.json, resnet50_tinyimagenet_results.json: best acc; tex: '
+               "abstract/Summary/Conclusion ('the largest single-configuration gain across all experiments'); "
+               "contradicts Exp 11 'strongest SES effect observed across all experiments'",
+    ),
+    dict(
+        text="Exp 18's triple SES (last 4, beta 0.5) matches Exp 17's beta = 0.5 on all 12 blocks (57.93 vs "
+             '57.94)',
+        a='18_vit_attention/triple_l4',
+        b='17_vit_ablations/beta_0.5',
+        metric='acc',
+        kind='tie',
+        paper=-0.01,
+        margin=0.5,
+        source="vit_attention_summary.json / vit_ablations_summary.json: best_acc; tex: Exp 18 text ('virtually "
+               "identical'); ses_context.md: Exp 18 ('Triple (57.93%) ~ beta=0.5 All-12 (57.94%)')",
+    ),
+    dict(
+        text='block output, last 4, beta 0.5 (57.31) is below beta 0.5 on all 12 blocks (57.94)',
+        a='18_vit_attention/block_l4',
+        b='17_vit_ablations/beta_0.5',
+        metric='acc',
+        kind='delta',
+        paper=-0.63,
+        source="vit_attention_summary.json / vit_ablations_summary.json: best_acc; ses_context.md: Exp 18 'Nota'",
+    ),
+    dict(
+        text='block output, last 4, beta 0.5 (57.31) is below last 4 at beta 0.7 (57.61)',
+        a='18_vit_attention/block_l4',
+        b='17_vit_ablations/last4',
+        metric='acc',
+        kind='delta',
+        paper=-0.3,
+        source="vit_attention_summary.json / vit_ablations_summary.json: best_acc; ses_context.md: Exp 18 'Nota'",
+    ),
+)
+SUMMARY_CLAIMS = tuple(read_only(c) for c in SUMMARY_CLAIMS)  # shared, so read-only
+
+
+def claim_values(df):
+    """The per-run numbers claims are judged on (config, seed, every CLAIM_METRICS column the runs have)."""
+    cols = ["config", "seed"] + [c for c in dict.fromkeys(x for m in CLAIM_METRICS.values() for x in m[:2]) if c in df]
+    return df[[c for c in cols if c in df]].copy()
+
+
+_PAIR_KINDS = ("delta", "ratio", "tie")  # claim kinds that compare config a with config b
+
+
+def claim_baselines(claims) -> dict:
+    """{a: b} from a notebook's claims: a config's baseline is the b of the first delta / ratio / tie claim (kind
+    missing: delta) that names it as a. The report's Δ and overhead columns then compare the pairs the claims compare
+    (SES + Mixup vs Mixup, ViT-Small SES vs ViT-Small baseline), not every config with "baseline". A b of another
+    notebook ("NN_notebook/config") is not this report's. A config named as a baseline ("baseline", "*_baseline") gets
+    no pair (it is the reference, even when a claim compares two baselines), and a pair with a baseline-named b wins
+    over an earlier one (beta_0.7 vs baseline, not beta_0.7 vs beta_0.9)."""
+    pairs = {}
+    for c in claims or ():
+        a, b = c.get("a"), c.get("b")
+        if not ((c.get("kind") or "delta") in _PAIR_KINDS and a and b and a != b and "/" not in str(b)):
+            continue
+        if _is_baseline_name(a) or (a in pairs and _is_baseline_name(pairs[a])):
+            continue
+        if a not in pairs or _is_baseline_name(b):
+            pairs[a] = b
+    return pairs
+
+
+def _is_baseline_name(config):
+    return config == "baseline" or str(config).endswith("_baseline")

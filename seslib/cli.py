@@ -1,0 +1,190 @@
+"""The command line of `python sesrun.py`: quick, batch, plan, kaggle, summary."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from pathlib import Path
+
+import torch
+
+from .data import DATASETS, resolve_data_dir
+from .estimates import GPU_SPEED
+from .reports import build_summary
+from .notebook import PRESETS, resolve_seeds
+from .command import run_command
+from .batch import CPU_HOURS_WITHOUT_ASKING, find_notebooks, preset_folder, read_notebook, run_batch
+from .planning import cost_plan, format_plan
+from .kaggle import kaggle_package
+
+
+# python sesrun.py COMMAND ...
+
+def _plan_args(p):
+    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs working in parallel (default 2: Kaggle's T4 x2)")
+    p.add_argument("--gpu", default="t4", choices=[k for k in GPU_SPEED], help="the GPU kind (default t4)")
+    p.add_argument("--out", default="outputs", help="outputs root: runs done there count as done (default outputs)")
+    p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset planned (default paper)")
+    p.add_argument("--time-budget", default="11.5h", help="per Kaggle version (default 11.5h)")
+    p.add_argument("--seeds", help="every notebook's seeds: 'paper3' (the paper's 42, 123, 7) or e.g. '42,123' "
+                                   "(default: each notebook's own)")
+
+
+def _plan_cmd(a):
+    seeds = resolve_seeds(a.seeds) if a.seeds else None  # a bad value: one line, before any notebook is read
+    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget, seeds)
+    print(format_plan(df, t))
+    return 0
+
+
+def _batch_args(p):
+    p.add_argument("notebooks", nargs="+", help="notebook paths, numbers (3 -> notebooks/03_*.ipynb), stems or 'all'")
+    p.add_argument("--params", help="YAML of overrides: {all: {...}, 3: {...}, 03_name: {...}}")
+    p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
+    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 1); with GPUs: slots per GPU")
+    p.add_argument("--out", default="outputs", help="outputs root; notebook NN_name writes to OUT/NN_name")
+    p.add_argument("--retries", type=int, default=1, help="retries of a run whose kernel failed to start (default 1)")
+    p.add_argument("--timeout", type=float, help="seconds after which a run is killed and counted failed")
+    p.add_argument("--stagger", type=float, default=1.0, help="seconds between process launches (kernel-start races)")
+    p.add_argument("--no-report", action="store_true", help="skip the report_only pass")
+    p.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
+    p.add_argument("--torchrun", action="store_true", help="one run at a time over ALL the GPUs (DDP via torchrun) "
+                   "instead of one run per GPU; with --gpus cpu: --workers CPU ranks (default 2)")
+    p.add_argument("--preset", choices=list(PRESETS), help="every notebook's preset (default: the params file's, else "
+                   "paper); a non-paper preset writes under OUT/<preset>/")
+    p.add_argument("--whole-notebooks", action="store_true", help="one job per notebook (its whole grid, then its "
+                   "report, in one kernel) instead of one per run: faster for many short runs (the quick job uses it)")
+    p.add_argument("--time-budget", help="e.g. 11.5h: start no run that cannot finish in time, pause the runs in "
+                   "flight at an epoch boundary (checkpoint kept); run the batch again to go on (default: none)")
+    p.add_argument("--allow-cpu", action="store_true", help="start runs on CPU slots even when their estimates add "
+                   f"up to more than {CPU_HOURS_WITHOUT_ASKING:g} h (refused without it: a paper batch on a CPU takes days)")
+
+
+def _batch_cmd(a):
+    recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
+                     stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
+                     torchrun=a.torchrun, preset=a.preset, whole_notebooks=a.whole_notebooks,
+                     time_budget=a.time_budget, allow_cpu=a.allow_cpu)
+    return 1 if any(r["status"] == "failed" for r in recs) else 0
+
+
+def _kaggle_args(p):
+    p.add_argument("--out", required=True, help="folder to write (kernel) and OUT/code-dataset (seslib dataset)")
+    p.add_argument("--notebooks", nargs="+", default=["all"], help="notebooks the kernel runs (default all)")
+    p.add_argument("--username", required=True, help="your Kaggle user name")
+    p.add_argument("--slug", default="ses-batch-t4x2", help="kernel slug (5-50 chars, lowercase, hyphens)")
+    p.add_argument("--data-dataset", help="owner/slug of the data dataset (default USERNAME/ses-data)")
+    p.add_argument("--code-dataset", help="owner/slug of the seslib code dataset (default USERNAME/seslib-code)")
+    p.add_argument("--preset", default="paper", choices=["paper", "smoke"])
+    p.add_argument("--time-budget", default="11.5h", help="per version (default 11.5h of Kaggle's 12)")
+    p.add_argument("--continue-from", help="USER/KERNEL whose output the kernel copies in first, or 'self' (this "
+                   "kernel's previous version: use it from the second push on)")
+
+
+def _kaggle_cmd(a):
+    out = kaggle_package(a.out, a.notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset,
+                         a.continue_from, a.time_budget)
+    print(f"wrote {out}\n  1. kaggle datasets create -p {out / 'code-dataset'} --dir-mode zip   (later: kaggle datasets "
+          "version -p ... --dir-mode zip -m msg)\n"
+          f"  2. kaggle kernels push -p {out}\n  3. kaggle kernels output {a.username}/{a.slug} -p results/"
+          + ("" if a.continue_from else "\n  next versions: rewrite with --continue-from self, then push again"))
+    return 0
+
+
+def _notebook_datasets(nb) -> set:
+    """The data sets a notebook's code names (dataset="...", {"dataset": ...}, dataset = ...)."""
+    return set(read_notebook(nb).strings("dataset")) & set(DATASETS)
+
+
+def _quick_args(p):
+    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
+    p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
+    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 2)")
+    p.add_argument("--data-root", help="folder holding the data sets (default: $SES_DATA, Kaggle inputs, ./data)")
+    p.add_argument("--out", default="outputs", help="outputs root (default outputs): the smoke results land in OUT/smoke/")
+
+
+def _quick_cmd(a):
+    """The suite's smoke preset over every notebook whose data can be found or downloaded (see the README for what
+    it proves): each notebook whole, in one kernel, through the batch runner; then the reports and SUMMARY.md."""
+    t0 = time.time()
+    status, runnable, skipped = {}, [], {}
+    for nb in find_notebooks(a.notebooks or ["all"]):
+        missing = []
+        for ds in sorted(_notebook_datasets(nb)):
+            if ds not in status:
+                try:
+                    status[ds] = str(resolve_data_dir(ds, a.data_root, download=True))
+                except FileNotFoundError as e:
+                    status[ds] = e
+            if isinstance(status[ds], FileNotFoundError):
+                missing.append(ds)
+        if missing:
+            skipped[nb.stem] = missing
+        else:
+            runnable.append(nb)
+    for ds, where in status.items():
+        print(f"[data] {ds}: {where if not isinstance(where, Exception) else 'not found'}")
+    if skipped:  # one line per notebook, then once per missing data set how to provide it (each has its own way)
+        for stem, missing in skipped.items():
+            print(f"[skip] {stem}: needs {', '.join(missing)}")
+        for ds, why in status.items():
+            if isinstance(why, Exception):
+                print(f"how to provide {ds}: {why}")
+    recs = []
+    if runnable:
+        params = {"all": {"preset": "smoke", **({"data_root": a.data_root} if a.data_root else {})}}
+        workers = a.workers or (None if torch.cuda.is_available() and a.gpus != "cpu" else 2)
+        recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out, whole_notebooks=True)
+    out = preset_folder(Path(a.out).resolve(), "smoke")
+    failed = [r for r in recs if r["status"] == "failed"]
+    print(f"\nquick job: {len(runnable) - len(failed)} notebook(s) ran, {len(failed)} failed, {len(skipped)} skipped "
+          f"for missing data, in {datetime.timedelta(seconds=int(time.time() - t0))}")
+    if runnable:
+        print(f"reports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; claims: {out}/SUMMARY.md; "
+              f"run table: {out}/batch_summary.csv")
+    if not runnable:  # nothing ran: not a success, whatever the reason
+        print("nothing ran: no data set was found or could be downloaded (see above)")
+        return 1
+    return 1 if failed else 0
+
+
+def _summary_args(p):
+    p.add_argument("--out", default="outputs", help="outputs root holding the notebook folders (default outputs; "
+                   "outputs/smoke for the smoke preset)")
+
+
+def _summary_cmd(a):
+    df = build_summary(a.out)
+    if df is None:
+        print(f"no notebook reports with claims under {a.out}/ yet (run a notebook or a batch first)")
+        return 1
+    n_nb = df.loc[df["notebook"] != "across notebooks", "notebook"].nunique()
+    print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims, from {n_nb} notebook(s) and across notebooks; "
+          + ", ".join(f"{v} {k}" for k, v in df["verdict"].value_counts().items()))
+    return 0
+
+
+# name -> (help, add_arguments(parser), run(args) -> exit status). Add a command by adding an entry.
+CLI_COMMANDS = {
+    "batch": ("run notebooks' runs over this machine's GPUs (or CPU slots), then their reports", _batch_args, _batch_cmd),
+    "kaggle": ("write a ready-to-push Kaggle kernel + seslib code dataset", _kaggle_args, _kaggle_cmd),
+    "quick": ("the quick job: every notebook's smoke preset through the batch runner, on the data found or "
+              "downloaded", _quick_args, _quick_cmd),
+    "summary": ("outputs/SUMMARY.md and .csv: every claim's verdict over the notebooks that have reports",
+                _summary_args, _summary_cmd),
+    "plan": ("the cost plan: runs, GPU-hours, wall time on N GPUs, Kaggle versions and quota weeks, disk",
+             _plan_args, _plan_cmd),
+}
+
+
+def main(argv=None):
+    """`python sesrun.py COMMAND ...`; exits non-zero when the command fails."""
+    parser = argparse.ArgumentParser(prog="sesrun.py", description="SES experiment suite: batch runner and CLI")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, add_args, _) in CLI_COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_, description=help_))
+    args = parser.parse_args(argv)
+    return run_command(parser, CLI_COMMANDS[args.command][2], args,
+                       interrupted="interrupted: the running jobs were stopped; run the same command again to resume")

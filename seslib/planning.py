@@ -1,0 +1,175 @@
+"""The cost plan (`python sesrun.py plan`): each notebook's runs, their T4 hours, placement, Kaggle versions and weeks."""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+
+from .util import format_hours, parse_duration, read_only
+from .data import dataset_info
+from .models import build_model, text_model_bytes
+from .estimates import DDP_EFFICIENCY, checkpoint_bytes, gpu_speed, placeable, placement, run_estimate
+from .notebook import resolve_seeds
+from .batch import find_notebooks, preset_folder, read_notebook
+
+
+# python sesrun.py plan
+
+KAGGLE = read_only({"version_hours": 12.0, "quota_hours": 30.0, "working_gb": 20.0,  # a version's limit, GPU quota
+                    "overhead_hours": 0.25})  # per week, /kaggle/working's size; per version: setup, installs, reports
+
+
+def notebook_plan(nb, **params):
+    """A notebook's own RunPlan: its parameters cell, `params` injected after it as papermill would, then its cells
+    up to the S.plan_runs call, executed here (nothing trains, nothing is written)."""
+    import io
+    ns = {"__name__": "__notebook_plan__"}
+    started = False
+    with contextlib.redirect_stdout(io.StringIO()):
+        for source, tags in read_notebook(nb).cells:
+            if "parameters" in tags:
+                started = True
+                exec(source, ns)  # noqa: S102 - the notebook's own code, as papermill would run it
+                ns.update(params)
+                continue
+            if started:
+                exec(source, ns)  # noqa: S102
+                if type(ns.get("plan")).__name__ == "RunPlan":
+                    return ns["plan"]
+    raise ValueError(f"{Path(nb).name}: no cell after the parameters cell creates `plan` with S.plan_runs")
+
+
+def _lpt(durations, slots) -> float:
+    """Makespan of jobs on `slots` machines, longest first onto the least loaded (as the batch runner starts them).
+    A job is seconds, or (seconds, k): a DDP run holding k machines at once, from when the k least loaded are free."""
+    loads = [0.0] * max(1, slots)
+    jobs = [d if isinstance(d, tuple) else (d, 1) for d in durations]
+    for d, k in sorted(jobs, key=lambda j: j[0] * j[1], reverse=True):
+        free = sorted(range(len(loads)), key=loads.__getitem__)[:min(k, len(loads))]
+        start = max(loads[i] for i in free)
+        for i in free:
+            loads[i] = start + d
+    return max(loads)
+
+
+def _placements(runs, gpu, gpus) -> dict:
+    """{config: placement} of the runs estimate_memory knows (one per config: the seed changes no memory)."""
+    out = {}
+    for r in runs:
+        c = r.cfg or {}
+        if r.config not in out and placeable(c):
+            out[r.config] = placement(c, gpu, gpus)
+    return out
+
+
+def _placed_seconds(est, where):
+    """A run's (wall seconds, GPUs it holds): a DDP run over k GPUs at DDP_EFFICIENCY."""
+    k = where["gpus"] if where else 1
+    return (est["seconds"] / (k * DDP_EFFICIENCY), k) if k > 1 else (est["seconds"], 1)
+
+
+def _where_text(places) -> str:
+    """A notebook's placements in a few words: '1 × t4 each', or each config that needs more (or does not fit)."""
+    if not places:
+        return "-"
+    odd = {}
+    for c, p in places.items():
+        if p["gpus"] != 1:
+            odd.setdefault(p["text"], []).append(c)
+    return "; ".join(f"{', '.join(cs)}: {t}" for t, cs in odd.items()) if odd else \
+        f"{next(iter(places.values()))['text']} each"
+
+
+_PARAMS_CACHE = {}
+
+
+def _model_bytes(c) -> int:
+    """The float32 weights of c's model (model_final.pt), counted once per (model, classes, width)."""
+    key = (c["model"], c.get("dataset"), c.get("width", 1.0), bool(c.get("spectral_norm")))
+    if key not in _PARAMS_CACHE:
+        if c["model"] == "mlp_toy":
+            _PARAMS_CACHE[key] = 4 * 2000
+        else:
+            info = dataset_info(c["dataset"])
+            with torch.device("meta"):  # shapes only: no memory, no time
+                m = build_model(c["model"], info["num_classes"], info["img_size"], c.get("spectral_norm", False),
+                                c.get("width", 1.0))
+            _PARAMS_CACHE[key] = 4 * sum(p.numel() for p in m.state_dict().values())
+    return _PARAMS_CACHE[key]
+
+
+def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h", seeds=None):
+    """Per notebook: runs (all / left), the GPU-hours left on `gpu` and where the estimate comes from; for the
+    selection: wall time on `gpus` GPUs (longest first), Kaggle versions of `budget`, weeks of the 30-h quota, the
+    disk footprint. Done runs (under `out`) count as done. Returns (per-notebook DataFrame, totals dict)."""
+    import pandas as pd
+    gpu_speed(gpu)
+    seeds = resolve_seeds(seeds) if seeds else None  # every notebook's seeds ("paper3": 42, 123, 7), else its own
+    budget_h = parse_duration(budget) / 3600
+    rows, ests, final_bytes, ckpt_bytes = [], [], 0, 0
+    for nb in find_notebooks(notebooks):
+        out_dir = preset_folder(Path(out).resolve(), preset) / nb.stem
+        plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir), **({"seeds": seeds} if seeds else {}))
+        left = [r for r in plan.runs if not r.done]
+        est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu) for r in left]
+        places = _placements(plan.runs, gpu, gpus)
+        placed = [_placed_seconds(e, places.get(r.config)) for e, r in zip(est, left)]
+        ests += [p for p in placed if p[1] > 0]  # a run that fits nowhere here is named, not scheduled
+        for r in plan.runs:
+            c = r.cfg or {}
+            if c.get("kind") == "text" and (n := text_model_bytes(c)):  # Exp 22: weights + AdamW's 2 moments
+                final_bytes += n if c.get("save_model") else 0
+                ckpt_bytes = max(ckpt_bytes, 3 * n)
+            elif placeable(c):
+                final_bytes += _model_bytes(c) if c.get("save_model", True) else 0
+                ckpt_bytes = max(ckpt_bytes, checkpoint_bytes(_model_bytes(c), c))
+        rows.append({"notebook": nb.stem, "runs": len(plan.runs), "left": len(left),
+                     "gpu_hours": sum(sec * k for sec, k in placed) / 3600,
+                     "source": ", ".join(sorted({e["source"] for e in est})) or "-",
+                     "peak_gb": max((p["memory"]["peak_gb"] for p in places.values()), default=float("nan")),
+                     "where": _where_text(places), "fits": all(p["gpus"] for p in places.values()),
+                     "gpus_max": max((p["gpus"] for p in places.values()), default=1)})
+    df = pd.DataFrame(rows)
+    wall_h = _lpt(ests, gpus) / 3600
+    per_version = max(budget_h, 1e-9)
+    versions = math.ceil(wall_h / per_version - 1e-9) if wall_h else 0
+    per_week = max(1, int(KAGGLE["quota_hours"] // (budget_h + KAGGLE["overhead_hours"])))
+    disk_gb = (final_bytes + gpus * ckpt_bytes) / 1e9
+    totals = {"gpu": gpu, "gpus": gpus, "gpu_hours": float(df["gpu_hours"].sum()) if len(df) else 0.0,
+              "wall_hours": wall_h, "budget_hours": budget_h, "versions": versions,
+              "weeks": math.ceil(versions / per_week) if versions else 0, "versions_per_week": per_week,
+              "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"], "seeds": seeds}
+    return df, totals
+
+
+def memory_cell(row, gpu="T4") -> str:
+    """A notebook's peak memory and placement in a few words (the README's experiment table)."""
+    if row.peak_gb != row.peak_gb:
+        return "—"
+    if not row.fits:
+        return f"{row.peak_gb:.1f} GB: does not fit"
+    k = row.gpus_max
+    return f"{row.peak_gb:.1f} GB, 1 {gpu}" if k == 1 else f"{row.peak_gb:.1f} GB: DDP over {k} {gpu}s"
+
+
+def format_plan(df, t) -> str:
+    lines = [f"seeds {list(t['seeds'])} in every notebook"] if t.get("seeds") else []
+    lines += [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10} {'peak GB':>7}  estimate from; where"]
+    for r in df.itertuples():
+        gpu_h = format_hours(r.gpu_hours * 3600, approx=True)
+        peak = f"{r.peak_gb:.1f}" if r.peak_gb == r.peak_gb else "-"
+        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {gpu_h:>10} {peak:>7}  {r.source}; {r.where}")
+    if len(df) and not df["fits"].all():
+        lines.append("NOT ON THIS MACHINE: " + ", ".join(df.loc[~df["fits"], "notebook"]) + " (see 'where'; a bigger "
+                     "GPU, or more of them: --gpus / --gpu)")
+    lines += [
+        f"total: {format_hours(t['gpu_hours'] * 3600, approx=True)} of {t['gpu']} GPU time; wall time on {t['gpus']} x "
+        f"{t['gpu']}: {format_hours(t['wall_hours'] * 3600, approx=True)} (longest runs first)",
+        f"Kaggle: {t['versions']} version(s) with --time-budget {t['budget_hours']:g}h (a version stops at "
+        f"{KAGGLE['version_hours']:g} h), {t['versions_per_week']} per week of the {KAGGLE['quota_hours']:g}-h GPU quota "
+        f"-> {t['weeks']} week(s)",
+        f"disk: {t['disk_gb']:.1f} GB (model_final.pt of every run + one checkpoint per GPU in flight or paused; "
+        f"/kaggle/working holds {KAGGLE['working_gb']:g} GB{'' if t['disk_ok'] else ': TOO MUCH, set save_model=False'})"]
+    return "\n".join(lines)
