@@ -41,3 +41,33 @@ def patch_seslib(monkeypatch):
         for m in hits:
             monkeypatch.setattr(m, name, value)
     return patch
+
+
+@pytest.fixture
+def killed_after_first_checkpoint():
+    """killed(cfg): train cfg (its out_dir set) in a child process and kill -9 it as soon as its first checkpoint.pt
+    exists, as a power cut would; asserts it died so, with no result.json, and returns the checkpoint's epoch."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    def killed(cfg):
+        out = Path(cfg["out_dir"])
+        script = f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import seslib as S; S.train(json.loads(sys.argv[1]))"
+        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg)],
+                                env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        try:
+            deadline = time.time() + 240
+            while not (out / "checkpoint.pt").exists():
+                assert proc.poll() is None, "the run ended before its first checkpoint"
+                assert time.time() < deadline, "no checkpoint after 240 s"
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL and not (out / "result.json").exists()
+        return torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    return killed

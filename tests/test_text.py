@@ -5,11 +5,6 @@ exact resume after an interrupt and after a real SIGKILL).
 All offline, on the smoke preset's tiny random BERT and SYNTHETIC text (smoke only): seconds on a CPU."""
 import ast
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -221,25 +216,11 @@ def test_a_run_writes_its_result_once_and_resumes_exactly(tmp_path, monkeypatch)
     assert changed["config"]["ses_pool"] == "mask" and list((tmp_path / "stale").glob("full.*/result.json"))
 
 
-def test_a_text_run_killed_with_sigkill_resumes_to_the_uninterrupted_history(tmp_path):
+def test_a_text_run_killed_with_sigkill_resumes_to_the_uninterrupted_history(tmp_path, killed_after_first_checkpoint):
     """The image runs' exact-resume guarantee holds for a text run (the same driver, checkpoint and RNG state): a real
     kill -9 after the first checkpoint, then a resume, ends with the history of a run never stopped."""
     cfg = dict(smoke_cfg(tmp_path / "killed"), epochs=3, max_steps_per_epoch=4)
-    killed = tmp_path / "killed"
-    script = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import seslib as S; "
-              f"S.train(json.loads(sys.argv[1]))")
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg)], env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    try:
-        deadline = time.time() + 240
-        while not (killed / "checkpoint.pt").exists():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "result.json").exists()
-    assert 1 <= torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] < 3
+    assert 1 <= killed_after_first_checkpoint(cfg) < 3
     resumed = S.train(cfg)
     straight = S.train(dict(cfg, out_dir=str(tmp_path / "straight")))
     timing = ("epoch_seconds", "train_seconds", "peak_mem_mb")

@@ -2,11 +2,6 @@
 the reference recipes, a short real run that learns, results JSON, resume after a real SIGKILL
 reproducing the uninterrupted history exactly, and a genuinely diverging run stopping cleanly."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -138,27 +133,12 @@ def test_short_run_learns_and_writes_the_result_json(data_root, tmp_path):
     assert S.train(dict(cfg, resume=True))["history"] == on_disk["history"]
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_history(data_root, tmp_path):
+def test_resume_after_sigkill_reproduces_the_uninterrupted_history(data_root, tmp_path, killed_after_first_checkpoint):
     # RandAugment (torch RNG), mixup (numpy RNG), periodic SES and the loader's generator all have to resume
     cfg = tiny_cfg(data_root, epochs=3, max_steps_per_epoch=3, augment="randaugment", mix="mixup", ses=True,
                    ses_every_k=2, val_split=0.02)
     killed = tmp_path / "killed"
-    script = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import seslib as S; "
-              f"S.train(json.loads(sys.argv[1]))")
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(dict(cfg, out_dir=str(killed)))],
-                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    try:
-        deadline = time.time() + 240
-        while not (killed / "checkpoint.pt").exists():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "result.json").exists()
-    at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
-    assert 1 <= at_kill < 3
+    assert 1 <= killed_after_first_checkpoint(dict(cfg, out_dir=str(killed))) < 3
 
     resumed = S.train(dict(cfg, out_dir=str(killed), resume=True))
     straight = S.train(dict(cfg, out_dir=str(tmp_path / "straight")))
@@ -195,7 +175,7 @@ def test_a_finished_result_made_with_other_settings_is_set_aside_and_redone(data
     assert "epochs 1 → 2" in (aside / "why.txt").read_text()
 
 
-def test_resumed_run_keeps_the_best_epoch_weights(data_root, tmp_path):
+def test_resumed_run_keeps_the_best_epoch_weights(data_root, tmp_path, killed_after_first_checkpoint):
     """The paper's robustness is measured on the best test-accuracy epoch's weights: a run killed after that epoch
     must still evaluate those weights after resuming. A ViT (no BatchNorm) with lr ~ 0 after epoch 1 keeps its
     weights, so epoch 1 stays the best (ties never replace it) and must come back from the checkpoint."""
@@ -203,19 +183,7 @@ def test_resumed_run_keeps_the_best_epoch_weights(data_root, tmp_path):
                    milestones=[1], lr_gamma=1e-30, robustness=["contrast"], robustness_severities=[1],
                    robustness_subset=16, ses=True, ses_layers="last4")
     killed = tmp_path / "killed"
-    script = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import seslib as S; "
-              f"S.train(json.loads(sys.argv[1]))")
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(dict(cfg, out_dir=str(killed)))],
-                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    try:
-        deadline = time.time() + 240
-        while not (killed / "checkpoint.pt").exists():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    killed_after_first_checkpoint(dict(cfg, out_dir=str(killed)))
     ck = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert ck["best"]["epoch"] == 1 and ck["epoch"] < 3
     assert all(torch.equal(ck["best"]["model"][k], v) for k, v in ck["model"].items() if ck["epoch"] == 1)
