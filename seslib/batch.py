@@ -42,9 +42,11 @@ import sys, os, glob, importlib.util
 _found = lambda pattern: sorted(p for k in (1, 2, 3) for p in glob.glob("/kaggle/input" + "/*" * k + pattern))
 _dirs = [os.getcwd(), os.path.dirname(os.getcwd())] + [os.path.dirname(os.path.dirname(p)) for p in _found("/seslib/__init__.py")]
 _dirs = [d for d in _dirs if os.path.isfile(os.path.join(d, "seslib", "__init__.py"))]
-if not _dirs and _found("/seslib.zip"):  # the package as the Kaggle API uploaded it: unpack it once
-    import zipfile
-    zipfile.ZipFile(_found("/seslib.zip")[0]).extractall("/kaggle/working/seslib-code/seslib")
+if not _dirs and _found("/seslib.zip"):  # the package as the Kaggle API uploaded it: the code dataset, unpacked once
+    import shutil, zipfile
+    _src = os.path.dirname(_found("/seslib.zip")[0])
+    shutil.copytree(_src, "/kaggle/working/seslib-code", dirs_exist_ok=True)
+    zipfile.ZipFile(os.path.join(_src, "seslib.zip")).extractall("/kaggle/working/seslib-code/seslib")
     _dirs = ["/kaggle/working/seslib-code"]
 if _dirs and _dirs[0] not in sys.path:
     sys.path.insert(0, _dirs[0])
