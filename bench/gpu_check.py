@@ -185,7 +185,7 @@ def check_peak_memory(S, data_root, dev, tmp):
 
 
 def check_bert_peak_memory(S, dev):
-    """Exp 22's training step (seslib's own _text_step: fp16 autocast, GradScaler, clip 1.0, AdamW in the author's two
+    """Exp 22's training step (seslib's own steps.text_step: fp16 autocast, GradScaler, clip 1.0, AdamW in the author's two
     groups) on a randomly initialised BERT-base at the recipe's batch 32 x 128 tokens, SES on all 12 layers, 3 steps
     per attention implementation: max_memory_allocated beside estimate_memory less its data (this step holds none).
     The CPU dry run takes the same path at batch 2 x 16 tokens and measures nothing."""
@@ -204,16 +204,16 @@ def check_bert_peak_memory(S, dev):
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        run = S.text._TextRun(c, dev, amp_dtype=torch.float16, steps=3)
-        run.model = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation=impl)).to(dev)
+        run = S.training._Run(c, S.DistInfo(), dev, kind=S.RUN_KIND_STEPS["text"], amp_dtype=torch.float16, steps=3)
+        run.net = run.model = BertForSequenceClassification(BertConfig(num_labels=2, attn_implementation=impl)).to(dev)
         run.ses = S.SES(run.model, S.bert_hook_targets(run.model, "all"), beta=0.5, lam=0.01)
-        S.text._text_optimisation(run)
+        S.build_text_optimisation(run)
         ids = torch.randint(1000, 30000, (batch, tokens), device=dev)
         data = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "labels": torch.randint(0, 2, (batch,), device=dev)}
         sums = torch.zeros(5, device=dev, dtype=torch.float64)
         for _ in range(3):
-            S.text._text_step(run, data, sums)
+            S.text_step(run, data, sums)
         if cuda:
             torch.cuda.synchronize()
         out[f"measured_gb_{impl}"] = round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None
