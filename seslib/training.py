@@ -415,7 +415,8 @@ class _Run:
 
 
 def _train(c, dd: DistInfo, device):
-    """One run as a recipe, in the shape of timm's train.py: a finished run hands back its result; otherwise build the
+    """One run of either kind (image or text: run.kind supplies its model, data, optimisation, step and evaluation) as
+    a recipe, in the shape of timm's train.py: a finished run hands back its result; otherwise build the
     model, the data and the optimisation (resumed from the checkpoint if there is one), then train and evaluate epoch
     by epoch, keeping the best epoch and a checkpoint after each and pausing before an epoch the time budget would
     not fit; then the final metrics and result.json. Rank 0 returns the result, the other ranks None."""
