@@ -390,12 +390,17 @@ def resolve_toy_config(cfg):
 RUN_KINDS = ("image", "text", "toy")
 
 
+def run_kind(cfg) -> str:
+    """The kind a config states (an image run when it states none), or ValueError naming it."""
+    kind = cfg.get("kind", "image")
+    check_value(kind in RUN_KINDS, "kind", kind, "one of " + ", ".join(map(repr, RUN_KINDS)))
+    return kind
+
+
 def resolve_config(cfg) -> dict:
     """A run's full config, resolved by its kind's rules: cfg["kind"] (default "image") picks validate_config (image
     runs: ResNets, WRN, ViTs on CIFAR / Tiny-ImageNet), resolve_text_config (Exp 22's BERT on GLUE) or
     resolve_toy_config (Exp 4's rings). ValueError naming the bad key, before any data is touched."""
     if not isinstance(cfg, dict):
         return validate_config(cfg)  # its one line for a non-dict
-    kind = cfg.get("kind", "image")
-    check_value(kind in RUN_KINDS, "kind", kind, "one of " + ", ".join(map(repr, RUN_KINDS)))
-    return {"image": validate_config, "text": resolve_text_config, "toy": resolve_toy_config}[kind](cfg)
+    return {"image": validate_config, "text": resolve_text_config, "toy": resolve_toy_config}[run_kind(cfg)](cfg)

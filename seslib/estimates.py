@@ -362,7 +362,7 @@ class _MeasuredSES:
         return getattr(self.ses, name)
 
 
-def _traced_run(c, net, ses, opt, dtype, batch, classes):
+def _traced_run(c, net, ses, opt, dtype, classes):
     """The fields the training step reads, for the trace: the GPU's autocast dtype on the CPU device (_traced_autocast
     makes it the GPU's), the tracer's optimiser, a disabled GradScaler (scaling changes no tensor's size), Mixup/CutMix
     as its soft targets (the mixer's own copy of the batch is not counted) and no per-step schedule to speak of."""
@@ -380,7 +380,7 @@ def _traced_step(c, net, ses, opt, mem, dtype, batch, size) -> int:
     measured = _MeasuredSES(ses, mem)
     sums = torch.zeros(5, dtype=torch.float64)
     classes = None if _is_text(c) else dataset_info(c["dataset"])["num_classes"]
-    run = _traced_run(c, net, measured, opt, dtype, batch, classes)
+    run = _traced_run(c, net, measured, opt, dtype, classes)
     with _cuda_fp32_ops(mem, dtype):  # the step enters the run's autocast itself (its device: this CPU)
         if _is_text(c):
             text_step(run, {**x, "labels": y}, sums)

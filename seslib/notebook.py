@@ -15,7 +15,7 @@ from .util import (BUDGET_ENV, MARK_BUDGET, MARK_LOCKED, MARK_PAUSED, PreflightE
                    TORCHRUN_ENV, atomic_write_json, deadline, format_hours, parse_duration, read_only)
 from .runs import describe_diff, fits_budget, read_result, result_status, run_cost, set_aside
 from .estimates import gpu_kind, placeable, placement, run_estimate
-from .configs import TEXT_PRESETS, TOY_PRESETS, resolve_config
+from .configs import TEXT_PRESETS, TOY_PRESETS, resolve_config, run_kind
 from .training import train, train_torchrun
 from .claims import check_claim
 
@@ -85,20 +85,12 @@ def _check_device_name(device):
                          f"({e})") from None
 
 
-def _kind_of(base, overrides=None) -> str:
-    """The run kind a notebook's recipe states (BASE's "kind"; an image run when it states none)."""
-    kind = {**(base or {}), **(overrides or {})}.get("kind", "image")
-    if kind not in KIND_PRESETS:
-        raise ValueError(f"config 'kind' must be one of {', '.join(map(repr, KIND_PRESETS))}; got {kind!r}")
-    return kind
-
-
 def run_config(base: dict, overrides: dict, *, preset="paper", seed=42, run_dir=None, epochs=None,
                batch_size=None, presets=None, **common) -> dict:
     """The train() config of one run: base recipe < experiment overrides < preset < explicit knobs.
     When the epochs differ from the recipe's (an epochs knob, the smoke preset), milestones the recipe states in
     epochs are scaled with them: [20, 35, 45] of 50 -> [8, 14, 18] of 20 (else they would never be reached)."""
-    presets = presets or KIND_PRESETS[_kind_of(base, overrides)]
+    presets = presets or KIND_PRESETS[run_kind({**base, **overrides})]
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; known: {list(presets)}")
     recipe = {**base, **overrides}
@@ -299,7 +291,7 @@ def _print_plan(runs, listing, report_only):
 
 
 def _non_paper_notes(base, grid, cfg, preset, epochs, batch_size, presets=None):
-    values = (presets or KIND_PRESETS[_kind_of(base)]).get(preset, {})  # the kind's presets
+    values = (presets or KIND_PRESETS[run_kind(base)]).get(preset, {})  # the kind's presets
     notes = [] if preset == "paper" else [f"Not the published setup: the {preset!r} preset "
                                           f"({', '.join(f'{k}={v}' for k, v in values.items())})."]
     recipe = {**base, **next(iter(grid.values()))}
