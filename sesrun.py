@@ -29,9 +29,10 @@ if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
 
 from seslib.batch import *  # noqa: E402,F401,F403
 from seslib.planning import *  # noqa: E402,F401,F403
+from seslib.budget import *  # noqa: E402,F401,F403
 from seslib.kaggle import *  # noqa: E402,F401,F403
 from seslib.cli import *  # noqa: E402,F401,F403
-from seslib import batch, planning, kaggle, cli  # noqa: E402,F401  (their private names: R.batch._Job)
+from seslib import batch, planning, budget, kaggle, cli  # noqa: E402,F401  (their private names: R.batch._Job)
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ The package is a house of rooms, one topic each, listed here in data-flow order:
   training     train(cfg) for every kind: the one driver, checkpoint and resume, result.json
   results      result files as rows, the paper's published numbers
   claims       claim metrics, intervals over seeds, the verdict rule
+  power        a claim's power: the verdict rule simulated, seed SDs and their sources, seeds for 80 %
   tables       ours beside the paper
   figures      the report figures
   reports      report.md and SUMMARY.md
@@ -29,7 +30,8 @@ The package is a house of rooms, one topic each, listed here in data-flow order:
   command      `python -m seslib train --config run.json` (what torchrun launches)
   batch        the batch runner (papermill jobs over GPUs)            } the runner's rooms: imported by sesrun.py,
   planning     the cost plan                                          } never by the rooms above nor here (a
-  kaggle       Kaggle packaging and continuation                      } notebook needs none of papermill's side)
+  budget       the power of every claim, a plan within a quota budget } notebook needs none of papermill's side)
+  kaggle       Kaggle packaging and continuation                      }
   cli          the command line of `python sesrun.py`                 }
 
 This file is the public surface: every public name of the library rooms as `S.name`. A room's private helpers stay
@@ -50,6 +52,7 @@ from .text import *  # noqa: F401,F403
 from .training import *  # noqa: F401,F403
 from .results import *  # noqa: F401,F403
 from .claims import *  # noqa: F401,F403
+from .power import *  # noqa: F401,F403
 from .tables import *  # noqa: F401,F403
 from .figures import *  # noqa: F401,F403
 from .reports import *  # noqa: F401,F403
@@ -57,9 +60,10 @@ from .explore import *  # noqa: F401,F403
 from .notebook import *  # noqa: F401,F403
 from .command import *  # noqa: F401,F403
 from . import (ses, util, data, models, steps, corruptions, runs, estimates, distributed,  # noqa: F401
-               configs, toy, text, training, results, claims, tables, figures, reports, explore, notebook, command)
+               configs, toy, text, training, results, claims, power, tables, figures, reports, explore, notebook,
+               command)
 
 LIBRARY_ROOMS = ("ses", "util", "data", "models", "steps", "corruptions", "runs", "estimates", "distributed", "configs",
-                 "toy", "text", "training", "results", "claims", "tables", "figures", "reports", "explore", "notebook",
-                 "command")
-RUNNER_ROOMS = ("batch", "planning", "kaggle", "cli")
+                 "toy", "text", "training", "results", "claims", "power", "tables", "figures", "reports", "explore",
+                 "notebook", "command")
+RUNNER_ROOMS = ("batch", "planning", "budget", "kaggle", "cli")

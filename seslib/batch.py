@@ -24,7 +24,7 @@ import torch
 from .util import (BUDGET_ENV, DATA_ENV, DEADLINE_ENV, JOB_FILES_ENV, MARK_BUDGET, MARK_ERROR, MARK_LOCKED,
                    MARK_PAUSED, ROOT, RUNNER_PARAMS, RunLocked, SLOT_ENV, TORCHRUN_ENV, atomic_write_bytes,
                    atomic_write_json, format_hours, is_locked, parse_duration, run_lock, with_package_on_path)
-from .runs import fits_budget, read_result, result_is_ok, result_status, run_cost
+from .runs import fits_budget, read_result, result_is_ok, result_status, run_cost, run_key
 from .estimates import estimate_eval_seconds, gpu_kind, placeable, placement, seconds_left
 from .reports import build_summary
 from .notebook import PRESETS, resolve_seeds, validate_params
@@ -189,7 +189,7 @@ def read_notebook(nb) -> NotebookSource:
 BATCH_KEYS = {"time_budget"}  # params-file keys for the whole batch, not for a notebook
 
 
-def _read_params(params) -> dict:
+def read_params(params) -> dict:
     """The params file (YAML path) or dict, checked: {"all" / number / stem: {overrides}, "time_budget": "11.5h"}."""
     import yaml
     if params is None:
@@ -238,7 +238,7 @@ def load_batch_params(params, notebooks):
 
     Later keys win: all < number < stem. Each notebook's overrides are checked against the
     parameters its `parameters` cell declares before any work."""
-    params = _read_params(params)
+    params = read_params(params)
     keys = {str(k): v or {} for k, v in params.items() if str(k) not in BATCH_KEYS}
     _check_notebook_keys(keys, notebooks)
     out, used = {}, {"all"}
@@ -681,8 +681,9 @@ def _record(nb, kind, status, config=None, seed=None, seconds=0.0, slot="", atte
 
 def _plan_jobs(lists, overrides, nb_out, cwd, report, say):
     """From the listings: records of done runs (skipped) and unreadable lists (failed), and the jobs:
-    the runs costliest first, then one report per notebook that waits for that notebook's runs."""
-    records, runs, reports = [], [], []
+    the runs costliest first, then one report per notebook that waits for that notebook's runs. A run another
+    notebook of the batch also needs (the same runs.run_key) is started once; the other's report waits for it."""
+    records, runs, reports, first = [], [], [], {}
     for lj in lists:
         try:
             entries = json.loads(lj.result.read_text())
@@ -695,19 +696,28 @@ def _plan_jobs(lists, overrides, nb_out, cwd, report, say):
             + (f", {len(stale)} stale (made with other settings: set aside and redone)" if stale else ""))
         for e in stale:
             say(f"    stale: {e['config']} seed {e['seed']}: {e['stale']}")
-        start = len(runs)
+        start, waits_for = len(runs), []
         for e in entries:
             rd = Path(e["run_dir"]) if Path(e["run_dir"]).is_absolute() else Path(cwd) / e["run_dir"]
             if e["done"] and result_status(rd / "result.json", e.get("cfg"))[0] == "done":
                 records.append(_record(lj.nb.stem, "run", "skipped", e["config"], e["seed"]))
                 continue
+            key = run_key(e.get("cfg"))
+            if key in first:  # trained once, by the first notebook that needs it
+                records.append(_record(lj.nb.stem, "run", "shared", e["config"], e["seed"],
+                                       error=f"the same run as {first[key][1]}: trained there, read here"))
+                waits_for.append(first[key][0])
+                continue
+            if key:
+                first[key] = (len(runs), f"{lj.nb.stem}/{e['config']} seed {e['seed']}")
             p = {**overrides[lj.nb], "configs": [e["config"]], "seeds": [e["seed"]], "out_dir": nb_out[lj.nb], "report": False}
             runs.append(_Job("run", lj.nb, p, rd / "notebook.ipynb", rd / "log.txt", e["config"], e["seed"],
                              rd / "result.json", float(e.get("cost", 1.0)), cfg=e.get("cfg"), est=e.get("est")))
         if report:
             p = {**overrides[lj.nb], "out_dir": nb_out[lj.nb], "report_only": True, "report": True}
             reports.append(_Job("report", lj.nb, p, Path(nb_out[lj.nb]) / "report.ipynb",
-                                Path(nb_out[lj.nb]) / "report_log.txt", after=tuple(range(start, len(runs)))))
+                                Path(nb_out[lj.nb]) / "report_log.txt",
+                                after=tuple(range(start, len(runs))) + tuple(waits_for)))
     order = sorted(range(len(runs)), key=lambda i: -runs[i].cost)  # stable: notebook order among equals
     where = {old: new for new, old in enumerate(order)}
     for r in reports:
@@ -781,7 +791,7 @@ def _batch_notebooks(notebooks, params, time_budget, preset):
     """The batch's notebooks, their overrides (checked against each one's parameters; `preset` over the params') and
     its time budget in seconds (time_budget, else the params file's; None: no budget)."""
     nbs = find_notebooks(notebooks)
-    given = _read_params(params)
+    given = read_params(params)
     budget = parse_duration(time_budget if time_budget is not None else given.get("time_budget"))
     overrides = load_batch_params(given, nbs)
     if preset is not None:
@@ -886,8 +896,10 @@ def _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, 
     records, jobs = _plan_jobs([lj for lj, r in zip(lists, listed) if r["status"] == "done"],
                                overrides, nb_out, cwd, report, log)
     records = failed + records
+    shared = sum(r["status"] == "shared" for r in records)
     log(f"{sum(j.kind == 'run' for j in jobs)} run(s) to do, {sum(r['status'] == 'skipped' for r in records)} "
-        f"already done, {sum(j.kind == 'report' for j in jobs)} report(s)")
+        f"already done, " + (f"{shared} shared with another notebook (trained once), " if shared else "")
+        + f"{sum(j.kind == 'report' for j in jobs)} report(s)")
     if dry_run:
         return records + [_record(j.nb.stem, j.kind, "todo", j.config, j.seed) for j in jobs]
     if check is not None:

@@ -10,11 +10,12 @@ import torch
 
 from .data import DATASETS, resolve_data_dir
 from .estimates import GPU_SPEED
-from .reports import build_summary
+from .reports import build_summary, verdict_counts
 from .notebook import PRESETS, resolve_seeds
 from .command import run_command
 from .batch import CPU_HOURS_WITHOUT_ASKING, find_notebooks, preset_folder, read_notebook, run_batch
-from .planning import cost_plan, format_plan
+from .planning import QUOTA_COUNTS, cost_plan, format_plan
+from .budget import budget_plan, budget_params, catalogue, format_budget, format_power, power_table, write_params
 from .kaggle import kaggle_package
 
 
@@ -29,11 +30,70 @@ def _plan_args(p):
     p.add_argument("--time-budget", default="11.5h", help="per Kaggle version (default 11.5h)")
     p.add_argument("--seeds", help="every notebook's seeds: 'paper3' (the paper's 42, 123, 7) or e.g. '42,123' "
                                    "(default: each notebook's own)")
+    p.add_argument("--quota-counts", default="once", choices=list(QUOTA_COUNTS), help="what a session-hour on "
+                   "--gpus GPUs costs of the weekly quota: once (assumed, default) or per-gpu")
+    p.add_argument("--budget", help="e.g. 30h of the weekly quota: choose the runs that settle the most claims "
+                   "per GPU-hour within it (each identical run once) instead of planning every notebook's grid")
+    p.add_argument("--max-seeds", type=int, default=10, help="with --budget: the most seeds a claim may get (10)")
+    p.add_argument("--write-params", help="with --budget: write the chosen runs as a params file for "
+                   "`batch --params` and `kaggle --params`")
+
+
+def _budget_cmd(a):
+    budget_h = _positive_hours(a.budget, "--budget")
+    if a.max_seeds < 2:
+        raise ValueError(f"--max-seeds must be at least 2 (a claim needs 2 seeds to be judged); got {a.max_seeds}")
+    costs, needs = catalogue(a.notebooks or ["all"], a.gpu, a.gpus, a.out, a.preset)
+    charge = QUOTA_COUNTS[a.quota_counts] or float(a.gpus)
+    plan = budget_plan(costs, needs, budget_h, a.gpus, charge, a.max_seeds)
+    print(format_budget(plan, budget_h, a.gpus, a.gpu, charge))
+    if a.write_params:
+        write_params(a.write_params, budget_params(plan))
+        stems = " ".join(budget_params(plan))
+        print(f"params file: {a.write_params}: python sesrun.py batch {stems} --params {a.write_params} (or kaggle "
+              f"--notebooks {stems} --params {a.write_params})")
+    return 0
+
+
+def _positive_hours(value, flag) -> float:
+    from .util import parse_duration
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        seconds = None
+    if not seconds or seconds <= 0:
+        raise ValueError(f"{flag} must be a positive duration such as 30h or 90m; got {value!r}")
+    return seconds / 3600
+
+
+def _power_args(p):
+    p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
+    p.add_argument("--seeds", default="paper3", help="seeds per config: a number, or 'paper3' (3, the default)")
+    p.add_argument("--gpu", default="t4", choices=[k for k in GPU_SPEED], help="the GPU the cost is in (default t4)")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs a DDP run may hold (default 2)")
+    p.add_argument("--out", default="outputs", help="outputs root: runs there give measured seed SDs")
+    p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset (default paper)")
+    p.add_argument("--csv", help="also write the table as CSV")
+
+
+def _power_cmd(a):
+    seeds = 3 if a.seeds == "paper3" else int(a.seeds) if str(a.seeds).isdigit() else None
+    if not seeds or not 1 <= seeds <= 100:
+        raise ValueError(f"--seeds must be a number of seeds (1-100) or 'paper3'; got {a.seeds!r}")
+    costs, needs = catalogue(a.notebooks or ["all"], a.gpu, a.gpus, a.out, a.preset)
+    df = power_table(costs, needs, seeds)
+    print(format_power(df, seeds, a.gpu))
+    if a.csv:
+        from .util import atomic_write_bytes
+        atomic_write_bytes(Path(a.csv), df.to_csv(index=False).encode())
+    return 0
 
 
 def _plan_cmd(a):
+    if a.budget:
+        return _budget_cmd(a)
     seeds = resolve_seeds(a.seeds) if a.seeds else None  # a bad value: one line, before any notebook is read
-    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget, seeds)
+    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget, seeds, a.quota_counts)
     print(format_plan(df, t))
     return 0
 
@@ -80,11 +140,13 @@ def _kaggle_args(p):
     p.add_argument("--time-budget", default="11.5h", help="per version (default 11.5h of Kaggle's 12)")
     p.add_argument("--continue-from", help="USER/KERNEL whose output the kernel copies in first, or 'self' (this "
                    "kernel's previous version: use it from the second push on)")
+    p.add_argument("--params", help="a params file of per-notebook configs and seeds (`plan --budget ... "
+                   "--write-params FILE`): the kernel runs those")
 
 
 def _kaggle_cmd(a):
     out = kaggle_package(a.out, a.notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset,
-                         a.continue_from, a.time_budget)
+                         a.continue_from, a.time_budget, a.params)
     print(f"wrote {out}\n  1. kaggle datasets create -p {out / 'code-dataset'} --dir-mode zip   (later: kaggle datasets "
           "version -p ... --dir-mode zip -m msg)\n"
           f"  2. kaggle kernels push -p {out}\n  3. kaggle kernels output {a.username}/{a.slug} -p results/"
@@ -161,8 +223,8 @@ def _summary_cmd(a):
         print(f"no notebook reports with claims under {a.out}/ yet (run a notebook or a batch first)")
         return 1
     n_nb = df.loc[df["notebook"] != "across notebooks", "notebook"].nunique()
-    print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims, from {n_nb} notebook(s) and across notebooks; "
-          + ", ".join(f"{v} {k}" for k, v in df["verdict"].value_counts().items()))
+    print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims, from {n_nb} notebook(s) and across notebooks; paper's "
+          f"definitions: {verdict_counts(df, 'verdict')}; headline: {verdict_counts(df, 'verdict (headline)')}")
     return 0
 
 
@@ -174,8 +236,10 @@ CLI_COMMANDS = {
               "downloaded", _quick_args, _quick_cmd),
     "summary": ("outputs/SUMMARY.md and .csv: every claim's verdict over the notebooks that have reports",
                 _summary_args, _summary_cmd),
-    "plan": ("the cost plan: runs, GPU-hours, wall time on N GPUs, Kaggle versions and quota weeks, disk",
-             _plan_args, _plan_cmd),
+    "plan": ("the cost plan: runs, GPU-hours, wall time on N GPUs, Kaggle versions and quota weeks, disk; with "
+             "--budget, the runs that settle the most claims within it", _plan_args, _plan_cmd),
+    "power": ("the power of every claim before any run: how often it would read 'reproduced' if the paper is "
+              "right, at N seeds; the seeds it needs for 80 %, and their GPU-hours", _power_args, _power_cmd),
 }
 
 

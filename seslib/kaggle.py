@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from .util import atomic_write_json, parse_duration
-from .batch import OUTPUTS_MARKER, SETUP_CELL, find_notebooks, suite_root
+from .batch import OUTPUTS_MARKER, SETUP_CELL, find_notebooks, load_batch_params, read_params, suite_root
 
 
 def kaggle_slug(title):
@@ -160,7 +160,7 @@ if importlib.util.find_spec("imagecorruptions") is None:
 """
 
 
-def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5h"):
+def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5h", plan=None):
     import nbformat
     v4 = nbformat.v4
     find_data = _KAGGLE_DATA_CELL.format(data_slug=data_dataset.split("/")[1])
@@ -182,13 +182,15 @@ def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5
             "EXTRA = {}  # more overrides for every notebook, e.g. {'epochs': 10}\n"
             f"OUT = {out_dir!r}\n"
             f"TIME_BUDGET = {time_budget!r}  # this version's share of Kaggle's 12 h: the rest is setup and reports\n"
-            "CONTINUE = True  # first copy the previous version's outputs (an attached kernel output) into OUT"),
+            "CONTINUE = True  # first copy the previous version's outputs (an attached kernel output) into OUT\n"
+            f"PLAN = {plan or {}!r}  # per notebook: the configs and seeds to run (`sesrun.py plan --budget`)"),
         v4.new_code_cell(
             "!nvidia-smi -L\n"
             "import sesrun as R\n"
             "if CONTINUE:\n"
             "    R.copy_previous_outputs(OUT)\n"
-            "records = R.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}}, gpus='auto', out=OUT,\n"
+            "records = R.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}, **PLAN}, gpus='auto', "
+            "out=OUT,\n"
             "                      time_budget=TIME_BUDGET)"),
         v4.new_code_cell(
             "import pandas as pd\n"
@@ -207,7 +209,7 @@ def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5
 
 
 def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", data_dataset=None,
-                   code_dataset=None, preset="paper", continue_from=None, time_budget="11.5h"):
+                   code_dataset=None, preset="paper", continue_from=None, time_budget="11.5h", params=None):
     """Write a ready-to-push Kaggle kernel folder `out` and the seslib code dataset in `out/code-dataset`.
 
     Push with: `kaggle datasets create -p OUT/code-dataset --dir-mode zip` (once; `kaggle datasets version
@@ -222,6 +224,9 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     out = Path(out)
     nbs = find_notebooks(notebooks)
     parse_duration(time_budget)  # a bad budget fails here, not on Kaggle
+    plan = read_params(params) if params else None  # a plan --budget params file, checked here
+    if plan:
+        load_batch_params(plan, nbs)
     kernel_meta, data_meta = _kaggle_metadata(username, slug, data_dataset, code_dataset, continue_from)
     if out.exists() and any(out.iterdir()) and not (out / "kernel-metadata.json").is_file():
         raise ValueError(f"--out {out} exists and is not a kernel bundle written by this command: choose another folder")
@@ -231,7 +236,8 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         ds = _write_code_dataset(tmp / "code-dataset", nbs, data_meta)
-        driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset, time_budget)
+        driver = _driver_notebook([nb.stem for nb in nbs], data_dataset, "/kaggle/working/outputs", preset, time_budget,
+                                  plan)
         nbformat.write(driver, str(tmp / kernel_meta["code_file"]))
         atomic_write_json(tmp / "kernel-metadata.json", kernel_meta)
         validate_kaggle_metadata(tmp / "kernel-metadata.json")

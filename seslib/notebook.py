@@ -13,7 +13,8 @@ import torch
 from .ses import is_int
 from .util import (BUDGET_ENV, MARK_BUDGET, MARK_LOCKED, MARK_PAUSED, PreflightError, ROOT, RunLocked, RunPaused,
                    TORCHRUN_ENV, atomic_write_json, deadline, format_hours, parse_duration, read_only)
-from .runs import describe_diff, fits_budget, read_result, result_status, run_cost, set_aside
+from .runs import (describe_diff, fits_budget, read_result, result_status, run_cost, run_key, set_aside,
+                   shared_runs)
 from .estimates import gpu_kind, placeable, placement, run_estimate
 from .configs import TEXT_PRESETS, TOY_PRESETS, resolve_config, run_kind
 from .training import train, train_torchrun
@@ -122,6 +123,7 @@ class Run:
     cfg: dict = None  # the resolved config this plan runs (None for a plan without a base recipe)
     diff: list = dataclasses.field(default_factory=list)
     est: dict = None  # estimate_run on this machine: seconds left, epoch_s, epochs_left, source
+    trained_in: str = None  # another notebook's folder whose identical run this one reads (runs.run_key)
 
     @property
     def done(self) -> bool:
@@ -265,10 +267,23 @@ def _planned_runs(names, seeds, grid, out_dir, resolved, cost_of, paper, paper_g
             status, diff = result_status(run_dir / "result.json", cfg)
             runs.append(Run(config=c, seed=s, overrides=dict(grid[c]), run_dir=run_dir,
                             result_path=run_dir / "result.json", status=status, cost=cost_of(c), cfg=cfg, diff=diff))
+    _read_shared_runs(runs, out_dir)
     for r in runs:
         if r.cfg is not None and not r.done:
             r.est = run_estimate(r, paper, paper_gpu)
     return runs
+
+
+def _read_shared_runs(runs, out_dir):
+    """A run another notebook under the same outputs root already trained (same run_key) is done here too: it is
+    read from there, not trained again."""
+    todo = [r for r in runs if r.cfg is not None and not r.done]
+    index = shared_runs(out_dir) if todo else {}
+    for r in todo:
+        where = index.get(run_key(r.cfg))
+        if where is not None:
+            r.status, r.run_dir, r.result_path, r.diff = "done", where, where / "result.json", []
+            r.trained_in = where.parent.parent.name
 
 
 def _write_run_list(path, runs):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from .util import format_hours, parse_duration, read_only
 from .data import dataset_info
 from .models import build_model, text_model_bytes
+from .runs import run_key
 from .estimates import DDP_EFFICIENCY, checkpoint_bytes, gpu_speed, placeable, placement, run_estimate
 from .notebook import resolve_seeds
 from .batch import find_notebooks, preset_folder, read_notebook
@@ -19,6 +19,11 @@ from .batch import find_notebooks, preset_folder, read_notebook
 
 KAGGLE = read_only({"version_hours": 12.0, "quota_hours": 30.0, "working_gb": 20.0,  # a version's limit, GPU quota
                     "overhead_hours": 0.25})  # per week, /kaggle/working's size; per version: setup, installs, reports
+# What one hour of a T4 x2 session costs of the weekly quota. Assumed once: Kaggle's quota counts the time a session
+# holds its accelerator ("the counter starts the moment you initialize your Notebook", The Kaggle Book, ch. 4;
+# Kaggle's own settings page shows one "GPU" quota for P100 and T4 x2 alike). If your account shows it draining twice
+# as fast on T4 x2, plan with --quota-counts per-gpu.
+QUOTA_COUNTS = read_only({"once": 1.0, "per-gpu": None})  # None: charged once per GPU of the session
 
 
 def notebook_plan(nb, **params):
@@ -41,7 +46,7 @@ def notebook_plan(nb, **params):
     raise ValueError(f"{Path(nb).name}: no cell after the parameters cell creates `plan` with S.plan_runs")
 
 
-def _lpt(durations, slots) -> float:
+def makespan(durations, slots) -> float:
     """Makespan of jobs on `slots` machines, longest first onto the least loaded (as the batch runner starts them).
     A job is seconds, or (seconds, k): a DDP run holding k machines at once, from when the k least loaded are free."""
     loads = [0.0] * max(1, slots)
@@ -54,7 +59,7 @@ def _lpt(durations, slots) -> float:
     return max(loads)
 
 
-def _placements(runs, gpu, gpus) -> dict:
+def run_placements(runs, gpu, gpus) -> dict:
     """{config: placement} of the runs estimate_memory knows (one per config: the seed changes no memory)."""
     out = {}
     for r in runs:
@@ -64,7 +69,7 @@ def _placements(runs, gpu, gpus) -> dict:
     return out
 
 
-def _placed_seconds(est, where):
+def placed_seconds(est, where):
     """A run's (wall seconds, GPUs it holds): a DDP run over k GPUs at DDP_EFFICIENCY."""
     k = where["gpus"] if where else 1
     return (est["seconds"] / (k * DDP_EFFICIENCY), k) if k > 1 else (est["seconds"], 1)
@@ -100,7 +105,8 @@ def _model_bytes(c) -> int:
     return _PARAMS_CACHE[key]
 
 
-def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h", seeds=None):
+def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h", seeds=None,
+              quota_counts="once"):
     """Per notebook: runs (all / left), the GPU-hours left on `gpu` and where the estimate comes from; for the
     selection: wall time on `gpus` GPUs (longest first), Kaggle versions of `budget`, weeks of the 30-h quota, the
     disk footprint. Done runs (under `out`) count as done. Returns (per-notebook DataFrame, totals dict)."""
@@ -108,14 +114,15 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
     gpu_speed(gpu)
     seeds = resolve_seeds(seeds) if seeds else None  # every notebook's seeds ("paper3": 42, 123, 7), else its own
     budget_h = parse_duration(budget) / 3600
-    rows, ests, final_bytes, ckpt_bytes = [], [], 0, 0
+    rows, ests, final_bytes, ckpt_bytes, first, shared_h = [], [], 0, 0, {}, 0.0
     for nb in find_notebooks(notebooks):
         out_dir = preset_folder(Path(out).resolve(), preset) / nb.stem
         plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir), **({"seeds": seeds} if seeds else {}))
-        left = [r for r in plan.runs if not r.done]
+        left, shared = _first_needs(plan, nb.stem, first)  # a run another notebook also needs is counted once
         est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu) for r in left]
-        places = _placements(plan.runs, gpu, gpus)
-        placed = [_placed_seconds(e, places.get(r.config)) for e, r in zip(est, left)]
+        shared_h += sum(run_estimate(r, plan.paper, plan.paper_gpu, gpu)["seconds"] for r in shared) / 3600
+        places = run_placements(plan.runs, gpu, gpus)
+        placed = [placed_seconds(e, places.get(r.config)) for e, r in zip(est, left)]
         ests += [p for p in placed if p[1] > 0]  # a run that fits nowhere here is named, not scheduled
         for r in plan.runs:
             c = r.cfg or {}
@@ -125,23 +132,54 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
             elif placeable(c):
                 final_bytes += _model_bytes(c) if c.get("save_model", True) else 0
                 ckpt_bytes = max(ckpt_bytes, checkpoint_bytes(_model_bytes(c), c))
-        rows.append({"notebook": nb.stem, "runs": len(plan.runs), "left": len(left),
+        rows.append({"notebook": nb.stem, "runs": len(plan.runs), "left": len(left), "shared": len(shared),
                      "gpu_hours": sum(sec * k for sec, k in placed) / 3600,
                      "source": ", ".join(sorted({e["source"] for e in est})) or "-",
                      "peak_gb": max((p["memory"]["peak_gb"] for p in places.values()), default=float("nan")),
                      "where": _where_text(places), "fits": all(p["gpus"] for p in places.values()),
                      "gpus_max": max((p["gpus"] for p in places.values()), default=1)})
     df = pd.DataFrame(rows)
-    wall_h = _lpt(ests, gpus) / 3600
-    per_version = max(budget_h, 1e-9)
-    versions = math.ceil(wall_h / per_version - 1e-9) if wall_h else 0
-    per_week = max(1, int(KAGGLE["quota_hours"] // (budget_h + KAGGLE["overhead_hours"])))
+    wall_h = makespan(ests, gpus) / 3600
+    charge = QUOTA_COUNTS[quota_counts] or float(gpus)
+    weeks = kaggle_weeks(wall_h, max(budget_h, 1e-3), charge)
     disk_gb = (final_bytes + gpus * ckpt_bytes) / 1e9
     totals = {"gpu": gpu, "gpus": gpus, "gpu_hours": float(df["gpu_hours"].sum()) if len(df) else 0.0,
-              "wall_hours": wall_h, "budget_hours": budget_h, "versions": versions,
-              "weeks": math.ceil(versions / per_week) if versions else 0, "versions_per_week": per_week,
-              "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"], "seeds": seeds}
+              "wall_hours": wall_h, "budget_hours": budget_h, "versions": sum(map(len, weeks)),
+              "weeks": len(weeks), "schedule": weeks, "quota_counts": quota_counts, "charge": charge,
+              "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"], "seeds": seeds,
+              "shared_runs": int(df["shared"].sum()) if len(df) else 0, "shared_hours": shared_h}
     return df, totals
+
+
+def _first_needs(plan, stem, first):
+    """(this notebook's runs left to train, those an earlier notebook of the plan trains): `first` maps each
+    runs.run_key to the notebook that needs it first (updated here)."""
+    left, shared = [], []
+    for r in plan.runs:
+        if r.done:
+            continue
+        key = run_key(r.cfg)
+        if key and first.setdefault(key, stem) != stem:
+            shared.append(r)
+        else:
+            left.append(r)
+    return left, shared
+
+
+def kaggle_weeks(wall_h, budget_h, charge=1.0) -> list:
+    """The work hours of each Kaggle version, week by week: versions of at most budget_h (+ the per-version
+    overhead), packed into weeks of the GPU quota at `charge` quota hours per session hour; a week's last version is
+    as long as the quota it has left allows (then --time-budget is that long), not a fixed two a week."""
+    quota, overhead = KAGGLE["quota_hours"] / charge, KAGGLE["overhead_hours"]
+    weeks, left = [], wall_h
+    while left > 1e-6:
+        week, room = [], quota
+        while left > 1e-6 and room - overhead >= min(left, 0.5):  # a version shorter than 30 min is not worth it
+            work = min(budget_h, left, room - overhead)
+            week.append(work)
+            left, room = left - work, room - work - overhead
+        weeks.append(week)
+    return weeks
 
 
 def memory_cell(row, gpu="T4") -> str:
@@ -154,22 +192,37 @@ def memory_cell(row, gpu="T4") -> str:
     return f"{row.peak_gb:.1f} GB, 1 {gpu}" if k == 1 else f"{row.peak_gb:.1f} GB: DDP over {k} {gpu}s"
 
 
+def format_schedule(weeks) -> str:
+    """'week 1: 11.5 + 11.5 + 6.2 h; week 2: 6.0 h'."""
+    return "; ".join(f"week {i}: " + " + ".join(f"{h:.1f}" for h in w) + " h" for i, w in enumerate(weeks, 1)) or "-"
+
+
+def _charge_text(t) -> str:
+    return "once, assumed: --quota-counts per-gpu if yours counts each GPU" if t["quota_counts"] == "once" else \
+        f"{t['charge']:g} times (--quota-counts {t['quota_counts']})"
+
+
 def format_plan(df, t) -> str:
     lines = [f"seeds {list(t['seeds'])} in every notebook"] if t.get("seeds") else []
-    lines += [f"{'notebook':<28} {'runs':>4} {'left':>4} {'GPU-h left':>10} {'peak GB':>7}  estimate from; where"]
+    lines += [f"{'notebook':<28} {'runs':>4} {'left':>4} {'shared':>6} {'GPU-h left':>10} {'peak GB':>7}  "
+              "estimate from; where"]
     for r in df.itertuples():
         gpu_h = format_hours(r.gpu_hours * 3600, approx=True)
         peak = f"{r.peak_gb:.1f}" if r.peak_gb == r.peak_gb else "-"
-        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {gpu_h:>10} {peak:>7}  {r.source}; {r.where}")
+        lines.append(f"{r.notebook:<28} {r.runs:>4} {r.left:>4} {r.shared:>6} {gpu_h:>10} {peak:>7}  {r.source}; "
+                     f"{r.where}")
     if len(df) and not df["fits"].all():
         lines.append("NOT ON THIS MACHINE: " + ", ".join(df.loc[~df["fits"], "notebook"]) + " (see 'where'; a bigger "
                      "GPU, or more of them: --gpus / --gpu)")
     lines += [
         f"total: {format_hours(t['gpu_hours'] * 3600, approx=True)} of {t['gpu']} GPU time; wall time on {t['gpus']} x "
         f"{t['gpu']}: {format_hours(t['wall_hours'] * 3600, approx=True)} (longest runs first)",
-        f"Kaggle: {t['versions']} version(s) with --time-budget {t['budget_hours']:g}h (a version stops at "
-        f"{KAGGLE['version_hours']:g} h), {t['versions_per_week']} per week of the {KAGGLE['quota_hours']:g}-h GPU quota "
-        f"-> {t['weeks']} week(s)",
+        *([f"shared: {t['shared_runs']} run(s) that two notebooks need are trained once (the first notebook trains, "
+           f"the others read its result): {format_hours(t['shared_hours'] * 3600, approx=True)} of {t['gpu']} time "
+           "not counted twice"] if t["shared_runs"] else []),
+        f"Kaggle: {t['versions']} version(s) of at most --time-budget {t['budget_hours']:g}h (a version stops at "
+        f"{KAGGLE['version_hours']:g} h) in {t['weeks']} week(s) of the {KAGGLE['quota_hours']:g}-h GPU quota "
+        f"({format_schedule(t['schedule'])}; a {t['gpus']}-GPU session-hour counted {_charge_text(t)})",
         f"disk: {t['disk_gb']:.1f} GB (model_final.pt of every run + one checkpoint per GPU in flight or paused; "
         f"/kaggle/working holds {KAGGLE['working_gb']:g} GB{'' if t['disk_ok'] else ': TOO MUCH, set save_model=False'})"]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .ses import is_real
 from .util import ROOT, read_only
-from .runs import config_diff, describe_diff, read_result
+from .runs import config_diff, describe_diff, read_result, run_key, shared_runs
 
 
 # One run = one result.json (see train); a notebook's report reads whatever results exist under
@@ -28,7 +28,7 @@ def _result_row(config, result, run_dir):
     """The per-run numbers every report and claim works from (NaN where a run has none)."""
     cfg, fin, env = result.get("config", {}), result.get("final", {}), result.get("env", {})
     return dict(
-        config=config, seed=cfg.get("seed"),
+        config=config, seed=cfg.get("seed"), model=cfg.get("model"),
         acc_final=_num(fin.get("test_acc")), acc_best=_num(fin.get("best_test_acc_over_epochs")),
         gap=_num(fin.get("gap")), rob=_rob_mean(fin), rob_paper=_rob_mean(fin, "robustness_paper"),
         rob_paper_best=_rob_mean(fin, "robustness_paper_best"), epoch_s=_num(fin.get("epoch_seconds_mean")),
@@ -106,15 +106,21 @@ def plan_results(plan):
     """(rows of the results made with the plan's settings, [(run folder, why it was left out)]).
 
     Every grid config (not only the selected ones) at the plan's seeds: a report of a re-run of one config still
-    shows its baseline. A result made with other settings (config_diff) is left out and named."""
+    shows its baseline. A run another notebook trained with the same settings (runs.run_key) is read from there (its
+    run_dir says where). A result made with other settings (config_diff) is left out and named."""
     import pandas as pd
-    rows, left_out = [], []
+    rows, left_out, shared = [], [], None
     for (config, seed), cfg in plan.resolved.items():
         run_dir = Path(plan.out_dir) / "runs" / f"{config}_seed{seed}"
         r = read_result(run_dir / "result.json")
+        diff = config_diff(cfg, r.get("config") or {}) if r is not None else []
+        if r is None or diff:  # trained by another notebook, with the same settings?
+            shared = shared_runs(plan.out_dir) if shared is None else shared
+            if run_key(cfg) in shared:
+                run_dir, diff = shared[run_key(cfg)], []
+                r = read_result(run_dir / "result.json")
         if r is None:
             continue
-        diff = config_diff(cfg, r.get("config") or {})
         if diff:
             left_out.append((str(run_dir), f"made with other settings: {describe_diff(diff)}"))
         else:

@@ -50,6 +50,45 @@ def config_diff(now: dict, then: dict, ignore=_NOT_COMPUTED) -> list:
     return diff
 
 
+# ── one run, however many notebooks need it ──
+# Two planned runs whose resolved configs and seeds are equal in the stale rule's sense are one run: the first
+# notebook to need it trains it, the others read its result (the batch runner starts it once; plan_runs and the
+# report find it in the other notebook's folder; the cost plan counts it once). Equivalent spellings are made one:
+_AUTO_LAYERS = {"resnet50": "layer4+pool", "vit_tiny": "all", "vit_small": "all", "vit_tiny_timm": "all",
+                "vit_small_timm": "all"}  # ses_layers='auto' per model (others: every block + the pool)
+
+
+def normal_form(cfg: dict) -> dict:
+    """A config as what it computes: no _NOT_COMPUTED key, _IMPLIED keys filled, no SES settings without SES, a
+    fixed beta schedule as its plain beta, ses_layers 'auto' as the preset it means for the model."""
+    c = {k: config_value(cfg, k) for k in set(cfg) | set(_IMPLIED) if k not in _NOT_COMPUTED}
+    if not c.get("ses"):
+        c = {k: v for k, v in c.items() if not k.startswith("ses_")}
+    sched = c.get("ses_beta_schedule")
+    if isinstance(sched, str) and sched.startswith("fixed:"):
+        c["ses_beta"], c["ses_beta_schedule"] = float(sched.split(":", 1)[1]), None
+    if c.get("ses_layers") == "auto":
+        c["ses_layers"] = _AUTO_LAYERS.get(c.get("model"), "auto" if c.get("model") == "mlp_toy" else "blocks+pool")
+    return c
+
+
+def run_key(cfg) -> str | None:
+    """The identity of a run across notebooks (its normal form, seed included); None without a config."""
+    return json.dumps(normal_form(cfg), sort_keys=True, default=str) if cfg else None
+
+
+def shared_runs(out_dir) -> dict:
+    """{run_key: run folder} of the finished runs of the OTHER notebooks under out_dir's outputs root."""
+    out_dir = Path(out_dir).resolve()
+    index = {}
+    for res in sorted(out_dir.parent.glob("*/runs/*/result.json")):
+        if res.parent.parent.parent.resolve() != out_dir:
+            key = run_key((read_result(res) or {}).get("config"))
+            if key:
+                index.setdefault(key, res.parent)
+    return index
+
+
 def describe_diff(diff, limit=6) -> str:
     """'epochs 2 → 50, preset smoke → paper' (the first `limit` keys)."""
     parts = [f"{k} {json.dumps(a, default=str) if not isinstance(a, str) else a} → "

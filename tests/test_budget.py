@@ -188,11 +188,16 @@ def test_plan_matches_the_readme(tmp_path):
     approx = lambda hours: S.format_hours(hours * 3600, approx=True)  # noqa: E731 - the cost plan's format
     assert _readme_runtimes() == {r.notebook: (approx(r.gpu_hours), R.memory_cell(r)) for r in df.itertuples()}
     total = (f"{approx(t['gpu_hours'])} of T4 time, {approx(t['wall_hours'])} of wall time on a T4 ×2, "
-             f"{t['versions']} Kaggle versions of 11.5 h, {t['weeks']} weeks of the 30-h quota")
-    assert total in readme, total
-    assert t["wall_hours"] >= t["gpu_hours"] / 2 and t["versions"] == math.ceil(t["wall_hours"] / 11.5)
+             f"{t['versions']} Kaggle versions of at most 11.5 h in {t['weeks']} weeks of the 30-h quota")
+    assert total in readme.replace("\n", " "), total
+    assert f"config and seed: {t['shared_runs']} of them, {approx(t['shared_hours'])})" in readme.replace("\n", " ")
+    assert t["shared_runs"] >= 11 and t["shared_hours"] >= 7.4  # the paper preset's duplicates, counted once
+    assert t["wall_hours"] >= t["gpu_hours"] / 2 and t["versions"] >= math.ceil(t["wall_hours"] / 11.5)
+    for week in t["schedule"]:  # the real limits: versions of at most the budget, a week within the quota
+        assert max(week) <= 11.5 + 1e-9 and sum(week) + 0.25 * len(week) <= 30.0 + 1e-9
+    assert sum(map(sum, t["schedule"])) == pytest.approx(t["wall_hours"])
     assert t["disk_ok"] and f"{t['disk_gb']:.1f} GB" in readme
-    totals = "\n".join(R.format_plan(df, t).splitlines()[-3:])  # total, Kaggle versions, disk
+    totals = "\n".join(R.format_plan(df, t).splitlines()[-4:])  # total, shared runs, Kaggle versions, disk
     assert totals in (ROOT / "docs" / "kaggle.md").read_text(), "docs/kaggle.md's plan block is out of date:\n" + totals
 
     p = subprocess.run([sys.executable, R.__file__, "plan", "all", "--gpus", "2", "--gpu", "t4", "--out",

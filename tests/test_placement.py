@@ -32,8 +32,8 @@ def test_the_kernel_places_a_run_over_its_gpus_or_refuses_it_in_one_line():
 
 
 def test_lpt_holds_k_machines_for_a_ddp_run():
-    assert R.planning._lpt([(10.0, 2), 4.0, 4.0], 2) == 14.0  # the DDP run first on both, then one 4-s run on each
-    assert R.planning._lpt([4.0, 4.0, 4.0], 2) == 8.0
+    assert R.planning.makespan([(10.0, 2), 4.0, 4.0], 2) == 14.0  # the DDP run first on both, then one 4-s run on each
+    assert R.planning.makespan([4.0, 4.0, 4.0], 2) == 8.0
 
 
 def _gpu_slots(n, per=1):
