@@ -49,6 +49,7 @@ _BASE_CONFIG = {
     "ses": False, "ses_lambda": 0.01, "ses_beta": 0.7, "ses_beta_schedule": None,
     "ses_layers": "auto", "ses_targets": ["block"], "ses_every_k": 1,
     "ses_scope": "global", "sync_bn": None,  # multi-GPU (torchrun) only; see the distributed room
+    "ses_impl": "suite",  # "author": the author's SES computation, to time SES like for like (ses.SES_IMPLS)
     "drop_path": None,  # ViTs: stochastic-depth rate (None: the recipe's 0.1)
     "vit_impl": None,  # derived from model: "author" (SESViT: vit_tiny, vit_small) | "timm" (vit_*_timm) | None
     # per-epoch effective rank, measured two ways (see _erank_ses_view / _erank_author_view)
@@ -63,7 +64,7 @@ _BASE_CONFIG = {
 _CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("multistep", "cosine", "constant"),
             "amp": ("auto", "fp16", "bf16", "off"), "augment": ("standard", "randaugment", "none"),
             "mix": ("none", "mixup", "cutmix"), "log": ("auto", "tqdm", "plain", "none"),
-            "ses_scope": ("global", "local")}
+            "ses_scope": ("global", "local"), "ses_impl": ("suite", "author")}
 # ses_resnet50_tinyimagenet .py: Normalize((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)) (its std is not the
 # data set's pixel std in DATASETS), RandomCrop(64, padding=8), flip, ColorJitter(0.1, 0.1, 0.1), BF16 + TF32,
 # cudnn.benchmark = True (the one script that autotunes instead of setting cudnn.deterministic).
@@ -319,7 +320,7 @@ TEXT_DEFAULTS = read_only(dict(
     kind="text", task="sst2", text_data="glue", model="bert-base-uncased", max_len=128, token_type_ids=False,
     epochs=3, batch_size=32, eval_batch_size=None, lr=2e-5, weight_decay=0.01, warmup_ratio=0.06, grad_clip=1.0,
     amp="fp16", precision=None, cpu_amp=False,
-    ses=False, ses_lambda=0.01, ses_beta=0.5, ses_layers="all", ses_pool="tokens", erank_batches=4,
+    ses=False, ses_lambda=0.01, ses_beta=0.5, ses_layers="all", ses_pool="tokens", ses_impl="suite", erank_batches=4,
     seed=42, device="auto", data_root=None, out_dir=None, resume=False, save_model=False, keep_checkpoint=False,
     train_subset=None, test_subset=None, max_steps_per_epoch=None, preset=None, log="auto",
 ))
@@ -328,7 +329,8 @@ TEXT_DEFAULTS = read_only(dict(
 TEXT_PRESETS = read_only({"paper": {}, "smoke": dict(model=TINY_BERT, text_data="synthetic", epochs=2, max_len=32,
                                                      train_subset=256, test_subset=64, erank_batches=1, lr=1e-3)})
 _TEXT_CHOICES = {"task": tuple(GLUE_TASKS), "text_data": ("glue", "synthetic"), "amp": ("auto", "fp16", "bf16", "off"),
-                 "ses_pool": ("tokens", "mask"), "log": ("auto", "tqdm", "plain", "none")}
+                 "ses_pool": ("tokens", "mask"), "ses_impl": ("suite", "author"),
+                 "log": ("auto", "tqdm", "plain", "none")}
 _TEXT_RULES = (
     _kind_is("text"),
     *_counts("max_len", "erank_batches"),

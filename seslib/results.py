@@ -29,6 +29,7 @@ def _result_row(config, result, run_dir):
     cfg, fin, env = result.get("config", {}), result.get("final", {}), result.get("env", {})
     return dict(
         config=config, seed=cfg.get("seed"), model=cfg.get("model"),
+        ses_impl=(cfg.get("ses_impl") or "suite") if cfg.get("ses") else None,  # whose SES computation was timed
         acc_final=_num(fin.get("test_acc")), acc_best=_num(fin.get("best_test_acc_over_epochs")),
         gap=_num(fin.get("gap")), rob=_rob_mean(fin), rob_paper=_rob_mean(fin, "robustness_paper"),
         rob_paper_best=_rob_mean(fin, "robustness_paper_best"), epoch_s=_num(fin.get("epoch_seconds_mean")),

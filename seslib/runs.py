@@ -29,6 +29,7 @@ RESUME_FREE = _NOT_COMPUTED + ("robustness", "robustness_severities", "robustnes
 _IMPLIED = {"vit_impl": lambda cfg: "timm" if cfg.get("model") in VIT_MODELS else None,
             "cpu_amp": lambda cfg: False,  # before cpu_amp every CPU run was fp32: what cpu_amp=False runs
             "lr_lag": lambda cfg: 0,  # before lr_lag every schedule ran on time
+            "ses_impl": lambda cfg: "suite",  # before ses_impl every run used the suite's SES computation
             # before kind, a text config was the one with a task and no dataset, a toy config the one with radii
             "kind": lambda cfg: "text" if "task" in cfg and "dataset" not in cfg else "toy" if "radii" in cfg else "image"}
 

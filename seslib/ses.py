@@ -84,16 +84,38 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def layer_entropies(acts_list) -> torch.Tensor:
+# How the entropies are computed: "suite" (batched, the Gram trick below) or "author", the computation of the author's
+# ses_phase3.py (per layer: the d x d covariance and one eigvalsh call each), the same numbers more slowly. The suite
+# times its SES step with "author" only to judge the paper's time claims like for like (docs/claims.md).
+SES_IMPLS = ("suite", "author")
+
+
+def _author_entropies(acts_list) -> torch.Tensor:
+    """The author's computation: for each layer, centre, the d x d covariance Hc^T Hc / (B - 1), its own eigvalsh."""
+    out = []
+    for a in acts_list:
+        h = _as_matrix(a)
+        h = h - h.mean(dim=0, keepdim=True)
+        out.append(entropy_from_eigs(torch.linalg.eigvalsh((h.T @ h) / (h.shape[0] - 1))))
+    return torch.stack(out)
+
+
+def layer_entropies(acts_list, impl="suite") -> torch.Tensor:
     """Spectral entropy of each [B, d_l] activation matrix, as one float32 vector [L].
 
     Batched: matrices of equal size are stacked and sent to ONE eigvalsh call (a [L, k, k] batch),
     since per-layer calls pay a kernel launch + sync each and a small eigvalsh underuses the GPU;
     ResNet-18's 9 hooks become 2-3 calls. Sizes are grouped, not zero-padded, so the result is exact.
+    impl="author": the author's per-layer computation instead (SES_IMPLS).
     """
     if len(acts_list) == 0:
         raise ValueError("no activations: was the forward pass run in train mode with the hooks active?")
+    if impl not in SES_IMPLS:
+        raise ValueError(f"unknown SES implementation {impl!r}; known: {', '.join(SES_IMPLS)}")
     device = acts_list[0].device  # all on one device (multi-GPU models: move, never assume cuda:0)
+    if impl == "author":
+        with _no_autocast(device):
+            return _author_entropies([a.to(device) for a in acts_list])
     with _no_autocast(device):
         mats = [_second_moment(a.to(device)) for a in acts_list]
         groups: dict = {}
@@ -127,10 +149,10 @@ def _warn_if_unreachable(B: int, d: int, beta: float):
             f"(raise the batch size, lower beta, or hook fewer wide layers).", stacklevel=3)
 
 
-def ses_loss(acts_list, beta, alphas=None) -> torch.Tensor:
-    """sum_l alpha_l (H_l - beta log d_l)^2 in float32 (lambda is applied by the caller)."""
+def ses_loss(acts_list, beta, alphas=None, impl="suite") -> torch.Tensor:
+    """sum_l alpha_l (H_l - beta log d_l)^2 in float32 (lambda is applied by the caller); impl: SES_IMPLS."""
     beta = check_beta(beta)
-    H = layer_entropies(acts_list)
+    H = layer_entropies(acts_list, impl)
     dims = [a.shape[1] for a in acts_list]
     for a, d in zip(acts_list, dims):
         _warn_if_unreachable(a.shape[0], d, beta)
@@ -508,19 +530,22 @@ class SES:
     layers: "auto" (the suite's presets for torchvision ResNets, WideResNet and the ViTs: every residual block
     + avgpool, ResNet-50's layer4 + avgpool, all 12 ViT blocks), a preset name (see hook_targets), or a list of
     module names. every_k: SES on every k-th step only; on the others the hooks store nothing and ses() returns 0.
-    schedule: a beta schedule (BetaSchedule.parse spec), applied by ses.set_epoch(epoch, epochs).
+    schedule: a beta schedule (BetaSchedule.parse spec), applied by ses.set_epoch(epoch, epochs). impl: "suite"
+    (batched) or "author" (the author's per-layer computation, for like-for-like timing; SES_IMPLS).
     Hooks store nothing in eval mode or inside `with ses.paused():`. ses.erank() / ses.report(): per-layer effective
     rank, d, target d^beta and their ratio on the last SES batch. train() uses this same object."""
 
     def __init__(self, model, layers="auto", beta=0.7, lam=0.01, every_k=1, schedule=None, targets=("block",),
-                 pool="auto"):
+                 pool="auto", impl="suite"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"SES needs an nn.Module; got {type(model).__name__}")
         if not is_num(lam) or lam < 0:
             raise ValueError(f"lam must be a number >= 0; got {lam!r}")
         if not is_int(every_k) or every_k < 1:
             raise ValueError(f"every_k must be an int >= 1; got {every_k!r}")
-        self.model, self.beta = model, check_beta(beta)
+        if impl not in SES_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(SES_IMPLS)}; got {impl!r}")
+        self.model, self.beta, self.impl = model, check_beta(beta), impl
         self.lam, self.every_k = float(lam), every_k
         self.schedule = BetaSchedule.parse(schedule) if schedule is not None else None
         if "attn_weights" in targets and hasattr(model, "blocks"):
@@ -560,7 +585,7 @@ class SES:
                                    "(model.train()) before calling ses()?")
             return torch.zeros((), device=next(self.model.parameters(), torch.empty(0)).device)
         acts = gather(acts) if gather is not None else acts
-        reg = ses_loss(acts, self.beta)
+        reg = ses_loss(acts, self.beta, impl=self.impl)
         self.last_loss, self._last = reg.detach(), [a.detach() for a in acts]
         return self.lam * reg
 

@@ -135,7 +135,7 @@ def build_text_model(run):
     run.net.to(run.device)
     run.pool = MaskedTokenPool() if c["ses_pool"] == "mask" else None
     run.ses = SES(run.net, bert_hook_targets(run.net, c["ses_layers"]), beta=c["ses_beta"],
-                  lam=c["ses_lambda"] if c["ses"] else 0.0, pool=run.pool or "auto")
+                  lam=c["ses_lambda"] if c["ses"] else 0.0, pool=run.pool or "auto", impl=c["ses_impl"])
 
 
 def _text_split(c, split):

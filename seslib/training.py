@@ -518,7 +518,8 @@ def _build_model_and_ses(run):
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     run.net = net.to(run.device)
     run.ses = SES(run.net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
-                  every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"])
+                  every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"],
+                  impl=c["ses_impl"])
     if dd.is_main:
         preflight(c, run.net)
     run.gather = gather_activations if dd.enabled and c["ses_scope"] == "global" else None

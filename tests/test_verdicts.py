@@ -241,6 +241,10 @@ def test_time_claims_on_our_implementation_are_not_comparable():
     df = _two([42.4, 42.6, 42.5], [28.8, 29.0, 28.9], "train_s")
     assert S.judge_claim(c, df)["verdict"] == S.NOT_COMPARABLE  # even an exact match of the paper's +47 %
     assert S.claim_power(c, 0.05, 3) is None
+    ours = df.assign(ses_impl=["suite"] * 3 + [None] * 3)  # SES run a (our computation), baseline b (no SES)
+    assert S.judge_claim(c, ours)["verdict"] == S.NOT_COMPARABLE
+    authors = df.assign(ses_impl=["author"] * 3 + [None] * 3)  # timed with the author's SES computation
+    assert S.judge_claim(c, authors)["verdict"] == "reproduced"
 
 
 def test_an_approximate_claim_carries_its_tolerance():
@@ -404,8 +408,10 @@ def test_build_summary_judges_claims_across_notebooks(tmp_path):
     df = S.build_summary(tmp_path)
     row = df[df["claim"].str.startswith("difficulty scaling of the gap (P1), step 1")].iloc[0]
     assert row["interval"] == "Welch" and row["verdict"] == "same direction, larger effect"
+    assert row["power (at max(seeds, 3))"] >= 0 and row["seeds for 80 %"] and "seed SD used" in df
     md = (tmp_path / "SUMMARY.md").read_text()
-    assert "Chance alone" in md and "across notebooks" in md
+    assert "Chance alone" in md and "across notebooks" in md and "Design: fixed seeds" in md
+    assert "(on the paper's metric definitions" in md and "(on our headline definitions" in md
 
 
 def coverage_rows():
