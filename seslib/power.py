@@ -158,6 +158,8 @@ def with_power(table, claims, df):
     """The claims table with each claim's power beside its verdict: at the seeds it was judged on (at least the
     paper's 3 where it has fewer, so a 1-seed smoke report still says what 3 seeds would give), the seeds for 80 %,
     and the seed SD used. An "inconclusive" then says whether more seeds could settle it."""
+    if table is None or not len(table):
+        return table
     families = {}
     if "model" in df:
         families = {c: model_family(m) for c, m in df.dropna(subset=["model"]).groupby("config")["model"].first().items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -78,12 +79,19 @@ def run_key(cfg) -> str | None:
     return json.dumps(normal_form(cfg), sort_keys=True, default=str) if cfg else None
 
 
+_NOTEBOOK_FOLDER = re.compile(r"\d\d_\w+")  # a notebook's folder in an outputs root: its stem, NN_name
+
+
 def shared_runs(out_dir) -> dict:
-    """{run_key: run folder} of the finished runs of the OTHER notebooks under out_dir's outputs root."""
+    """{run_key: run folder} of the finished runs of the OTHER notebooks under out_dir's outputs root. Only a
+    notebook's own folder (NN_name) shares, and only with its sibling notebook folders: a folder of another name is
+    not part of the suite's outputs, and its siblings need not be either."""
     out_dir = Path(out_dir).resolve()
     index = {}
-    for res in sorted(out_dir.parent.glob("*/runs/*/result.json")):
-        if res.parent.parent.parent.resolve() != out_dir:
+    if not _NOTEBOOK_FOLDER.fullmatch(out_dir.name):
+        return index
+    for res in sorted(out_dir.parent.glob("[0-9][0-9]_*/runs/*/result.json")):
+        if res.parent.parent.parent.resolve() != out_dir and _NOTEBOOK_FOLDER.fullmatch(res.parent.parent.parent.name):
             key = run_key((read_result(res) or {}).get("config"))
             if key:
                 index.setdefault(key, res.parent)
