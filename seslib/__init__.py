@@ -39,6 +39,7 @@ in its module (`S.training._train_step`).
 """
 from .ses import *  # noqa: F401,F403
 from .util import *  # noqa: F401,F403
+check_torch_pair()  # noqa: F405 - before any room imports torchvision: a mismatched install is one line, not a trace
 from .data import *  # noqa: F401,F403
 from .models import *  # noqa: F401,F403
 from .steps import *  # noqa: F401,F403

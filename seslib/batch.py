@@ -12,9 +12,11 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -199,7 +201,10 @@ def read_params(params) -> dict:
         if not Path(where).is_file():
             raise ValueError(f"--params {where}: no such file (a YAML file such as: all: {{preset: paper}})")
         try:
-            params = yaml.safe_load(Path(where).read_text()) or {}
+            params = yaml.safe_load(Path(where).read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--params {where}: not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}): "
+                             "save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ValueError(f"--params {where}: not valid YAML ({str(e).splitlines()[0]}"
                              + (f", line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else "")
@@ -252,7 +257,9 @@ def load_batch_params(params, notebooks):
         declared = read_notebook(nb).declared_params()
         missing = ({"out_dir", "configs", "seeds"} | RUNNER_PARAMS) - set(declared)
         if missing:
-            raise ValueError(f"{nb.name} does not follow the run contract: no parameter(s) {sorted(missing)}")
+            raise ValueError(f"{nb.name} is not a notebook the batch runner can run: its parameters cell has no "
+                             f"{', '.join(sorted(missing))} (the run contract of the experiment notebooks)"
+                             + (": it is an interactive notebook, open it in Jupyter" if "configs" in missing else ""))
         reserved = RUNNER_PARAMS & set(merged)
         if reserved:
             raise ValueError(f"{sorted(reserved)} are set by the batch runner; remove them from the params")
@@ -765,8 +772,37 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
                                               preset)
     slots = batch_slots(gpus, workers, torchrun)
     out, cwd = Path(out).resolve(), os.getcwd()
+    _check_outputs_root(out, dry_run)
     nb_out = _notebook_out_dirs(nbs, overrides, out)
-    env = _kernel_env(out / ".batch")
+    # the kernels' files (kernelspec, run lists, listing logs): a dry run keeps them in a temporary folder, so that
+    # it writes nothing under --out (nor creates it)
+    work = Path(tempfile.mkdtemp(prefix="ses-dry-run-")) if dry_run else out / ".batch"
+    try:
+        return _batch(nbs, overrides, nb_out, slots, out, cwd, work, dict(
+            retries=retries, stagger=stagger, timeout=timeout, report=report, dry_run=dry_run, log=log,
+            whole_notebooks=whole_notebooks, budget=budget, allow_cpu=allow_cpu))
+    finally:
+        if dry_run:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_outputs_root(out, dry_run):
+    """--out is a folder this batch can write (a dry run only reads it): one line naming it, before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give the outputs folder (it is created when missing)")
+    if not dry_run:
+        parent = next(p for p in [out, *out.parents] if p.exists())
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"--out {out}: {parent} is read-only; the batch writes its results, reports and "
+                             "batch_summary.csv there: give a writable --out (or --dry-run, which writes nothing)")
+
+
+def _batch(nbs, overrides, nb_out, slots, out, cwd, work, o):
+    """run_batch's work once its inputs are checked: the listing pass, the runs, the reports, the summary."""
+    retries, stagger, timeout, report, dry_run, log = (o[k] for k in ("retries", "stagger", "timeout", "report",
+                                                                      "dry_run", "log"))
+    budget, whole_notebooks, allow_cpu = o["budget"], o["whole_notebooks"], o["allow_cpu"]
+    env = _kernel_env(work)
     t_start = time.time()
     end = t_start + budget if budget else None
     _set_deadline(env, end, budget)
@@ -781,7 +817,7 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
         if whole_notebooks:
             records = _whole_notebooks_pass(nbs, overrides, nb_out, report, dry_run, run_pass)
             return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)
-        lists, listed = _listing_pass(nbs, overrides, nb_out, out / ".batch", listing_pass)
+        lists, listed = _listing_pass(nbs, overrides, nb_out, work, listing_pass)
         check = functools.partial(_refuse_a_long_cpu_batch, slots=slots, allow=allow_cpu or dry_run)
         records = _run_pass(lists, listed, overrides, nb_out, cwd, report, dry_run, run_pass, log, check)
     return _finish_batch(records, nb_out, out, t_start, log, report, dry_run)

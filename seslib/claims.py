@@ -66,6 +66,7 @@ RATIO_TOLERANCE = read_only({  # metric -> relative band around the paper's rati
 # judged only on runs that computed SES the author's way (ses_impl="author", ses.SES_IMPLS); on ours it shows our
 # number under a verdict of its own.
 IMPLEMENTATION_METRICS = ("epoch_s",)
+GPU_METRICS = ("peak_mem",)  # device memory: on a CPU run it is the process's memory, not what the claim is about
 NOT_COMPARABLE = "not comparable: implementation differs"
 VERDICTS = ("reproduced", "same direction, smaller effect", "same direction, larger effect", "opposite direction",
             "smaller than the paper, direction unclear", "not reproduced", "inconclusive", NOT_COMPARABLE)
@@ -325,6 +326,8 @@ def judge_claim(c, df, definition=0, paired=False) -> dict:
     definition 0: the paper's metric, 1: our headline. Ratios come back on the ratio scale (est, lo, hi)."""
     col, higher = CLAIM_METRICS[c["metric"]][definition], CLAIM_METRICS[c["metric"]][3]
     weights = _claim_weights(c, df, col, higher)
+    if c["metric"] in GPU_METRICS and weights and not ran_on_gpu(df, weights):
+        raise ValueError(f"claim {c['text']!r}: GPU memory is judged on GPU runs only; these ran on the CPU")
     if weights is None:
         iv = t_interval(float("nan"), float("nan"), float("nan"), 0, False)
     elif c["kind"] == "sd_ratio":
@@ -344,6 +347,14 @@ def judge_claim(c, df, definition=0, paired=False) -> dict:
     if log:
         out.update({k: math.exp(iv[k]) if iv[k] == iv[k] else iv[k] for k in ("est", "lo", "hi", "lo90", "hi90")})
     return out
+
+
+def ran_on_gpu(df, configs) -> bool:
+    """Whether every run of these configs ran on a GPU (results made before on_gpu was recorded: unknown, no)."""
+    if "on_gpu" not in df:
+        return False
+    on = df.loc[df["config"].isin(list(configs)), "on_gpu"]
+    return bool(len(on)) and bool(on.fillna(False).astype(bool).all())
 
 
 def author_timed(df, configs) -> bool:
@@ -673,7 +684,7 @@ SUMMARY_CLAIMS = tuple(read_only(c) for c in SUMMARY_CLAIMS)  # shared, so read-
 def claim_values(df):
     """The per-run numbers claims are judged on (config, seed, model: its seed SD's family, ses_impl: whose SES a time
     claim timed, every CLAIM_METRICS column the runs have)."""
-    cols = ["config", "seed", "model", "ses_impl"] + [c for c in dict.fromkeys(x for m in CLAIM_METRICS.values() for x in m[:2]) if c in df]
+    cols = ["config", "seed", "model", "ses_impl", "on_gpu"] + [c for c in dict.fromkeys(x for m in CLAIM_METRICS.values() for x in m[:2]) if c in df]
     return df[[c for c in cols if c in df]].copy()
 
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .util import parse_duration
 from .data import DATASETS, resolve_data_dir
 from .estimates import GPU_SPEED
 from .reports import build_summary, verdict_counts
@@ -20,29 +23,90 @@ from .kaggle import kaggle_package
 
 
 # python sesrun.py COMMAND ...
+# Argument types: a bad value is one line naming the flag (argparse's "argument --gpus:") and what it takes, before
+# any notebook is read.
+
+def _count(least=1):
+    def parse(v):
+        try:
+            n = int(v)
+        except ValueError:
+            n = None
+        if n is None or n < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}; got {v!r}")
+        return n
+    return parse
+
+
+def _seconds(allow_zero=False):
+    def parse(v):
+        try:
+            x = float(v)
+        except ValueError:
+            x = None
+        if x is None or x < 0 or (x == 0 and not allow_zero) or x != x:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds {'>=' if allow_zero else '>'} 0; got {v!r}")
+        return x
+    return parse
+
+
+def _duration(allow_zero):
+    """11.5h / 90m / 3600: a positive duration (0 / none: no limit, where allow_zero); '-5h' is refused by name."""
+    def parse(v):
+        if allow_zero and str(v).strip().lower() in ("0", "none"):
+            return None
+        try:
+            seconds = parse_duration(v)
+        except ValueError:
+            seconds = None
+        if not seconds:
+            raise argparse.ArgumentTypeError("must be a positive duration such as 11.5h, 90m or 3600"
+                                             + (" (0: no limit)" if allow_zero else "") + f"; got {v!r}")
+        return v
+    return parse
+
+
+_VALUE_FLAGS = ("--time-budget", "--budget", "--timeout", "--stagger", "--gpus", "--workers", "--retries")
+
+
+def _attach_negative_values(argv):
+    """argparse reads a value such as '-5h' after --time-budget as an option and says only 'expected one argument':
+    attach it (--time-budget=-5h) so that its check names the flag and the fix."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _VALUE_FLAGS and i + 1 < len(argv) and re.match(r"-\d", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
 
 def _plan_args(p):
     p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
-    p.add_argument("--gpus", type=int, default=2, help="GPUs working in parallel (default 2: Kaggle's T4 x2)")
+    p.add_argument("--gpus", type=_count(), default=2, help="GPUs working in parallel (default 2: Kaggle's "
+                   "T4 x2)")
     p.add_argument("--gpu", default="t4", choices=[k for k in GPU_SPEED], help="the GPU kind (default t4)")
     p.add_argument("--out", default="outputs", help="outputs root: runs done there count as done (default outputs)")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset planned (default paper)")
-    p.add_argument("--time-budget", default="11.5h", help="per Kaggle version (default 11.5h)")
+    p.add_argument("--time-budget", default="11.5h", type=_duration(allow_zero=False),
+                   help="per Kaggle version (default 11.5h)")
     p.add_argument("--seeds", help="every notebook's seeds: 'paper3' (the paper's 42, 123, 7) or e.g. '42,123' "
                                    "(default: each notebook's own)")
     p.add_argument("--quota-counts", default="once", choices=list(QUOTA_COUNTS), help="what a session-hour on "
                    "--gpus GPUs costs of the weekly quota: once (assumed, default) or per-gpu")
-    p.add_argument("--budget", help="e.g. 30h of the weekly quota: choose the runs that settle the most claims "
+    p.add_argument("--budget", type=_duration(allow_zero=False), help="e.g. 30h of the weekly quota: choose the runs "
+                   "that settle the most claims "
                    "per GPU-hour within it (each identical run once) instead of planning every notebook's grid")
-    p.add_argument("--max-seeds", type=int, default=10, help="with --budget: the most seeds a claim may get (10)")
+    p.add_argument("--max-seeds", type=_count(2), default=10, help="with --budget: the most seeds a claim may get "
+                   "(10)")
     p.add_argument("--write-params", help="with --budget: write the chosen runs as a params file for "
                    "`batch --params` and `kaggle --params`")
 
 
 def _budget_cmd(a):
-    budget_h = _positive_hours(a.budget, "--budget")
-    if a.max_seeds < 2:
-        raise ValueError(f"--max-seeds must be at least 2 (a claim needs 2 seeds to be judged); got {a.max_seeds}")
+    budget_h = parse_duration(a.budget) / 3600
     costs, needs = catalogue(a.notebooks or ["all"], a.gpu, a.gpus, a.out, a.preset)
     charge = QUOTA_COUNTS[a.quota_counts] or float(a.gpus)
     plan = budget_plan(costs, needs, budget_h, a.gpus, charge, a.max_seeds)
@@ -55,22 +119,11 @@ def _budget_cmd(a):
     return 0
 
 
-def _positive_hours(value, flag) -> float:
-    from .util import parse_duration
-    try:
-        seconds = parse_duration(value)
-    except ValueError:
-        seconds = None
-    if not seconds or seconds <= 0:
-        raise ValueError(f"{flag} must be a positive duration such as 30h or 90m; got {value!r}")
-    return seconds / 3600
-
-
 def _power_args(p):
     p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
     p.add_argument("--seeds", default="paper3", help="seeds per config: a number, or 'paper3' (3, the default)")
     p.add_argument("--gpu", default="t4", choices=[k for k in GPU_SPEED], help="the GPU the cost is in (default t4)")
-    p.add_argument("--gpus", type=int, default=2, help="GPUs a DDP run may hold (default 2)")
+    p.add_argument("--gpus", type=_count(), default=2, help="GPUs a DDP run may hold (default 2)")
     p.add_argument("--out", default="outputs", help="outputs root: runs there give measured seed SDs")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset (default paper)")
     p.add_argument("--csv", help="also write the table as CSV")
@@ -102,11 +155,14 @@ def _batch_args(p):
     p.add_argument("notebooks", nargs="+", help="notebook paths, numbers (3 -> notebooks/03_*.ipynb), stems or 'all'")
     p.add_argument("--params", help="YAML of overrides: {all: {...}, 3: {...}, 03_name: {...}}")
     p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
-    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 1); with GPUs: slots per GPU")
+    p.add_argument("--workers", type=_count(), help="CPU slots when there is no GPU (default 1); with GPUs: "
+                   "slots per GPU")
     p.add_argument("--out", default="outputs", help="outputs root; notebook NN_name writes to OUT/NN_name")
-    p.add_argument("--retries", type=int, default=1, help="retries of a run whose kernel failed to start (default 1)")
-    p.add_argument("--timeout", type=float, help="seconds after which a run is killed and counted failed")
-    p.add_argument("--stagger", type=float, default=1.0, help="seconds between process launches (kernel-start races)")
+    p.add_argument("--retries", type=_count(0), default=1, help="retries of a run whose kernel failed to start "
+                   "(default 1)")
+    p.add_argument("--timeout", type=_seconds(), help="seconds after which a run is killed and counted failed")
+    p.add_argument("--stagger", type=_seconds(allow_zero=True), default=1.0, help="seconds between process launches "
+                   "(kernel-start races)")
     p.add_argument("--no-report", action="store_true", help="skip the report_only pass")
     p.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
     p.add_argument("--torchrun", action="store_true", help="one run at a time over ALL the GPUs (DDP via torchrun) "
@@ -115,7 +171,8 @@ def _batch_args(p):
                    "paper); a non-paper preset writes under OUT/<preset>/")
     p.add_argument("--whole-notebooks", action="store_true", help="one job per notebook (its whole grid, then its "
                    "report, in one kernel) instead of one per run: faster for many short runs (the quick job uses it)")
-    p.add_argument("--time-budget", help="e.g. 11.5h: start no run that cannot finish in time, pause the runs in "
+    p.add_argument("--time-budget", type=_duration(allow_zero=True), help="e.g. 11.5h: start no run that cannot "
+                   "finish in time, pause the runs in "
                    "flight at an epoch boundary (checkpoint kept); run the batch again to go on (default: none)")
     p.add_argument("--allow-cpu", action="store_true", help="start runs on CPU slots even when their estimates add "
                    f"up to more than {CPU_HOURS_WITHOUT_ASKING:g} h (refused without it: a paper batch on a CPU takes days)")
@@ -137,7 +194,8 @@ def _kaggle_args(p):
     p.add_argument("--data-dataset", help="owner/slug of the data dataset (default USERNAME/ses-data)")
     p.add_argument("--code-dataset", help="owner/slug of the seslib code dataset (default USERNAME/seslib-code)")
     p.add_argument("--preset", default="paper", choices=["paper", "smoke"])
-    p.add_argument("--time-budget", default="11.5h", help="per version (default 11.5h of Kaggle's 12)")
+    p.add_argument("--time-budget", default="11.5h", type=_duration(allow_zero=False),
+                   help="per version (default 11.5h of Kaggle's 12)")
     p.add_argument("--continue-from", help="USER/KERNEL whose output the kernel copies in first, or 'self' (this "
                    "kernel's previous version: use it from the second push on)")
     p.add_argument("--params", help="a params file of per-notebook configs and seeds (`plan --budget ... "
@@ -162,9 +220,14 @@ def _notebook_datasets(nb) -> set:
 def _quick_args(p):
     p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
     p.add_argument("--gpus", default="auto", help="'auto' (all visible CUDA devices), '0,1', or 'cpu'")
-    p.add_argument("--workers", type=int, help="CPU slots when there is no GPU (default 2)")
+    p.add_argument("--workers", type=_count(), help="CPU slots when there is no GPU (default 2)")
     p.add_argument("--data-root", help="folder holding the data sets (default: $SES_DATA, Kaggle inputs, ./data)")
     p.add_argument("--out", default="outputs", help="outputs root (default outputs): the smoke results land in OUT/smoke/")
+    p.add_argument("--require-data", action="store_true", help="fail (exit 3) when any notebook is skipped for "
+                   "missing data, rather than pass on the notebooks that ran (CI, or to be sure all 20 ran)")
+
+
+QUICK_SKIPPED = 3  # the quick job's exit status when --require-data and a notebook was skipped for missing data
 
 
 def _quick_cmd(a):
@@ -201,15 +264,23 @@ def _quick_cmd(a):
         recs = run_batch(runnable, params=params, gpus=a.gpus, workers=workers, out=a.out, whole_notebooks=True)
     out = preset_folder(Path(a.out).resolve(), "smoke")
     failed = [r for r in recs if r["status"] == "failed"]
-    print(f"\nquick job: {len(runnable) - len(failed)} notebook(s) ran, {len(failed)} failed, {len(skipped)} skipped "
-          f"for missing data, in {datetime.timedelta(seconds=int(time.time() - t0))}")
+    covered = "every notebook ran" if not skipped else (
+        f"ONLY {len(runnable)} of {len(runnable) + len(skipped)} notebooks: {len(skipped)} SKIPPED for missing data "
+        f"({', '.join(sorted({d for m in skipped.values() for d in m}))})")
+    print(f"\nquick job: {covered}; {len(runnable) - len(failed)} ran, {len(failed)} failed, in "
+          f"{datetime.timedelta(seconds=int(time.time() - t0))}")
     if runnable:
         print(f"reports: {out}/NN_name/report.md; figures: {out}/NN_name/figures/*.png; claims: {out}/SUMMARY.md; "
               f"run table: {out}/batch_summary.csv")
     if not runnable:  # nothing ran: not a success, whatever the reason
         print("nothing ran: no data set was found or could be downloaded (see above)")
         return 1
-    return 1 if failed else 0
+    if failed:
+        return 1
+    if skipped and a.require_data:
+        print(f"--require-data: exit {QUICK_SKIPPED}, {len(skipped)} notebook(s) skipped for missing data")
+        return QUICK_SKIPPED
+    return 0
 
 
 def _summary_args(p):
@@ -218,9 +289,16 @@ def _summary_args(p):
 
 
 def _summary_cmd(a):
-    df = build_summary(a.out)
+    out = Path(a.out)
+    if not out.is_dir():
+        raise ValueError(f"summary --out {a.out}: no such folder (the outputs root of a notebook or a batch; the smoke "
+                         "preset's is outputs/smoke)")
+    df = build_summary(out)
     if df is None:
-        print(f"no notebook reports with claims under {a.out}/ yet (run a notebook or a batch first)")
+        elsewhere = sorted({p.parent.parent for p in out.glob("*/*/claims.csv")})
+        hint = (f": they are under {', '.join(map(str, elsewhere))} (python sesrun.py summary --out "
+                f"{elsewhere[0]})" if elsewhere else " (run a notebook or a batch first)")
+        print(f"no notebook reports with claims directly under {a.out}/ yet{hint}")
         return 1
     n_nb = df.loc[df["notebook"] != "across notebooks", "notebook"].nunique()
     print(f"{Path(a.out) / 'SUMMARY.md'}: {len(df)} claims, from {n_nb} notebook(s) and across notebooks; paper's "
@@ -249,6 +327,6 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add_args, _) in CLI_COMMANDS.items():
         add_args(sub.add_parser(name, help=help_, description=help_))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     return run_command(parser, CLI_COMMANDS[args.command][2], args,
                        interrupted="interrupted: the running jobs were stopped; run the same command again to resume")

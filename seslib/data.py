@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import socket
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,7 +117,23 @@ def resolve_data_dir(name, root=None, download=True) -> Path:
         if _has_layout(name, target / folder):
             return target / folder
         tried.append(f"download target: {target}")
+    partial = [(d, missing) for _, base, _ in candidate_roots(root) for d, missing in [_partial_layout(name, base)] if d]
+    if partial:  # the folder is there, a file of it is not: name the file, not the folder
+        d, missing = partial[0]
+        raise FileNotFoundError(f"{name}: {d} lacks {', '.join(missing)} (the official layout has "
+                                f"{', '.join(_LAYOUT[name])}): re-extract the data set there, or point to a complete "
+                                f"copy. {how}")
     raise FileNotFoundError(f"{name} ({folder}/) not found in: {'; '.join(tried)}. {how}")
+
+
+def _partial_layout(name, base: Path):
+    """(the official folder under base, the layout files it lacks) when that folder exists but is incomplete."""
+    for d in (base / DATASETS[name]["folder"], base):
+        if d.is_dir() and d.name == DATASETS[name]["folder"]:
+            missing = [f for f in _LAYOUT[name] if not (d / f).exists()]
+            if missing and len(missing) < len(_LAYOUT[name]):
+                return d, missing
+    return None, None
 
 
 # ── CIFAR python batches: an attached data set is untrusted input ────────────────────────────────
@@ -314,9 +331,14 @@ def load_dataset(name, root=None, split="train", download=True, subset=None):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
     d = resolve_data_dir(name, root, download)
     if name == "tinyimagenet":
-        return _load_tinyimagenet(d, split, subset)
-    x, y = _load_cifar(name, d, split)
-    return x[:subset], y[:subset]
+        x, y = _load_tinyimagenet(d, split, subset)
+    else:
+        x, y = _load_cifar(name, d, split)
+        x, y = x[:subset], y[:subset]
+    if subset is not None and len(y) < subset:  # a cut-down copy (or a small data set): say so, do not pretend
+        warnings.warn(f"{name} {split}: asked for {subset} images, {d} holds {len(y)}: using all {len(y)}",
+                      stacklevel=2)
+    return x, y
 
 
 def normalize_u8(x, mean=None, std=None):

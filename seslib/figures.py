@@ -41,6 +41,14 @@ def _label_bars(ax, fmt="%.1f"):
                         solid_capstyle="butt", clip_on=False)
 
 
+def _series_colours():
+    """One colour per role in every panel: ours on our headline definition, ours on the paper's, the paper's."""
+    import seaborn as sns
+    ours, ours_paper_def, paper = sns.color_palette(n_colors=3)
+    return {"ours: final epoch": ours, "ours: standard 15×5": ours, "ours: best epoch (test-selected)": ours_paper_def,
+            "ours: paper protocol, test-selected": ours_paper_def, "paper": paper}
+
+
 def fig_bars(df, out_dir, paper=None, order=None, name="bars", show=True):
     """Accuracy, gap and robustness per config (mean ± sd over seeds): ours on our headline definition, ours on
     the paper's definition, and the paper's number; the legend sits below the axes, never on a bar."""
@@ -64,7 +72,8 @@ def fig_bars(df, out_dir, paper=None, order=None, name="bars", show=True):
                          ignore_index=True).dropna(subset=["value"])
         if not long.empty:
             sns.barplot(data=long, x="config", y="value", hue="series", order=order, ax=ax, errorbar="sd",
-                        hue_order=[h for h in [lab for _, lab in series] + ["paper"] if h in set(long["series"])])
+                        hue_order=[h for h in [lab for _, lab in series] + ["paper"] if h in set(long["series"])],
+                        palette=_series_colours())
             _label_bars(ax)
             lo, hi = long["value"].min(), long["value"].max()
             if pkey != "gap" and hi > 0:  # zoomed in to show differences of a point: the title says so

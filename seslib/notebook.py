@@ -352,7 +352,10 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
     the batch runner still see the failure. Returns a compact table (pandas) of the runs and their headline
     numbers, not the result dicts (a notebook cell would print all of them)."""
     import pandas as pd
-    torchrun = os.environ.get(TORCHRUN_ENV) if torchrun is None else torchrun
+    if torchrun is None:
+        torchrun = os.environ.get(TORCHRUN_ENV)
+        if torchrun not in (None, "", "auto") and not str(torchrun).isdigit():
+            raise ValueError(f"${TORCHRUN_ENV}={torchrun!r}: give 'auto' or a number of processes (or unset it)")
     train_fn = train_fn or plan.train_fn
     if train_fn is None and torchrun not in (None, "", 0, "0", False):
         train_fn = lambda cfg: train_torchrun(cfg, torchrun)  # noqa: E731
@@ -363,7 +366,7 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
             print(f"[skip] {run.config} seed {run.seed}: done ({run.result_path})")
             rows.append(_run_row(run, "done", read_result(run.result_path)))
     errors = []
-    end, budget = deadline(), parse_duration(os.environ.get(BUDGET_ENV))
+    end, budget = deadline(), _env_duration(BUDGET_ENV)
     for run in plan.todo:
         if end is not None and not fits_budget(run.est, end, budget):
             print(f"[budget] {run.config} seed {run.seed}: not started, needs ~{format_hours(run.est['seconds'])} and the "
@@ -395,6 +398,15 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
     if errors:
         raise errors[0]
     return pd.DataFrame(rows, columns=["config", "seed", "status", "test acc (final)", "rob", "minutes"])
+
+
+def _env_duration(name):
+    """parse_duration of an environment variable; a bad value names the variable."""
+    try:
+        return parse_duration(os.environ.get(name))
+    except ValueError as e:
+        raise ValueError(f"${name}: {e} (it is set by `sesrun.py batch --time-budget`; unset it to run without)") \
+            from None
 
 
 def _run_row(run, status, result, seconds=None):

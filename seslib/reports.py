@@ -1,9 +1,10 @@
 """Reports: a notebook's report.md with its figures and claims, SUMMARY.md across notebooks."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from .util import atomic_write_bytes, read_only
+from .util import FIGURE_NOTE, atomic_write_bytes, read_only
 from .toy import fig_toy, toy_table
 from .results import plan_results
 from .claims import SUMMARY_CLAIMS, VERDICT_RULE, VERDICTS, chance_verdicts, check_claim, claim_values, claims_table
@@ -45,15 +46,33 @@ def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=No
     claims = with_power(claims_table(df, plan.claims), plan.claims, df) if plan.claims else None
     rep = Report(report_title(plan, df), table, claims, left_out,
                  notes=notes, values=claim_values(df))
-    for f in figures:
-        fn = FIGURES[f]
-        kw = ({"paper": plan.paper, "order": order} if f in _PAPER_FIGURES else
-              {"order": order} if f == "per_corruption" else {})
-        path = fn(df, plan.out_dir, show=show, **kw)
-        if path:
-            rep.figures.append(str(path))
+    token = FIGURE_NOTE.set(figure_note(plan))
+    try:
+        for f in figures:
+            fn = FIGURES[f]
+            kw = ({"paper": plan.paper, "order": order} if f in _PAPER_FIGURES else
+                  {"order": order} if f == "per_corruption" else {})
+            path = fn(df, plan.out_dir, show=show, **kw)
+            if path:
+                rep.figures.append(str(path))
+    finally:
+        FIGURE_NOTE.reset(token)
     write_report(rep, plan.out_dir)
     return rep
+
+
+PRESET_CAVEATS = read_only({  # what a non-paper preset's results are, in a line (SUMMARY.md, every figure)
+    "smoke": "the smoke preset: 1 epoch on a few hundred images, narrowed models; a check that the code runs, its "
+             "numbers say nothing about the paper"})
+
+
+def figure_note(plan) -> str:
+    """The line under each of a report's figures: its notebook and preset, and 'synthetic data' where it is."""
+    synthetic = any(c.get("text_data") == "synthetic" for c in (plan.resolved or {}).values())
+    note = f"{plan.name or Path(plan.out_dir).name} · preset {plan.preset}"
+    if plan.preset != "paper":
+        note += ": " + PRESET_CAVEATS.get(plan.preset, "not the paper's setup")
+    return note + (" · SYNTHETIC data (random text, an untrained model)" if synthetic else "")
 
 
 def _shared_notes(df, out_dir):
@@ -96,7 +115,10 @@ def build_summary(root="outputs"):
     df = pd.concat(parts, ignore_index=True)
     df = df[["notebook"] + [c for c in df.columns if c != "notebook"]]
     n_nb = df.loc[df["notebook"] != "across notebooks", "notebook"].nunique()
-    md = [f"# SES claims: {len(df)} claims, from {n_nb} notebook{'s' if n_nb != 1 else ''} and across notebooks\n",
+    presets = sorted(set(re.findall(r"preset (\w+)", " ".join(df["report"].dropna().astype(str)))))
+    caveats = [f"**Preset {p}: {PRESET_CAVEATS.get(p, 'not the paper setup')}.**\n" for p in presets if p != "paper"]
+    md = [f"# SES claims: {len(df)} claims, from {n_nb} notebook{'s' if n_nb != 1 else ''} and across notebooks"
+          f"{' (preset ' + ', '.join(presets) + ')' if presets else ''}\n", *caveats,
           verdict_counts(df, "verdict") + " (on the paper's metric definitions: best epoch, its robustness protocol)\n",
           verdict_counts(df, "verdict (headline)") + " (on our headline definitions: final epoch, 15 x 5 "
           "corruptions)\n", DESIGN_NOTE + "\n",

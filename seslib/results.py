@@ -38,7 +38,9 @@ def _result_row(config, result, run_dir):
         peak_mem_mb=_num(fin.get("peak_mem_mb")), kappa_mean=_num(fin.get("kappa_mean")),
         # GPU runs: the measured max_memory_allocated and estimate_memory's figure, decimal GB (NaN elsewhere)
         peak_mem_gb=_num(fin.get("peak_mem_gb")), peak_mem_est_gb=_num(fin.get("peak_mem_estimate_gb")),
-        erank_dev=_erank_dev(result), device_name=env.get("device_name"), **_claim_extras(result),
+        erank_dev=_erank_dev(result), device_name=env.get("device_name"),
+        on_gpu=str(env.get("device", "")).startswith("cuda"),  # device memory means GPU memory only there
+        **_claim_extras(result),
         run_dir=str(run_dir), result=result)
 
 

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from .ses import SES, autocast, erank_stats, is_int, layer_erank_stats, pooled_activations
 from .util import (LOG_ENV, PreflightError, RunPaused, SLOT_ENV, amp_dtype_of, atomic_torch_save, atomic_write_json,
-                   check_value, clean_temporaries, deadline, device_capability, device_label, format_hours,
-                   measuring, move_aside, resolve_precision, run_lock, set_seed, with_package_on_path)
+                   check_value, clean_temporaries, cpu_thread_advice, deadline, device_capability, device_label,
+                   format_hours, measuring, move_aside, resolve_precision, run_lock, set_seed, with_package_on_path)
 from .data import (DeviceLoader, dataset_info, load_dataset, resolve_data_dir, tinyimagenet_classes,
                    tinyimagenet_val_files)
 from .models import SESViT, TIMM_VIT_MODELS, build_model, count_params
@@ -427,6 +427,8 @@ def _train(c, dd: DistInfo, device):
     if done is not None:  # finished already, with these settings: hand back its result
         return done if dd.is_main else None
     _set_precision(run)
+    if device.type == "cpu" and dd.is_main and (advice := cpu_thread_advice()):  # a busy machine: say so, once
+        print(advice, flush=True)
     run.kind.check_memory(run)  # CUDA only: the estimate (an image run's a note, a text run's a check)
     set_seed(c["seed"])  # the same on every rank: identical init (DDP also broadcasts rank 0's weights)
     run.t_start = time.time()
@@ -705,7 +707,17 @@ def train_one_epoch(run, epoch, bar, t0) -> tuple[dict, float]:
     if run.device.type == "cuda":  # CUDA only: the clock must include the work still queued on the GPU
         torch.cuda.synchronize(run.device)
     train_seconds = time.time() - t0  # the training loop alone, as the author's epoch_time (avg_epoch_time)
+    check_finite_weights(run.net, epoch, run.ckpt_note)
     return _train_metrics(run, epoch, sums), train_seconds
+
+
+def check_finite_weights(net, epoch, ckpt_note):
+    """The losses are checked before each update; the epoch's LAST update can still leave the weights non-finite,
+    and the end-of-epoch measurements would then die on them (an eigvalsh error): the same stop, one sync an epoch."""
+    sums = [p.detach().float().sum() for p in net.parameters() if p.is_floating_point()]
+    if sums and not bool(torch.isfinite(torch.stack(sums).sum())):
+        raise NonFiniteLossError(f"non-finite training loss at epoch {epoch + 1}: the model diverged through its last "
+                                 f"optimizer step (non-finite weights); stopped. {ckpt_note}")
 
 
 def _train_metrics(run, epoch, sums) -> dict:
@@ -727,10 +739,16 @@ def evaluate_epoch(run, row, beta):
     for split, ev in run.evals.items():
         row[f"{split}_acc"], row[f"{split}_loss"] = _evaluate(run.net, ev, run.amp_dtype, run.ses.collector, run.dd)
     row["gap"] = row["train_acc"] - row["test_acc"]
-    with run.ses.measuring():
-        row["erank"] = _erank_ses_view(run.net, run.ses.collector, run.erank_batches, beta, run.device)
-    row["erank_author"] = _erank_author_view(run.net, run.ses.collector, run.erank_test, beta,
-                                             eval_batch_size_of(run.c), run.amp_dtype)
+    try:
+        with run.ses.measuring():
+            row["erank"] = _erank_ses_view(run.net, run.ses.collector, run.erank_batches, beta, run.device)
+        row["erank_author"] = _erank_author_view(run.net, run.ses.collector, run.erank_test, beta,
+                                                 eval_batch_size_of(run.c), run.amp_dtype)
+    except torch.linalg.LinAlgError as e:  # activations too large for a spectrum: the last update diverged
+        raise NonFiniteLossError(
+            f"non-finite training loss at epoch {row['epoch']}: the model diverged through its last optimizer step "
+            f"(test loss {row['test_loss']:.3g}; its activations have no spectrum: {str(e).splitlines()[0][:80]}); "
+            f"stopped. {run.ckpt_note}") from None
 
 
 def _keep_best(run, row):

@@ -106,6 +106,18 @@ def test_explicit_missing_root_is_an_error_naming_it_not_a_silent_search_elsewhe
     assert str(missing) in str(e.value) and "fix the path" in str(e.value)
 
 
+def test_a_tiny_imagenet_folder_missing_one_file_names_that_file(tmp_path):
+    """The folder is there and whole but for val/val_annotations.txt: the error names that file, not the folder."""
+    d = tmp_path / "tiny-imagenet-200"
+    (d / "train").mkdir(parents=True)
+    (d / "val" / "images").mkdir(parents=True)
+    (d / "wnids.txt").write_text("n01443537\n")
+    for split in ("train", "test"):
+        with pytest.raises(FileNotFoundError) as e:
+            S.load_dataset("tinyimagenet", tmp_path, split=split)
+        assert f"{d} lacks val/val_annotations.txt" in str(e.value) and "re-extract" in str(e.value)
+
+
 def test_missing_cifar_without_download_is_an_error_not_fake_data(no_data_env, monkeypatch):
     monkeypatch.setenv("SES_DATA", str(no_data_env / "empty"))
     with pytest.raises(FileNotFoundError, match="SES_DATA"):

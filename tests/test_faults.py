@@ -269,3 +269,34 @@ def test_a_multi_line_error_reaches_the_batch_table_whole():
                           + "\n".join(ln[4:] for ln in code.splitlines()), str(e)], capture_output=True, text=True)
     line = R.last_error_line(out.stdout)
     assert line == "PreflightError: this run cannot start: - 0.00 GiB free in /out; a checkpoint needs 0.05 GiB", out
+
+
+# ── a busy machine (issue 32) ──
+
+def test_a_cpu_run_on_a_busy_machine_says_so_and_how_to_fix_it(monkeypatch):
+    """The quick job ran 4x slower than the README said on a machine loaded 5-7: torch's 2 threads fought two other
+    busy processes. A run outside the batch runner now says so in one line (it does not change the threads: a resumed
+    run must reproduce its history bit for bit)."""
+    assert S.thread_advice(2, 0.1, 2, omp_set=False) is None  # idle: nothing to say
+    line = S.thread_advice(2, 1.9, 2, omp_set=False)
+    assert "2 cores are 1.9 busy" in line and "OMP_NUM_THREADS=1" in line
+    assert S.thread_advice(16, 3.0, 8, omp_set=False) is None  # 13 cores free for 8 threads
+    assert S.thread_advice(2, 1.9, 2, omp_set=True) is None  # the user (or the batch runner) chose
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert S.cpu_thread_advice() is None
+
+
+def test_a_mismatched_torch_and_torchvision_is_one_line_saying_how_to_fix_it(tmp_path):
+    """A CPU torch beside a CUDA torchvision died at `python sesrun.py --help` with a raw 'operator torchvision::nms
+    does not exist'. Here a torchvision that fails to load as that one does (first on the path)."""
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    p = subprocess.run([sys.executable, str(ROOT / "sesrun.py"), "--help"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert "torchvision does not load with torch" in last and "--index-url https://download.pytorch.org/whl/cpu" in last
+    assert S.torch_pair_problem("2.14.1+cpu", "0.29.1+cpu") is None
+    assert "goes with torchvision 0.29, not 0.21.0" in S.torch_pair_problem("2.14.1", "0.21.0")

@@ -84,3 +84,46 @@ def test_every_figure_kind_renders_with_missing_and_constant_series(drawn, tmp_p
     S.FIGURES[kind](df, tmp_path)  # no exception; None only where the kind has nothing to draw
     for fig in drawn:
         assert fig.axes
+
+
+# ── figures that cannot pass for what they are not (issue 32) ──
+
+def test_a_series_has_one_colour_in_every_panel_of_the_bars(drawn, tmp_path):
+    """'paper' was the second colour in the gap panel and the third in the accuracy panel (where the second was 'ours:
+    best epoch'): a role now keeps its colour across panels."""
+    df = _frame([("baseline", 42, 91.0, False, 70.0), ("ses", 42, 92.5, True, 72.0)])
+    S.fig_bars(df, tmp_path, paper={"ses": {"acc": 92.6, "gap": 2.1, "rob": 71.0}})
+    colours = {}
+    for ax in drawn[-1].axes[:3]:
+        legend = ax.get_legend()
+        for text, handle in zip(legend.get_texts(), legend.legend_handles):
+            colours.setdefault(text.get_text(), set()).add(mcolors.to_hex(handle.get_facecolor()))
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert colours["ours: final epoch"] == colours["ours: standard 15×5"] != colours["paper"]
+
+
+def test_a_saved_figure_names_its_preset_and_shows_whole_epochs(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([1], [50.0], marker="o")  # a 1-epoch run: matplotlib's own axis reads 0.96 ... 1.04
+    ax.set_xlabel("epoch")
+    token = S.util.FIGURE_NOTE.set("05_multiseed_cifar10 · preset smoke: not the paper")
+    try:
+        S.save_figure(fig, tmp_path, "one_epoch", show=False)
+    finally:
+        S.util.FIGURE_NOTE.reset(token)
+    assert [t.get_text() for t in fig.texts] == ["05_multiseed_cifar10 · preset smoke: not the paper"]
+    assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_xticks()
+    assert (tmp_path / "figures" / "one_epoch.png").is_file()
+
+
+def test_the_figure_note_says_preset_and_synthetic():
+    import types
+    plan = types.SimpleNamespace(name="22_bert_glue", out_dir="x", preset="smoke",
+                                 resolved={("sst2_baseline", 42): {"text_data": "synthetic"}})
+    note = S.figure_note(plan)
+    assert "preset smoke" in note and "say nothing about the paper" in note and "SYNTHETIC data" in note
+    paper = types.SimpleNamespace(name="05_multiseed_cifar10", out_dir="x", preset="paper", resolved={})
+    assert S.figure_note(paper) == "05_multiseed_cifar10 · preset paper"

@@ -371,7 +371,7 @@ def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_r
     log = p.stdout + p.stderr
     assert p.returncode == 0, log
     assert "[skip] 11_resnet50_tinyimagenet: needs tinyimagenet" in log and "SES_DATA" in log
-    assert "quick job: 2 notebook(s) ran, 0 failed, 1 skipped" in log
+    assert "quick job: ONLY 2 of 3 notebooks: 1 SKIPPED for missing data (tinyimagenet); 2 ran, 0 failed" in log
     smoke = tmp_path / "out" / "smoke"  # the smoke preset never writes into the paper folders
     for stem in ("01_training_dynamics", "04_toy_jacobian"):
         assert _results(smoke, stem), stem
@@ -379,6 +379,8 @@ def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_r
         assert list((smoke / stem / "figures").glob("*.png"))
     assert not (smoke / "11_resnet50_tinyimagenet" / "runs").exists()
     assert f"figures: {smoke}/NN_name/figures" in log
+    p = subprocess.run(cmd + ["--require-data"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == R.cli.QUICK_SKIPPED and "--require-data: exit 3" in p.stdout, p.stdout + p.stderr
 
 
 def test_hours_of_cpu_training_are_refused_before_any_run_starts(tmp_path):
@@ -416,6 +418,69 @@ def test_a_second_batch_on_the_same_outputs_root_is_refused_in_one_line(tmp_path
         assert rc == 0, log
     rc, log = _run_cli(_batch_cmd(out, params, NB_SLEEP, extra=["--no-report"]), tmp_path)  # the root is free again
     assert rc == 0 and (out / "batch_summary.csv").is_file(), log
+
+
+def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_bytes("all: {note: caf\u00e9}\n".encode("latin-1"))  # 0xe9: 'utf-8' codec can't decode byte 0xe9
+    with pytest.raises(ValueError, match=r"--params .*p.yaml: not UTF-8 text \(byte 0xe9 at position 15\): save it as"):
+        R.load_batch_params(p, [NB_SLEEP.resolve()])
+
+
+def test_a_bad_environment_value_names_its_variable(tmp_path, monkeypatch):
+    plan = S.plan_runs({"a": {}}, "all", [0], tmp_path, train_fn=lambda cfg: {"final": {}})
+    monkeypatch.setenv(S.BUDGET_ENV, "soon")
+    with pytest.raises(ValueError, match=r"\$SES_TIME_BUDGET: time budget 'soon'"):
+        S.run_plan(plan)
+    monkeypatch.delenv(S.BUDGET_ENV)
+    monkeypatch.setenv(S.TORCHRUN_ENV, "two")
+    with pytest.raises(ValueError, match=r"\$SES_TORCHRUN='two': give 'auto' or a number"):
+        S.run_plan(plan)
+
+
+def test_a_dry_run_writes_nothing_and_a_bad_out_is_one_line(tmp_path):
+    """A dry run from another working directory created ./outputs/.batch/ there; an --out that is a file died on
+    '[Errno 20] Not a directory: .../.batch/jupyter/kernels/...'."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    params = tmp_path / "p.yaml"
+    params.write_text("all: {sleep: 0}\n")
+    rc, log = _run_cli(_batch_cmd("outputs", params, NB_SLEEP.resolve(), extra=["--dry-run"]), elsewhere)
+    assert rc == 0 and "todo" in log, log
+    assert list(elsewhere.iterdir()) == []  # not even ./outputs
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    rc, log = _run_cli(_batch_cmd(a_file, params, NB_SLEEP), tmp_path)
+    assert rc == 2 and f"error: --out {a_file} is a file: give the outputs folder" in log and "Errno" not in log, log
+    if os.geteuid() != 0:  # root writes anywhere: the read-only case needs a user
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        rc, log = _run_cli(_batch_cmd(ro / "out", params, NB_SLEEP), tmp_path)
+        ro.chmod(0o755)
+        assert rc == 2 and "is read-only" in log and "Errno" not in log, log
+
+
+def test_cli_values_are_checked_in_one_line_naming_the_flag(tmp_path):
+    """plan --time-budget 0 (a TypeError), plan --gpus 0 ('wall time on 0 x t4'), batch --timeout -1 (accepted),
+    batch --time-budget -5h (argparse's 'expected one argument'), summary on a missing folder."""
+    cases = [(["plan", "5", "--time-budget", "0"], "argument --time-budget: must be a positive duration"),
+             (["plan", "5", "--gpus", "0"], "argument --gpus: must be a whole number >= 1; got '0'"),
+             (["batch", "5", "--timeout", "-1"], "argument --timeout: must be a number of seconds > 0; got '-1'"),
+             (["batch", "5", "--time-budget", "-5h"], "argument --time-budget: must be a positive duration"),
+             (["plan", "5", "--budget", "-3h"], "argument --budget: must be a positive duration"),
+             (["summary", "--out", str(tmp_path / "none")], "no such folder")]
+    for args, want in cases:
+        rc, log = _run_cli([sys.executable, R.__file__, *args], tmp_path, timeout=120)
+        assert rc == 2 and want in log and "Traceback" not in log, (args, log)
+    smoke = tmp_path / "outputs" / "smoke" / "05_multiseed_cifar10"
+    smoke.mkdir(parents=True)
+    (smoke / "claims.csv").write_text("claim,verdict\n")
+    rc, log = _run_cli([sys.executable, R.__file__, "summary", "--out", str(tmp_path / "outputs")], tmp_path)
+    assert rc == 1 and f"summary --out {tmp_path / 'outputs' / 'smoke'}" in log, log
+    rc, log = _run_cli([sys.executable, R.__file__, "batch", "0", "--dry-run"], tmp_path, timeout=120)
+    assert rc == 2 and "00_explore.ipynb is not a notebook the batch runner can run" in log, log
+    assert "interactive notebook, open it in Jupyter" in log
 
 
 def test_a_whole_notebook_is_done_only_when_none_of_its_runs_stopped_short():

@@ -221,3 +221,16 @@ def test_diverging_run_stops_cleanly_and_keeps_the_last_good_checkpoint(data_roo
     assert not (run / "result.json").exists()
     model = S.build_model("resnet18", 10)
     model.load_state_dict(ck["model"])  # the kept state is a usable model
+
+
+def test_divergence_through_an_epochs_last_step_stops_as_the_others_do(data_root, tmp_path):
+    """One step per epoch: epoch 2's only step runs at lr 0.1 * 1e12; its loss is finite (computed before the update)
+    but the update leaves the weights non-finite. The stop is the same one line, before the end-of-epoch erank pass
+    (which would die on the non-finite activations), and epoch 1's checkpoint is kept."""
+    run = tmp_path / "nan_last"
+    cfg = tiny_cfg(data_root, epochs=3, milestones=[1], lr_gamma=1e12, max_steps_per_epoch=1, out_dir=str(run))
+    with pytest.raises(S.NonFiniteLossError, match=r"non-finite training loss at epoch 2: the model diverged through "
+                                                   r"its last optimizer step.*checkpoint kept.*epoch 1"):
+        S.train(cfg)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())

@@ -247,6 +247,18 @@ def test_time_claims_on_our_implementation_are_not_comparable():
     assert S.judge_claim(c, authors)["verdict"] == "reproduced"
 
 
+def test_memory_claims_are_judged_on_gpu_memory_only(capsys):
+    """Exp 22's 'SES costs no extra memory' on a CPU run would be judged on the process's memory: it is not judged
+    there (inconclusive, with the reason); on GPU runs it is."""
+    c = S.check_claim({"text": "no extra memory", "a": "a", "b": "b", "metric": "peak_mem", "kind": "tie",
+                       "paper": 6.4, "margin": 131.0, "reason": "1 %"}, {"a": {}, "b": {}})
+    df = _two([13100.0, 13102.0, 13101.0], [13098.0, 13099.0, 13100.0], "peak_mem_mb")
+    row = S.claims_table(df.assign(on_gpu=False), [c]).iloc[0]
+    assert row["verdict"] == "inconclusive" and "GPU runs only" in row["ours (paper's definition), 95 % interval"]
+    assert "these ran on the CPU" in capsys.readouterr().out
+    assert S.claims_table(df.assign(on_gpu=True), [c]).iloc[0]["verdict"] == "reproduced"
+
+
 def test_an_approximate_claim_carries_its_tolerance():
     """'~4x' on the author's exact models (3.97x): reproduced within its stated 10 %; without a tolerance the same
     number would read 'smaller'."""
@@ -412,6 +424,14 @@ def test_build_summary_judges_claims_across_notebooks(tmp_path):
     md = (tmp_path / "SUMMARY.md").read_text()
     assert "Chance alone" in md and "across notebooks" in md and "Design: fixed seeds" in md
     assert "(on the paper's metric definitions" in md and "(on our headline definitions" in md
+    assert "**Preset" not in md  # these reports name no preset: no caveat line
+    for stem in ("05_multiseed_cifar10", "06_multiseed_cifar100"):
+        pd.DataFrame([{"claim": "x", "verdict": "inconclusive", "seeds": 1,
+                       "report": f"{stem}: preset smoke, 1 epoch, 1 seed [42]"}]).to_csv(
+            tmp_path / stem / "claims.csv", index=False)
+    S.build_summary(tmp_path)
+    first = (tmp_path / "SUMMARY.md").read_text().splitlines()[:4]
+    assert "(preset smoke)" in first[0] and any(line.startswith("**Preset smoke: the smoke preset") for line in first)
 
 
 def coverage_rows():
