@@ -231,7 +231,8 @@ def test_quick_job_without_data_says_so_once_and_fails(tmp_path):
                        capture_output=True, text=True, timeout=300)
     log = p.stdout + p.stderr
     assert p.returncode == 1, log
-    assert "0 notebook(s) ran, 0 failed, 3 skipped for missing data" in log and "nothing ran" in log
+    assert "quick job: ONLY 0 of 3 notebooks: 3 SKIPPED for missing data (cifar10, tinyimagenet); 0 ran" in log
+    assert "nothing ran" in log
     assert log.count("[skip]") == 3 and log.count("how to provide") == 2  # once per missing data set, not per notebook
     assert "how to provide cifar10: " in log and "how to provide tinyimagenet: " in log  # not CIFAR-10's hint alone
 
