@@ -62,8 +62,8 @@ def report(plan, figures=("bars", "curves"), baseline="baseline", baseline_of=No
 
 
 PRESET_CAVEATS = read_only({  # what a non-paper preset's results are, in a line (SUMMARY.md, every figure)
-    "smoke": "the smoke preset: 1 epoch on a few hundred images, narrowed models; a check that the code runs, its "
-             "numbers say nothing about the paper"})
+    "smoke": "the smoke preset: 1 epoch (the toy study: 20) on a small subset, narrowed or tiny models; a check that "
+             "the code runs, its numbers say nothing about the paper"})
 
 
 def figure_note(plan) -> str:

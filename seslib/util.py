@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import textwrap
 import types
 from pathlib import Path
 
@@ -424,15 +425,18 @@ def save_figure(fig, out_dir, name, show=True):
                 mid = round((lo + hi) / 2)
                 ax.set_xlim(min(lo, mid - 0.5), max(hi, mid + 0.5))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    note = FIGURE_NOTE.get()
-    if note:
-        fig.text(0.005, 0.002, note, fontsize=7, color="firebrick", ha="left", va="bottom")
     w, h = fig.get_size_inches()
     if max(w, h) > MAX_FIG_INCHES:  # a safety net for many configs: never a 5000-px strip
         k = MAX_FIG_INCHES / max(w, h)
         fig.set_size_inches(w * k, h * k)
-    # a legend of the whole figure sits below the axes: keep half an inch for it, whatever the figure's height
-    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1) if fig.legends else None)
+    note = FIGURE_NOTE.get()
+    lines = textwrap.wrap(note, width=max(40, int(fig.get_figwidth() * 15))) if note else []
+    if lines:  # beneath everything, the width of the figure: 7-pt text, about 15 characters an inch
+        fig.text(0.005, 0.003, "\n".join(lines), fontsize=7, color="firebrick", ha="left", va="bottom")
+    # a legend of the whole figure sits below the axes: keep half an inch for it, whatever the figure's height; and
+    # 0.13 inch a line of the note
+    bottom = (0.5 if fig.legends else 0.0) + 0.13 * len(lines)
+    fig.tight_layout(rect=(0, bottom / fig.get_figheight(), 1, 1) if bottom else None)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a crash never leaves half a PNG
     if show and "ipykernel" in sys.modules:  # inline in notebooks, whatever the matplotlib backend
         from IPython.display import Image, display
