@@ -10,7 +10,7 @@ from .util import atomic_write_bytes, format_hours
 from .runs import normal_form
 from .estimates import gpu_speed, run_estimate
 from .results import plan_results
-from .claims import claim_configs
+from .claims import IMPLEMENTATION_METRICS, claim_configs
 from .power import MAX_SEEDS, claim_power, model_family, power_cells, seed_sd, seeds_needed
 from .reports import summary_claims
 from .notebook import PAPER_SEEDS
@@ -161,12 +161,13 @@ def quota_hours(wall_h, charge, version_h=11.5) -> float:
 def budget_plan(costs, needs, budget_h, gpus=2, charge=1.0, max_seeds=10) -> BudgetPlan:
     """The claims to settle within budget_h of quota: greedily, the claim with the most power per extra GPU-hour
     at the seeds it needs for 80 % (shared runs counted once), while the plan's wall time on `gpus` GPUs fits."""
-    sds = {id(n): seed_sd(n.claim, n.df, n.family)[0] for n in needs}
+    sources = {id(n): seed_sd(n.claim, n.df, n.family) for n in needs}
+    sds = {k: sd for k, (sd, _) in sources.items()}
     want, left = [], []
     for need in needs:
         n = seeds_needed(need.claim, sds[id(need)], max_seeds=max_seeds)
         if n is None:
-            left.append((need, _unreachable_why(need, sds[id(need)], max_seeds)))
+            left.append((need, _unreachable_why(need, *sources[id(need)], max_seeds)))
         else:
             want.append((need, n, claim_power(need.claim, sds[id(need)], n)))
     picks, chosen = {}, []
@@ -211,14 +212,12 @@ def _seeds_of(picks, need) -> int:
     return min(picks.get(p, 0) for p in need.configs)
 
 
-def _unreachable_why(need, sd, max_seeds) -> str:
-    c = need.claim
-    cells = power_cells(c, max_seeds, need.df, need.family)
-    if cells["seed SD used"].startswith("not comparable"):
+def _unreachable_why(need, sd, source, max_seeds) -> str:
+    if need.claim["metric"] in IMPLEMENTATION_METRICS:
         return "a time claim: our implementation differs from the author's (not comparable)"
     if sd is None:
-        return cells["seed SD used"]
-    return f"not reachable at {max_seeds} seeds (power {100 * (cells['power'] or 0):.0f} %)"
+        return source
+    return f"not reachable at {max_seeds} seeds (power {100 * claim_power(need.claim, sd, max_seeds):.0f} %)"
 
 
 def budget_params(plan: BudgetPlan) -> dict:
