@@ -166,6 +166,9 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(data_root, one_process, 
         tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
         for p in tree:  # the whole run dies at once, workers and agent (the workers sit in their own sessions)
             p.send_signal(signal.SIGKILL)
+        # gone, not only signalled: a worker killed with its agent is reaped later, and until then its run lock
+        # reads as held by a live process (seen once under CI load)
+        psutil.wait_procs(tree, timeout=60)
     finally:
         proc.wait()
     assert not (run / "result.json").exists()
