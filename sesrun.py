@@ -6,7 +6,7 @@
     python sesrun.py kaggle --out pkg ...       a ready-to-push Kaggle kernel + the code dataset
     python sesrun.py summary --out outputs      outputs/SUMMARY.md: every claim's verdict
 
-The code lives in the seslib package's runner rooms (seslib.batch, seslib.planning, seslib.kaggle, seslib.cli); this
+The code lives in the seslib package's runner rooms (seslib.calibration, seslib.batch, seslib.planning, seslib.kaggle, seslib.cli); this
 file is their entry and their namespace (`import sesrun as R` in the Kaggle driver notebook). The runner talks to the
 notebook kernels it starts only through seslib's run contract (the notebook parameters in seslib.RUNNER_PARAMS, the
 environment variables and the SES-RUN-* log markers, in seslib.util), checked here once against CONTRACT_VERSION.
@@ -27,12 +27,13 @@ if getattr(seslib, "CONTRACT_VERSION", None) != CONTRACT_VERSION:
         raise SystemExit(2)
     raise ImportError(_msg)
 
+from seslib.calibration import *  # noqa: E402,F401,F403
 from seslib.batch import *  # noqa: E402,F401,F403
 from seslib.planning import *  # noqa: E402,F401,F403
 from seslib.budget import *  # noqa: E402,F401,F403
 from seslib.kaggle import *  # noqa: E402,F401,F403
 from seslib.cli import *  # noqa: E402,F401,F403
-from seslib import batch, planning, budget, kaggle, cli  # noqa: E402,F401  (their private names: R.batch._Job)
+from seslib import calibration, batch, planning, budget, kaggle, cli  # noqa: E402,F401  (their private names: R.batch._Job)
 
 if __name__ == "__main__":
     main()

@@ -28,9 +28,10 @@ The package is a house of rooms, one topic each, listed here in data-flow order:
   explore      a finished run's model and its layers' spectra
   notebook     the notebook side: parameters, presets, plan_runs / run_plan
   command      `python -m seslib train --config run.json` (what torchrun launches)
-  batch        the batch runner (papermill jobs over GPUs)            } the runner's rooms: imported by sesrun.py,
-  planning     the cost plan                                          } never by the rooms above nor here (a
-  budget       the power of every claim, a plan within a quota budget } notebook needs none of papermill's side)
+  calibration  a GPU's measured steps, DDP, memory (gpu_check.json)   } the runner's rooms: imported by sesrun.py,
+  batch        the batch runner (papermill jobs over GPUs)            } never by the rooms above nor here (a
+  planning     the cost plan                                          } notebook needs none of papermill's side)
+  budget       the power of every claim, a plan within a quota budget }
   kaggle       Kaggle packaging and continuation                      }
   cli          the command line of `python sesrun.py`                 }
 
@@ -67,4 +68,4 @@ from . import (ses, util, data, models, steps, corruptions, runs, estimates, dis
 LIBRARY_ROOMS = ("ses", "util", "data", "models", "steps", "corruptions", "runs", "estimates", "distributed", "configs",
                  "toy", "text", "training", "results", "claims", "power", "tables", "figures", "reports", "explore",
                  "notebook", "command")
-RUNNER_ROOMS = ("batch", "planning", "budget", "kaggle", "cli")
+RUNNER_ROOMS = ("calibration", "batch", "planning", "budget", "kaggle", "cli")

@@ -27,9 +27,10 @@ from .util import (BUDGET_ENV, DATA_ENV, DEADLINE_ENV, JOB_FILES_ENV, MARK_BUDGE
                    MARK_PAUSED, ROOT, RUNNER_PARAMS, RunLocked, SLOT_ENV, TORCHRUN_ENV, atomic_write_bytes,
                    atomic_write_json, format_hours, is_locked, parse_duration, run_lock, with_package_on_path)
 from .runs import fits_budget, read_result, result_is_ok, result_status, run_cost, run_key
-from .estimates import estimate_eval_seconds, gpu_kind, placeable, placement, seconds_left
+from .estimates import estimate_eval_seconds, estimate_run, gpu_kind, placeable, placement, seconds_left
 from .reports import build_summary
 from .notebook import PRESETS, resolve_seeds, validate_params
+from .calibration import calibrated_epoch, read_calibration, usable_memory
 
 
 # (Colab / Kaggle / repo)
@@ -489,10 +490,11 @@ def slots_env(slots, taken) -> dict:
             "env": {**first["env"], "CUDA_VISIBLE_DEVICES": gpus, TORCHRUN_ENV: str(len(taken))}}
 
 
-def place_jobs(jobs, slots, say, kind=None):
-    """Each run's GPUs by estimate_memory on this machine's GPUs (kind: the GPU model, else read from CUDA): 1; k
-    for one DDP run over k GPUs (SyncBN and SES over the global batch); 0 when it fits nowhere here (it fails with
-    that line, before it starts). CPU slots, and runs estimate_memory does not know, stay as they are."""
+def place_jobs(jobs, slots, say, kind=None, cal=None):
+    """Each run's GPUs by estimate_memory on this machine's GPUs (kind: the GPU model, else read from CUDA; cal: a
+    calibration measured on this kind gives the usable memory): 1; k for one DDP run over k GPUs (SyncBN and SES over
+    the global batch); 0 when it fits nowhere here (it fails with that line, before it starts). CPU slots, and runs
+    estimate_memory does not know, stay as they are."""
     gpus = _slot_gpus(slots)
     if not gpus:
         return
@@ -501,7 +503,7 @@ def place_jobs(jobs, slots, say, kind=None):
         c = j.cfg or {}
         if j.kind != "run" or not placeable(c):
             continue
-        p = placement(c, kind, len(gpus))
+        p = placement(c, kind, len(gpus), usable_memory(cal, kind))
         j.gpus, j.place = p["gpus"], p["text"]
         if p["gpus"] != 1:
             say(f"  place {_label(j)}: {p['text']}")
@@ -651,12 +653,26 @@ class _Scheduler:
                      + f"  | running {len(self.running)}, queued {len(self.pending)}")
 
 
-def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None, end=None, budget=None):
+def calibrate_jobs(jobs, slots, cal, kind=None):
+    """The runs whose time estimate is the paper's get the calibration's measured step instead (estimate_run with
+    calibration.calibrated_epoch on this machine's GPU kind); measured runs and CPU slots stay as they are."""
+    if cal is None or not _slot_gpus(slots):
+        return
+    kind = kind or gpu_kind(torch.cuda.get_device_name(0))  # CUDA-only: GPU slots exist only where CUDA does
+    for j in jobs:
+        if j.kind == "run" and j.est and j.cfg and not str(j.est.get("source", "")).startswith("measured"):
+            if (timed := calibrated_epoch(cal, j.cfg, kind)) is not None:
+                j.est = estimate_run(j.cfg, kind, calibrated=timed)
+
+
+def _schedule(jobs, slots, env, cwd, kernel, say, t_start, retries=1, stagger=1.0, timeout=None, end=None, budget=None,
+              cal=None):
     """Run jobs over the slots, one subprocess per slot, in list order as dependencies allow. With a deadline
     `end`: a run that fits_budget says cannot finish is not started ("to do"); a run that pauses itself at an
-    epoch boundary is "paused". Runs are placed by their memory estimate first (place_jobs). Returns one record
-    per job (by index)."""
-    place_jobs(jobs, slots, say)
+    epoch boundary is "paused". Runs are placed by their memory estimate first (place_jobs), and timed by the
+    calibration where it measured them (calibrate_jobs). Returns one record per job (by index)."""
+    place_jobs(jobs, slots, say, cal=cal)
+    calibrate_jobs(jobs, slots, cal)
     return _Scheduler(jobs, slots, env, cwd, kernel, say, t_start, retries, stagger, timeout, end, budget).run()
 
 
@@ -748,7 +764,7 @@ def _summarize(records, out, t_start, say, save=True):
 
 def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outputs", *, params=None,
               retries=1, stagger=1.0, timeout=None, report=True, dry_run=False, log=_print, torchrun=False,
-              preset=None, whole_notebooks=False, time_budget=None, allow_cpu=False):
+              preset=None, whole_notebooks=False, time_budget=None, allow_cpu=False, calibration=None):
     """Run notebooks' (config, seed) runs over the GPUs (or CPU slots) of this machine, then their reports.
 
     notebooks: paths / numbers / stems / "all" (see find_notebooks); params_file: YAML of overrides
@@ -764,7 +780,8 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     kept), the reports still run. Done runs are skipped, so calling it again resumes (paused runs included).
     allow_cpu: run on CPU slots even runs whose estimates add up to more than CPU_HOURS_WITHOUT_ASKING (a paper-preset
     batch on a machine without a GPU: days of work); without it such a batch is refused before any run starts, with
-    its estimate. Returns one record per run / report / failed listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
+    its estimate. calibration: a gpu_check.json (bench/gpu_check.py), else {out}/gpu_check.json when there is one: its
+    measured step times and usable memory time and place the runs. Returns one record per run / report / failed listing (notebook, kind, config, seed, status, seconds, slot, attempts, error, log), also saved
     as {out}/batch_summary.csv."""
     if params is not None and params_file is not None:
         raise ValueError("give params_file or params, not both")
@@ -774,16 +791,29 @@ def run_batch(notebooks, params_file=None, gpus="auto", workers=None, out="outpu
     out, cwd = Path(out).resolve(), os.getcwd()
     _check_outputs_root(out, dry_run)
     nb_out = _notebook_out_dirs(nbs, overrides, out)
+    cal = _batch_calibration(calibration, out, log)
     # the kernels' files (kernelspec, run lists, listing logs): a dry run keeps them in a temporary folder, so that
     # it writes nothing under --out (nor creates it)
     work = Path(tempfile.mkdtemp(prefix="ses-dry-run-")) if dry_run else out / ".batch"
     try:
         return _batch(nbs, overrides, nb_out, slots, out, cwd, work, dict(
             retries=retries, stagger=stagger, timeout=timeout, report=report, dry_run=dry_run, log=log,
-            whole_notebooks=whole_notebooks, budget=budget, allow_cpu=allow_cpu))
+            whole_notebooks=whole_notebooks, budget=budget, allow_cpu=allow_cpu, cal=cal))
     finally:
         if dry_run:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _batch_calibration(calibration, out, log):
+    """The calibration the batch uses: the file given (a bad one: one line), else {out}/gpu_check.json if there is
+    one (the Kaggle driver writes it there on its first version), else None."""
+    path = calibration or (out / "gpu_check.json" if (out / "gpu_check.json").is_file() else None)
+    if path is None:
+        return None
+    cal = read_calibration(path)
+    log(f"calibration: {cal.path} (measured on {cal.device}, {cal.time}): its step times and memory time and place "
+        "the runs it measured")
+    return cal
 
 
 def _check_outputs_root(out, dry_run):
@@ -812,7 +842,7 @@ def _batch(nbs, overrides, nb_out, slots, out, cwd, work, o):
         _mark_outputs_root(out)
     listing_pass = functools.partial(_schedule, slots=slots, env=env, cwd=cwd, kernel=_KERNEL, say=log, t_start=t_start,
                                      retries=retries, stagger=stagger)
-    run_pass = functools.partial(listing_pass, timeout=timeout, end=end, budget=budget)
+    run_pass = functools.partial(listing_pass, timeout=timeout, end=end, budget=budget, cal=o["cal"])
     with _one_batch_at_a_time(out, dry_run), _sigterm_interrupts():
         if whole_notebooks:
             records = _whole_notebooks_pass(nbs, overrides, nb_out, report, dry_run, run_pass)

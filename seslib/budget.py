@@ -15,6 +15,7 @@ from .power import MAX_SEEDS, claim_power, model_family, power_cells, seed_sd, s
 from .reports import summary_claims
 from .notebook import PAPER_SEEDS
 from .batch import find_notebooks, preset_folder
+from .calibration import calibrated
 from .planning import (KAGGLE, format_schedule, kaggle_weeks, makespan, notebook_plan, placed_seconds,
                        run_placements)
 
@@ -49,15 +50,16 @@ class ClaimNeed:
     df: object
 
 
-def catalogue(notebooks="all", gpu="t4", gpus=2, out="outputs", preset="paper"):
+def catalogue(notebooks="all", gpu="t4", gpus=2, out="outputs", preset="paper", cal=None):
     """({stem: NotebookCost}, [ClaimNeed]) over the notebooks' claims, then SUMMARY_CLAIMS whose notebooks are all
-    among them (their values: each notebook's results, configs as 'NN_notebook/config')."""
+    among them (their values: each notebook's results, configs as 'NN_notebook/config'); cal: a Calibration whose
+    measured times, DDP efficiency and usable memory replace the assumed ones."""
     import pandas as pd
     gpu_speed(gpu)
     costs, needs = {}, []
     for nb in find_notebooks(notebooks):
         plan = notebook_plan(nb, preset=preset, out_dir=str(preset_folder(Path(out).resolve(), preset) / nb.stem))
-        costs[nb.stem] = _notebook_cost(nb.stem, plan, gpu, gpus)
+        costs[nb.stem] = _notebook_cost(nb.stem, plan, gpu, gpus, cal)
         cost = costs[nb.stem]
         for c in plan.claims or []:
             fam = next((cost.families[x] for x in claim_configs(c) if x in cost.families), "cnn")
@@ -72,14 +74,14 @@ def catalogue(notebooks="all", gpu="t4", gpus=2, out="outputs", preset="paper"):
     return costs, needs
 
 
-def _notebook_cost(stem, plan, gpu, gpus) -> NotebookCost:
-    places = run_placements(plan.runs, gpu, gpus)
+def _notebook_cost(stem, plan, gpu, gpus, cal=None) -> NotebookCost:
+    places = run_placements(plan.runs, gpu, gpus, cal)
     runs, keys, families = {}, {}, {}
     for r in plan.runs:
         if r.config in runs or r.cfg is None:
             continue
-        est = run_estimate(dataclasses.replace(r, status="todo"), plan.paper, plan.paper_gpu, gpu)
-        runs[r.config] = placed_seconds(est, places.get(r.config))
+        est = run_estimate(dataclasses.replace(r, status="todo"), plan.paper, plan.paper_gpu, gpu, calibrated(cal, gpu))
+        runs[r.config] = placed_seconds(est, places.get(r.config), cal)
         keys[r.config] = json.dumps({k: v for k, v in normal_form(r.cfg).items() if k != "seed"}, sort_keys=True,
                                     default=str)
         families[r.config] = model_family(r.cfg.get("model"))

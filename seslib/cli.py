@@ -17,6 +17,7 @@ from .reports import build_summary, verdict_counts
 from .notebook import PRESETS, resolve_seeds
 from .command import run_command
 from .batch import CPU_HOURS_WITHOUT_ASKING, find_notebooks, preset_folder, read_notebook, run_batch
+from .calibration import calibration_lines, read_calibration
 from .planning import QUOTA_COUNTS, cost_plan, format_plan
 from .budget import budget_plan, budget_params, catalogue, format_budget, format_power, power_table, write_params
 from .kaggle import kaggle_package
@@ -103,13 +104,17 @@ def _plan_args(p):
                    "(10)")
     p.add_argument("--write-params", help="with --budget: write the chosen runs as a params file for "
                    "`batch --params` and `kaggle --params`")
+    p.add_argument("--calibration", help="a gpu_check.json (`python bench/gpu_check.py` on a GPU): its measured step "
+                   "times, SES overhead, DDP efficiency and usable memory replace the assumed ones")
 
 
 def _budget_cmd(a):
     budget_h = parse_duration(a.budget) / 3600
-    costs, needs = catalogue(a.notebooks or ["all"], a.gpu, a.gpus, a.out, a.preset)
+    cal = read_calibration(a.calibration) if a.calibration else None
+    costs, needs = catalogue(a.notebooks or ["all"], a.gpu, a.gpus, a.out, a.preset, cal)
     charge = QUOTA_COUNTS[a.quota_counts] or float(a.gpus)
     plan = budget_plan(costs, needs, budget_h, a.gpus, charge, a.max_seeds)
+    print("\n".join(calibration_lines(cal, a.gpu)))
     print(format_budget(plan, budget_h, a.gpus, a.gpu, charge))
     if a.write_params:
         write_params(a.write_params, budget_params(plan))
@@ -127,14 +132,17 @@ def _power_args(p):
     p.add_argument("--out", default="outputs", help="outputs root: runs there give measured seed SDs")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="the preset (default paper)")
     p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument("--calibration", help="a gpu_check.json: the GPU-hours from its measured step times")
 
 
 def _power_cmd(a):
     seeds = 3 if a.seeds == "paper3" else int(a.seeds) if str(a.seeds).isdigit() else None
     if not seeds or not 1 <= seeds <= 100:
         raise ValueError(f"--seeds must be a number of seeds (1-100) or 'paper3'; got {a.seeds!r}")
-    costs, needs = catalogue(a.notebooks or ["all"], a.gpu, a.gpus, a.out, a.preset)
+    cal = read_calibration(a.calibration) if a.calibration else None
+    costs, needs = catalogue(a.notebooks or ["all"], a.gpu, a.gpus, a.out, a.preset, cal)
     df = power_table(costs, needs, seeds)
+    print("\n".join(calibration_lines(cal, a.gpu)))
     print(format_power(df, seeds, a.gpu))
     if a.csv:
         from .util import atomic_write_bytes
@@ -146,7 +154,9 @@ def _plan_cmd(a):
     if a.budget:
         return _budget_cmd(a)
     seeds = resolve_seeds(a.seeds) if a.seeds else None  # a bad value: one line, before any notebook is read
-    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget, seeds, a.quota_counts)
+    cal = read_calibration(a.calibration) if a.calibration else None
+    df, t = cost_plan(a.notebooks or ["all"], a.gpus, a.gpu, a.out, a.preset, a.time_budget, seeds, a.quota_counts,
+                      cal)
     print(format_plan(df, t))
     return 0
 
@@ -158,6 +168,8 @@ def _batch_args(p):
     p.add_argument("--workers", type=_count(), help="CPU slots when there is no GPU (default 1); with GPUs: "
                    "slots per GPU")
     p.add_argument("--out", default="outputs", help="outputs root; notebook NN_name writes to OUT/NN_name")
+    p.add_argument("--calibration", help="a gpu_check.json (bench/gpu_check.py) whose measured step times and usable "
+                   "memory time and place the runs (default: OUT/gpu_check.json when there is one)")
     p.add_argument("--retries", type=_count(0), default=1, help="retries of a run whose kernel failed to start "
                    "(default 1)")
     p.add_argument("--timeout", type=_seconds(), help="seconds after which a run is killed and counted failed")
@@ -182,7 +194,7 @@ def _batch_cmd(a):
     recs = run_batch(a.notebooks, a.params, gpus=a.gpus, workers=a.workers, out=a.out, retries=a.retries,
                      stagger=a.stagger, timeout=a.timeout, report=not a.no_report, dry_run=a.dry_run,
                      torchrun=a.torchrun, preset=a.preset, whole_notebooks=a.whole_notebooks,
-                     time_budget=a.time_budget, allow_cpu=a.allow_cpu)
+                     time_budget=a.time_budget, allow_cpu=a.allow_cpu, calibration=a.calibration)
     return 1 if any(r["status"] == "failed" for r in recs) else 0
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .util import RunLocked
-from .training import NonFiniteLossError, train
+from .training import MemoryGuardError, NonFiniteLossError, train
 
 
 def _train_args(p):
@@ -30,7 +30,7 @@ def _train_cmd(a):
 
 # what a user's input or machine can cause (bad values, missing files, no GPU, a run locked elsewhere): main() turns
 # these into one line; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, OSError, RunLocked, NonFiniteLossError)
+USER_ERRORS = (ValueError, OSError, RunLocked, NonFiniteLossError, MemoryGuardError)
 
 # The commands of the batch runner's own entry (the parent process only): `python -m seslib quick` names the command
 # that runs it and exits 2, so an old habit or script gets one line, not an argparse error.

@@ -97,9 +97,10 @@ def checkpoint_bytes(weight_bytes, c) -> int:
     return weight_bytes * (2 + (2 if c.get("optimizer") == "adamw" else 1)) + (1 << 20)
 
 
-def estimate_run(c, gpu, paper_entry=None, paper_gpu=None, measured=None, progress=None) -> dict:
+def estimate_run(c, gpu, paper_entry=None, paper_gpu=None, measured=None, progress=None, calibrated=None) -> dict:
     """{seconds, epoch_s, epochs_left, source} for the resolved config c on a `gpu` kind. measured: a finished run
-    of the same config {epoch_s, eval_s, gpu}; progress: this run's progress.json (epochs done, epoch seconds)."""
+    of the same config {epoch_s, eval_s, gpu}; progress: this run's progress.json (epochs done, epoch seconds);
+    calibrated: {epoch_s, source} from a GPU's measured steps (calibration.calibrated_epoch), used before the paper's."""
     if c.get("kind") == "toy":  # the toy study
         return {"seconds": TOY_RUN_SECONDS, "epoch_s": TOY_RUN_SECONDS / c["epochs"], "epochs_left": c["epochs"],
                 "source": "measured (CPU)"}
@@ -116,6 +117,8 @@ def estimate_run(c, gpu, paper_entry=None, paper_gpu=None, measured=None, progre
         k = GPU_SPEED.get(gpu_kind(measured["gpu"]), 1.0) / speed
         epoch_s, source = measured["epoch_s"] * k, f"measured ({measured['gpu']})"
         eval_s = measured["eval_s"] * k if measured.get("eval_s") is not None else None
+    elif calibrated:
+        epoch_s, source = calibrated["epoch_s"], calibrated["source"]
     else:
         t4, source = _paper_t4_epoch_seconds(c, paper_entry, paper_gpu)
         epoch_s = t4 / speed * frac
@@ -135,15 +138,18 @@ def _measured(run_dir) -> dict | None:
             "gpu": (r.get("env") or {}).get("device_name", "cpu")}
 
 
-def run_estimate(run, paper=None, paper_gpu=None, gpu=None) -> dict:
-    """estimate_run for one planned run: its progress.json, another finished seed of its config, the paper."""
+def run_estimate(run, paper=None, paper_gpu=None, gpu=None, calibrated=None) -> dict:
+    """estimate_run for one planned run: its progress.json, another finished seed of its config, a GPU's measured
+    step (calibrated: c -> {epoch_s, source} or None, see calibration.calibrated), the paper."""
     if gpu is None:
         dev = pick_device((run.cfg or {}).get("device", "auto"))
         gpu = gpu_kind(device_label(dev)) if dev.type == "cuda" else "cpu"
     progress = read_result(run.run_dir / "progress.json")
     same = sorted(run.run_dir.parent.glob(f"{run.config}_seed*")) if run.run_dir.parent.is_dir() else []
     measured = _measured_like(run, [d for d in same if d != run.run_dir])
-    return estimate_run(run.cfg or {}, gpu, (paper or {}).get(run.config), paper_gpu, measured, progress)
+    c = run.cfg or {}
+    return estimate_run(c, gpu, (paper or {}).get(run.config), paper_gpu, measured, progress,
+                        calibrated(c) if calibrated else None)
 
 
 def _measured_like(run, run_dirs):
@@ -176,6 +182,11 @@ MEM_FRAGMENTATION = 0.05  # the caching allocator reserves ~5 % more than it han
 # workspaces, counted by max_memory_allocated: x the training activations of a CNN, fitted on the author's two Exp 11
 # peaks (bench/RESULTS.md), so that agreement is not evidence. It takes only free memory, so it never makes a run fail.
 CUDNN_AUTOTUNE = 0.5
+# Placement's safety margin on the traced part of a run (not on our data, whose bytes are exact): every one of the 38
+# image peaks the author published lies at or above the estimate less data, at ratios 0.83-1.00 (bench/RESULTS.md);
+# 1 / 0.83 = 1.20, rounded up to the estimator's tolerance: a run is placed on a GPU only when 1.25 x its traced peak
+# plus its data fits (tests/test_memory.py checks that no published peak lands on a GPU it would not fit).
+MEM_MARGIN = 0.25
 MAX_DDP_GPUS = 8  # one node: the runner's torchrun is --standalone
 _CUDA_FP32_OPS = ("_softmax", "_log_softmax", "native_layer_norm", "native_group_norm")  # see _LiveBytes
 # the resolved config's keys the estimate reads (validate_config fills them in)
@@ -502,21 +513,27 @@ def _memory_check(c, gpu):
     return _gpu_memory(str(gpu).lower())
 
 
-def estimate_memory(c, gpu="t4") -> dict:
+def estimate_memory(c, gpu="t4", usable_gb=None) -> dict:
     """The peak GPU memory of the run c (a resolved config: validate_config, or resolve_text_config for an Exp 22 text
     run: one GPU, no DDP, its attention as a GPU's fused kernel keeps it) on a `gpu` kind (GPU_MEMORY's names, and
     'cpu'), in a few seconds on the CPU (the traces are cached). A dict whose keys stay as they are:
       gpu, precision: the kind, and what c's amp runs at on it (bf16 needs compute capability >= 8: fp16 on a T4);
       peak_gb: decimal GB of torch.cuda.max_memory_allocated() over the run on one GPU (the author's vram_peak_gb);
       need_gb: what must fit: peak_gb less cuDNN's autotuning trials (CNNs with cudnn_deterministic False), which
-        take only free memory;
+        take only free memory, its traced part (all but our data) times 1 + MEM_MARGIN (the estimator runs low by
+        up to 17 % against the published peaks);
       total_gb, usable_gb: the GPU's memory, and what tensors can use of it: less MEM_CONTEXT_GB (CUDA context) and
-        MEM_FRAGMENTATION (allocator) - a T4: 15.8 GB, 14.5 usable;
+        MEM_FRAGMENTATION (allocator) - a T4: 15.8 GB, 14.5 usable; usable_gb given (a GPU's measured figure,
+        bench/gpu_check.py): that instead;
       fits: need_gb <= usable_gb; gpus_needed: the fewest GPUs of this kind (DDP, the batch split; at most
         MAX_DDP_GPUS, dividing batch_size) it fits on, None if none;
       per_gpu_gb: {k: each GPU's peak_gb under DDP over k GPUs} for k = 1..MAX_DDP_GPUS dividing batch_size;
+      need_per_gpu_gb: {k: need_gb under DDP over k GPUs}; train_per_gpu_gb: {k: each GPU's peak over the training
+        steps alone} (what the run-time memory guard compares its first steps with);
       data_gb: our on-device data (train/test sets, erank inputs; a text run's tokenised sets), which the author's
         DataLoaders kept off the GPU;
+      step_gb: the training step's peak on one GPU without that data (weights, gradients, optimizer state,
+        activations, SES, cuDNN autotuning): what a few steps on synthetic batches measure (bench/gpu_check.py);
       terms: {what: GB} adding up to peak_gb, of the phase that sets it: weights, gradients, optimizer state, data on
         the GPU, and activations, SES, cuDNN autotuning (benchmark) (the training step) or evaluation, corruption pass
         (the final evaluation); why: that phase and its largest terms, in words.
@@ -533,13 +550,17 @@ def estimate_memory(c, gpu="t4") -> dict:
     corr = 0 if text else _corruption_bytes(c, eval_batch)
     tunes = on_gpu and not c.get("cudnn_deterministic", True) and c["model"] in CNN_MODELS  # a ViT's one conv: little
     autotune = CUDNN_AUTOTUNE * t["activations"] if tunes else 0.0
-    usable = (total - MEM_CONTEXT_GB) * (1 - MEM_FRAGMENTATION) if on_gpu else total
-    per_gpu, need = {}, {}
+    usable = usable_gb if usable_gb else (total - MEM_CONTEXT_GB) * (1 - MEM_FRAGMENTATION) if on_gpu else total
+    per_gpu, need, train = {}, {}, {}
     for k in (k for k in range(1, 2 if text else MAX_DDP_GPUS + 1) if c["batch_size"] % k == 0):
         terms = _gpu_terms(t, data, corr, autotune, k)[1]
         per_gpu[k] = sum(terms.values()) / 1e9
-        need[k] = per_gpu[k] - terms.get("cuDNN autotuning (benchmark)", 0) / 1e9
+        traced = per_gpu[k] - (data + terms.get("cuDNN autotuning (benchmark)", 0)) / 1e9
+        need[k] = traced * (1 + MEM_MARGIN) + data / 1e9
+        steps = _gpu_terms(dict(t, evaluation=0), data, 0, autotune, k)[1]  # the training phase's terms
+        train[k] = sum(steps.values()) / 1e9
     phase, terms = _gpu_terms(t, data, corr, autotune, 1)
+    step = t["weights"] + t["gradients"] + t["optimizer"] + t["activations"] + t["ses"] + autotune  # no data
     fits_on = next((k for k in need if need[k] <= usable), None)
     top = sorted(((v, name) for name, v in terms.items() if v > 0), reverse=True)[:4]
     why = (f"{phase} at batch {c['batch_size']} in {precision} sets the peak: "
@@ -547,8 +568,56 @@ def estimate_memory(c, gpu="t4") -> dict:
     return {"gpu": str(gpu).lower(), "precision": precision, "peak_gb": round(per_gpu[1], 3),
             "need_gb": round(need[1], 3), "total_gb": round(total, 2), "usable_gb": round(usable, 2),
             "fits": fits_on == 1, "gpus_needed": fits_on, "per_gpu_gb": {k: round(v, 3) for k, v in per_gpu.items()},
-            "data_gb": round(data / 1e9, 3), "terms": {name: round(v / 1e9, 3) for name, v in terms.items()},
+            "need_per_gpu_gb": {k: round(v, 3) for k, v in need.items()},
+            "train_per_gpu_gb": {k: round(v, 3) for k, v in train.items()},
+            "data_gb": round(data / 1e9, 3), "step_gb": round(step / 1e9, 3),
+            "terms": {name: round(v / 1e9, 3) for name, v in terms.items()},
             "why": why}
+
+
+def usable_gb_of(total_gb) -> float:
+    """What tensors can use of a GPU of total_gb: less the CUDA context and the allocator's fragmentation."""
+    return (total_gb - MEM_CONTEXT_GB) * (1 - MEM_FRAGMENTATION)
+
+
+def guard_target(device):
+    """(GPU kind, its memory in GB as torch reports it) of a CUDA device: what a run's estimate and its memory guard
+    are made for. CUDA only: None on the CPU, which has no max_memory_allocated (the guard's CPU twin is tested by
+    giving this a GPU and the run a fake measured peak, tests/test_memory.py)."""
+    if device.type != "cuda":
+        return None
+    return memory_gpu_kind(device), torch.cuda.get_device_properties(device).total_memory / 1e9
+
+
+# The run-time memory guard (training's guard_memory): after its first steps a CUDA run compares its measured peak
+# with the estimate. The estimate scaled by what it missed must leave GUARD_HEADROOM of the usable memory free for the
+# whole run (its evaluation and robustness pass come later), else the run stops at once, before hours are spent.
+GUARD_STEPS = 3
+GUARD_HEADROOM = 0.05
+
+
+def memory_guard_verdict(measured_gb, est) -> dict:
+    """{stop, ratio, projected_gb, limit_gb}: est {peak_gb, train_gb, usable_gb} (a run's guard estimate at its
+    world size), measured_gb the peak of its first steps. ratio = measured / the training steps' estimate; the run's
+    whole peak projected = the estimate's peak x max(1, ratio); stop when that or the measured peak is over the usable
+    memory less GUARD_HEADROOM."""
+    ratio = measured_gb / est["train_gb"] if est.get("train_gb") else 1.0
+    projected = est["peak_gb"] * max(1.0, ratio)
+    limit = est["usable_gb"] * (1 - GUARD_HEADROOM)
+    return {"stop": max(measured_gb, projected) > limit, "ratio": ratio, "projected_gb": projected, "limit_gb": limit}
+
+
+def guard_estimate(c, gpu, total_gb, world_size=1, must_fit=False) -> dict:
+    """What a CUDA run records at its start (result.json's peak_mem_estimate_gb) and its guard compares with:
+    {gpu, peak_gb, train_gb, usable_gb} on each of world_size GPUs of this kind, usable from the device's own
+    memory. must_fit: a PreflightError-worthy ValueError when it cannot fit (text runs: one GPU, no DDP)."""
+    est = estimate_memory(c, gpu, usable_gb_of(total_gb))
+    k = world_size if world_size in est["per_gpu_gb"] else 1
+    if must_fit and est["need_per_gpu_gb"][k] > est["usable_gb"]:
+        raise ValueError(f"this run cannot start: it needs {est['need_per_gpu_gb'][k]:.1f} GB on one {gpu} "
+                         f"({est['usable_gb']:.1f} usable; {est['why']}); lower batch_size or max_len")
+    return {"gpu": gpu, "peak_gb": est["per_gpu_gb"][k], "train_gb": est["train_per_gpu_gb"][k],
+            "usable_gb": est["usable_gb"]}
 
 
 DDP_EFFICIENCY = 0.9  # a DDP run over k GPUs trains ~0.9 k times as fast (an all-reduce per step): assumed, not measured
@@ -562,18 +631,21 @@ def placeable(c) -> bool:
     return c.get("model") in MODEL_COST and c.get("dataset") in DATASETS
 
 
-def placement(c, gpu="t4", n_gpus=1) -> dict:
-    """Where the run c goes on a machine of n_gpus GPUs of kind gpu, by estimate_memory: one GPU; one DDP run over k
-    of them (SyncBN and SES over the global batch, so BN and SES see the batch the recipe names: no gradient
-    accumulation); or nowhere on this machine. {"gpus": k (0: does not fit), "peak_gb": each GPU's, "text", "memory"}."""
-    m = estimate_memory(c, gpu)
+def placement(c, gpu="t4", n_gpus=1, usable_gb=None) -> dict:
+    """Where the run c goes on a machine of n_gpus GPUs of kind gpu, by estimate_memory's need_gb (the estimate with
+    MEM_MARGIN): one GPU; one DDP run over k of them (SyncBN and SES over the global batch, so BN and SES see the
+    batch the recipe names: no gradient accumulation); or nowhere on this machine. usable_gb: a GPU's measured usable
+    memory (a calibration) instead of GPU_MEMORY's. {"gpus": k (0: does not fit), "peak_gb": each GPU's estimated
+    peak, "text", "memory"}."""
+    m = estimate_memory(c, gpu, usable_gb)
     k = m["gpus_needed"]
     if k == 1:
         return {"gpus": 1, "peak_gb": m["peak_gb"], "text": f"1 × {gpu}", "memory": m}
     if k is not None and k <= n_gpus:
         return {"gpus": k, "peak_gb": m["per_gpu_gb"][k], "memory": m,
-                "text": f"one DDP run over {k} × {gpu} ({m['per_gpu_gb'][k]:.1f} GB each; one holds "
-                        f"{m['usable_gb']:.1f})"}
+                "text": f"one DDP run over {k} × {gpu}: {m['need_per_gpu_gb'][k]:.1f} GB must fit on each (the "
+                        f"estimate + {MEM_MARGIN:.0%}; one {gpu} holds {m['usable_gb']:.1f}; on one alone: "
+                        f"{m['need_gb']:.1f})"}
     over = (f"{k} × {gpu} by DDP" if k else f"more than {MAX_DDP_GPUS} × {gpu}" if len(m["per_gpu_gb"]) > 1 else
             "and it runs on one GPU (no DDP)")
     return {"gpus": 0, "peak_gb": m["peak_gb"], "memory": m,

@@ -183,12 +183,17 @@ def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5
             f"OUT = {out_dir!r}\n"
             f"TIME_BUDGET = {time_budget!r}  # this version's share of Kaggle's 12 h: the rest is setup and reports\n"
             "CONTINUE = True  # first copy the previous version's outputs (an attached kernel output) into OUT\n"
+            "GPU_CHECK = True  # once (no OUT/gpu_check.json yet): bench/gpu_check.py measures this GPU in a few minutes; "
+            "the batch then times and places the runs by it\n"
             f"PLAN = {plan or {}!r}  # per notebook: the configs and seeds to run (`sesrun.py plan --budget`)"),
         v4.new_code_cell(
             "!nvidia-smi -L\n"
             "import sesrun as R\n"
             "if CONTINUE:\n"
             "    R.copy_previous_outputs(OUT)\n"
+            "if GPU_CHECK and not os.path.exists(os.path.join(OUT, 'gpu_check.json')):  # its FAIL lines do not stop "
+            "the batch\n"
+            "    !{sys.executable} {os.path.join(_dirs[0], 'bench', 'gpu_check.py')} --out {OUT}\n"
             "records = R.run_batch(NOTEBOOKS, params={'all': {'preset': PRESET, **EXTRA}, **PLAN}, gpus='auto', "
             "out=OUT,\n"
             "                      time_budget=TIME_BUDGET)"),
@@ -271,13 +276,15 @@ def _kaggle_metadata(username, slug, data_dataset, code_dataset, continue_from):
 
 def _write_code_dataset(ds, nbs, data_meta) -> Path:
     """The code dataset folder: the seslib package (its one sub-folder: push with `--dir-mode zip`, which Kaggle
-    unpacks; the setup cell also unpacks a seslib.zip left as is), sesrun.py, requirements.txt and the notebooks, and
-    its metadata."""
+    unpacks; the setup cell also unpacks a seslib.zip left as is), sesrun.py, requirements.txt, bench/gpu_check.py
+    and the notebooks, and its metadata."""
     ds.mkdir(parents=True)
     here = suite_root()
     shutil.copytree(here / "seslib", ds / "seslib", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for f in (here / "sesrun.py", here / "requirements.txt"):
         shutil.copy2(f, ds / f.name)
+    (ds / "bench").mkdir()
+    shutil.copy2(here / "bench" / "gpu_check.py", ds / "bench" / "gpu_check.py")  # the driver's first-version check
     for nb in nbs:
         shutil.copy2(nb, ds / nb.name)
     atomic_write_json(ds / "dataset-metadata.json", data_meta)

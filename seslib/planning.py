@@ -10,9 +10,10 @@ from .util import format_hours, parse_duration, read_only
 from .data import dataset_info
 from .models import build_model, text_model_bytes
 from .runs import run_key
-from .estimates import DDP_EFFICIENCY, checkpoint_bytes, gpu_speed, placeable, placement, run_estimate
+from .estimates import checkpoint_bytes, gpu_speed, placeable, placement, run_estimate
 from .notebook import resolve_seeds
 from .batch import find_notebooks, preset_folder, read_notebook
+from .calibration import calibrated, calibration_lines, ddp_efficiency, usable_memory
 
 
 # python sesrun.py plan
@@ -59,20 +60,22 @@ def makespan(durations, slots) -> float:
     return max(loads)
 
 
-def run_placements(runs, gpu, gpus) -> dict:
-    """{config: placement} of the runs estimate_memory knows (one per config: the seed changes no memory)."""
+def run_placements(runs, gpu, gpus, cal=None) -> dict:
+    """{config: placement} of the runs estimate_memory knows (one per config: the seed changes no memory); with a
+    calibration measured on this GPU kind, at its measured usable memory."""
     out = {}
     for r in runs:
         c = r.cfg or {}
         if r.config not in out and placeable(c):
-            out[r.config] = placement(c, gpu, gpus)
+            out[r.config] = placement(c, gpu, gpus, usable_memory(cal, gpu))
     return out
 
 
-def placed_seconds(est, where):
-    """A run's (wall seconds, GPUs it holds): a DDP run over k GPUs at DDP_EFFICIENCY."""
+def placed_seconds(est, where, cal=None):
+    """A run's (wall seconds, GPUs it holds): a DDP run over k GPUs at DDP's efficiency (the calibration's measured
+    one, else DDP_EFFICIENCY, assumed)."""
     k = where["gpus"] if where else 1
-    return (est["seconds"] / (k * DDP_EFFICIENCY), k) if k > 1 else (est["seconds"], 1)
+    return (est["seconds"] / (k * ddp_efficiency(cal)), k) if k > 1 else (est["seconds"], 1)
 
 
 def _where_text(places) -> str:
@@ -106,23 +109,26 @@ def _model_bytes(c) -> int:
 
 
 def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", budget="11.5h", seeds=None,
-              quota_counts="once"):
+              quota_counts="once", cal=None):
     """Per notebook: runs (all / left), the GPU-hours left on `gpu` and where the estimate comes from; for the
     selection: wall time on `gpus` GPUs (longest first), Kaggle versions of `budget`, weeks of the 30-h quota, the
-    disk footprint. Done runs (under `out`) count as done. Returns (per-notebook DataFrame, totals dict)."""
+    disk footprint. Done runs (under `out`) count as done; cal: a Calibration (read_calibration) whose measured
+    figures replace the assumed ones. Returns (per-notebook DataFrame, totals dict)."""
     import pandas as pd
     gpu_speed(gpu)
     seeds = resolve_seeds(seeds) if seeds else None  # every notebook's seeds ("paper3": 42, 123, 7), else its own
     budget_h = parse_duration(budget) / 3600
-    rows, ests, final_bytes, ckpt_bytes, first, shared_h = [], [], 0, 0, {}, 0.0
+    rows, ests, final_bytes, ckpt_bytes, first, shared_h, models = [], [], 0, 0, {}, 0.0, set()
     for nb in find_notebooks(notebooks):
         out_dir = preset_folder(Path(out).resolve(), preset) / nb.stem
         plan = notebook_plan(nb, preset=preset, out_dir=str(out_dir), **({"seeds": seeds} if seeds else {}))
         left, shared = _first_needs(plan, nb.stem, first)  # a run another notebook also needs is counted once
-        est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu) for r in left]
-        shared_h += sum(run_estimate(r, plan.paper, plan.paper_gpu, gpu)["seconds"] for r in shared) / 3600
-        places = run_placements(plan.runs, gpu, gpus)
-        placed = [placed_seconds(e, places.get(r.config)) for e, r in zip(est, left)]
+        timed = calibrated(cal, gpu)
+        est = [run_estimate(r, plan.paper, plan.paper_gpu, gpu, timed) for r in left]
+        shared_h += sum(run_estimate(r, plan.paper, plan.paper_gpu, gpu, timed)["seconds"] for r in shared) / 3600
+        places = run_placements(plan.runs, gpu, gpus, cal)
+        placed = [placed_seconds(e, places.get(r.config), cal) for e, r in zip(est, left)]
+        models |= {(r.cfg or {}).get("model") for r in left if placeable(r.cfg or {})}
         ests += [p for p in placed if p[1] > 0]  # a run that fits nowhere here is named, not scheduled
         for r in plan.runs:
             c = r.cfg or {}
@@ -137,7 +143,9 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
                      "source": ", ".join(sorted({e["source"] for e in est})) or "-",
                      "peak_gb": max((p["memory"]["peak_gb"] for p in places.values()), default=float("nan")),
                      "where": _where_text(places), "fits": all(p["gpus"] for p in places.values()),
-                     "gpus_max": max((p["gpus"] for p in places.values()), default=1)})
+                     "gpus_max": max((p["gpus"] for p in places.values()), default=1),
+                     "need_each_gb": max((p["memory"]["need_per_gpu_gb"][p["gpus"]] for p in places.values()
+                                          if p["gpus"] > 1), default=float("nan"))})
     df = pd.DataFrame(rows)
     wall_h = makespan(ests, gpus) / 3600
     charge = QUOTA_COUNTS[quota_counts] or float(gpus)
@@ -147,7 +155,8 @@ def cost_plan(notebooks="all", gpus=2, gpu="t4", out="outputs", preset="paper", 
               "wall_hours": wall_h, "budget_hours": budget_h, "versions": sum(map(len, weeks)),
               "weeks": len(weeks), "schedule": weeks, "quota_counts": quota_counts, "charge": charge,
               "disk_gb": disk_gb, "disk_ok": disk_gb <= KAGGLE["working_gb"], "seeds": seeds,
-              "shared_runs": int(df["shared"].sum()) if len(df) else 0, "shared_hours": shared_h}
+              "shared_runs": int(df["shared"].sum()) if len(df) else 0, "shared_hours": shared_h,
+              "calibration": calibration_lines(cal, gpu, sorted(m for m in models if m))}
     return df, totals
 
 
@@ -189,7 +198,8 @@ def memory_cell(row, gpu="T4") -> str:
     if not row.fits:
         return f"{row.peak_gb:.1f} GB: does not fit"
     k = row.gpus_max
-    return f"{row.peak_gb:.1f} GB, 1 {gpu}" if k == 1 else f"{row.peak_gb:.1f} GB: DDP over {k} {gpu}s"
+    return f"{row.peak_gb:.1f} GB, 1 {gpu}" if k == 1 else \
+        f"DDP over {k} {gpu}s: {row.need_each_gb:.1f} GB must fit on each ({row.peak_gb:.1f} GB on one)"
 
 
 def format_schedule(weeks) -> str:
@@ -203,7 +213,8 @@ def _charge_text(t) -> str:
 
 
 def format_plan(df, t) -> str:
-    lines = [f"seeds {list(t['seeds'])} in every notebook"] if t.get("seeds") else []
+    lines = list(t.get("calibration") or [])  # first: what the figures rest on, measured or assumed
+    lines += [f"seeds {list(t['seeds'])} in every notebook"] if t.get("seeds") else []
     lines += [f"{'notebook':<28} {'runs':>4} {'left':>4} {'shared':>6} {'GPU-h left':>10} {'peak GB':>7}  "
               "estimate from; where"]
     for r in df.itertuples():

@@ -20,7 +20,7 @@ from .data import (GLUE_TASKS, HF_HUB_ID, SYNTHETIC_SIZES, candidate_roots, hub_
                    resolve_glue_dir, synthetic_glue)
 from .models import TINY_BERT, bert_hook_targets, text_param_groups, tiny_bert, tiny_tokenizer
 from .steps import model_inputs, rows
-from .estimates import estimate_memory, memory_gpu_kind, placeable
+from .estimates import GPU_MEMORY, guard_estimate, guard_target, placeable
 
 
 # Exp 22 as the author ran it (ses_bert_nlp.py): BERT-base-uncased fine-tuned on GLUE SST-2 and MRPC, baseline vs SES
@@ -98,23 +98,23 @@ def text_lr_factor(warmup, total):
 
 # ── what a text run brings to the driver ──
 
-def text_memory_preflight(c, gpu) -> dict | None:
-    """Before a text run loads anything: estimate_memory on this GPU kind; PreflightError in one line when the run
-    cannot fit it (Exp 22 runs on one GPU), else {gpu, peak_gb} for result.json; None for a model it does not know."""
+def text_memory_preflight(c, gpu, total_gb=None) -> dict | None:
+    """Before a text run loads anything: its guard estimate (estimates.guard_estimate) on this GPU kind of total_gb
+    (GPU_MEMORY's when None); PreflightError in one line when the run cannot fit it (Exp 22 runs on one GPU), else
+    {gpu, peak_gb, train_gb, usable_gb} for result.json and the memory guard; None for a model it does not know."""
     if not placeable(c):
         return None
-    est = estimate_memory(c, gpu)
-    if not est["fits"]:
-        raise PreflightError(f"this run cannot start: it needs {est['need_gb']:.1f} GB on one {gpu} "
-                             f"({est['usable_gb']:.1f} usable; {est['why']}); lower batch_size or max_len")
-    return {"gpu": gpu, "peak_gb": est["peak_gb"]}
+    try:
+        return guard_estimate(c, gpu, total_gb or GPU_MEMORY[gpu][0], must_fit=True)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_text_memory(run):
-    """CUDA only (the CPU twin is text_memory_preflight, tests/test_memory.py): the run's estimate on this GPU, or
-    PreflightError when it cannot fit."""
-    if run.device.type == "cuda":
-        run.mem_estimate = text_memory_preflight(run.c, memory_gpu_kind(run.device))
+    """CUDA only (guard_target is None on the CPU; the CPU twin is text_memory_preflight, tests/test_memory.py): the
+    run's estimate on this GPU, or PreflightError when it cannot fit."""
+    if (target := guard_target(run.device)) is not None:
+        run.mem_estimate = text_memory_preflight(run.c, *target)
 
 
 def build_text_model(run):

@@ -41,7 +41,8 @@ from .steps import image_step, text_step
 from .corruptions import (clear_corruption_cache, corrupted_available, evaluate_corruptions, evaluate_paper_protocol,
                           frost_dir, resolve_corruptions)
 from .runs import RESUME_FREE, config_diff, describe_diff, read_result, result_is_ok, set_aside
-from .estimates import checkpoint_bytes, estimate_eval_seconds, estimate_memory, memory_gpu_kind, seconds_left
+from .estimates import (GUARD_HEADROOM, GUARD_STEPS, MEM_MARGIN, checkpoint_bytes, estimate_eval_seconds, guard_estimate,
+                        guard_target, memory_guard_verdict, seconds_left)
 from .distributed import (DistInfo, all_reduce_sum, dist_setup, dist_teardown, eval_batch_size_of,
                           gather_activations, rank_seed, same_on_all_ranks, torchrun_env, use_sync_bn)
 from .configs import resolve_config
@@ -54,6 +55,10 @@ from .text import (build_text_data, build_text_model, build_text_optimisation, c
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+class MemoryGuardError(RuntimeError):
+    """A CUDA run's first steps showed it will not fit its GPU (guard_memory): stopped before its hours are spent."""
 
 
 def _lr_factor(c):
@@ -378,7 +383,8 @@ class _Run:
     ck: dict | None = None  # the checkpoint to resume from, until _restore_checkpoint consumes it
     amp_dtype: torch.dtype | None = None  # None: fp32
     t_start: float = 0.0
-    mem_estimate: dict | None = None  # {gpu, peak_gb}: estimate_memory at the start (CUDA runs), for result.json
+    mem_estimate: dict | None = None  # guard_estimate at the start (CUDA runs): result.json, the memory guard
+    memory_guarded: bool = False  # guard_memory ran (after the first GUARD_STEPS steps this process trains)
     tf32_before: tuple = ()  # the flags before the run (_set_backend_flags): _release restores them
     cudnn_before: tuple = ()  # cudnn.deterministic, cudnn.benchmark before the run (_set_cudnn)
     threads_before: int | None = None  # torch's CPU threads before a run that set its own (the smoke BERT)
@@ -481,18 +487,47 @@ def _set_precision(run):
 
 
 def estimate_image_memory(run):
-    """Rank 0 of a CUDA run: estimate_memory for this GPU's kind (a T4's when GPU_MEMORY lacks it) at the run's world
-    size, once before the run takes memory, so result.json holds it beside the measured peak and the first GPU run
-    checks the estimator. A failed estimate is a note, never a failed run."""
-    if run.device.type != "cuda" or not run.dd.is_main:  # the CPU branch: no max_memory_allocated to compare with
+    """Every rank of a CUDA run: its guard estimate (estimates.guard_estimate) for this GPU's kind and memory at the
+    run's world size, once before the run takes memory, so result.json holds it beside the measured peak and the
+    memory guard has it after the first steps. A failed estimate is a note, never a failed run (and no guard)."""
+    target = guard_target(run.device)
+    if target is None:  # the CPU: no max_memory_allocated to compare with
         return
-    kind = memory_gpu_kind(run.device)
     try:
-        est = estimate_memory(run.c, kind)
+        run.mem_estimate = guard_estimate(run.c, *target, run.dd.world_size)
     except Exception as e:  # noqa: BLE001 - an estimate beside the run, not a reason to stop it
-        print(f"note: no memory estimate ({type(e).__name__}: {e})", flush=True)
+        if run.dd.is_main:
+            print(f"note: no memory estimate ({type(e).__name__}: {e})", flush=True)
+
+
+def step_peak_gb(device) -> float:
+    """The peak memory of this process's tensors on a CUDA device so far (decimal GB, as the author's vram_peak_gb)."""
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
+def guard_memory(run, epoch):
+    """The run-time memory guard, after GUARD_STEPS steps of the first epoch this process trains: when the measured
+    peak, or the estimate scaled by what it missed, leaves less than GUARD_HEADROOM of the usable memory free, every
+    rank stops at once with one line (MemoryGuardError) instead of an out-of-memory error hours later; an estimate
+    that ran more than MEM_MARGIN low on a run that fits is a note. Runs without an estimate (the CPU) pass."""
+    est = run.mem_estimate
+    if not est or not est.get("usable_gb"):
         return
-    run.mem_estimate = {"gpu": kind, "peak_gb": est["per_gpu_gb"].get(run.dd.world_size, est["peak_gb"])}
+    measured = step_peak_gb(run.device)
+    v = memory_guard_verdict(measured, est)
+    stop = all_reduce_sum(torch.tensor([float(v["stop"])], dtype=torch.float64, device=run.device), run.dd)
+    if float(stop[0]) > 0:
+        raise MemoryGuardError(
+            f"memory guard: after {GUARD_STEPS} steps this run holds {measured:.1f} GB per GPU on "
+            f"{device_label(run.device)}, {v['ratio']:.2f}x the {est['train_gb']:.1f} GB estimated for its steps; its "
+            f"whole run would need about {v['projected_gb']:.1f} GB of {est['usable_gb']:.1f} usable "
+            f"({1 - GUARD_HEADROOM:.0%} allowed): stopped at epoch {epoch + 1} before its hours are spent. Run it as one DDP run over more GPUs "
+            "(`python sesrun.py plan NN --gpus K` says how many), or, leaving the paper's recipe, with a smaller "
+            f"batch_size. {run.ckpt_note}")
+    if v["ratio"] > 1 + MEM_MARGIN and run.dd.is_main:
+        print(f"note: this run's first steps hold {measured:.2f} GB, {v['ratio']:.2f}x the estimate "
+              f"({est['train_gb']:.2f} GB): it fits, but the estimator is off here (bench/gpu_check.py measures it)",
+              flush=True)
 
 
 def peak_memory_fields(run) -> dict:
@@ -697,6 +732,9 @@ def train_one_epoch(run, epoch, bar, t0) -> tuple[dict, float]:
     pending, step0 = [], 0
     for step, batch in enumerate(run.loader):
         pending.append(run.kind.step(run, batch, sums))
+        if step + 1 == min(GUARD_STEPS, run.steps) and not run.memory_guarded:  # once a process: its first steps
+            run.memory_guarded = True
+            guard_memory(run, epoch)
         if len(pending) == 16 or step == run.steps - 1:
             check_finite(pending, epoch, step0, run.steps, run.ckpt_note, run.dd)
             if bar is not None:

@@ -13,8 +13,10 @@ import nbformat
 import pandas as pd
 import pytest
 
-import seslib as S
-import sesrun as R
+if __name__ == "__main__":  # run as a script from any folder: the package is the one beside tests/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import seslib as S  # noqa: E402
+import sesrun as R  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = Path(__file__).parent / "notebooks"
@@ -172,38 +174,155 @@ def test_kaggle_bundle_continues_from_the_previous_versions_outputs(tmp_path, mo
 
 # ── the cost plan and the README ───────────────────────────────────────────────────────────────
 
+README_ROW = re.compile(r"(\| (\d+) \| \[`(\d\d_\w+)`\].*\| )(≈ [\d.]+ (?:h|min)) \| ([^|]+) \|$")
+PLAN_ELIDED = "(... one line per notebook ...)"
+
+
 def _readme_runtimes():
     rows = {}
     for line in (ROOT / "README.md").read_text().splitlines():
-        m = re.match(r"\| (\d+) \| \[`(\d\d_\w+)`\].*\| (≈ [\d.]+ (?:h|min)) \| ([^|]+) \|$", line)
-        if m:
-            rows[m.group(2)] = (m.group(3), m.group(4))
+        if m := README_ROW.match(line):
+            rows[m.group(3)] = (m.group(4), m.group(5))
     return rows
 
 
+def _approx(hours):
+    return S.format_hours(hours * 3600, approx=True)  # the cost plan's format
+
+
+def plan_figures(out):
+    """What the README's experiment table, its totals and docs/kaggle.md's plan block say, from the plan itself (paper
+    preset, every notebook, T4 x2, nothing done): ({notebook: (T4 GPU-hours, memory cell)}, [README sentences],
+    docs/kaggle.md's block, (df, totals))."""
+    df, t = R.cost_plan("all", gpus=2, gpu="t4", out=out)
+    cells = {r.notebook: (_approx(r.gpu_hours), R.memory_cell(r)) for r in df.itertuples()}
+    sentences = [f"{_approx(t['gpu_hours'])} of T4 time, {_approx(t['wall_hours'])} of wall time on a T4 ×2, "
+                 f"{t['versions']} Kaggle versions of at most 11.5 h in {t['weeks']} weeks of the 30-h quota",
+                 f"config and seed: {t['shared_runs']} of them, {_approx(t['shared_hours'])})",
+                 f"{t['disk_gb']:.1f} GB of files at most"]
+    lines = R.format_plan(df, t).splitlines()
+    block = "\n".join([lines[0], PLAN_ELIDED, *lines[-4:]])  # what it rests on; total, shared, Kaggle, disk
+    return cells, sentences, block, (df, t)
+
+
 def test_plan_matches_the_readme(tmp_path):
-    df, t = R.cost_plan("all", gpus=2, gpu="t4", out=tmp_path / "nothing-done-yet")
+    """The README's experiment table (cost and memory columns), its totals and docs/kaggle.md's plan block are the
+    plan's output: `python tests/test_budget.py docs` rewrites them from it."""
+    cells, sentences, block, (df, t) = plan_figures(tmp_path / "nothing-done-yet")
     assert len(df) == 20 and (df["left"] + df["shared"] == df["runs"]).all()  # a shared run is left once
-    readme = (ROOT / "README.md").read_text()
-    approx = lambda hours: S.format_hours(hours * 3600, approx=True)  # noqa: E731 - the cost plan's format
-    assert _readme_runtimes() == {r.notebook: (approx(r.gpu_hours), R.memory_cell(r)) for r in df.itertuples()}
-    total = (f"{approx(t['gpu_hours'])} of T4 time, {approx(t['wall_hours'])} of wall time on a T4 ×2, "
-             f"{t['versions']} Kaggle versions of at most 11.5 h in {t['weeks']} weeks of the 30-h quota")
-    assert total in readme.replace("\n", " "), total
-    assert f"config and seed: {t['shared_runs']} of them, {approx(t['shared_hours'])})" in readme.replace("\n", " ")
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    fix = "; run `python tests/test_budget.py docs`"
+    assert _readme_runtimes() == cells, "the README's experiment table is out of date" + fix
+    for sentence in sentences:
+        assert sentence in readme, f"the README lacks {sentence!r}{fix}"
+    assert block in (ROOT / "docs" / "kaggle.md").read_text(), "docs/kaggle.md's plan block is out of date" + fix
     assert t["shared_runs"] >= 11 and t["shared_hours"] >= 7.4  # the paper preset's duplicates, counted once
     assert t["wall_hours"] >= t["gpu_hours"] / 2 and t["versions"] >= math.ceil(t["wall_hours"] / 11.5)
     for week in t["schedule"]:  # the real limits: versions of at most the budget, a week within the quota
         assert max(week) <= 11.5 + 1e-9 and sum(week) + 0.25 * len(week) <= 30.0 + 1e-9
     assert sum(map(sum, t["schedule"])) == pytest.approx(t["wall_hours"])
-    assert t["disk_ok"] and f"{t['disk_gb']:.1f} GB" in readme
-    totals = "\n".join(R.format_plan(df, t).splitlines()[-4:])  # total, shared runs, Kaggle versions, disk
-    assert totals in (ROOT / "docs" / "kaggle.md").read_text(), "docs/kaggle.md's plan block is out of date:\n" + totals
+    assert t["disk_ok"]
+    exp11 = cells["11_resnet50_tinyimagenet"][1]  # says plainly what has to fit on each GPU
+    assert re.fullmatch(r"DDP over 2 T4s: [\d.]+ GB must fit on each \([\d.]+ GB on one\)", exp11), exp11
+    ses = next(r for r in R.notebook_plan(ROOT / "notebooks" / "11_resnet50_tinyimagenet.ipynb",
+                                          out_dir=str(tmp_path / "11")).runs if r.config == "ses")
+    m = S.placement(ses.cfg, "t4", 2)["memory"]  # docs/memory.md's Exp 11 figures are the plan's
+    memory_md = " ".join((ROOT / "docs" / "memory.md").read_text().split())
+    for said in (f"**{m['need_per_gpu_gb'][2]:.1f} GB on each of the two**", f"{m['per_gpu_gb'][2]:.1f} GB is each GPU's",
+                 f"it would need {m['need_gb']:.1f} GB ({m['peak_gb']:.1f} GB peak)",
+                 f"needs {m['need_gb']:.1f} GB on one t4 ({m['usable_gb']:.1f} usable)"):
+        assert said in memory_md, f"docs/memory.md's Exp 11 figures are out of date: {said!r}"
 
     p = subprocess.run([sys.executable, R.__file__, "plan", "all", "--gpus", "2", "--gpu", "t4", "--out",
                         str(tmp_path / "nothing-done-yet")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert R.format_plan(df, t) in p.stdout
+
+
+POWER_HEAD = "| plan | T4-hours | wall on T4 ×2 | Kaggle | claims at ≥ 80 % power |"
+REST = re.compile(r"The rest cannot be bought with seeds at any practical count: \d+ claims stay below 80 % at 20 "
+                  r"seeds, and \d+ have no\s+power")
+
+
+def _kaggle_cell(versions, weeks):
+    return f"{versions} version{'s' * (versions != 1)}, {weeks} week{'s' * (weeks != 1)}"
+
+
+def power_figures(out):
+    """The power table's three rows (each notebook's seeds, paper3, one week's budget) and the sentence after it,
+    as `plan`, `plan --seeds paper3`, `power --seeds 3` and `plan --budget 30h` print them (paper preset, T4 x2)."""
+    _, own = R.cost_plan("all", gpus=2, gpu="t4", out=out)
+    _, three = R.cost_plan("all", gpus=2, gpu="t4", out=out, seeds="paper3")
+    costs, needs = R.catalogue("all", "t4", 2, out, "paper")
+    power = R.power_table(costs, needs, 3)
+    plan = R.budget_plan(costs, needs, 30.0, 2, 1.0, 10)
+    settled, n80 = power["power"].fillna(0), power["seeds for 80 %"]
+    rows = [f"| each notebook's own seeds | {_approx(own['gpu_hours'])} | {_approx(own['wall_hours'])} | "
+            f"{_kaggle_cell(own['versions'], own['weeks'])} | — | — |",
+            f"| `--seeds paper3` | {_approx(three['gpu_hours'])} | {_approx(three['wall_hours'])} | "
+            f"{_kaggle_cell(three['versions'], three['weeks'])} | {(settled >= 0.8).sum()} of {len(power)} | "
+            f"≈ {settled.sum():.0f} |",
+            f"| `--budget 30h` (one week) | {_approx(R.budget.gpu_hours(plan.runs))} | {_approx(plan.wall_h)} | "
+            f"{_kaggle_cell(sum(map(len, plan.weeks)), len(plan.weeks))} | {len(plan.chosen)} chosen | "
+            f"≈ {plan.expected:.0f} |"]
+    rest = (f"The rest cannot be bought with seeds at any practical count: "
+            f"{(n80 == f'not reachable below {R.budget.MAX_SEEDS}').sum()} claims stay below 80 % at 20 seeds, and "
+            f"{(n80 == '—').sum()} have no power")
+    return rows, rest
+
+
+def _power_block(md):
+    """(start, end) of the power table's three rows in a markdown text."""
+    start = md.index("\n", md.index("\n", md.index(POWER_HEAD)) + 1) + 1  # after the header and its rule
+    end = start
+    for _ in range(3):
+        end = md.index("\n", end) + 1
+    return start, end
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/kaggle.md"])
+def test_the_power_and_budget_figures_are_the_plans(doc, tmp_path):
+    rows, rest = power_figures(tmp_path / "nothing-done-yet")
+    md = (ROOT / doc).read_text()
+    start, end = _power_block(md)
+    fix = f"; {doc} is out of date: run `python tests/test_budget.py docs`"
+    assert md[start:end].splitlines() == rows, "the power table" + fix
+    assert rest in " ".join(md.split()), rest + fix
+
+
+def regenerate_docs():
+    """Rewrite the README's table cells and totals and docs/kaggle.md's plan block from the plan (their old figures
+    found by the same patterns the test reads)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        cells, sentences, block, _ = plan_figures(Path(d) / "nothing-done-yet")
+    readme = ROOT / "README.md"
+    lines = [README_ROW.sub(lambda m: f"{m.group(1)}{cells[m.group(3)][0]} | {cells[m.group(3)][1]} |", line)
+             for line in readme.read_text().split("\n")]
+    text = "\n".join(lines)
+    patterns = [r"≈ [\d.]+ h of T4 time, ≈ [\d.]+ h of wall time on a T4 ×2,\s+\d+ Kaggle versions of at most 11\.5 h "
+                r"in \d+ weeks of the 30-h quota", r"config and seed: \d+ of them, ≈ [\d.]+ (?:h|min)\)",
+                r"[\d.]+ GB of files at most"]
+    for pat, new in zip(patterns, sentences):
+        text, n = re.subn(pat.replace(" ", r"\s+"), new, text, count=1)
+        assert n == 1, pat
+    readme.write_text(text)
+    kaggle = ROOT / "docs" / "kaggle.md"
+    md = kaggle.read_text()
+    start = md.index("```\n", md.index("### The cost plan")) + 4
+    md = md[:start] + block + md[md.index("\n```", start):]
+    kaggle.write_text(md)
+    with tempfile.TemporaryDirectory() as d:
+        rows, rest = power_figures(Path(d) / "nothing-done-yet")
+    for doc in (readme, kaggle):
+        md = doc.read_text()
+        start, end = _power_block(md)
+        md = md[:start] + "\n".join(rows) + "\n" + md[end:]
+        # the figures replaced, the line break kept where it was (before "power")
+        md, n = REST.subn(lambda m: rest[:-len(" power")] + m.group(0)[m.group(0).rindex("no") + 2:-5] + "power",
+                          md, count=1)
+        assert n == 1, doc
+        doc.write_text(md)
 
 
 def test_plan_counts_done_runs_and_measured_times(tmp_path):
@@ -222,3 +341,10 @@ def test_plan_counts_done_runs_and_measured_times(tmp_path):
                   "todo", cfg=dict(base.cfg, seed=7))
     est = S.run_estimate(other, plan.paper, plan.paper_gpu, "t4")
     assert est["source"] == "measured (Tesla T4)" and est["seconds"] == pytest.approx(50 * 20.0 + 100.0)
+
+
+if __name__ == "__main__":  # `python tests/test_budget.py docs`: rewrite the plan's figures in README.md, docs/kaggle.md
+    if sys.argv[1:] == ["docs"]:
+        regenerate_docs()
+    else:
+        print("usage: python tests/test_budget.py docs")

@@ -75,7 +75,8 @@ def test_the_runner_places_runs_and_fails_one_that_fits_nowhere_before_it_starts
 def test_plan_shows_exp11_as_one_ddp_run_over_both_t4s(tmp_path):
     df, t = R.cost_plan(["11"], gpus=2, gpu="t4", out=str(tmp_path))
     text = R.format_plan(df, t)
-    assert "baseline, ses: one DDP run over 2 × t4" in text and df["peak_gb"].iloc[0] > 15
+    assert "baseline: one DDP run over 2 × t4" in text and "ses: one DDP run over 2 × t4" in text
+    assert df["peak_gb"].iloc[0] > 15 and "must fit on each" in text
     df1, t1 = R.cost_plan(["11"], gpus=1, gpu="t4", out=str(tmp_path))
     assert "NOT ON THIS MACHINE: 11_resnet50_tinyimagenet" in R.format_plan(df1, t1)
     assert t["wall_hours"] < t1["wall_hours"]  # two GPUs at DDP_EFFICIENCY, not one

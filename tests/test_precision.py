@@ -292,19 +292,4 @@ def test_gpu_check_says_a_gpu_is_needed_and_exits_2_without_one(tmp_path):
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "needs a CUDA GPU" in lines[0], out.stdout + out.stderr
     assert not (tmp_path / "o").exists()  # nothing written
-
-
-def test_gpu_check_runs_its_checks_on_the_cpu_in_a_dry_run(data_root, tmp_path):
-    """The GPU script's own code, run here on the CPU (cpu_amp, tiny sizes) so that a change in seslib cannot break it
-    unseen: every check passes or, needing 2 GPUs / GPU memory, skips; nothing is written."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-dry-run", "--out",
-                          str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "SES_DATA": str(data_root),
-                              "PYTHONWARNINGS": "ignore"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    status = dict(line[1:].split("] ")[::-1] for line in out.stdout.splitlines() if line.startswith("["))
-    status = {k.split(" (")[0]: v for k, v in status.items()}
-    assert status == {"fp16_train_resnet18": "pass", "fp16_train_vit_attn": "pass", "hooks_on_cuda": "pass",
-                      "corruptions_on_cuda": "pass", "ddp_two_gpus": "skip", "slots_two_gpus": "skip",
-                      "peak_memory": "skip", "bert_peak_memory": "pass"}
-    assert not (tmp_path / "o").exists()
+# its dry run (every check on the CPU, the calibration JSON): tests/test_gpu_check.py

@@ -340,6 +340,12 @@ def test_kaggle_package_validates_and_broken_metadata_is_rejected(tmp_path):
     driver = nbformat.read(str(out / meta["code_file"]), as_version=4)
     src = "\n".join(c.source for c in driver.cells)
     assert "/kaggle/input" in src and "run_batch(" in src and "/kaggle/working/outputs" in src
+    # the first version measures the GPU (the batch reads OUT/gpu_check.json): the script travels with the code
+    assert (ds / "bench" / "gpu_check.py").is_file() and "GPU_CHECK = True" in src and "gpu_check.py" in src
+    from IPython.core.inputtransformer2 import TransformerManager
+    for cell in driver.cells:  # every code cell compiles as IPython runs it (its `!` lines included)
+        if cell.cell_type == "code":
+            compile(TransformerManager().transform_cell(cell.source), "driver cell", "exec")
 
     def broken(**change):
         bad = {**meta, **change}
