@@ -752,8 +752,25 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def out_problem(out) -> str | None:
+    """Why the folder `out` cannot take gpu_check.json (a file, or not writable), or None: known before minutes of
+    measuring, not after them."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file: give a folder (it is created when missing)"
+    try:  # made now (it will be written to), and a file tried in it: the one test that holds for root too
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        return f"--out {out} is not writable ({e.strerror or e}): give a writable folder"
+    return None
+
+
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
+    if (a.out or not a.cpu_dry_run) and (why := out_problem(a.out or ROOT / "bench" / "gpu_check")):
+        print(f"bench/gpu_check.py: {why}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available() and not a.cpu_dry_run:
         print("bench/gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False here): run it on a machine "
               "with one", file=sys.stderr)

@@ -199,6 +199,8 @@ def read_params(params) -> dict:
         params = {}
     elif not isinstance(params, dict):
         where = params
+        if Path(where).is_dir():
+            raise ValueError(f"--params {where} is a folder: give the YAML file (such as plan.yaml)")
         if not Path(where).is_file():
             raise ValueError(f"--params {where}: no such file (a YAML file such as: all: {{preset: paper}})")
         try:
@@ -810,7 +812,13 @@ def _batch_calibration(calibration, out, log):
     path = calibration or (out / "gpu_check.json" if (out / "gpu_check.json").is_file() else None)
     if path is None:
         return None
-    cal = read_calibration(path)
+    try:
+        cal = read_calibration(path)
+    except ValueError as e:
+        if calibration:
+            raise
+        raise ValueError(f"found {path}, which the batch would use to time and place its runs, but "
+                         f"{str(e).split(': ', 1)[1]}: move it away, or give --calibration FILE") from None
     log(f"calibration: {cal.path} (measured on {cal.device}, {cal.time}): its step times and memory time and place "
         "the runs it measured")
     return cal

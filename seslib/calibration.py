@@ -6,6 +6,8 @@ says that its times are the paper's, converted by assumed factors, and unmeasure
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +39,73 @@ def _bad(path, why) -> ValueError:
     return ValueError(f"--calibration {path}: {why}; write one with `python bench/gpu_check.py` on a GPU")
 
 
-def _step_row_ok(row) -> bool:
-    secs = row.get("seconds_per_step") or {}
-    return (isinstance(row.get("model"), str) and isinstance(row.get("measured_batch"), int)
-            and row["measured_batch"] > 0 and isinstance(row.get("precision"), str)
-            and all(isinstance(secs.get(k), (int, float)) and secs[k] > 0 for k in ("baseline", "ses")))
+def _number(v, where, path, hi=math.inf, integer=False):
+    """v if it is a finite number in (0, hi] (an int where integer), else _bad naming where it is."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kinds) or not (0 < v <= hi and math.isfinite(v)):
+        want = "a whole number > 0" if integer else f"a number in (0, {hi:g}]" if hi < math.inf else "a number > 0"
+        raise _bad(path, f"{where} must be {want}; got {v!r}")
+    return v
+
+
+def _of_type(v, kinds, where, path):
+    if not isinstance(v, kinds):
+        names = " or ".join("null" if k is type(None) else {"dict": "an object", "list": "a list", "str": "a string",
+                                                                "int": "a whole number"}[k.__name__] for k in kinds)
+        raise _bad(path, f"{where} must be {names}; got {type(v).__name__} {v!r:.40}")
+    return v
+
+
+def _step(row, i, path) -> dict:
+    """One checked step row (every field the plan reads, of its type)."""
+    _of_type(row, (dict,), f"steps[{i}]", path)
+    where = f"step {row.get('name', i)!r}"
+    for key in ("model", "precision"):
+        _of_type(row.get(key), (str,), f"{where}: {key!r}", path)
+    for key in ("dataset", "task"):
+        _of_type(row.get(key), (str, type(None)), f"{where}: {key!r}", path)
+    if row.get("max_len") is not None:
+        _number(row["max_len"], f"{where}: 'max_len'", path, integer=True)
+    _number(row.get("measured_batch"), f"{where}: 'measured_batch'", path, integer=True)
+    secs = _of_type(row.get("seconds_per_step"), (dict,), f"{where}: 'seconds_per_step'", path)
+    for role in ("baseline", "ses"):
+        _number(secs.get(role), f"{where}: seconds_per_step[{role!r}]", path)
+    return row
+
+
+def _known_gpu(device, path) -> str:
+    """The GPU_SPEED kind the device name names: a name no kind matches is refused (never read as a T4's)."""
+    name = _of_type(device, (str,), "'device' (the GPU's name)", path)
+    kind = gpu_kind(name)
+    if kind == "cpu":
+        raise _bad(path, f"written by a CPU dry run ({name}): it measured nothing about a GPU")
+    if not re.search(rf"\b{kind}\b", name.lower().replace("-", " ")):
+        raise _bad(path, f"device {name!r} is no GPU kind this suite knows ({', '.join(k for k in GPU_SPEED if k != 'cpu')})")
+    return kind
+
+
+def _ddp_efficiency(ddp, path):
+    """The measured DDP efficiency when the DDP check passed (its steps equal one process's), else None."""
+    _of_type(ddp, (dict, type(None)), "'ddp'", path)
+    if not ddp or ddp.get("status") != "PASS" or ddp.get("efficiency") is None:
+        return None
+    return float(_number(ddp["efficiency"], "ddp['efficiency']", path, hi=1.5))
+
+
+def _usable(memory, path):
+    """The measured usable GB per GPU (at most the file's own total_gb), or None when not measured."""
+    memory = _of_type(memory, (dict, type(None)), "'memory'", path) or {}
+    if memory.get("usable_gb") is None:
+        return None
+    total = _number(memory.get("total_gb"), "memory['total_gb'] (beside usable_gb)", path)
+    return float(_number(memory["usable_gb"], "memory['usable_gb']", path, hi=total))
 
 
 def read_calibration(path) -> Calibration:
-    """gpu_check.json as a Calibration; ValueError in one line naming the file and what is wrong with it."""
+    """gpu_check.json as a Calibration; ValueError in one line naming the file, the field and what is wrong with it."""
     p = Path(path)
+    if p.is_dir():
+        raise _bad(path, "is a folder: give its gpu_check.json")
     if not p.is_file():
         raise _bad(path, "no such file")
     try:
@@ -56,15 +115,12 @@ def read_calibration(path) -> Calibration:
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
         raise _bad(path, f"not a gpu_check.json of schema {SCHEMA!r} (schema "
                          f"{d.get('schema') if isinstance(d, dict) else None!r})")
-    if d.get("dry_run") or gpu_kind(d.get("device")) == "cpu":
+    if d.get("dry_run"):
         raise _bad(path, f"written by a CPU dry run ({d.get('device')}): it measured nothing about a GPU")
-    steps = tuple(r for r in d.get("steps") or [] if isinstance(r, dict) and _step_row_ok(r))
-    ddp = d.get("ddp") or {}
-    eff = ddp.get("efficiency") if ddp.get("status") == "PASS" else None
-    usable = (d.get("memory") or {}).get("usable_gb")
-    return Calibration(str(p), str(d.get("device") or "?"), gpu_kind(d.get("device")), str(d.get("time") or "?"),
-                       steps, float(eff) if isinstance(eff, (int, float)) and 0 < eff <= 1.5 else None,
-                       float(usable) if isinstance(usable, (int, float)) and usable > 0 else None)
+    kind = _known_gpu(d.get("device"), path)
+    steps = tuple(_step(r, i, path) for i, r in enumerate(_of_type(d.get("steps"), (list,), "'steps'", path)))
+    return Calibration(str(p), d["device"], kind, str(d.get("time") or "?"), steps, _ddp_efficiency(d.get("ddp"), path),
+                       _usable(d.get("memory"), path))
 
 
 def _precision_on(c, gpu) -> str:
@@ -98,8 +154,8 @@ def calibrated_epoch(cal: Calibration | None, c, gpu) -> dict | None:
     """{epoch_s, source} of the run c on `gpu` from the calibration: its measured step (scaled by GPU_SPEED's
     assumed ratio when measured on another kind) x the images of an epoch, plus its held-out pass at EVAL_SHARE; None
     when the calibration has no step of c's model, data and precision, or c times the author's SES (not measured)."""
-    if cal is None or c.get("ses_impl") == "author" and c.get("ses"):
-        return None
+    if cal is None or gpu == "cpu" or c.get("ses_impl") == "author" and c.get("ses"):
+        return None  # a GPU's step says nothing of a CPU's; the author's SES was not measured
     row = step_row(cal, c, gpu)
     if row is None:
         return None
@@ -142,6 +198,9 @@ def calibration_lines(cal: Calibration | None, gpu, models=()) -> list[str]:
                 f"{gpu} by assumed GPU speed factors, UNMEASURED on this suite; DDP efficiency {DDP_EFFICIENCY} and "
                 f"{assumed_mem} assumed. Measure them: python bench/gpu_check.py on the GPU, then plan ... "
                 "--calibration bench/gpu_check/gpu_check.json"]
+    if gpu == "cpu":
+        return [f"calibration: {cal.path} measured a GPU ({cal.device}); a CPU plan does not use it: its times are "
+                "the paper's, converted by the assumed CPU speed factor, UNMEASURED"]
     measured = sorted({r["model"] for r in cal.steps})
     left = sorted(set(models) - set(measured))
     lines = [f"calibration: {cal.path}, measured on {cal.device} ({cal.time})"
@@ -150,7 +209,7 @@ def calibration_lines(cal: Calibration | None, gpu, models=()) -> list[str]:
                  + (f"; DDP efficiency {cal.ddp_efficiency:.2f}" if cal.ddp_efficiency else "")
                  + (f"; usable memory {cal.usable_gb:.1f} GB per GPU" if usable_memory(cal, gpu) else ""))
     still = ([f"times of {', '.join(left)} (the paper's)"] if left else []) \
-        + ([] if cal.ddp_efficiency else [f"DDP efficiency {DDP_EFFICIENCY} (one GPU measured)"]) \
+        + ([] if cal.ddp_efficiency else [f"DDP efficiency {DDP_EFFICIENCY} (not measured: one GPU, or its DDP check did not pass)"]) \
         + ([] if usable_memory(cal, gpu) else [assumed_mem]) \
         + ["the final robustness pass (from the epoch time)", "runs timed with ses_impl='author'"]
     lines.append("  still assumed: " + "; ".join(still))

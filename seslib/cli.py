@@ -16,9 +16,9 @@ from .estimates import GPU_SPEED
 from .reports import build_summary, verdict_counts
 from .notebook import PRESETS, resolve_seeds
 from .command import run_command
-from .batch import CPU_HOURS_WITHOUT_ASKING, find_notebooks, preset_folder, read_notebook, run_batch
+from .batch import CPU_HOURS_WITHOUT_ASKING, find_notebooks, preset_folder, read_notebook, read_params, run_batch
 from .calibration import calibration_lines, read_calibration
-from .planning import QUOTA_COUNTS, cost_plan, format_plan
+from .planning import KAGGLE, QUOTA_COUNTS, cost_plan, format_plan
 from .budget import budget_plan, budget_params, catalogue, format_budget, format_power, power_table, write_params
 from .kaggle import kaggle_package
 
@@ -84,6 +84,9 @@ def _attach_negative_values(argv):
     return out
 
 
+MAX_SEEDS_DEFAULT = 10  # plan --budget's --max-seeds
+
+
 def _plan_args(p):
     p.add_argument("notebooks", nargs="*", default=["all"], help="numbers, stems or paths (default: all)")
     p.add_argument("--gpus", type=_count(), default=2, help="GPUs working in parallel (default 2: Kaggle's "
@@ -100,7 +103,7 @@ def _plan_args(p):
     p.add_argument("--budget", type=_duration(allow_zero=False), help="e.g. 30h of the weekly quota: choose the runs "
                    "that settle the most claims "
                    "per GPU-hour within it (each identical run once) instead of planning every notebook's grid")
-    p.add_argument("--max-seeds", type=_count(2), default=10, help="with --budget: the most seeds a claim may get "
+    p.add_argument("--max-seeds", type=_count(2), default=MAX_SEEDS_DEFAULT, help="with --budget: the most seeds a claim may get "
                    "(10)")
     p.add_argument("--write-params", help="with --budget: write the chosen runs as a params file for "
                    "`batch --params` and `kaggle --params`")
@@ -116,8 +119,12 @@ def _budget_cmd(a):
     plan = budget_plan(costs, needs, budget_h, a.gpus, charge, a.max_seeds)
     print("\n".join(calibration_lines(cal, a.gpu)))
     print(format_budget(plan, budget_h, a.gpus, a.gpu, charge))
+    if not plan.chosen:  # nothing to run: no params file (an empty one would run every notebook's whole grid)
+        print(f"--budget {a.budget} buys no claim (each claim left is listed above, with why); nothing written",
+              file=sys.stderr)
+        return 1
     if a.write_params:
-        write_params(a.write_params, budget_params(plan))
+        _write_to(a.write_params, "--write-params", lambda path: write_params(path, budget_params(plan)))
         stems = " ".join(budget_params(plan))
         print(f"params file: {a.write_params}: python sesrun.py batch {stems} --params {a.write_params} (or kaggle "
               f"--notebooks {stems} --params {a.write_params})")
@@ -139,6 +146,7 @@ def _power_cmd(a):
     seeds = 3 if a.seeds == "paper3" else int(a.seeds) if str(a.seeds).isdigit() else None
     if not seeds or not 1 <= seeds <= 100:
         raise ValueError(f"--seeds must be a number of seeds (1-100) or 'paper3'; got {a.seeds!r}")
+    _check_target(a.csv, "--csv")
     cal = read_calibration(a.calibration) if a.calibration else None
     costs, needs = catalogue(a.notebooks or ["all"], a.gpu, a.gpus, a.out, a.preset, cal)
     df = power_table(costs, needs, seeds)
@@ -146,11 +154,33 @@ def _power_cmd(a):
     print(format_power(df, seeds, a.gpu))
     if a.csv:
         from .util import atomic_write_bytes
-        atomic_write_bytes(Path(a.csv), df.to_csv(index=False).encode())
+        _write_to(a.csv, "--csv", lambda path: atomic_write_bytes(path, df.to_csv(index=False).encode()))
     return 0
 
 
+def _check_target(path, flag):
+    """A file to write must not be a folder: said before any work."""
+    if path and Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give a file name")
+
+
+def _write_to(path, flag, write):
+    """write(Path(path)); a folder, or a place that cannot be written, is one line naming the flag (not a temp file)."""
+    _check_target(path, flag)
+    try:
+        write(Path(path))
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write it there ({e.strerror or e})") from None
+
+
 def _plan_cmd(a):
+    if a.budget and a.seeds:
+        raise ValueError("--seeds with --budget: the budget chooses each claim's seeds (up to --max-seeds); drop "
+                         "--seeds, or drop --budget to cost those seeds everywhere")
+    if not a.budget and (a.write_params or a.max_seeds != MAX_SEEDS_DEFAULT):
+        raise ValueError(f"{'--write-params' if a.write_params else '--max-seeds'} needs --budget (e.g. --budget 30h): "
+                         "without it the plan costs every notebook's grid and chooses nothing")
+    _check_target(a.write_params, "--write-params")
     if a.budget:
         return _budget_cmd(a)
     seeds = resolve_seeds(a.seeds) if a.seeds else None  # a bad value: one line, before any notebook is read
@@ -215,8 +245,20 @@ def _kaggle_args(p):
 
 
 def _kaggle_cmd(a):
-    out = kaggle_package(a.out, a.notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset,
-                         a.continue_from, a.time_budget, a.params)
+    if parse_duration(a.time_budget) > KAGGLE["version_hours"] * 3600 - KAGGLE["overhead_hours"] * 3600:
+        raise ValueError(f"--time-budget {a.time_budget}: a Kaggle version stops at {KAGGLE['version_hours']:g} h, "
+                         f"setup and reports take about {KAGGLE['overhead_hours']:g} h: give at most 11.75h (11.5h "
+                         "leaves room for the first version's GPU check)")
+    notebooks = a.notebooks
+    if a.params and notebooks == ["all"]:  # a budget plan names its notebooks: run those, not every grid
+        notebooks = [k for k in read_params(a.params) if k not in ("all", "time_budget")] or ["all"]
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a file: give a folder for the kernel bundle")
+    try:
+        out = kaggle_package(a.out, notebooks, a.username, a.slug, a.data_dataset, a.code_dataset, a.preset,
+                             a.continue_from, a.time_budget, a.params)
+    except OSError as e:
+        raise ValueError(f"--out {a.out}: cannot write the bundle there ({e.strerror or e})") from None
     print(f"wrote {out}\n  1. kaggle datasets create -p {out / 'code-dataset'} --dir-mode zip   (later: kaggle datasets "
           "version -p ... --dir-mode zip -m msg)\n"
           f"  2. kaggle kernels push -p {out}\n  3. kaggle kernels output {a.username}/{a.slug} -p results/"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def _train_cmd(a):
         cfg = json.loads(Path(a.config).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--config {a.config}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--config {a.config}: must hold one JSON object (a run's config); got a {type(cfg).__name__}")
     res = train(cfg)
     if res is not None:  # rank 0 (or the only process)
         f = res["final"]
@@ -42,6 +45,9 @@ def run_command(parser, command, args, interrupted):
     was wrong and how to fix it, not a traceback), Ctrl-C exit 130 with `interrupted`, a failure its exit status."""
     try:
         code = command(args)
+    except BrokenPipeError:  # `sesrun.py plan | head`: the reader stopped reading, not an error of this command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
+        return 0
     except USER_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
     except KeyboardInterrupt:

@@ -88,11 +88,22 @@ def summary_claims():
     return [check_claim(c, {x for x in [c.get("a"), c.get("b"), *(c.get("terms") or {})] if x}) for c in SUMMARY_CLAIMS]
 
 
+def _read_csv(path):
+    """A report's CSV; one that cannot be read (cut short, edited by hand) is a ValueError naming it and the fix."""
+    import pandas as pd
+    try:
+        return pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
+        raise ValueError(f"{path}: unreadable ({str(e).splitlines()[0]}); run that notebook's report again "
+                         f"(`python sesrun.py batch {path.parent.name}` redoes only its report when its runs are done)") \
+            from None
+
+
 def summary_claims_table(root):
     """The cross-notebook claims judged on every notebook's values.csv under root (Welch: different experiments
     share no randomness even where their seeds agree); None when no notebook has values yet."""
     import pandas as pd
-    parts = [pd.read_csv(p).assign(config=lambda d, nb=p.parent.name: nb + "/" + d["config"].astype(str))
+    parts = [_read_csv(p).assign(config=lambda d, nb=p.parent.name: nb + "/" + d["config"].astype(str))
              for p in sorted(Path(root).glob("*/values.csv"))]
     if not parts:
         return None
@@ -106,7 +117,7 @@ def build_summary(root="outputs"):
     then the cross-notebook claims (SUMMARY_CLAIMS) and what chance alone would give."""
     import pandas as pd
     root = Path(root)
-    parts = [pd.read_csv(p).assign(notebook=p.parent.name) for p in sorted(root.glob("*/claims.csv"))]
+    parts = [_read_csv(p).assign(notebook=p.parent.name) for p in sorted(root.glob("*/claims.csv"))]
     if not parts:
         return None
     across = summary_claims_table(root)

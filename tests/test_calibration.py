@@ -60,6 +60,7 @@ def test_bert_and_other_kinds_match_on_model_data_and_precision(tmp_path):
     author = dict(next(r for r in plan_runs("10_periodic_ses", tmp_path).runs if r.config == "k1").cfg,
                   ses_impl="author")
     assert R.calibrated_epoch(cal, author, "t4") is None  # the author's SES was not measured
+    assert R.calibrated_epoch(cal, dict(author, ses_impl="suite"), "cpu") is None  # a GPU's step: not a CPU's
     exp1 = next(r for r in plan_runs("01_training_dynamics", tmp_path).runs if r.config == "ses").cfg  # CIFAR-10
     got = R.calibrated_epoch(cal, exp1, "t4")  # the same 32-px step as CIFAR-100's (only the classifier differs)
     assert got["epoch_s"] == pytest.approx(SES_S / BATCH * (50000 + 10000 / 3))
@@ -141,3 +142,50 @@ def test_the_batch_runner_times_and_places_runs_by_the_calibration(tmp_path):
     write_cal(out / "gpu_check.json")
     said = []
     assert R.batch._batch_calibration(None, out, said.append).device == "Tesla T4" and "calibration:" in said[0]
+    (out / "gpu_check.json").write_text(json.dumps({"schema": "ses-gpu-check/2", "dry_run": True, "device": "cpu"}))
+    with pytest.raises(ValueError, match=r"^found .*gpu_check.json, which the batch would use .* written by a CPU dry "
+                                         r"run .*: move it away, or give --calibration FILE$"):
+        R.batch._batch_calibration(None, out, said.append)  # not a --calibration the user gave: says where it came from
+
+
+def _changed(d, change):
+    """d with one field changed: change = (dotted path, new value); steps.0.x is the first step row's x."""
+    import copy
+    d = copy.deepcopy(d)
+    path, value = change
+    keys = path.split(".")
+    target = d
+    for k in keys[:-1]:
+        target = target[int(k)] if isinstance(target, list) else target[k]
+    target[int(keys[-1]) if isinstance(target, list) else keys[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize("change,why", [
+    (("steps", "abc"), "'steps' must be a list"),
+    (("steps.0", 3), r"steps\[0\] must be an object"),
+    (("steps.0.seconds_per_step", [1, 2]), "'seconds_per_step' must be an object"),
+    (("steps.0.seconds_per_step.baseline", True), r"seconds_per_step\['baseline'\] must be a number > 0; got True"),
+    (("steps.0.seconds_per_step.ses", "0.2"), r"seconds_per_step\['ses'\] must be a number"),
+    (("steps.0.seconds_per_step.ses", -1.0), r"seconds_per_step\['ses'\] must be a number > 0; got -1.0"),
+    (("steps.0.measured_batch", 256.0), "'measured_batch' must be a whole number > 0"),
+    (("steps.0.dataset", ["x"]), "'dataset' must be a string or null"),
+    (("memory", [1]), "'memory' must be an object or null"),
+    (("memory.usable_gb", 1e9), r"memory\['usable_gb'\] must be a number in \(0, 15.83\]"),
+    (("ddp", "PASS"), "'ddp' must be an object or null"),
+    (("ddp.efficiency", "x"), r"ddp\['efficiency'\] must be a number in \(0, 1.5\]"),
+    (("device", "NVIDIA Foo 9000"), "device 'NVIDIA Foo 9000' is no GPU kind this suite knows"),
+    (("device", None), r"'device' \(the GPU's name\) must be a string"),
+])
+def test_a_malformed_calibration_is_refused_in_one_line_naming_the_field(tmp_path, change, why):
+    write_cal(tmp_path / "good.json")
+    d = _changed(json.loads((tmp_path / "good.json").read_text()), change)
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=why) as e:
+        R.read_calibration(tmp_path / "bad.json")
+    assert "\n" not in str(e.value) and str(tmp_path / "bad.json") in str(e.value)
+
+
+def test_a_folder_is_not_a_calibration(tmp_path):
+    with pytest.raises(ValueError, match="is a folder: give its gpu_check.json"):
+        R.read_calibration(tmp_path)

@@ -301,3 +301,58 @@ def test_a_mismatched_torch_and_torchvision_is_one_line_saying_how_to_fix_it(tmp
     assert "torchvision does not load with torch" in last and "--index-url https://download.pytorch.org/whl/cpu" in last
     assert S.torch_pair_problem("2.14.1+cpu", "0.29.1+cpu") is None
     assert "goes with torchvision 0.29, not 0.21.0" in S.torch_pair_problem("2.14.1", "0.21.0")
+
+
+# ── a newcomer's second pass (issue 32): flags that did nothing, files named by their temp names ────────
+
+@pytest.mark.parametrize("args,why", [
+    (["plan", "10", "--write-params", "p.yaml"], "--write-params needs --budget"),
+    (["plan", "10", "--max-seeds", "4"], "--max-seeds needs --budget"),
+    (["plan", "10", "--budget", "30h", "--seeds", "paper3"], "--seeds with --budget: the budget chooses"),
+    (["plan", "10", "--budget", "30h", "--write-params", "."], "--write-params . is a folder: give a file name"),
+    (["power", "10", "--csv", "."], "--csv . is a folder: give a file name"),
+    (["kaggle", "--out", "k", "--username", "jane", "--time-budget", "13h"], "a Kaggle version stops at 12 h"),
+    (["kaggle", "--out", "k", "--username", "jane", "--params", "."], "--params . is a folder: give the YAML file"),
+    (["batch", "10", "--gpus", "cpu", "--dry-run", "--params", "."], "--params . is a folder"),
+])
+def test_a_flag_that_would_do_nothing_or_a_folder_for_a_file_is_one_line_before_any_work(tmp_path, args, why):
+    rc, log = _cli(*args, cwd=tmp_path)
+    assert rc == 2 and why in log and "Traceback" not in log and log.strip().count("\n") == 0, log
+    assert not (tmp_path / "p.yaml").exists() and not (tmp_path / "k").exists()
+
+
+def test_a_budget_that_buys_nothing_writes_no_params_file(tmp_path):
+    rc, log = _cli("plan", "10", "--budget", "1m", "--write-params", "p.yaml", cwd=tmp_path)
+    assert rc == 1 and "--budget 1m buys no claim" in log and "nothing written" in log, log
+    assert not (tmp_path / "p.yaml").exists()  # an empty params file would run every notebook's whole grid
+
+
+def test_a_kaggle_bundle_of_a_budget_plan_runs_the_plans_notebooks(tmp_path):
+    (tmp_path / "plan.yaml").write_text("12_mixup_cutmix: {configs: [baseline, ses], seeds: [42, 123, 7]}\n")
+    rc, log = _cli("kaggle", "--out", "k", "--username", "jane", "--params", "plan.yaml", cwd=tmp_path)
+    assert rc == 0, log
+    src = "\n".join(c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+                    for c in json.loads(next((tmp_path / "k").glob("*.ipynb")).read_text())["cells"])
+    assert "NOTEBOOKS = ['12_mixup_cutmix']" in src  # not all 20 grids
+    (tmp_path / "f").write_text("x")
+    rc, log = _cli("kaggle", "--out", "f", "--username", "jane", cwd=tmp_path)
+    assert rc == 2 and "--out f is a file: give a folder" in log
+
+
+def test_a_config_file_that_is_not_one_object_and_a_closed_pipe(tmp_path):
+    (tmp_path / "run.json").write_text("[1, 2]")
+    p = subprocess.run([sys.executable, "-m", "seslib", "train", "--config", "run.json"], cwd=tmp_path,
+                       env=S.with_package_on_path(os.environ), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--config run.json: must hold one JSON object (a run's config); got a list" in p.stderr
+    head = subprocess.run(f"{sys.executable} {ROOT / 'sesrun.py'} plan 10 | head -1", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert "Broken pipe" not in head.stderr and "Traceback" not in head.stderr, head.stderr  # the reader stopped
+
+
+def test_an_unreadable_claims_csv_is_named_with_the_fix(tmp_path):
+    (tmp_path / "05_multiseed_cifar10").mkdir()
+    (tmp_path / "05_multiseed_cifar10" / "claims.csv").write_text('"unterminated\n')
+    with pytest.raises(ValueError, match=r"05_multiseed_cifar10/claims.csv: unreadable .*run that notebook's report "
+                                         r"again") as e:
+        S.build_summary(tmp_path)
+    assert "\n" not in str(e.value)
