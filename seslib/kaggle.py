@@ -213,6 +213,17 @@ def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5
     return nb
 
 
+def _check_plan_configs(overrides, preset):
+    """Each notebook's configs and seeds from the params, planned here as the kernel's listing will plan them: an
+    unknown config is one line now, not a failed listing on Kaggle."""
+    import tempfile
+    from .planning import notebook_plan
+    with tempfile.TemporaryDirectory() as tmp:
+        for nb, o in overrides.items():
+            if "configs" in o or "seeds" in o:
+                notebook_plan(nb, **{"preset": preset, **o, "out_dir": str(Path(tmp) / nb.stem)})
+
+
 def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", data_dataset=None,
                    code_dataset=None, preset="paper", continue_from=None, time_budget="11.5h", params=None):
     """Write a ready-to-push Kaggle kernel folder `out` and the seslib code dataset in `out/code-dataset`.
@@ -231,7 +242,7 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     parse_duration(time_budget)  # a bad budget fails here, not on Kaggle
     plan = read_params(params) if params else None  # a plan --budget params file, checked here
     if plan:
-        load_batch_params(plan, nbs)
+        _check_plan_configs(load_batch_params(plan, nbs), preset)
     kernel_meta, data_meta = _kaggle_metadata(username, slug, data_dataset, code_dataset, continue_from)
     if out.exists() and any(out.iterdir()) and not (out / "kernel-metadata.json").is_file():
         raise ValueError(f"--out {out} exists and is not a kernel bundle written by this command: choose another folder")

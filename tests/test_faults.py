@@ -334,6 +334,9 @@ def test_a_kaggle_bundle_of_a_budget_plan_runs_the_plans_notebooks(tmp_path):
     src = "\n".join(c["source"] if isinstance(c["source"], str) else "".join(c["source"])
                     for c in json.loads(next((tmp_path / "k").glob("*.ipynb")).read_text())["cells"])
     assert "NOTEBOOKS = ['12_mixup_cutmix']" in src  # not all 20 grids
+    (tmp_path / "bad.yaml").write_text("12_mixup_cutmix: {configs: [nope]}\n")
+    rc, log = _cli("kaggle", "--out", "k2", "--username", "jane", "--params", "bad.yaml", cwd=tmp_path)
+    assert rc == 2 and "unknown config" in log and "nope" in log and not (tmp_path / "k2").exists(), log
     (tmp_path / "f").write_text("x")
     rc, log = _cli("kaggle", "--out", "f", "--username", "jane", cwd=tmp_path)
     assert rc == 2 and "--out f is a file: give a folder" in log
