@@ -287,33 +287,13 @@ def synthetic_batch(S, c, n, dev, seed=0):
     return x.to(dev), torch.randint(0, info["num_classes"], (n,), generator=g).to(dev)
 
 
-def build_image(S, run):
-    """training._build_model_and_ses without its preflight, which wants the data set on disk (these steps need none):
-    the model (stochastic depth, SyncBatchNorm under DDP on CUDA), SES (lam 0 for a baseline), SES's gather."""
-    import torch.nn as nn
-    c, info = run.c, S.dataset_info(run.c["dataset"])
-    net = S.build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"], c["width"])
-    if c["drop_path"] is not None:
-        S.training._set_drop_path(net, c["drop_path"])
-    run.sync_bn = S.use_sync_bn(c, net, run.device, run.dd)
-    if run.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    run.net = net.to(run.device)
-    run.ses = S.SES(run.net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
-                    every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"],
-                    impl=c["ses_impl"])
-    run.gather = S.gather_activations if run.dd.enabled and c["ses_scope"] == "global" else None
-
-
 def build_bert(S, run, attn=None):
     """text.build_text_model without its download: BERT-base's shape, random weights (2 layers in the dry run), its
     attention implementation transformers' default or `attn`."""
     from transformers import BertForSequenceClassification
     c, kw = run.c, {"attn_implementation": attn} if attn else {}
-    run.net = BertForSequenceClassification(bert_config(run.device.type == "cpu", **kw)).to(run.device)
-    run.pool = S.MaskedTokenPool() if c["ses_pool"] == "mask" else None
-    run.ses = S.SES(run.net, S.bert_hook_targets(run.net, c["ses_layers"]), beta=c["ses_beta"],
-                    lam=c["ses_lambda"] if c["ses"] else 0.0, pool=run.pool or "auto", impl=c["ses_impl"])
+    run.net = BertForSequenceClassification(bert_config(run.device.type == "cpu", **kw))
+    S.attach_text_ses(run)  # on the device, SES on its encoder layers: as text.build_text_model does
     run.steps = S.GLUE_TASKS[c["task"]]["sizes"][0] // c["batch_size"]  # a real epoch's: the warm-up schedule's length
 
 
@@ -324,7 +304,7 @@ def build_run(S, c, dev, dd=None, attn=None):
     run = S.training._Run(c, dd or S.DistInfo(), dev, kind=S.RUN_KIND_STEPS[c["kind"]],
                           amp_dtype=S.amp_dtype_of(c["precision"]))
     S.set_seed(c["seed"])  # the same weights in every process (ddp_equal's reference included)
-    build_bert(S, run, attn) if c["kind"] == "text" else build_image(S, run)
+    build_bert(S, run, attn) if c["kind"] == "text" else S.training.model_and_ses(run)  # no data read
     S.training._set_backend_flags(run)  # TF32 and cuDNN benchmark/deterministic as the recipe sets them
     run.kind.build_optimisation(run)
     S.training._wrap_model(run)

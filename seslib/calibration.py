@@ -14,7 +14,7 @@ from pathlib import Path
 from .util import resolve_precision
 from .data import DATASETS, GLUE_TASKS
 from .estimates import DDP_EFFICIENCY, GPU_MEMORY, GPU_SPEED, MEM_CONTEXT_GB, MEM_FRAGMENTATION, _steps_fraction, \
-    gpu_kind
+    gpu_kind, usable_gb_of
 
 SCHEMA = "ses-gpu-check/2"
 # An evaluation image costs one forward pass: about a third of a training image (forward + backward). The epoch of
@@ -190,7 +190,7 @@ def usable_memory(cal: Calibration | None, gpu) -> float | None:
 
 def calibration_lines(cal: Calibration | None, gpu, models=()) -> list[str]:
     """The plan's first lines: what its figures rest on, measured (and on which GPU) or assumed."""
-    usable = (GPU_MEMORY[gpu][0] - MEM_CONTEXT_GB) * (1 - MEM_FRAGMENTATION) if gpu in GPU_MEMORY else None
+    usable = usable_gb_of(GPU_MEMORY[gpu][0]) if gpu in GPU_MEMORY else None
     assumed_mem = f"usable memory {usable:.1f} GB per {gpu} ({MEM_CONTEXT_GB} GB CUDA context, " \
                   f"{MEM_FRAGMENTATION:.0%} fragmentation)" if usable else f"memory of a {gpu}"
     if cal is None:

@@ -550,7 +550,7 @@ def estimate_memory(c, gpu="t4", usable_gb=None) -> dict:
     corr = 0 if text else _corruption_bytes(c, eval_batch)
     tunes = on_gpu and not c.get("cudnn_deterministic", True) and c["model"] in CNN_MODELS  # a ViT's one conv: little
     autotune = CUDNN_AUTOTUNE * t["activations"] if tunes else 0.0
-    usable = usable_gb if usable_gb else (total - MEM_CONTEXT_GB) * (1 - MEM_FRAGMENTATION) if on_gpu else total
+    usable = usable_gb if usable_gb else usable_gb_of(total) if on_gpu else total
     per_gpu, need, train = {}, {}, {}
     for k in (k for k in range(1, 2 if text else MAX_DDP_GPUS + 1) if c["batch_size"] % k == 0):
         terms = _gpu_terms(t, data, corr, autotune, k)[1]

@@ -132,6 +132,13 @@ def build_text_model(run):
         run.net, run.source = tiny_bert(len(run.tokenizer), c["max_len"]), f"{TINY_BERT} (random init, smoke only)"
     else:
         run.net, run.tokenizer, run.source = load_pretrained_text(c["model"], 2, c["data_root"])
+    attach_text_ses(run)
+
+
+def attach_text_ses(run):
+    """run.net on the run's device, with the SES object on its encoder layers (and the token pooling of
+    ses_pool="mask"): what a text run's model gets, whatever its weights (bench/gpu_check.py's random BERT too)."""
+    c = run.c
     run.net.to(run.device)
     run.pool = MaskedTokenPool() if c["ses_pool"] == "mask" else None
     run.ses = SES(run.net, bert_hook_targets(run.net, c["ses_layers"]), beta=c["ses_beta"],

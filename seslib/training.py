@@ -543,8 +543,16 @@ def peak_memory_fields(run) -> dict:
 
 
 def _build_model_and_ses(run):
+    """The model and SES (model_and_ses), then rank 0's preflight (data, packages, disk)."""
+    model_and_ses(run)
+    if run.dd.is_main:
+        preflight(run.c, run.net)
+
+
+def model_and_ses(run):
     """The model on its device (stochastic depth, SyncBatchNorm under DDP) and the SES object on it, the one users
-    call in their own loops (lam 0 for a baseline: its hooks then serve the erank measurements); rank 0's preflight."""
+    call in their own loops (lam 0 for a baseline: its hooks then serve the erank measurements), and SES's gather
+    under DDP; no data is read (bench/gpu_check.py builds its runs with it)."""
     c, dd = run.c, run.dd
     info = dataset_info(c["dataset"])
     net = build_model(c["model"], info["num_classes"], info["img_size"], c["spectral_norm"], c["width"])
@@ -557,8 +565,6 @@ def _build_model_and_ses(run):
     run.ses = SES(run.net, c["ses_layers"], beta=c["ses_beta"], lam=c["ses_lambda"] if c["ses"] else 0.0,
                   every_k=c["ses_every_k"], schedule=c["ses_beta_schedule"], targets=c["ses_targets"],
                   impl=c["ses_impl"])
-    if dd.is_main:
-        preflight(c, run.net)
     run.gather = gather_activations if dd.enabled and c["ses_scope"] == "global" else None
 
 
