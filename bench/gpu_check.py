@@ -748,12 +748,12 @@ def out_problem(out) -> str | None:
 
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
-    if (a.out or not a.cpu_dry_run) and (why := out_problem(a.out or ROOT / "bench" / "gpu_check")):
-        print(f"bench/gpu_check.py: {why}", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available() and not a.cpu_dry_run:
+    if not torch.cuda.is_available() and not a.cpu_dry_run:  # first: without a GPU nothing is made or written
         print("bench/gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False here): run it on a machine "
               "with one", file=sys.stderr)
+        return 2
+    if (a.out or not a.cpu_dry_run) and (why := out_problem(a.out or ROOT / "bench" / "gpu_check")):
+        print(f"bench/gpu_check.py: {why}", file=sys.stderr)
         return 2
     dev, t0 = torch.device("cpu" if a.cpu_dry_run else "cuda"), time.time()
     if a.cpu_dry_run:
