@@ -344,6 +344,9 @@ def _summary_args(p):
 
 def _summary_cmd(a):
     out = Path(a.out)
+    if out.is_file():
+        raise ValueError(f"summary --out {a.out} is a file: give the outputs root of a notebook or a batch (a folder; "
+                         "the smoke preset's is outputs/smoke)")
     if not out.is_dir():
         raise ValueError(f"summary --out {a.out}: no such folder (the outputs root of a notebook or a batch; the smoke "
                          "preset's is outputs/smoke)")
@@ -380,7 +383,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="sesrun.py", description="SES experiment suite: batch runner and CLI")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add_args, _) in CLI_COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_, description=help_))
+        add_args(sub.add_parser(name, help=help_.replace("%", "%%"), description=help_))  # argparse %-formats help
     args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     return run_command(parser, CLI_COMMANDS[args.command][2], args,
                        interrupted="interrupted: the running jobs were stopped; run the same command again to resume")

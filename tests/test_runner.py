@@ -467,15 +467,35 @@ def test_a_dry_run_writes_nothing_and_a_bad_out_is_one_line(tmp_path):
         assert rc == 2 and "is read-only" in log and "Errno" not in log, log
 
 
+@pytest.mark.parametrize("argv", [["--help"]] + [[name, "--help"] for name in R.CLI_COMMANDS])
+def test_every_help_page_prints(argv, capsys):
+    """A '%' in one command's help ("80 %, ...") made argparse's %-formatting crash `python sesrun.py --help`, the
+    first command a newcomer types, and every subcommand's --help with it."""
+    with pytest.raises(SystemExit) as stop:
+        R.main(argv)
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("usage: sesrun.py"), out
+    if argv == ["--help"]:
+        assert "the seeds it needs for 80 %, and" in " ".join(out.split())  # the help that crashed, printed
+
+
+def test_the_training_entry_point_prints_its_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        S.command.main(["train", "--help"])
+    assert stop.value.code == 0 and "--config" in capsys.readouterr().out
+
+
 def test_cli_values_are_checked_in_one_line_naming_the_flag(tmp_path):
     """plan --time-budget 0 (a TypeError), plan --gpus 0 ('wall time on 0 x t4'), batch --timeout -1 (accepted),
-    batch --time-budget -5h (argparse's 'expected one argument'), summary on a missing folder."""
+    batch --time-budget -5h (argparse's 'expected one argument'), summary on a missing folder or on a file ('no such
+    folder')."""
     cases = [(["plan", "5", "--time-budget", "0"], "argument --time-budget: must be a positive duration"),
              (["plan", "5", "--gpus", "0"], "argument --gpus: must be a whole number >= 1; got '0'"),
              (["batch", "5", "--timeout", "-1"], "argument --timeout: must be a number of seconds > 0; got '-1'"),
              (["batch", "5", "--time-budget", "-5h"], "argument --time-budget: must be a positive duration"),
              (["plan", "5", "--budget", "-3h"], "argument --budget: must be a positive duration"),
-             (["summary", "--out", str(tmp_path / "none")], "no such folder")]
+             (["summary", "--out", str(tmp_path / "none")], "no such folder"),
+             (["summary", "--out", __file__], "is a file: give the outputs root")]
     for args, want in cases:
         rc, log = _run_cli([sys.executable, R.__file__, *args], tmp_path, timeout=120)
         assert rc == 2 and want in log and "Traceback" not in log, (args, log)
