@@ -13,7 +13,14 @@ environment variables and the SES-RUN-* log markers, in seslib.util), checked he
 """
 import sys
 
-import seslib
+try:
+    import seslib
+except ImportError as _e:  # a broken install (a torch/torchvision pair that does not load, a missing package)
+    if __name__ != "__main__":
+        raise
+    _fix = " (pip install -r requirements.txt)" if isinstance(_e, ModuleNotFoundError) else ""
+    print(f"error: {_e}{_fix}", file=sys.stderr)  # one line, not a traceback: the message says the fix
+    raise SystemExit(2)
 
 # The run contract this entry speaks: a seslib from another version of the suite would set other parameters or print
 # other markers, so it is refused here, in one line, before anything runs.
