@@ -24,9 +24,10 @@ EXTRA_SEEDS = tuple(s for s in range(1, 200) if s not in PAPER_SEEDS)
 ACROSS = "across notebooks"
 
 
-def seed_list(n) -> list:
-    """The first n seeds: the paper's 42, 123, 7, then 1, 2, 3, ..."""
-    return (list(PAPER_SEEDS) + list(EXTRA_SEEDS))[:n]
+def seed_list(n, first=()) -> list:
+    """The first n seeds: a notebook's own (`first`, its parameters cell's: Exp 4's 42, 43, 44), then the paper's 42,
+    123, 7, then 1, 2, 3, ...: its runs already done are the plan's first seeds, not runs it would leave unused."""
+    return list(dict.fromkeys([*first, *PAPER_SEEDS, *EXTRA_SEEDS]))[:n]
 
 
 @dataclasses.dataclass
@@ -38,6 +39,10 @@ class NotebookCost:
     families: dict  # config -> model family (its seed SDs)
     df: object  # our results (the measured seed SDs)
     done: set  # (config, seed) of the runs done under the outputs root: they cost nothing more
+    first_seeds: tuple = ()  # the notebook's own seeds (its parameters cell), the first a plan gives it
+
+    def seed_list(self, n) -> list:
+        return seed_list(n, self.first_seeds)
 
 
 @dataclasses.dataclass
@@ -86,14 +91,15 @@ def _notebook_cost(stem, plan, gpu, gpus, cal=None) -> NotebookCost:
                                     default=str)
         families[r.config] = model_family(r.cfg.get("model"))
     df, _ = plan_results(plan)
-    return NotebookCost(stem, runs, keys, families, df, {(r.config, r.seed) for r in plan.runs if r.done})
+    return NotebookCost(stem, runs, keys, families, df, {(r.config, r.seed) for r in plan.runs if r.done},
+                        tuple(dict.fromkeys(r.seed for r in plan.runs)))
 
 
 def _run_set(costs, picks) -> dict:
     """{(config key, seed): (wall seconds, GPUs)} of picks {(stem, config): seeds}: an identical run once."""
     out = {}
     for (stem, config), n in picks.items():
-        for s in seed_list(n):
+        for s in costs[stem].seed_list(n):
             done = (config, s) in costs[stem].done
             out.setdefault((costs[stem].keys[config], s), (0.0, 1) if done else costs[stem].runs[config])
     return out
@@ -152,6 +158,7 @@ class BudgetPlan:
     expected: float  # expected claims read "reproduced" if the paper is right (sum of powers)
     wall_h: float
     weeks: list  # kaggle_weeks
+    first_seeds: dict = dataclasses.field(default_factory=dict)  # stem -> NotebookCost.first_seeds
 
 
 def quota_hours(wall_h, charge, version_h=11.5) -> float:
@@ -190,7 +197,8 @@ def budget_plan(costs, needs, budget_h, gpus=2, charge=1.0, max_seeds=10) -> Bud
     wall = _wall(costs, picks, gpus)
     expected = sum(claim_power(n.claim, sds[id(n)], _seeds_of(picks, n)) or 0.0 for n in needs if sds[id(n)]
                    is not None and _seeds_of(picks, n) >= 1)
-    return BudgetPlan(picks, chosen, left, _run_set(costs, picks), expected, wall, kaggle_weeks(wall, 11.5, charge))
+    return BudgetPlan(picks, chosen, left, _run_set(costs, picks), expected, wall, kaggle_weeks(wall, 11.5, charge),
+                      {stem: c.first_seeds for stem, c in costs.items()})
 
 
 def _with(picks, need, n) -> dict:
@@ -229,7 +237,7 @@ def budget_params(plan: BudgetPlan) -> dict:
     for (stem, config), n in sorted(plan.picks.items()):
         nb = out.setdefault(stem, {"configs": [], "seeds": []})
         nb["configs"].append(config)
-        nb["seeds"] = seed_list(max(len(nb["seeds"]), n))
+        nb["seeds"] = seed_list(max(len(nb["seeds"]), n), plan.first_seeds.get(stem, ()))
     return out
 
 

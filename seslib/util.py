@@ -448,7 +448,9 @@ def save_figure(fig, out_dir, name, show=True):
 def format_hours(seconds, approx=False) -> str:
     """A duration for people, the suite's one format of time: '11.5 h', '25 min' (from 2 min on), '40 s'.
     approx=True, the cost plan's and the README's runtime column: '≈ 1.2 h', or '≈ 25 min' under an hour (at least
-    '≈ 1 min': an estimate never reads as seconds)."""
+    '≈ 1 min': an estimate never reads as seconds), and '0' for nothing (a notebook whose runs are all done)."""
+    if approx and seconds <= 0:
+        return "0"
     if approx:
         return f"≈ {seconds / 3600:.1f} h" if seconds >= 3600 else f"≈ {max(1, round(seconds / 60))} min"
     return (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 120

@@ -4,6 +4,7 @@ plan block of docs/kaggle.md) follows."""
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -174,7 +175,7 @@ def test_kaggle_bundle_continues_from_the_previous_versions_outputs(tmp_path, mo
 
 # ── the cost plan and the README ───────────────────────────────────────────────────────────────
 
-README_ROW = re.compile(r"(\| (\d+) \| \[`(\d\d_\w+)`\].*\| )(≈ [\d.]+ (?:h|min)) \| ([^|]+) \|$")
+README_ROW = re.compile(r"(\| (\d+) \| \[`(\d\d_\w+)`\].*\| )(≈ [\d.]+ (?:h|min)|0 \(shared runs\)|done \(in `outputs/`\)) \| ([^|]+) \|$")
 PLAN_ELIDED = "(... one line per notebook ...)"
 
 
@@ -190,12 +191,31 @@ def _approx(hours):
     return S.format_hours(hours * 3600, approx=True)  # the cost plan's format
 
 
+def fresh_clone_outputs(root):
+    """The outputs folder a fresh clone has: .gitignore keeps outputs/04_* (notebook 4's paper preset, run on a CPU),
+    so `plan` and `power` there count those runs done and their seed SDs measured. The docs quote what these
+    commands print in a fresh clone; copied from this checkout's results (never its other, untracked outputs)."""
+    for f in (ROOT / "outputs").glob("04_*/runs/*/result.json"):
+        dst = root / f.relative_to(ROOT / "outputs")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dst)
+    assert len(list(root.glob("04_*/runs/*/result.json"))) == 6, "the repository's Exp 4 runs are missing"
+    return root
+
+
+def _cost_cell(row):
+    """A notebook's T4 time in the README: what is left of it (a run another notebook trains first counts there)."""
+    if row.gpu_hours > 0:
+        return _approx(row.gpu_hours)
+    return "0 (shared runs)" if row.shared else "done (in `outputs/`)"
+
+
 def plan_figures(out):
     """What the README's experiment table, its totals and docs/kaggle.md's plan block say, from the plan itself (paper
-    preset, every notebook, T4 x2, nothing done): ({notebook: (T4 GPU-hours, memory cell)}, [README sentences],
+    preset, every notebook, T4 x2, in a fresh clone): ({notebook: (T4 GPU-hours, memory cell)}, [README sentences],
     docs/kaggle.md's block, (df, totals))."""
     df, t = R.cost_plan("all", gpus=2, gpu="t4", out=out)
-    cells = {r.notebook: (_approx(r.gpu_hours), R.memory_cell(r)) for r in df.itertuples()}
+    cells = {r.notebook: (_cost_cell(r), R.memory_cell(r)) for r in df.itertuples()}
     sentences = [f"{_approx(t['gpu_hours'])} of T4 time, {_approx(t['wall_hours'])} of wall time on a T4 ×2, "
                  f"{t['versions']} Kaggle versions of at most 11.5 h in {t['weeks']} weeks of the 30-h quota",
                  f"config and seed: {t['shared_runs']} of them, {_approx(t['shared_hours'])})",
@@ -208,8 +228,10 @@ def plan_figures(out):
 def test_plan_matches_the_readme(tmp_path):
     """The README's experiment table (cost and memory columns), its totals and docs/kaggle.md's plan block are the
     plan's output: `python tests/test_budget.py docs` rewrites them from it."""
-    cells, sentences, block, (df, t) = plan_figures(tmp_path / "nothing-done-yet")
-    assert len(df) == 20 and (df["left"] + df["shared"] == df["runs"]).all()  # a shared run is left once
+    cells, sentences, block, (df, t) = plan_figures(fresh_clone_outputs(tmp_path / "outputs"))
+    toy = df["notebook"] == "04_toy_jacobian"  # its 6 runs are in the repository: done, nothing left
+    assert len(df) == 20 and (df["left"] + df["shared"] == df["runs"])[~toy].all()  # a shared run is left once
+    assert df.loc[toy, ["runs", "left", "gpu_hours"]].values.tolist() == [[6, 0, 0.0]]
     readme = (ROOT / "README.md").read_text().replace("\n", " ")
     fix = "; run `python tests/test_budget.py docs`"
     assert _readme_runtimes() == cells, "the README's experiment table is out of date" + fix
@@ -234,7 +256,7 @@ def test_plan_matches_the_readme(tmp_path):
         assert said in memory_md, f"docs/memory.md's Exp 11 figures are out of date: {said!r}"
 
     p = subprocess.run([sys.executable, R.__file__, "plan", "all", "--gpus", "2", "--gpu", "t4", "--out",
-                        str(tmp_path / "nothing-done-yet")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "outputs")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert R.format_plan(df, t) in p.stdout
 
@@ -282,7 +304,7 @@ def _power_block(md):
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/kaggle.md"])
 def test_the_power_and_budget_figures_are_the_plans(doc, tmp_path):
-    rows, rest = power_figures(tmp_path / "nothing-done-yet")
+    rows, rest = power_figures(fresh_clone_outputs(tmp_path / "outputs"))
     md = (ROOT / doc).read_text()
     start, end = _power_block(md)
     fix = f"; {doc} is out of date: run `python tests/test_budget.py docs`"
@@ -290,12 +312,30 @@ def test_the_power_and_budget_figures_are_the_plans(doc, tmp_path):
     assert rest in " ".join(md.split()), rest + fix
 
 
+def test_the_power_figures_of_docs_claims_md_are_the_commands(tmp_path):
+    """docs/claims.md quotes `power all --seeds 3` and `--seeds 5` (paper preset, a fresh clone): it disagreed with the
+    README (69 vs 70 claims) when one was made with Exp 4's committed runs and the other without."""
+    costs, needs = R.catalogue("all", "t4", 2, fresh_clone_outputs(tmp_path / "outputs"), "paper")
+    said = " ".join((ROOT / "docs" / "claims.md").read_text().split())
+    at = {n: R.power_table(costs, needs, n) for n in (3, 5)}
+    p3, p5 = (at[n]["power"].fillna(0) for n in (3, 5))
+    n80 = at[3]["seeds for 80 %"]
+    unreachable = (n80 == f"not reachable below {R.budget.MAX_SEEDS}").sum()
+    for want in (f"all {len(p3)} claims",
+                 f"at the paper's **3 seeds**: {(p3 >= 0.8).sum()} claims have ≥ 80 % power, and if the paper were "
+                 f"right everywhere about {p3.sum():.0f} would read \"reproduced\"; **5 seeds**: {(p5 >= 0.8).sum()} "
+                 f"claims, about {p5.sum():.0f};",
+                 f"{len(n80) - unreachable - (n80 == '—').sum()} claims reach 80 % within 20 seeds, {unreachable} do "
+                 f"not", f"{(n80 == '—').sum()} have no power ("):
+        assert want in said, f"docs/claims.md lacks {want!r}: the power command prints it now"
+
+
 def regenerate_docs():
     """Rewrite the README's table cells and totals and docs/kaggle.md's plan block from the plan (their old figures
     found by the same patterns the test reads)."""
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        cells, sentences, block, _ = plan_figures(Path(d) / "nothing-done-yet")
+        cells, sentences, block, _ = plan_figures(fresh_clone_outputs(Path(d) / "outputs"))
     readme = ROOT / "README.md"
     lines = [README_ROW.sub(lambda m: f"{m.group(1)}{cells[m.group(3)][0]} | {cells[m.group(3)][1]} |", line)
              for line in readme.read_text().split("\n")]
@@ -313,7 +353,7 @@ def regenerate_docs():
     md = md[:start] + block + md[md.index("\n```", start):]
     kaggle.write_text(md)
     with tempfile.TemporaryDirectory() as d:
-        rows, rest = power_figures(Path(d) / "nothing-done-yet")
+        rows, rest = power_figures(fresh_clone_outputs(Path(d) / "outputs"))
     for doc in (readme, kaggle):
         md = doc.read_text()
         start, end = _power_block(md)

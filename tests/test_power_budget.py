@@ -120,6 +120,19 @@ def test_the_budget_plan_buys_the_most_power_per_gpu_hour_and_counts_shared_runs
     assert len(small.chosen) == 1 and "does not fit the budget" in small.left[0][1]
 
 
+def test_a_notebooks_own_seeds_come_first_so_its_done_runs_are_used():
+    """Exp 4's parameters cell runs seeds 42, 43, 44 (and the repository holds those runs); a budget plan gave it
+    42, 123, 7, ...: two done runs left unused and paid for again."""
+    toy = R.NotebookCost("toy", {"a": (3600.0, 1)}, {"a": "A"}, {}, None, {("a", 42), ("a", 43), ("a", 44)},
+                         first_seeds=(42, 43, 44))
+    need = _need("toy", "toy effect", [("toy", "a"), ("toy", "a")], 3.0, 0.2)
+    plan = R.budget_plan({"toy": toy}, [need], budget_h=12.0, gpus=2)
+    n = plan.picks["toy", "a"]
+    assert R.budget_params(plan)["toy"]["seeds"] == [42, 43, 44, 123, 7, 1, 2][:n]
+    assert R.gpu_hours(plan.runs) == pytest.approx(max(0, n - 3))  # the three done runs cost nothing
+    assert R.seed_list(6, (42, 43, 44)) == [42, 43, 44, 123, 7, 1] and R.seed_list(4) == [42, 123, 7, 1]
+
+
 def test_plan_budget_and_power_commands(tmp_path):
     """The commands on real notebooks: the params file the budget plan writes is one the batch runner accepts, and
     the power command's figure for Exp 5's robustness claim is the simulation's."""

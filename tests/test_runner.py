@@ -245,7 +245,7 @@ def test_one_duration_format():
     assert [S.format_hours(s) for s in (41400, 3600, 1500, 120, 119, 40)] == ["11.5 h", "1.0 h", "25 min", "2 min", "119 s",
                                                                       "40 s"]
     assert [S.format_hours(s, approx=True) for s in (41400, 3600, 1500, 90, 10, 0)] == ["≈ 11.5 h", "≈ 1.0 h", "≈ 25 min",
-                                                                                  "≈ 2 min", "≈ 1 min", "≈ 1 min"]
+                                                                                  "≈ 2 min", "≈ 1 min", "0"]
 
 
 # ─── batch runner (CLI, real papermill subprocesses) ───────────────────────────────────────────
