@@ -153,4 +153,8 @@ def _row(r) -> str:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(SHARED), help="the shared folder holding reference/paper_results")
-    print(table(Path(ap.parse_args().shared)))
+    shared = Path(ap.parse_args().shared)
+    if not (shared / "reference" / "paper_results").is_dir():  # a clone without ../shared beside it
+        ap.error(f"--shared {shared}: no reference/paper_results there (the author's published result files); give "
+                 "--shared DIR, the folder that holds them (this project's ../shared)")
+    print(table(shared))

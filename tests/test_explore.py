@@ -139,6 +139,10 @@ def test_the_docs_own_loop_example_runs():
     ns = {}
     exec(code, ns)  # noqa: S102 - the documented example, as a user would paste it
     assert ns["loss"].requires_grad and ns["ses"].last_loss is not None
+    core = page[page.index("## The SES core (room `ses`)"):]  # it used F, x and y without defining them
+    ns = {}
+    exec(re.search(r"```python\n(.*?)```", core, re.S).group(1), ns)  # noqa: S102
+    assert ns["loss"].requires_grad and len(ns["collector"].activations) == 9
 
 
 def test_explore_notebook_runs_and_draws(data_root, tmp_path):

@@ -5,6 +5,8 @@ measured and estimated peaks."""
 import dataclasses
 import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -371,3 +373,11 @@ def test_the_guard_stops_an_oversized_bert_run_too(tmp_path, monkeypatch):
     with pytest.raises(S.MemoryGuardError, match="^memory guard: after 3 steps this run holds 15.0 GB"):
         S.train(dict(c, log="none"))
     assert reads == ["cpu"]
+
+
+def test_the_memory_bench_without_the_authors_files_is_one_line(tmp_path):
+    """From a clone with no ../shared beside it, bench/memory_estimates.py died in a FileNotFoundError traceback."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_estimates.py"), "--shared", str(tmp_path)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"--shared {tmp_path}: no reference/paper_results there" in p.stderr.splitlines()[-1]
