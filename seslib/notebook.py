@@ -17,7 +17,7 @@ from .runs import (describe_diff, fits_budget, read_result, result_status, run_c
                    shared_runs)
 from .estimates import gpu_kind, placeable, placement, run_estimate
 from .configs import TEXT_PRESETS, TOY_PRESETS, resolve_config, run_kind
-from .training import train, train_torchrun
+from .training import train, train_torchrun, torchrun_processes
 from .claims import check_claim
 
 
@@ -358,7 +358,8 @@ def run_plan(plan, resume=True, torchrun=None, train_fn=None):
             raise ValueError(f"${TORCHRUN_ENV}={torchrun!r}: give 'auto' or a number of processes (or unset it)")
     train_fn = train_fn or plan.train_fn
     if train_fn is None and torchrun not in (None, "", 0, "0", False):
-        train_fn = lambda cfg: train_torchrun(cfg, torchrun)  # noqa: E731
+        nproc = torchrun_processes(torchrun)  # 'auto' without a GPU, a bad count: one line before any run starts
+        train_fn = lambda cfg: train_torchrun(cfg, nproc)  # noqa: E731
     train_fn = train_fn or train
     rows = []
     for run in plan.runs:

@@ -257,14 +257,8 @@ def check_finite(pending, epoch, step0, steps, ckpt_note, dd=None):
 
 # ── train ────────────────────────────────────────────────────────────────────────────────────────
 
-def train_torchrun(cfg: dict, nproc="auto", log=print) -> dict:
-    """train(cfg) as ONE run over `nproc` local processes: `torchrun --standalone --nproc_per_node nproc
-    -m seslib train --config {out_dir}/config.json`; returns its result.json. nproc: "auto" (every visible
-    GPU) or an int (CPU ranks when there is no GPU). Needs cfg["out_dir"]. Output streams through `log`."""
-    c = resolve_config(cfg)
-    check_value(c["kind"] == "image", "kind", c["kind"], "'image' under torchrun (text and toy runs use one process)")
-    if c["out_dir"] is None:
-        raise ValueError("train_torchrun needs cfg['out_dir'] (the run's config and result travel through it)")
+def torchrun_processes(nproc) -> int:
+    """torchrun's process count: "auto" (every visible GPU), an int or its digits; else one line saying what to give."""
     if nproc == "auto":
         nproc = torch.cuda.device_count()
         if nproc == 0:
@@ -273,6 +267,18 @@ def train_torchrun(cfg: dict, nproc="auto", log=print) -> dict:
         nproc = int(nproc)
     if not is_int(nproc) or nproc < 1:
         raise ValueError(f"torchrun must be 'auto' or an int >= 1; got {nproc!r}")
+    return nproc
+
+
+def train_torchrun(cfg: dict, nproc="auto", log=print) -> dict:
+    """train(cfg) as ONE run over `nproc` local processes: `torchrun --standalone --nproc_per_node nproc
+    -m seslib train --config {out_dir}/config.json`; returns its result.json. nproc: "auto" (every visible
+    GPU) or an int (CPU ranks when there is no GPU). Needs cfg["out_dir"]. Output streams through `log`."""
+    c = resolve_config(cfg)
+    check_value(c["kind"] == "image", "kind", c["kind"], "'image' under torchrun (text and toy runs use one process)")
+    if c["out_dir"] is None:
+        raise ValueError("train_torchrun needs cfg['out_dir'] (the run's config and result travel through it)")
+    nproc = torchrun_processes(nproc)
     check_value(c["batch_size"] % nproc == 0, "batch_size", c["batch_size"], f"divisible by torchrun={nproc}")
     out = Path(c["out_dir"])
     atomic_write_json(out / "config.json", c)  # the validated cfg: also the run's record of what it ran

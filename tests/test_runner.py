@@ -462,6 +462,21 @@ def test_a_bad_environment_value_names_its_variable(tmp_path, monkeypatch):
         S.run_plan(plan)
 
 
+def test_torchrun_auto_without_a_gpu_is_refused_before_any_run(data_root, tmp_path, monkeypatch):
+    """torchrun='auto' on a machine without a GPU failed each run in turn (every one tried, the first error raised at
+    the end); now one line before the first run."""
+    base = dict(model="resnet18", dataset="cifar10", data_root=str(data_root))
+    plan = S.plan_runs({"a": {}, "b": {}}, "all", [0], tmp_path, base=base, preset="smoke", device="cpu")
+    started = []
+    monkeypatch.setattr(S.notebook, "train_torchrun", lambda cfg, n: started.append(cfg))
+    monkeypatch.setattr(S.training.torch.cuda, "device_count", lambda: 0)  # this machine has none; a GPU box too
+    with pytest.raises(ValueError, match=r"^torchrun='auto' found no GPU; give a number of \(CPU\) processes"):
+        S.run_plan(plan, torchrun="auto")
+    assert started == []
+    with pytest.raises(ValueError, match=r"torchrun must be 'auto' or an int >= 1; got 0.5"):
+        S.run_plan(plan, torchrun=0.5)
+
+
 def test_a_dry_run_writes_nothing_and_a_bad_out_is_one_line(tmp_path):
     """A dry run from another working directory created ./outputs/.batch/ there; an --out that is a file died on
     '[Errno 20] Not a directory: .../.batch/jupyter/kernels/...'."""
