@@ -366,7 +366,8 @@ def test_kaggle_package_validates_and_broken_metadata_is_rejected(tmp_path):
 
 def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_root):
     """The README's quick job on CPU: CIFAR-10 only in the data root, so Exp 11 (Tiny-ImageNet) is skipped with
-    the reason while Exps 1 and 4 run their smoke preset and their reports; exit 0; says where the figures are."""
+    the reason while Exps 1 and 4 run their smoke preset and their reports; says where the figures are; exits 3
+    (exit 0 read "most notebooks skipped" as success), 0 with --allow-missing-data."""
     root = tmp_path / "data"
     root.mkdir()
     (root / "cifar-10-batches-py").symlink_to(data_root / "cifar-10-batches-py")
@@ -375,7 +376,9 @@ def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_r
            "--data-root", str(root), "--out", str(tmp_path / "out")]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = p.stdout + p.stderr
-    assert p.returncode == 0, log
+    assert p.returncode == R.cli.QUICK_SKIPPED, log
+    assert log.strip().splitlines()[-1] == ("exit 3: 1 notebook(s) skipped for missing data (--allow-missing-data "
+                                            "exits 0 when that is expected)")
     assert "[skip] 11_resnet50_tinyimagenet: needs tinyimagenet" in log and "SES_DATA" in log
     assert "quick job: ONLY 2 of 3 notebooks: 1 SKIPPED for missing data (tinyimagenet); 2 ran, 0 failed" in log
     smoke = tmp_path / "out" / "smoke"  # the smoke preset never writes into the paper folders
@@ -385,8 +388,12 @@ def test_quick_job_runs_what_it_has_data_for_and_skips_the_rest(tmp_path, data_r
         assert list((smoke / stem / "figures").glob("*.png"))
     assert not (smoke / "11_resnet50_tinyimagenet" / "runs").exists()
     assert f"figures: {smoke}/NN_name/figures" in log
-    p = subprocess.run(cmd + ["--require-data"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == R.cli.QUICK_SKIPPED and "--require-data: exit 3" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run(cmd + ["--allow-missing-data"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0 and "1 SKIPPED for missing data" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run(cmd + ["--allow-missing-data", "--require-data"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 2 and "contradict each other" in p.stderr, p.stdout + p.stderr
 
 
 def test_the_committed_exp4_report_and_summary_are_what_the_report_pass_writes_now(tmp_path):
