@@ -18,7 +18,7 @@ from .notebook import PRESETS, resolve_seeds
 from .command import run_command
 from .batch import CPU_HOURS_WITHOUT_ASKING, find_notebooks, preset_folder, read_notebook, read_params, run_batch
 from .calibration import calibration_lines, read_calibration
-from .planning import KAGGLE, QUOTA_COUNTS, cost_plan, format_plan
+from .planning import QUOTA_COUNTS, cost_plan, format_plan
 from .budget import budget_plan, budget_params, catalogue, format_budget, format_power, power_table, write_params
 from .kaggle import kaggle_package
 
@@ -245,10 +245,6 @@ def _kaggle_args(p):
 
 
 def _kaggle_cmd(a):
-    if parse_duration(a.time_budget) > KAGGLE["version_hours"] * 3600 - KAGGLE["overhead_hours"] * 3600:
-        raise ValueError(f"--time-budget {a.time_budget}: a Kaggle version stops at {KAGGLE['version_hours']:g} h, "
-                         f"setup and reports take about {KAGGLE['overhead_hours']:g} h: give at most 11.75h (11.5h "
-                         "leaves room for the first version's GPU check)")
     notebooks = a.notebooks
     if a.params and notebooks == ["all"]:  # a budget plan names its notebooks: run those, not every grid
         notebooks = [k for k in read_params(a.params) if k not in ("all", "time_budget")] or ["all"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .util import atomic_write_json, parse_duration
 from .batch import OUTPUTS_MARKER, SETUP_CELL, find_notebooks, load_batch_params, read_params, suite_root
+from .planning import KAGGLE, notebook_plan
 
 
 def kaggle_slug(title):
@@ -213,11 +214,19 @@ def _driver_notebook(notebooks, data_dataset, out_dir, preset, time_budget="11.5
     return nb
 
 
+def _check_time_budget(time_budget):
+    """A version's time budget: a duration that leaves Kaggle's setup and reports inside its 12-hour limit."""
+    limit_h = KAGGLE["version_hours"] - KAGGLE["overhead_hours"]
+    if parse_duration(time_budget) > limit_h * 3600:
+        raise ValueError(f"--time-budget {time_budget}: a Kaggle version stops at {KAGGLE['version_hours']:g} h, "
+                         f"setup and reports take about {KAGGLE['overhead_hours']:g} h: give at most {limit_h:g}h "
+                         "(11.5h leaves room for the first version's GPU check)")
+
+
 def _check_plan_configs(overrides, preset):
     """Each notebook's configs and seeds from the params, planned here as the kernel's listing will plan them: an
     unknown config is one line now, not a failed listing on Kaggle."""
     import tempfile
-    from .planning import notebook_plan
     with tempfile.TemporaryDirectory() as tmp:
         for nb, o in overrides.items():
             if "configs" in o or "seeds" in o:
@@ -239,7 +248,7 @@ def kaggle_package(out, notebooks="all", username=None, slug="ses-batch-t4x2", d
     code_dataset = code_dataset or f"{username}/seslib-code"
     out = Path(out)
     nbs = find_notebooks(notebooks)
-    parse_duration(time_budget)  # a bad budget fails here, not on Kaggle
+    _check_time_budget(time_budget)  # a bad budget fails here, not on Kaggle
     plan = read_params(params) if params else None  # a plan --budget params file, checked here
     if plan:
         _check_plan_configs(load_batch_params(plan, nbs), preset)

@@ -142,6 +142,9 @@ def test_kaggle_bundle_continues_from_the_previous_versions_outputs(tmp_path, mo
     assert json.loads((tmp_path / "pkg2" / "kernel-metadata.json").read_text())["kernel_sources"] == ["bob/old-run"]
     with pytest.raises(ValueError, match="time budget"):
         R.kaggle_package(tmp_path / "pkg3", ["1"], username="alice", time_budget="soon")
+    with pytest.raises(ValueError, match=r"a Kaggle version stops at 12 h.*give at most 11.75h"):  # not only the CLI's
+        R.kaggle_package(tmp_path / "pkg3", ["1"], username="alice", time_budget="12h")
+    assert not (tmp_path / "pkg3").exists()
     driver = nbformat.read(bundle / meta["code_file"], as_version=4)
     code = "\n".join(c.source for c in driver.cells if c.cell_type == "code")
     assert "TIME_BUDGET = '11h'" in code and "time_budget=TIME_BUDGET" in code
